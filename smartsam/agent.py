@@ -1,0 +1,345 @@
+"""The SmartSAM agent: one click in, the mask the user meant out.
+
+Data path (one module per stage)::
+
+    click --sampler.py--> 10 prompts --backbone--> 30 initial masks
+          --clickers.py--> 30 chains x 3 clicks --backbone (one batch per step)--> 90 refined masks
+          --selector.py--> the chosen candidate --backbone.upsample--> (H, W) mask
+
+Everything before the last step works on SAM's 256x256 low-resolution logits; only the chosen
+mask is upsampled to image size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .backbones.base import Backbone, Prompt
+from .clickers import NextChainClicker
+from .features import ClipFeatures, DinoV2Features
+from .masks import batch_iou
+from .sampler import PrioriInitialSampler
+from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
+
+
+class InvalidClick(ValueError):
+    """A click that cannot be used (outside the image, not finite)."""
+
+
+@dataclass
+class Candidate:
+    """One mask the agent produced, and where it came from.
+
+    Attributes:
+        prompt_index: which initial prompt (0 = the user's click, then points, then boxes).
+        prompt_kind: "click", "point" or "box" (or "refine" for outer interactions).
+        mask_index: which of SAM's 3 multimask outputs started the chain.
+        chain_step: 0 for the initial mask, k for the mask after the chain's k-th click.
+        clicks: the chain's clicks so far, ``((x, y), label)`` with label 1 Add, 0 Cut.
+        score: the decoder's IoU prediction.
+    """
+
+    prompt_index: int
+    prompt_kind: str
+    mask_index: int
+    chain_step: int
+    clicks: Tuple[Tuple[Tuple[float, float], int], ...]
+    score: float
+
+
+@dataclass
+class AgentResult:
+    """The agent's answer.
+
+    Attributes:
+        mask: ``(H, W)`` bool, the chosen mask at image size.
+        score: its IoU-head score.
+        similarity: cosine similarity to the reference (None in pure-IS mode).
+        mode: "pure-is", "reference-mask", "reference-image", "reference-text" or "refine".
+        candidate: provenance of the chosen mask.
+        low_res_logits: ``(256, 256)`` logits of the chosen mask (feed to the next click).
+        candidates: every candidate (only when asked for), with ``candidate_logits``
+            ``(K, 256, 256)`` and ``candidate_scores`` ``(K,)``.
+        timings: seconds spent per stage.
+        calls: encoder / decoder / feature calls made for this answer.
+    """
+
+    mask: np.ndarray
+    score: float
+    similarity: Optional[float]
+    mode: str
+    candidate: Candidate
+    low_res_logits: np.ndarray
+    candidates: Optional[List[Candidate]] = None
+    candidate_logits: Optional[np.ndarray] = field(default=None, repr=False)
+    candidate_scores: Optional[np.ndarray] = None
+    prompts: Optional[list] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    calls: Dict[str, int] = field(default_factory=dict)
+
+
+class SmartSAMAgent:
+    """Explore-then-exploit segmentation from a single click.
+
+    Args:
+        backbone: a :class:`~smartsam.backbones.base.Backbone` (SAM or SAM 2.1).
+        sampler: the Priori Initial Sampler (defaults: 6 points, 3 boxes).
+        clicker: the Next Chain Clicker (default: chains of 3 clicks).
+        image_features: DINOv2 extractor for image references (needed only for them).
+        text_features: CLIP extractor for text references (needed only for them).
+        seed: the one seed; the same image, click and reference give the same mask.
+        dedupe_iou: fast path. Chains whose initial mask overlaps an earlier, better-scored one
+            by at least this IoU (on the low-res grid) are not refined: they would mostly
+            repeat it. None runs every chain (the paper's literal path).
+        require_click: in reference mode, only candidates that contain the click may win.
+        result_cache: how many recent answers to keep for outer interactions.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        sampler: Optional[PrioriInitialSampler] = None,
+        clicker: Optional[NextChainClicker] = None,
+        image_features: Optional[DinoV2Features] = None,
+        text_features: Optional[ClipFeatures] = None,
+        seed: int = 0,
+        dedupe_iou: Optional[float] = 0.9,
+        require_click: bool = True,
+        result_cache: int = 32,
+    ) -> None:
+        self.backbone = backbone
+        self.sampler = sampler or PrioriInitialSampler()
+        self.clicker = clicker or NextChainClicker()
+        self.image_features = image_features
+        self.text_features = text_features
+        self.seed = int(seed)
+        self.dedupe_iou = dedupe_iou
+        self.require_click = bool(require_click)
+        self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()
+        self._result_cache = int(result_cache)
+        self._image: Optional[np.ndarray] = None
+        self._key: Optional[str] = None
+
+    # -- image -----------------------------------------------------------------------------
+    def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
+        """Make ``image`` (``(H, W, 3)`` uint8 RGB) current; encodes it once (cached)."""
+        self._key = self.backbone.set_image(image, key)
+        self._image = np.asarray(image)
+        return self._key
+
+    def _check_click(self, xy: Sequence[float]) -> Tuple[float, float]:
+        h, w = self.backbone.image_hw
+        try:
+            x, y = float(xy[0]), float(xy[1])
+        except (TypeError, ValueError, IndexError):
+            raise InvalidClick(f"a click is two numbers (x, y), got {xy!r}") from None
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise InvalidClick(f"click ({x}, {y}) is not a finite point")
+        if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+            raise InvalidClick(f"click ({x:g}, {y:g}) is outside the {w}x{h} image")
+        return x, y
+
+    # -- references ------------------------------------------------------------------------
+    def reference_from_mask(self, image: np.ndarray, mask: np.ndarray) -> Reference:
+        """Reference from an example image and a boolean ``(H, W)`` mask of the object."""
+        if self.image_features is None:
+            raise RuntimeError("image references need a DINOv2 feature extractor")
+        mask = np.asarray(mask).astype(bool)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"reference mask {mask.shape} does not match image {image.shape[:2]}")
+        if not mask.any():
+            raise ValueError("reference mask is empty")
+        feat = self.image_features.mask_features(image, mask[None])[0]
+        return Reference("mask", feat, self.image_features.name)
+
+    def reference_from_image(self, image: np.ndarray) -> Reference:
+        """Reference from an example image alone (its CLS token)."""
+        if self.image_features is None:
+            raise RuntimeError("image references need a DINOv2 feature extractor")
+        return Reference("image", self.image_features.image_feature(image), self.image_features.name)
+
+    def reference_from_text(self, text: str) -> Reference:
+        """Reference from a text (CLIP)."""
+        if self.text_features is None:
+            raise RuntimeError("text references need a CLIP feature extractor")
+        return Reference("text", self.text_features.text_feature(text), self.text_features.name, text=text)
+
+    # -- the agent -------------------------------------------------------------------------
+    def predict(
+        self,
+        click_xy: Sequence[float],
+        reference: Optional[Reference] = None,
+        return_candidates: bool = False,
+    ) -> AgentResult:
+        """Answer one positive click on the current image.
+
+        Args:
+            click_xy: ``(x, y)`` in image pixels.
+            reference: optional :class:`~smartsam.selector.Reference`; None is pure-IS mode.
+            return_candidates: also return every candidate (for explanations and evaluation).
+        """
+        if self._key is None:
+            raise RuntimeError("call set_image() first")
+        x, y = self._check_click(click_xy)
+        cache_key = (self._key, round(x, 2), round(y, 2), None if reference is None else reference.feature.tobytes(), self.seed)
+        hit = self._results.get(cache_key)
+        if hit is not None and (hit.candidates is not None or not return_candidates):
+            self._results.move_to_end(cache_key)
+            return hit
+
+        bb = self.backbone
+        t0 = time.perf_counter()
+        enc0, dec0 = bb.encoder_calls, bb.decoder_calls
+        # The rng is derived from the seed and the click, so answers do not depend on call order.
+        rng = np.random.default_rng([self.seed, int(round(x * 16)), int(round(y * 16))])
+        frame = bb.frame
+
+        # Explore 1: initial prompts, multimask.
+        initial = self.sampler.sample((x, y), bb.image_hw, rng)
+        out = bb.predict([p.prompt for p in initial], multimask=True)
+        n_prompts, n_masks = out.scores.shape
+        logits = [out.low_res_logits.reshape(-1, 256, 256)]
+        scores = [out.scores.reshape(-1)]
+        cands = [
+            Candidate(i, initial[i].kind, j, 0, (), float(out.scores[i, j]))
+            for i in range(n_prompts)
+            for j in range(n_masks)
+        ]
+        t1 = time.perf_counter()
+
+        # Explore 2: chains of inner clicks, all chains of one step in one batch.
+        band = self.clicker.band(logits[0], frame)
+        chains = list(range(len(cands)))
+        if self.dedupe_iou is not None and len(chains) > 1:
+            chains = self._distinct(logits[0], scores[0], frame)
+        state = {c: (logits[0][c], float(scores[0][c]), ()) for c in chains}
+        for step in range(1, self.clicker.chain_length + 1):
+            prompts, owners, new_clicks = [], [], []
+            for c in chains:
+                lg, sc, clicks = state[c]
+                click = self.clicker.next_click(lg, sc, band, frame, rng)
+                if click is None:
+                    continue
+                clicks = clicks + ((click.xy, click.label),)
+                base = initial[cands[c].prompt_index].prompt
+                pts = np.concatenate([base.points, np.asarray([k[0] for k in clicks], np.float32)])
+                lab = np.concatenate([base.labels, np.asarray([k[1] for k in clicks], np.int64)])
+                prompts.append(Prompt(pts, lab, box=base.box, mask_input=lg))
+                owners.append(c)
+                new_clicks.append(clicks)
+            if not prompts:
+                break
+            res = bb.predict(prompts, multimask=False)
+            logits.append(res.low_res_logits[:, 0])
+            scores.append(res.scores[:, 0])
+            chains = owners
+            for k, c in enumerate(owners):
+                state[c] = (res.low_res_logits[k, 0], float(res.scores[k, 0]), new_clicks[k])
+                root = cands[c]
+                cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, step, new_clicks[k], float(res.scores[k, 0])))
+        all_logits = np.concatenate(logits)
+        all_scores = np.concatenate(scores)
+        t2 = time.perf_counter()
+
+        # Exploit: select.
+        inside = contains_click(all_logits, frame, (x, y))
+        feat_calls = 0
+        if reference is None:
+            sel = Selection(select_by_score(all_scores, inside), "pure-is")
+        else:
+            extractor = self.text_features if reference.kind == "text" else self.image_features
+            if extractor is None:
+                raise RuntimeError(f"a {reference.kind} reference needs its feature extractor")
+            if reference.extractor != extractor.name:
+                raise ValueError(f"reference made with {reference.extractor!r}, agent uses {extractor.name!r}")
+            before = extractor.forward_calls
+            masks = frame.crop(all_logits) > 0
+            feats = extractor.mask_features(self._image, masks, self._key)
+            allowed = inside if self.require_click else np.ones(len(all_scores), bool)
+            idx, sims = select_by_similarity(feats, reference.feature, allowed)
+            sel = Selection(idx, f"reference-{reference.kind}", float(sims[idx]), sims)
+            feat_calls = extractor.forward_calls - before
+        t3 = time.perf_counter()
+
+        chosen = all_logits[sel.index]
+        mask = bb.upsample(chosen[None])[0] > 0
+        t4 = time.perf_counter()
+        result = AgentResult(
+            mask=mask,
+            score=float(all_scores[sel.index]),
+            similarity=sel.similarity,
+            mode=sel.mode,
+            candidate=cands[sel.index],
+            low_res_logits=chosen.copy(),
+            timings={"initial": t1 - t0, "chains": t2 - t1, "select": t3 - t2, "upsample": t4 - t3, "total": t4 - t0},
+            calls={"encoder": bb.encoder_calls - enc0, "decoder": bb.decoder_calls - dec0, "features": feat_calls},
+        )
+        if return_candidates:
+            result.candidates = cands
+            result.candidate_logits = all_logits
+            result.candidate_scores = all_scores
+            result.prompts = initial
+        self._results[cache_key] = result
+        while len(self._results) > self._result_cache:
+            self._results.popitem(last=False)
+        return result
+
+    def _distinct(self, logits: np.ndarray, scores: np.ndarray, frame) -> List[int]:
+        """Indices of initial masks worth a chain: best-scored first, near-duplicates dropped."""
+        masks = frame.crop(logits) > 0
+        order = np.argsort(-scores, kind="stable")
+        iou = batch_iou(masks, masks)
+        kept: List[int] = []
+        for i in order:
+            if all(iou[i, k] < self.dedupe_iou for k in kept):
+                kept.append(int(i))
+        return sorted(kept)
+
+    def refine(
+        self,
+        points: Sequence[Sequence[float]],
+        labels: Sequence[int],
+        previous: Optional[AgentResult] = None,
+        reference: Optional[Reference] = None,
+    ) -> AgentResult:
+        """Outer interaction: more clicks after the agent's answer, the ordinary SAM way.
+
+        Args:
+            points: every click so far, ``(N, 2)`` ``(x, y)``; the first positive one is the
+                click the agent answered.
+            labels: ``(N,)``, 1 positive, 0 negative.
+            previous: the agent's earlier answer; when None it is recomputed (same seed, so the
+                same answer) from the first positive click.
+            reference: passed to the agent when ``previous`` must be recomputed.
+        """
+        pts = [self._check_click(p) for p in points]
+        lab = [int(v) for v in labels]
+        if len(pts) != len(lab) or not pts:
+            raise InvalidClick("refine needs as many labels as points, and at least one point")
+        if any(v not in (0, 1) for v in lab):
+            raise InvalidClick(f"click labels must be 0 or 1, got {lab}")
+        if 1 not in lab:
+            raise InvalidClick("at least one positive click is needed to say which object is meant")
+        if previous is None:
+            previous = self.predict(pts[lab.index(1)], reference)
+        bb = self.backbone
+        dec0 = bb.decoder_calls
+        t0 = time.perf_counter()
+        res = bb.predict([Prompt(np.asarray(pts, np.float32), np.asarray(lab), mask_input=previous.low_res_logits)], multimask=False)
+        lg = res.low_res_logits[0, 0]
+        mask = bb.upsample(lg[None])[0] > 0
+        return AgentResult(
+            mask=mask,
+            score=float(res.scores[0, 0]),
+            similarity=None,
+            mode="refine",
+            candidate=Candidate(-1, "refine", 0, len(pts) - 1, tuple((tuple(p), l) for p, l in zip(pts, lab)), float(res.scores[0, 0])),
+            low_res_logits=lg.copy(),
+            timings={"total": time.perf_counter() - t0},
+            calls={"encoder": 0, "decoder": bb.decoder_calls - dec0, "features": 0},
+        )

@@ -1,0 +1,232 @@
+"""The one small interface SmartSAM needs from a promptable segmenter.
+
+A backbone encodes an image once (:meth:`Backbone.set_image`, cached by content hash) and then
+decodes whole batches of prompts in as few decoder calls as possible (:meth:`Backbone.predict`).
+Batching lives here, in one place: prompts are grouped by what they carry (a box or not, a
+``mask_input`` or not), points are padded with label ``-1`` ("not a point") to a common count,
+and each group is one decoder call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..masks import LowResFrame
+
+
+@dataclass
+class Prompt:
+    """One prompt for the mask decoder.
+
+    Attributes:
+        points: ``(N, 2)`` float array of ``(x, y)`` image pixel coordinates (may be empty).
+        labels: ``(N,)`` int array, 1 positive, 0 negative.
+        box: optional ``(4,)`` float array ``(x0, y0, x1, y1)`` in image pixels.
+        mask_input: optional ``(256, 256)`` float array of low-res logits from an earlier decode
+            of the same image (SAM's way of carrying a mask into the next click).
+    """
+
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    box: Optional[np.ndarray] = None
+    mask_input: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if self.points.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.points.shape[0]} points but {self.labels.shape[0]} labels")
+        if self.box is not None:
+            self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+        if self.points.shape[0] == 0 and self.box is None:
+            raise ValueError("a prompt needs at least one point or a box")
+
+    @property
+    def kind(self) -> Tuple[bool, bool]:
+        """Batching key: (has a box, has a mask_input)."""
+        return self.box is not None, self.mask_input is not None
+
+
+@dataclass
+class DecodeResult:
+    """Decoder output for a batch of B prompts, M masks each (M = 3 multimask, else 1).
+
+    Attributes:
+        low_res_logits: ``(B, M, 256, 256)`` float32 logits; ``> 0`` is the mask.
+        scores: ``(B, M)`` float32 IoU-head predictions.
+        frame: how the low-res grid maps to the image (see :class:`~smartsam.masks.LowResFrame`).
+    """
+
+    low_res_logits: np.ndarray
+    scores: np.ndarray
+    frame: LowResFrame
+
+
+@dataclass
+class _Embedding:
+    key: str
+    image_hw: Tuple[int, int]
+    state: Any  # backbone-specific encoder output
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of an ``(H, W, 3)`` uint8 image (shape included), used as the cache key."""
+    h = hashlib.sha1()
+    h.update(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Backbone:
+    """Base class: embedding cache, batching and counters; adapters fill in four hooks.
+
+    Subclasses implement ``_encode(image) -> state``, ``_activate(state)``,
+    ``_decode(group, multimask) -> (low_res (B, M, 256, 256) tensor, scores (B, M) tensor)`` and
+    ``_frame(image_hw)``, and upsample with ``_upsample``.
+
+    Args:
+        name: registry name of the model (shown in results and logs).
+        cache_size: how many image embeddings to keep (LRU). One SAM ViT embedding is about
+            4 MB, a SAM 2.1 one about 16 MB (with its high-resolution features).
+        device: "cuda" or "cpu"; default: CUDA when present.
+    """
+
+    def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None) -> None:
+        self.name = name
+        self.device = torch.device(device or default_device())
+        self.cache_size = int(cache_size)
+        self._cache: "OrderedDict[str, _Embedding]" = OrderedDict()
+        self._current: Optional[_Embedding] = None
+        # One request at a time per model: the predictors keep per-image state.
+        self.lock = threading.RLock()
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+        self.random_weights = False
+
+    # -- image -----------------------------------------------------------------------------
+    def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
+        """Make ``image`` (``(H, W, 3)`` uint8 RGB) current; encode it unless cached.
+
+        Returns the image's cache key. A second call with the same pixels costs no encoder call.
+        """
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        key = key or image_key(image)
+        with self.lock:
+            emb = self._cache.get(key)
+            if emb is None:
+                state = self._encode(image)
+                self.encoder_calls += 1
+                emb = _Embedding(key, (int(image.shape[0]), int(image.shape[1])), state)
+                self._cache[key] = emb
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+            self._current = emb
+            self._activate(emb.state, emb.image_hw)
+        return key
+
+    def put_embedding(self, key: str, image_hw: Tuple[int, int], state: Any) -> None:
+        """Insert a precomputed embedding (e.g. from a disk cache) under ``key``."""
+        with self.lock:
+            self._cache[key] = _Embedding(key, tuple(image_hw), state)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def get_embedding(self, key: str) -> Optional[Any]:
+        emb = self._cache.get(key)
+        return None if emb is None else emb.state
+
+    @property
+    def image_hw(self) -> Tuple[int, int]:
+        if self._current is None:
+            raise RuntimeError("call set_image() first")
+        return self._current.image_hw
+
+    @property
+    def frame(self) -> LowResFrame:
+        return self._frame(self.image_hw)
+
+    # -- prompts ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, prompts: Sequence[Prompt], multimask: bool) -> DecodeResult:
+        """Decode a batch of prompts on the current image.
+
+        Args:
+            prompts: B prompts (see :class:`Prompt`); their order is kept in the output.
+            multimask: True for SAM's 3 masks per prompt, False for 1.
+
+        Returns:
+            :class:`DecodeResult` with ``(B, M, 256, 256)`` logits and ``(B, M)`` scores. One
+            decoder call per group of prompts of the same kind, never one per prompt.
+        """
+        if self._current is None:
+            raise RuntimeError("call set_image() first")
+        if len(prompts) == 0:
+            raise ValueError("no prompts")
+        m = 3 if multimask else 1
+        out_logits = np.zeros((len(prompts), m, 256, 256), np.float32)
+        out_scores = np.zeros((len(prompts), m), np.float32)
+        groups: Dict[Tuple[bool, bool], List[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p.kind, []).append(i)
+        with self.lock:
+            for idx in groups.values():
+                logits, scores = self._decode([prompts[i] for i in idx], multimask)
+                self.decoder_calls += 1
+                out_logits[idx] = logits.float().cpu().numpy()
+                out_scores[idx] = scores.float().cpu().numpy()
+        return DecodeResult(out_logits, out_scores, self.frame)
+
+    def upsample(self, low_res: np.ndarray) -> np.ndarray:
+        """Low-res logits ``(N, 256, 256)`` -> image-size logits ``(N, H, W)`` (float32)."""
+        t = torch.as_tensor(np.asarray(low_res, np.float32), device=self.device)[:, None]
+        with torch.inference_mode():
+            return self._upsample(t, self.image_hw)[:, 0].float().cpu().numpy()
+
+    # -- helpers for adapters --------------------------------------------------------------
+    @staticmethod
+    def _padded_points(prompts: Sequence[Prompt]) -> Tuple[np.ndarray, np.ndarray]:
+        """Stack prompts' points into ``(B, N, 2)`` / ``(B, N)``, padding with label -1."""
+        n = max(1, max(p.points.shape[0] for p in prompts))
+        coords = np.zeros((len(prompts), n, 2), np.float32)
+        labels = -np.ones((len(prompts), n), np.int64)
+        for i, p in enumerate(prompts):
+            k = p.points.shape[0]
+            coords[i, :k] = p.points
+            labels[i, :k] = p.labels
+        return coords, labels
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    # hooks
+    def _encode(self, image: np.ndarray) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _activate(self, state: Any, image_hw: Tuple[int, int]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _decode(self, prompts: Sequence[Prompt], multimask: bool):  # pragma: no cover
+        raise NotImplementedError
+
+    def _frame(self, image_hw: Tuple[int, int]) -> LowResFrame:  # pragma: no cover
+        raise NotImplementedError
+
+    def _upsample(self, low_res: torch.Tensor, image_hw: Tuple[int, int]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError

@@ -1,0 +1,111 @@
+"""Adapter for Segment Anything (``segment-anything``): ViT-B/L/H, and small random configs."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..masks import LowResFrame
+from .base import Backbone, Prompt
+
+
+def build_sam_model(arch: str, checkpoint: Optional[str] = None):
+    """Build a ``segment_anything.modeling.Sam``.
+
+    Args:
+        arch: "vit_b", "vit_l", "vit_h" (the released architectures) or "vit_tiny" (a small
+            ViT of the same design, 2 blocks of width 192, for tests and offline demos only).
+        checkpoint: path of a state dict; None leaves the weights random.
+    """
+    import importlib
+
+    # The package re-exports a function named build_sam that shadows the module.
+    bs = importlib.import_module("segment_anything.build_sam")
+
+    if arch == "vit_tiny":
+        sam = bs._build_sam(
+            encoder_embed_dim=192,
+            encoder_depth=2,
+            encoder_num_heads=3,
+            encoder_global_attn_indexes=[1],
+            checkpoint=None,
+        )
+    else:
+        sam = bs.sam_model_registry[arch](checkpoint=None)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        sam.load_state_dict(state)
+    return sam
+
+
+class SamBackbone(Backbone):
+    """SAM (ViT image encoder, two-way transformer decoder) behind :class:`Backbone`.
+
+    Args:
+        model: a built ``segment_anything.modeling.Sam``.
+        name: registry name shown in results.
+        cache_size, device: see :class:`Backbone`.
+    """
+
+    def __init__(self, model, name: str = "sam", cache_size: int = 8, device: Optional[str] = None) -> None:
+        super().__init__(name, cache_size, device)
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.model = model.to(self.device).eval()
+        self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
+        self._state: Optional[Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]] = None
+
+    @torch.inference_mode()
+    def _encode(self, image: np.ndarray) -> Any:
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        input_size = tuple(x.shape[-2:])
+        with self._autocast():
+            features = self.model.image_encoder(self.model.preprocess(x))
+        return features.float(), input_size, tuple(image.shape[:2])
+
+    def _activate(self, state: Any, image_hw: Tuple[int, int]) -> None:
+        self._state = state
+
+    def _frame(self, image_hw: Tuple[int, int]) -> LowResFrame:
+        _, (ih, iw), _ = self._state
+        h, w = image_hw
+        valid = (int(np.ceil(ih / 4)), int(np.ceil(iw / 4)))
+        return LowResFrame(image_hw=(h, w), valid_hw=valid, scale_xy=(4.0 * w / iw, 4.0 * h / ih))
+
+    def _decode(self, prompts: Sequence[Prompt], multimask: bool):
+        features, input_size, original_size = self._state
+        coords, labels = self._padded_points(prompts)
+        points = None
+        if (labels >= 0).any():
+            c = self.transform.apply_coords(coords, original_size)
+            points = (
+                torch.as_tensor(c, dtype=torch.float32, device=self.device),
+                torch.as_tensor(labels, dtype=torch.int64, device=self.device),
+            )
+        boxes = None
+        if prompts[0].box is not None:
+            b = self.transform.apply_boxes(np.stack([p.box for p in prompts]), original_size)
+            boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
+        masks = None
+        if prompts[0].mask_input is not None:
+            masks = torch.as_tensor(
+                np.stack([p.mask_input for p in prompts])[:, None], dtype=torch.float32, device=self.device
+            )
+        with self._autocast():
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return low_res, iou
+
+    def _upsample(self, low_res: torch.Tensor, image_hw: Tuple[int, int]) -> torch.Tensor:
+        _, input_size, original_size = self._state
+        return self.model.postprocess_masks(low_res, input_size, original_size)

@@ -1,0 +1,95 @@
+"""Adapter for SAM 2.1 (``sam2``): hiera tiny / small / base+ / large image predictor."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..masks import LowResFrame
+from .base import Backbone, Prompt
+
+SAM2_CONFIGS = {
+    "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
+}
+
+
+def build_sam2_model(arch: str, checkpoint: Optional[str] = None, device: str = "cpu"):
+    """Build a ``sam2`` model from its packaged SAM 2.1 config; random weights without checkpoint."""
+    from sam2.build_sam import build_sam2
+
+    if arch not in SAM2_CONFIGS:
+        raise ValueError(f"unknown SAM 2.1 architecture {arch!r}; known: {sorted(SAM2_CONFIGS)}")
+    return build_sam2(SAM2_CONFIGS[arch], checkpoint, device=device, mode="eval")
+
+
+class Sam2Backbone(Backbone):
+    """SAM 2.1 (Hiera encoder with high-resolution features) behind :class:`Backbone`.
+
+    The encoder runs through ``SAM2ImagePredictor.set_image``; decoding calls the prompt encoder
+    and mask decoder directly so that only low-resolution logits are produced (the predictor's own
+    ``_predict`` upsamples every mask to image size, work SmartSAM throws away for all but one).
+    """
+
+    def __init__(self, model, name: str = "sam2", cache_size: int = 8, device: Optional[str] = None) -> None:
+        super().__init__(name, cache_size, device)
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        self.model = model.to(self.device).eval()
+        self.predictor = SAM2ImagePredictor(self.model)
+
+    @torch.inference_mode()
+    def _encode(self, image: np.ndarray) -> Any:
+        with self._autocast():
+            self.predictor.set_image(image)
+        f = self.predictor._features
+        return {"image_embed": f["image_embed"], "high_res_feats": list(f["high_res_feats"])}
+
+    def _activate(self, state: Any, image_hw: Tuple[int, int]) -> None:
+        self.predictor._features = state
+        self.predictor._orig_hw = [tuple(image_hw)]
+        self.predictor._is_image_set = True
+
+    def _frame(self, image_hw: Tuple[int, int]) -> LowResFrame:
+        # SAM 2 resizes the image to a square without padding: the whole grid covers it.
+        h, w = image_hw
+        return LowResFrame(image_hw=(h, w), valid_hw=(256, 256), scale_xy=(w / 256.0, h / 256.0))
+
+    def _decode(self, prompts: Sequence[Prompt], multimask: bool):
+        hw = self.image_hw
+        tr = self.predictor._transforms
+        coords, labels = self._padded_points(prompts)
+        c = tr.transform_coords(torch.as_tensor(coords, device=self.device), normalize=True, orig_hw=hw)
+        lab = torch.as_tensor(labels, dtype=torch.int32, device=self.device)
+        if prompts[0].box is not None:
+            b = tr.transform_boxes(torch.as_tensor(np.stack([p.box for p in prompts]), device=self.device), normalize=True, orig_hw=hw)
+            box_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=self.device).repeat(len(prompts), 1)
+            if (labels >= 0).any():
+                c = torch.cat([b.reshape(-1, 2, 2), c], dim=1)
+                lab = torch.cat([box_labels, lab], dim=1)
+            else:
+                c, lab = b.reshape(-1, 2, 2), box_labels
+        masks = None
+        if prompts[0].mask_input is not None:
+            masks = torch.as_tensor(np.stack([p.mask_input for p in prompts])[:, None], dtype=torch.float32, device=self.device)
+        state = self.predictor._features
+        with self._autocast():
+            sparse, dense = self.model.sam_prompt_encoder(points=(c, lab), boxes=None, masks=masks)
+            low_res, iou, _, _ = self.model.sam_mask_decoder(
+                image_embeddings=state["image_embed"],
+                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+                repeat_image=len(prompts) > 1,
+                high_res_features=state["high_res_feats"],
+            )
+        # As SAM2ImagePredictor does: logits fed back as mask_input stay in a sane range.
+        return torch.clamp(low_res, -32.0, 32.0), iou
+
+    def _upsample(self, low_res: torch.Tensor, image_hw: Tuple[int, int]) -> torch.Tensor:
+        return self.predictor._transforms.postprocess_masks(low_res, tuple(image_hw))

@@ -1,0 +1,80 @@
+"""Next Chain Clickers: refine each initial mask the way an annotator would, three times.
+
+A chain starts from one initial mask. At each step the annotator-like agent decides whether the
+mask is too big or too small: with probability equal to the mask's IoU-head score it "Cuts"
+(a negative click inside the mask), otherwise it "Adds" (a positive click outside it). The click
+goes to the middle of the largest *uncertain* region on that side of the mask: the place where
+the decoder itself hesitated, so the click tests the decision the model was least sure about.
+
+Uncertain means ``|logit| < band``, with the band derived per image from the logits of its own
+initial masks (:func:`smartsam.masks.uncertainty_band`): a fraction of the confident logit
+scale, so it adapts to the backbone and checkpoint instead of being a fixed constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .masks import LowResFrame, largest_component, region_center, uncertainty_band
+
+CUT = 0  # negative click inside the mask
+ADD = 1  # positive click outside the mask
+
+
+@dataclass
+class ChainClick:
+    """One simulated click: ``xy`` in image pixels ``(x, y)``, ``label`` 1 = Add, 0 = Cut."""
+
+    xy: Tuple[float, float]
+    label: int
+
+
+class NextChainClicker:
+    """Places the next click of a chain on low-resolution logits.
+
+    Args:
+        chain_length: clicks per chain (paper: 3).
+        band_fraction: the uncertain band is ``band_fraction * percentile(|logits|)``.
+        band_percentile: which percentile of ``|logits|`` (over the image's initial masks) is the
+            "confident" logit scale.
+    """
+
+    def __init__(self, chain_length: int = 3, band_fraction: float = 0.25, band_percentile: float = 90.0) -> None:
+        if chain_length < 0:
+            raise ValueError("chain_length must be >= 0")
+        if not 0 < band_fraction <= 1 or not 0 < band_percentile <= 100:
+            raise ValueError("band_fraction must be in (0, 1] and band_percentile in (0, 100]")
+        self.chain_length = int(chain_length)
+        self.band_fraction = float(band_fraction)
+        self.band_percentile = float(band_percentile)
+
+    def band(self, initial_logits: np.ndarray, frame: LowResFrame) -> float:
+        """Uncertain half-width for one image from its initial ``(K, 256, 256)`` logits."""
+        return uncertainty_band(frame.crop(initial_logits), self.band_fraction, self.band_percentile)
+
+    def place(self, logits: np.ndarray, label: int, band: float, frame: LowResFrame) -> Optional[Tuple[float, float]]:
+        """Where a click of ``label`` goes on one ``(256, 256)`` logit map, in image pixels.
+
+        Cut: inside the mask (logit > 0); Add: outside (logit <= 0); both restricted to the
+        uncertain band, at the distance-transform peak of the largest such region. None when
+        that side has no uncertain pixel (the chain then stops: nothing left to doubt).
+        """
+        lr = frame.crop(logits)
+        side = lr > 0 if label == CUT else lr <= 0
+        region = largest_component(side & (np.abs(lr) < band))
+        center = region_center(region)
+        if center is None:
+            return None
+        x, y = frame.to_image(np.asarray([center], np.float64))[0]
+        return float(x), float(y)
+
+    def next_click(
+        self, logits: np.ndarray, score: float, band: float, frame: LowResFrame, rng: np.random.Generator
+    ) -> Optional[ChainClick]:
+        """Draw the sign from Bernoulli(score) and place the click (None: the chain ends)."""
+        label = CUT if rng.random() < float(np.clip(score, 0.0, 1.0)) else ADD
+        xy = self.place(logits, label, band, frame)
+        return None if xy is None else ChainClick(xy, label)

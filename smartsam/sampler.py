@@ -1,0 +1,98 @@
+"""Priori Initial Sampler: explore around the user's click before committing to a mask.
+
+From one click it makes ``1 + num_points + len(box_aspects)`` prompts (10 by default):
+the click itself, points at distance ``beta * Gamma(shape, 1)`` in a uniform direction (the
+Gamma's mode ``beta * (shape - 1)`` is where an annotator's "nearby" click most likely lands),
+and boxes of a few aspect ratios around the click. With SAM's multimask output each prompt
+gives 3 masks: 30 initial masks that span the part / object / group granularities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from .backbones.base import Prompt
+
+
+@dataclass
+class InitialPrompt:
+    """A sampled prompt and what it is: "click", "point" or "box"."""
+
+    prompt: Prompt
+    kind: str
+
+
+class PrioriInitialSampler:
+    """Samples the exploration prompts around a click.
+
+    Args:
+        num_points: extra single positive points (paper: 6).
+        beta: scale in pixels of the distance ``beta * Gamma(gamma_shape, 1)`` (paper: 100 px,
+            the Gamma(2, 1) peak, in the image's own pixels).
+        gamma_shape: shape of that Gamma distribution (paper: 2).
+        box_aspects: width / height of the boxes (paper: 0.67, 1, 1.5), one box each.
+        box_side_range: range of the box's longest side, in pixels at SAM's 1024-px input scale
+            (paper: 200-800); scaled by ``max(H, W) / 1024`` so a box covers the same share of
+            any image.
+        reference_size: the input scale the box sides are given at.
+    """
+
+    def __init__(
+        self,
+        num_points: int = 6,
+        beta: float = 100.0,
+        gamma_shape: float = 2.0,
+        box_aspects: Sequence[float] = (0.67, 1.0, 1.5),
+        box_side_range: Tuple[float, float] = (200.0, 800.0),
+        reference_size: float = 1024.0,
+    ) -> None:
+        if num_points < 0 or beta <= 0 or gamma_shape <= 0:
+            raise ValueError("num_points >= 0, beta > 0 and gamma_shape > 0 are required")
+        if not 0 < box_side_range[0] <= box_side_range[1]:
+            raise ValueError("box_side_range must be (low, high) with 0 < low <= high")
+        self.num_points = int(num_points)
+        self.beta = float(beta)
+        self.gamma_shape = float(gamma_shape)
+        self.box_aspects = tuple(float(a) for a in box_aspects)
+        self.box_side_range = (float(box_side_range[0]), float(box_side_range[1]))
+        self.reference_size = float(reference_size)
+
+    @property
+    def num_prompts(self) -> int:
+        return 1 + self.num_points + len(self.box_aspects)
+
+    def sample_points(self, click_xy: Tuple[float, float], image_hw: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """``(num_points, 2)`` points ``(x, y)`` around the click, clipped to the image."""
+        h, w = image_hw
+        dist = self.beta * rng.gamma(self.gamma_shape, 1.0, size=self.num_points)
+        angle = rng.uniform(0.0, 2.0 * np.pi, size=self.num_points)
+        pts = np.stack([click_xy[0] + dist * np.cos(angle), click_xy[1] + dist * np.sin(angle)], axis=1)
+        return np.clip(pts, 0, [w - 1, h - 1]).astype(np.float32)
+
+    def sample_boxes(self, click_xy: Tuple[float, float], image_hw: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """``(len(box_aspects), 4)`` boxes ``(x0, y0, x1, y1)`` centred on the click, clipped."""
+        h, w = image_hw
+        scale = max(h, w) / self.reference_size
+        boxes = []
+        for aspect in self.box_aspects:
+            side = rng.uniform(*self.box_side_range) * scale
+            bw, bh = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
+            x0, y0 = click_xy[0] - bw / 2, click_xy[1] - bh / 2
+            boxes.append([x0, y0, x0 + bw, y0 + bh])
+        b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, w - 1)
+        b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, h - 1)
+        return b
+
+    def sample(self, click_xy: Tuple[float, float], image_hw: Tuple[int, int], rng: np.random.Generator) -> List[InitialPrompt]:
+        """All initial prompts: the click, the sampled points, the boxes (in that order)."""
+        click = np.asarray([click_xy], np.float32)
+        out = [InitialPrompt(Prompt(click, [1]), "click")]
+        for p in self.sample_points(click_xy, image_hw, rng):
+            out.append(InitialPrompt(Prompt(p[None], [1]), "point"))
+        for b in self.sample_boxes(click_xy, image_hw, rng):
+            out.append(InitialPrompt(Prompt(box=b), "box"))
+        return out

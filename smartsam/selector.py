@@ -1,0 +1,72 @@
+"""Selection: exploit the explored candidates.
+
+* Pure-IS (no reference): among the candidates that contain the user's click, the one with the
+  highest IoU-head score (all candidates when none contains it).
+* Reference (paper Eq. 2): the candidate whose masked-average-pooled feature is most cosine-
+  similar to the reference's feature. References are an image + mask (DINOv2, masked pool), an
+  image alone (DINOv2 CLS token) or a text (CLIP). ``require_click`` restricts the choice to
+  candidates containing the click, as pure-IS does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .features import cosine
+from .masks import LowResFrame, sample_logits_at
+
+
+@dataclass
+class Reference:
+    """What the user meant, as a feature vector.
+
+    Attributes:
+        kind: "mask" (image + mask), "image" (image alone) or "text".
+        feature: ``(D,)`` float32 feature.
+        extractor: name of the feature model that made it (features of different models are
+            never compared).
+        text: the text, for text references.
+    """
+
+    kind: str
+    feature: np.ndarray
+    extractor: str
+    text: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mask", "image", "text"):
+            raise ValueError(f"unknown reference kind {self.kind!r}")
+        self.feature = np.asarray(self.feature, np.float32).reshape(-1)
+        if not np.all(np.isfinite(self.feature)) or not np.any(self.feature):
+            raise ValueError("reference feature is empty or not finite (an empty mask?)")
+
+
+@dataclass
+class Selection:
+    """Index of the chosen candidate, with its similarity (None in pure-IS mode)."""
+
+    index: int
+    mode: str
+    similarity: Optional[float] = None
+    similarities: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+def contains_click(low_res: np.ndarray, frame: LowResFrame, click_xy: Tuple[float, float]) -> np.ndarray:
+    """``(K,)`` bool: which of ``(K, 256, 256)`` logit maps are positive at the click."""
+    return sample_logits_at(low_res, frame, click_xy) > 0
+
+
+def select_by_score(scores: np.ndarray, allowed: np.ndarray) -> int:
+    """Highest score among ``allowed`` candidates (among all when none is allowed)."""
+    s = np.where(allowed, scores, -np.inf) if allowed.any() else np.asarray(scores, np.float64)
+    return int(np.argmax(s))
+
+
+def select_by_similarity(features: np.ndarray, reference: np.ndarray, allowed: np.ndarray) -> Tuple[int, np.ndarray]:
+    """Most cosine-similar candidate among ``allowed`` (all when none is); returns (index, sims)."""
+    sims = cosine(features, reference)
+    s = np.where(allowed, sims, -np.inf) if allowed.any() else sims
+    return int(np.argmax(s)), sims

@@ -22,7 +22,7 @@ import numpy as np
 from .backbones.base import Backbone, Prompt
 from .clickers import NextChainClicker
 from .features import ClipFeatures, DinoV2Features
-from .masks import batch_iou
+from .masks import LowResFrame, batch_iou
 from .sampler import PrioriInitialSampler
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
 
@@ -79,6 +79,7 @@ class AgentResult:
     candidate_logits: Optional[np.ndarray] = field(default=None, repr=False)
     candidate_scores: Optional[np.ndarray] = None
     prompts: Optional[list] = None
+    frame: Optional[LowResFrame] = None
     timings: Dict[str, float] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=dict)
 
@@ -284,6 +285,7 @@ class SmartSAMAgent:
             result.candidate_logits = all_logits
             result.candidate_scores = all_scores
             result.prompts = initial
+            result.frame = frame
         self._results[cache_key] = result
         while len(self._results) > self._result_cache:
             self._results.popitem(last=False)

@@ -1,0 +1,239 @@
+"""Command line: ``smartsam segment | explain | eval | models``.
+
+Errors a user can fix (a bad path, a click outside the image, an unreadable image or checkpoint)
+end with one line on stderr and exit code 2; a model that cannot be had exits 1 with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+from .models import ModelError
+
+RANDOM_NOTE = "NOTE: {name} has RANDOM weights (a test configuration): this mask says nothing about quality."
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+def _point(text: str) -> Tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers), got {text!r}") from None
+    return x, y
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="registry name of the segmenter (see `smartsam models list`); "
+                   "default: $SMARTSAM_BACKBONE, else SAM 2.1 large on CUDA, SAM 2.1 tiny on CPU")
+    p.add_argument("--checkpoint", help="local checkpoint file for --backbone (else the cached or downloaded one)")
+    p.add_argument("--features", help="feature model for image references (default dinov2-base; "
+                   "dinov2-tiny-random with a random backbone)")
+    p.add_argument("--text-features", help="feature model for text references (default clip-base; "
+                   "clip-tiny-random with a random backbone)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0, help="the one seed; same inputs, same mask (default 0)")
+    p.add_argument("--literal", action="store_true", help="run every chain (the paper's literal path) instead of "
+                   "skipping chains whose initial mask duplicates a better one")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="smartsam", description="One click, the mask you meant (SmartSAM).")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment one object from a click", description=
+                       "Segment the object at --click. With a reference (an example image + mask, an image, or a "
+                       "text) the candidate most similar to it wins; without one, the best-scored candidate that "
+                       "contains the click. --negative clicks then refine the answer the ordinary SAM way.")
+    s.add_argument("image", help="image file (any format PIL reads; EXIF orientation is applied)")
+    s.add_argument("--click", type=_point, required=True, metavar="X,Y", help="the positive click, in image pixels (x = column, y = row)")
+    s.add_argument("--negative", type=_point, action="append", default=[], metavar="X,Y", help="a negative click (repeatable)")
+    s.add_argument("--positive", type=_point, action="append", default=[], metavar="X,Y", help="a further positive click (repeatable)")
+    s.add_argument("--reference-image", help="example image showing the kind of object meant")
+    s.add_argument("--reference-mask", help="mask of the object in --reference-image (nonzero = object)")
+    s.add_argument("--reference-text", help="text naming the object meant (CLIP)")
+    s.add_argument("--out", required=True, help="output mask PNG (255 object, 0 background)")
+    s.add_argument("--overlay", help="also write the image with the mask tinted")
+    s.add_argument("--json", action="store_true", help="print the result's details as JSON")
+    _add_model_args(s)
+
+    e = sub.add_parser("explain", help="draw how SmartSAM reached its answer (figure)")
+    e.add_argument("image")
+    e.add_argument("--click", type=_point, required=True, metavar="X,Y")
+    e.add_argument("--out", required=True, help="output PNG")
+    _add_model_args(e)
+
+    m = sub.add_parser("models", help="list or download models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="name, size, downloaded or not, path")
+    d = msub.add_parser("download", help="download (or register with --from) checkpoints, verified")
+    d.add_argument("names", nargs="+")
+    d.add_argument("--from", dest="source", help="a checkpoint file you already have (checked the same way)")
+    d.add_argument("--url", help="download from this URL instead of the official one")
+
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+    return ap
+
+
+def _load_agent(args, need_image: bool = False, need_text: bool = False):
+    from .agent import SmartSAMAgent
+    from .models import load_backbone, load_features
+
+    bb = load_backbone(args.backbone, args.checkpoint, args.device)
+    img_f = txt_f = None
+    if need_image:
+        img_f = load_features(args.features or ("dinov2-tiny-random" if bb.random_weights else "dinov2-base"), args.device)
+    if need_text:
+        txt_f = load_features(args.text_features or ("clip-tiny-random" if bb.random_weights else "clip-base"), args.device)
+    return SmartSAMAgent(bb, image_features=img_f, text_features=txt_f, seed=args.seed, dedupe_iou=None if args.literal else 0.9)
+
+
+def _read_image(path: str):
+    from .io import ImageError, load_image
+
+    try:
+        return load_image(path)
+    except ImageError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_segment(args) -> int:
+    from .agent import InvalidClick
+    from .io import ImageError, load_mask, overlay, save_mask
+
+    if args.reference_mask and not args.reference_image:
+        raise UsageError("--reference-mask needs --reference-image")
+    if args.reference_text and args.reference_image:
+        raise UsageError("give an image reference or a text reference, not both")
+    image = _read_image(args.image)
+    ref_image = _read_image(args.reference_image) if args.reference_image else None
+    agent = _load_agent(args, need_image=ref_image is not None, need_text=bool(args.reference_text))
+    try:
+        reference = None
+        if ref_image is not None and args.reference_mask:
+            reference = agent.reference_from_mask(ref_image, load_mask(args.reference_mask))
+        elif ref_image is not None:
+            reference = agent.reference_from_image(ref_image)
+        elif args.reference_text:
+            reference = agent.reference_from_text(args.reference_text)
+        agent.set_image(image)
+        result = agent.predict(args.click, reference)
+        if args.negative or args.positive:
+            pts = [args.click] + args.positive + args.negative
+            labels = [1] * (1 + len(args.positive)) + [0] * len(args.negative)
+            result = agent.refine(pts, labels, result)
+    except (InvalidClick, ImageError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    try:
+        save_mask(result.mask, args.out)
+        if args.overlay:
+            from PIL import Image
+
+            Image.fromarray(overlay(image, result.mask)).save(args.overlay)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot write output: {e}") from None
+    if agent.backbone.random_weights:
+        print(RANDOM_NOTE.format(name=agent.backbone.name), file=sys.stderr)
+    info = {
+        "backbone": agent.backbone.name,
+        "random_weights": agent.backbone.random_weights,
+        "mode": result.mode,
+        "score": round(result.score, 4),
+        "similarity": None if result.similarity is None else round(result.similarity, 4),
+        "source": {"prompt": result.candidate.prompt_kind, "prompt_index": result.candidate.prompt_index,
+                   "mask_index": result.candidate.mask_index, "chain_step": result.candidate.chain_step},
+        "area": int(result.mask.sum()),
+        "seconds": {k: round(v, 3) for k, v in result.timings.items()},
+        "out": args.out,
+    }
+    print(json.dumps(info) if args.json else f"{args.out}: {info['area']} px, mode {result.mode}, score {result.score:.3f}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .figure import explain_figure
+
+    image = _read_image(args.image)
+    agent = _load_agent(args)
+    agent.set_image(image)
+    try:
+        result = agent.predict(args.click, return_candidates=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    explain_figure(image, args.click, result, args.out, agent.backbone.name, agent.backbone.random_weights)
+    print(args.out)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from pathlib import Path
+
+    from .models import REGISTRY, checkpoint_path, download, get_spec, is_downloaded, register_local
+
+    if args.models_command == "list":
+        rows = [("name", "kind", "size", "downloaded", "path / source", "note")]
+        for s in REGISTRY.values():
+            if s.random:
+                rows.append((s.name, s.family, "-", "built", "(random weights, tests only)", s.note))
+            elif s.url:
+                size = f"{s.size / 1e6:.0f} MB" if s.size else "?"
+                rows.append((s.name, s.family, size, "yes" if is_downloaded(s) else "no", str(checkpoint_path(s)), s.note))
+            else:
+                rows.append((s.name, s.family, "-", "hf cache", s.hf_id or "", s.note))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+        return 0
+    if args.source and len(args.names) != 1:
+        raise UsageError("--from registers one file: give exactly one name")
+    for name in args.names:
+        spec = get_spec(name)
+        if args.source:
+            if not Path(args.source).is_file():
+                raise UsageError(f"no such file: {args.source}")
+            print(f"{name}: verified and registered at {register_local(spec, Path(args.source))}")
+        else:
+            print(f"{name}: {download(spec, url=args.url)}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    # sam2 still calls torch.jit.script at import; the deprecation is not the user's concern.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "segment":
+            return cmd_segment(args)
+        if args.command == "explain":
+            return cmd_explain(args)
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command == "eval":
+            from .eval.cli import cmd_eval
+
+            return cmd_eval(args)
+    except UsageError as e:
+        print(f"smartsam: error: {e}", file=sys.stderr)
+        return 2
+    except ModelError as e:
+        print(f"smartsam: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Reading images as annotators see them, and writing masks."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Larger images are refused: a decompression bomb must not take the server's memory.
+# 40 MP covers every common camera; override with SMARTSAM_MAX_PIXELS.
+MAX_PIXELS = int(os.environ.get("SMARTSAM_MAX_PIXELS", 40_000_000))
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why."""
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """A PIL image -> ``(H, W, 3)`` uint8 RGB, oriented as displayed (EXIF), any mode accepted.
+
+    Grayscale is replicated, alpha dropped (composited on black, as the browser shows it on the
+    canvas's default background), palette expanded, 16-bit and float scaled to 8 bits.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() if a.size else 0
+        scale = 255.0 / (65535.0 if img.mode.startswith("I;16") or hi > 255 else max(hi, 1.0))
+        a = np.clip(a * scale, 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_image(source: Union[str, Path, bytes]) -> np.ndarray:
+    """Read an image file (or its bytes) as ``(H, W, 3)`` uint8 RGB; ImageError if unusable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS} (SMARTSAM_MAX_PIXELS)")
+            img.load()
+            return to_rgb8(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {source}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image refused: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        name = "image data" if isinstance(source, (bytes, bytearray)) else str(source)
+        raise ImageError(f"cannot read {name} as an image ({e})") from None
+
+
+def load_mask(path: Union[str, Path]) -> np.ndarray:
+    """Read a mask file: nonzero pixels (of the first channel) are the object -> ``(H, W)`` bool."""
+    try:
+        with Image.open(path) as img:
+            a = np.asarray(ImageOps.exif_transpose(img))
+    except FileNotFoundError:
+        raise ImageError(f"mask file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot read {path} as a mask ({e})") from None
+    if a.ndim == 3:
+        a = a[..., 0]
+    return a > 0
+
+
+def save_mask(mask: np.ndarray, path: Union[str, Path]) -> None:
+    """Write a boolean mask as an 8-bit PNG (255 object, 0 background)."""
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(path)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(30, 144, 255), alpha: float = 0.5) -> np.ndarray:
+    """The image with the mask tinted in ``color`` -> ``(H, W, 3)`` uint8."""
+    out = image.astype(np.float32).copy()
+    out[mask] = out[mask] * (1 - alpha) + np.asarray(color, np.float32) * alpha
+    return out.astype(np.uint8)

@@ -1,0 +1,388 @@
+"""Model registry, verified download and cache, and builders.
+
+Every backbone and selector is picked by name. Weights come from their official hosts (no
+package ships them): downloaded once into ``$SMARTSAM_HOME`` (default ``~/.cache/smartsam``),
+resumed when interrupted, and checked (size and SHA-256) before anything loads them. A file that
+fails the check is removed and never loaded.
+
+Names ending in ``-random`` are the real architectures with random weights, for tests and offline
+demos: never a default, and every output made with them says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+
+class ModelError(RuntimeError):
+    """A model cannot be had: unknown name, failed download, corrupt file. Message is for users."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the registry.
+
+    Attributes:
+        name: what users type (``--backbone NAME``, ``SMARTSAM_BACKBONE``).
+        family: "sam", "sam2", "dinov2" or "clip".
+        arch: the architecture within the family (SAM "vit_b", SAM 2.1 "hiera_t", ...).
+        url: official download URL of the checkpoint (None: loaded through transformers).
+        filename: file name in the cache.
+        size: exact size in bytes, when published.
+        sha256: SHA-256 of the file, when published; else the hash is recorded at the first
+            verified download and checked from then on.
+        hf_id: Hugging Face model id (DINOv2, CLIP), loaded by transformers from its cache or a
+            local directory.
+        note: one line on speed and memory.
+        random: random weights (tests and demos only).
+    """
+
+    name: str
+    family: str
+    arch: str
+    note: str
+    url: Optional[str] = None
+    filename: Optional[str] = None
+    size: Optional[int] = None
+    sha256: Optional[str] = None
+    hf_id: Optional[str] = None
+    random: bool = False
+
+
+_SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
+_SAM21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+
+REGISTRY: Dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("sam_vit_b", "sam", "vit_b", "SAM ViT-B, 91M params; CPU encoder ~13 s on 2 cores", _SAM + "sam_vit_b_01ec64.pth",
+                  "sam_vit_b_01ec64.pth", 375042383, "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+        ModelSpec("sam_vit_l", "sam", "vit_l", "SAM ViT-L, 308M params; GPU recommended", _SAM + "sam_vit_l_0b3195.pth",
+                  "sam_vit_l_0b3195.pth", None, "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+        ModelSpec("sam_vit_h", "sam", "vit_h", "SAM ViT-H, 636M params (the paper's main backbone); GPU, ~7 GB", _SAM + "sam_vit_h_4b8939.pth",
+                  "sam_vit_h_4b8939.pth", None, "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
+        ModelSpec("sam2.1_hiera_tiny", "sam2", "hiera_t", "SAM 2.1 tiny, 39M params; CPU encoder ~1.5 s on 2 cores",
+                  _SAM21 + "sam2.1_hiera_tiny.pt", "sam2.1_hiera_tiny.pt"),
+        ModelSpec("sam2.1_hiera_small", "sam2", "hiera_s", "SAM 2.1 small, 46M params",
+                  _SAM21 + "sam2.1_hiera_small.pt", "sam2.1_hiera_small.pt"),
+        ModelSpec("sam2.1_hiera_base_plus", "sam2", "hiera_b+", "SAM 2.1 base+, 81M params",
+                  _SAM21 + "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_base_plus.pt"),
+        ModelSpec("sam2.1_hiera_large", "sam2", "hiera_l", "SAM 2.1 large, 224M params; GPU recommended",
+                  _SAM21 + "sam2.1_hiera_large.pt", "sam2.1_hiera_large.pt"),
+        ModelSpec("dinov2-base", "dinov2", "base", "DINOv2 ViT-B/14 without registers (reference selector)", hf_id="facebook/dinov2-base"),
+        ModelSpec("dinov2-large", "dinov2", "large", "DINOv2 ViT-L/14 without registers", hf_id="facebook/dinov2-large"),
+        ModelSpec("clip-base", "clip", "base", "CLIP ViT-B/16 (text references)", hf_id="openai/clip-vit-base-patch16"),
+        # Real architectures, random weights: tests and offline demos only.
+        ModelSpec("sam2.1_hiera_tiny-random", "sam2", "hiera_t", "SAM 2.1 tiny architecture, RANDOM weights (tests only)", random=True),
+        ModelSpec("sam_vit_tiny-random", "sam", "vit_tiny", "SAM design with a 2-block ViT, RANDOM weights (tests only)", random=True),
+        ModelSpec("sam_vit_b-random", "sam", "vit_b", "SAM ViT-B architecture, RANDOM weights (tests only)", random=True),
+        ModelSpec("dinov2-tiny-random", "dinov2", "tiny", "DINOv2 architecture, 2 layers of width 32, RANDOM weights", random=True),
+        ModelSpec("clip-tiny-random", "clip", "tiny", "CLIP architecture, 2 layers of width 32, RANDOM weights", random=True),
+    ]
+}
+
+DEFAULT_CPU_BACKBONE = "sam2.1_hiera_tiny"
+DEFAULT_CUDA_BACKBONE = "sam2.1_hiera_large"
+DEFAULT_IMAGE_FEATURES = "dinov2-base"
+DEFAULT_TEXT_FEATURES = "clip-base"
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def default_backbone() -> str:
+    """``$SMARTSAM_BACKBONE``, else SAM 2.1 large on CUDA hosts and SAM 2.1 tiny on CPU hosts."""
+    env = os.environ.get("SMARTSAM_BACKBONE")
+    if env:
+        return env
+    return DEFAULT_CUDA_BACKBONE if torch.cuda.is_available() else DEFAULT_CPU_BACKBONE
+
+
+def home() -> Path:
+    """The cache directory: ``$SMARTSAM_HOME`` or ``~/.cache/smartsam``."""
+    env = os.environ.get("SMARTSAM_HOME")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smartsam"
+    return base.expanduser()
+
+
+def checkpoint_path(spec: ModelSpec) -> Path:
+    return home() / "checkpoints" / (spec.filename or spec.name)
+
+
+def _manual_hint(spec: ModelSpec) -> str:
+    return (f"To place it by hand, download {spec.url} on a machine with internet access, copy it here, then run: "
+            f"smartsam models download {spec.name} --from /path/to/{spec.filename}")
+
+
+# -- verification -------------------------------------------------------------------------
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".verified.json")
+
+
+def verify(spec: ModelSpec, path: Path) -> str:
+    """Check ``path`` against the spec; return its SHA-256. Raises ModelError when it fails.
+
+    Size and SHA-256 are compared when published. A checkpoint without a published hash must at
+    least be a complete archive (torch checkpoints are zip files with a CRC per member, so a
+    truncated or bit-flipped file fails).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist")
+    size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        raise ModelError(f"{path.name} has {size} bytes, expected {spec.size}: the file is truncated or not {spec.name}")
+    digest = sha256_file(path)
+    if spec.sha256 is not None:
+        if digest != spec.sha256:
+            raise ModelError(f"{path.name} has SHA-256 {digest}, expected {spec.sha256}: the file is corrupt or not {spec.name}")
+    else:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ModelError(f"{path.name} is not a complete checkpoint archive ({e})") from None
+        if bad is not None:
+            raise ModelError(f"{path.name} is corrupt (member {bad} fails its CRC)")
+    return digest
+
+
+def _is_verified(spec: ModelSpec, path: Path) -> bool:
+    """True when a marker written at verification still matches the file (skips re-hashing GBs)."""
+    m = _marker(path)
+    try:
+        info = json.loads(m.read_text())
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    if info.get("size") != st.st_size or info.get("mtime_ns") != st.st_mtime_ns:
+        return False
+    return spec.sha256 is None or info.get("sha256") == spec.sha256
+
+
+def _write_marker(path: Path, digest: str) -> None:
+    st = path.stat()
+    tmp = _marker(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    os.replace(tmp, _marker(path))
+
+
+# -- download -----------------------------------------------------------------------------
+def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, timeout: float = 15.0,
+             chunk: int = 1 << 20) -> Path:
+    """Download ``spec``'s checkpoint into the cache, resuming a partial file; verify; return its path.
+
+    Args:
+        url: override the official URL (a mirror). ``$SMARTSAM_MIRROR`` replaces the host part
+            for every model (``$SMARTSAM_MIRROR/<filename>``).
+        timeout: seconds without data before giving up (a dead network fails fast).
+    """
+    if spec.url is None:
+        raise ModelError(f"{spec.name} has no checkpoint to download")
+    dest = checkpoint_path(spec)
+    if dest.exists() and _is_verified(spec, dest):
+        return dest
+    mirror = os.environ.get("SMARTSAM_MIRROR")
+    url = url or (f"{mirror.rstrip('/')}/{spec.filename}" if mirror else spec.url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        try:
+            digest = verify(spec, dest)
+            _write_marker(dest, digest)
+            return dest
+        except ModelError:
+            dest.unlink()
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "smartsam"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the partial file is already complete
+            resp = None
+        else:
+            raise ModelError(f"Could not download {spec.filename} from {url}: HTTP {e.code} {e.reason}. {_manual_hint(spec)}") from None
+    except (urllib.error.URLError, socket.timeout, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ModelError(f"Could not download {spec.filename} from {url}: {reason}. "
+                         f"This machine may be offline. {_manual_hint(spec)}") from None
+    if resp is not None:
+        with resp:
+            if have and resp.status != 206:
+                have = 0  # the server ignored the range: start over
+            total = resp.headers.get("Content-Length")
+            total = int(total) + have if total is not None else spec.size
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=spec.filename)
+            try:
+                with open(part, "ab" if have else "wb") as f:
+                    for block in iter(lambda: resp.read(chunk), b""):
+                        f.write(block)
+                        if bar is not None:
+                            bar.update(len(block))
+            except (OSError, socket.timeout) as e:
+                raise ModelError(f"Download of {spec.filename} from {url} broke off ({e}); "
+                                 f"run the same command again to resume. {_manual_hint(spec)}") from None
+            finally:
+                if bar is not None:
+                    bar.close()
+    try:
+        digest = verify(spec, part)
+    except ModelError as e:
+        part.unlink(missing_ok=True)
+        raise ModelError(f"Downloaded {spec.filename} failed its check and was removed: {e}") from None
+    os.replace(part, dest)
+    _write_marker(dest, digest)
+    return dest
+
+
+def register_local(spec: ModelSpec, source: Path) -> Path:
+    """Copy a checkpoint the user already has into the cache, after the same checks."""
+    source = Path(source)
+    if spec.url is None:
+        raise ModelError(f"{spec.name} is not a checkpoint file")
+    digest = verify(spec, source)
+    dest = checkpoint_path(spec)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".copy")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+    _write_marker(dest, digest)
+    return dest
+
+
+def ensure_checkpoint(spec: ModelSpec, allow_download: bool = True) -> Path:
+    """The verified local checkpoint of ``spec``, downloading it when missing and allowed."""
+    dest = checkpoint_path(spec)
+    if dest.exists() and _is_verified(spec, dest):
+        return dest
+    if dest.exists():
+        return download(spec)  # verifies, re-downloads if the file is bad
+    if not allow_download:
+        raise ModelError(f"{spec.filename} is not in {dest.parent}. {_manual_hint(spec)}")
+    return download(spec)
+
+
+def is_downloaded(spec: ModelSpec) -> bool:
+    return spec.url is not None and checkpoint_path(spec).exists()
+
+
+# -- builders -----------------------------------------------------------------------------
+def load_backbone(name: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
+                  cache_size: int = 8, allow_download: bool = True):
+    """Build a :class:`~smartsam.backbones.base.Backbone` by registry name.
+
+    Args:
+        name: registry name (default :func:`default_backbone`).
+        checkpoint: a local checkpoint path (checked against the registry when it knows the hash
+            of that model); None downloads or uses the cached one.
+    """
+    spec = get_spec(name or default_backbone())
+    if spec.family not in ("sam", "sam2"):
+        raise ModelError(f"{spec.name} is not a segmentation backbone")
+    path = None
+    if not spec.random:
+        if checkpoint is not None:
+            path = Path(checkpoint)
+            if not path.is_file():
+                raise ModelError(f"checkpoint {path} does not exist")
+            if spec.sha256 is not None:
+                verify(spec, path)
+        else:
+            path = ensure_checkpoint(spec, allow_download)
+    else:
+        torch.manual_seed(0)  # random weights, but the same ones in every process
+    try:
+        if spec.family == "sam":
+            from .backbones.sam import SamBackbone, build_sam_model
+
+            bb = SamBackbone(build_sam_model(spec.arch, str(path) if path else None), spec.name, cache_size, device)
+        else:
+            from .backbones.sam2 import Sam2Backbone, build_sam2_model
+
+            bb = Sam2Backbone(build_sam2_model(spec.arch, str(path) if path else None), spec.name, cache_size, device)
+    except (RuntimeError, KeyError, OSError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(f"could not load {path} as {spec.name}: {str(e).splitlines()[0][:300]}") from None
+    bb.random_weights = spec.random
+    return bb
+
+
+def _tiny_clip_tokenizer():
+    """A byte-level CLIP tokenizer with no merges (random CLIP only: no vocabulary to download)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[]), len(vocab)
+
+
+def load_features(name: str, device: Optional[str] = None, path: Optional[str] = None):
+    """Build a DINOv2 or CLIP feature extractor by registry name (``path``: a local directory)."""
+    from .features import ClipFeatures, DinoV2Features
+
+    spec = get_spec(name)
+    if spec.random:
+        torch.manual_seed(0)
+        if spec.family == "dinov2":
+            from transformers import Dinov2Config, Dinov2Model
+
+            cfg = Dinov2Config(image_size=224, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+            return DinoV2Features(Dinov2Model(cfg), image_size=224, device=device, name=spec.name)
+        if spec.family == "clip":
+            from transformers import CLIPConfig, CLIPModel
+
+            tok, n = _tiny_clip_tokenizer()
+            cfg = CLIPConfig(
+                text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
+                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=16),
+                projection_dim=32,
+            )
+            return ClipFeatures(CLIPModel(cfg), tok, device=device, name=spec.name)
+    if spec.family not in ("dinov2", "clip"):
+        raise ModelError(f"{spec.name} is not a feature model")
+    source = path or os.environ.get(f"SMARTSAM_{spec.family.upper()}_PATH") or spec.hf_id
+    try:
+        if spec.family == "dinov2":
+            return DinoV2Features(model_name_or_path=source, device=device, name=spec.name)
+        return ClipFeatures(model_name_or_path=source, device=device, name=spec.name)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load {spec.name} from {source!r} ({str(e).splitlines()[0][:200]}). "
+                         f"Put the model in the Hugging Face cache (huggingface-cli download {spec.hf_id}) or point "
+                         f"SMARTSAM_{spec.family.upper()}_PATH at a local directory with it.") from None

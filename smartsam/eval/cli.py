@@ -1,2 +1,94 @@
-def add_eval_parser(sub):
-    pass
+"""``smartsam eval``: the standard protocol on a dataset folder, for one mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate on a benchmark (mIoU@1, Ratio@K, NoC@K, IoU_best)", description=
+                       "Run the standard click protocol (first click at the object's middle, then at the middle of "
+                       "the larger error region) on a dataset in the RITM layout and write <mode>.csv, <mode>.json and "
+                       "miou_vs_clicks.png to --out. Re-running with the same --out resumes.")
+    e.add_argument("--dataset", required=True, help="dataset folder with img/ and gt/ (e.g. ../shared/datasets/GrabCut)")
+    e.add_argument("--mode", required=True, choices=["backbone", "pure-is", "reference", "oracle", "empty"],
+                   help="backbone: plain SAM; pure-is: SmartSAM without reference; reference: SmartSAM with another "
+                   "instance of the same category as reference (COCO_MVal); oracle/empty: harness checks")
+    e.add_argument("--max-clicks", type=int, default=20)
+    e.add_argument("--trials", type=int, default=1, help="repeats with seeds 0..N-1 (mean and spread reported)")
+    e.add_argument("--limit", type=int, help="first N samples only")
+    e.add_argument("--stop-iou", type=float, default=1.01, help="stop a sample's clicks at this IoU (default: never)")
+    e.add_argument("--allow-anywhere", action="store_true", help="reference mode: let candidates that do not contain "
+                   "the click win too")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--no-progress", action="store_true")
+    from ..cli import _add_model_args
+
+    _add_model_args(e)
+
+
+def cmd_eval(args) -> int:
+    from ..cli import UsageError
+    from .datasets import load_dataset, load_gt, reference_for
+    from .runner import evaluate
+    from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter
+
+    try:
+        samples = load_dataset(Path(args.dataset))
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if args.limit:
+        samples = samples[: args.limit]
+    if args.max_clicks < 1:
+        raise UsageError("--max-clicks must be at least 1")
+    dataset = Path(args.dataset).resolve().name
+    if args.mode == "oracle":
+        make = lambda t: OracleSegmenter(lambda s: load_gt(s)[0])  # noqa: E731
+    elif args.mode == "empty":
+        make = lambda t: EmptySegmenter()  # noqa: E731
+    else:
+        from ..agent import SmartSAMAgent
+        from ..io import load_image
+        from ..models import load_backbone, load_features
+        from ..selector import Reference
+
+        bb = load_backbone(args.backbone, args.checkpoint, args.device)
+        if args.mode == "backbone":
+            make = lambda t: BackboneSegmenter(bb)  # noqa: E731
+        else:
+            feats = None
+            ref_fn = None
+            if args.mode == "reference":
+                if not any(s.category for s in samples):
+                    raise UsageError(f"reference mode needs categories in the file names (COCO_MVal); {dataset} has none")
+                feats = load_features(args.features or ("dinov2-tiny-random" if bb.random_weights else "dinov2-base"), args.device)
+                all_samples = load_dataset(Path(args.dataset))
+                cache = {}
+
+                def ref_fn(sample):
+                    r = reference_for(sample, all_samples)
+                    if r is None:
+                        return None
+                    if r.name not in cache:
+                        feat = feats.mask_features(load_image(r.image_path), load_gt(r)[0][None])[0]
+                        cache[r.name] = Reference("mask", feat, feats.name)
+                    return cache[r.name]
+
+            def make(trial):
+                agent = SmartSAMAgent(bb, image_features=feats, seed=trial, dedupe_iou=None if args.literal else 0.9,
+                                      require_click=not args.allow_anywhere)
+                return AgentSegmenter(agent, ref_fn)
+
+    summary = evaluate(samples, make, Path(args.out), args.mode, dataset, args.max_clicks, args.trials, args.stop_iou,
+                       progress=not args.no_progress)
+    keys = ["n", "mIoU@1", "Ratio@75", "Ratio@85", "NoC@75", "NoC@85", "NoC@90", "IoU_best", "sec_first_click"]
+    print(f"| dataset | mode | segmenter | " + " | ".join(keys) + " |")
+    print("|" + " --- |" * (3 + len(keys)))
+    cells = [f"{summary[k]:.2f}" if isinstance(summary.get(k), float) else str(summary.get(k, "-")) for k in keys]
+    print(f"| {dataset} | {args.mode} | {summary['segmenter']} | " + " | ".join(cells) + " |")
+    if summary.get("random_weights"):
+        print("NOTE: RANDOM weights: these numbers test the harness, not the method.")
+    print(json.dumps({"out": str(Path(args.out) / f"{args.mode}.json")}))
+    return 0

@@ -1,0 +1,96 @@
+"""Interactive-segmentation benchmarks in the RITM layout (GrabCut, COCO_MVal): ``img/`` + ``gt/``.
+
+GrabCut's ground truth marks an uncertain band along the boundary with 128: those pixels count
+for neither object nor background (they are left out of every IoU and never clicked).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from ..io import load_image
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG", ".BMP")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One instance: its name, image, ground-truth mask file and category ("" when unknown)."""
+
+    name: str
+    image_path: Path
+    gt_path: Path
+    category: str
+
+
+def category_of(name: str) -> str:
+    """COCO_MVal's category: the file name without its instance digits and COCO id.
+
+    ``"airplane00_000000281693"`` -> ``"airplane"``; ``"hair drier01_000000123"`` -> ``"hair drier"``.
+    """
+    m = re.match(r"^(.*?)(\d+)_(\d+)$", name)
+    return m.group(1) if m else ""
+
+
+def load_dataset(root: Path) -> List[Sample]:
+    """List the samples under ``root`` (``img/<name>.<ext>`` with ``gt/<name>.<png|bmp>``), sorted."""
+    root = Path(root)
+    img_dir, gt_dir = root / "img", root / "gt"
+    if not img_dir.is_dir() or not gt_dir.is_dir():
+        raise FileNotFoundError(f"{root} is not a dataset: it needs img/ and gt/ folders (see the datasets README)")
+    images: Dict[str, Path] = {}
+    for p in img_dir.iterdir():
+        if p.suffix in IMAGE_EXTS:
+            images[p.stem] = p
+    samples = []
+    for gt in sorted(gt_dir.iterdir()):
+        if gt.suffix.lower() not in (".png", ".bmp"):
+            continue
+        name = gt.stem
+        img = images.get(name)
+        if img is None:
+            # COCO_MVal: several instances (gt names) share one image only when named alike.
+            continue
+        samples.append(Sample(name, img, gt, category_of(name)))
+    if not samples:
+        raise FileNotFoundError(f"no image/ground-truth pairs found under {root}")
+    return samples
+
+
+def load_gt(sample: Sample) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(object (H, W) bool, ignore (H, W) bool or None)`` from the ground-truth file."""
+    a = np.asarray(Image.open(sample.gt_path))
+    if a.ndim == 3:
+        a = a[..., 0]
+    ignore = a == 128
+    return a > 128, (ignore if ignore.any() else None)
+
+
+def load_sample(sample: Sample) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """``(image (H, W, 3) uint8, object mask, ignore mask)`` with matching sizes."""
+    image = load_image(sample.image_path)
+    gt, ignore = load_gt(sample)
+    if gt.shape != image.shape[:2]:
+        raise ValueError(f"{sample.name}: ground truth {gt.shape} does not match image {image.shape[:2]}")
+    return image, gt, ignore
+
+
+def reference_for(sample: Sample, samples: List[Sample]) -> Optional[Sample]:
+    """A deterministic reference instance for ``sample``: the next instance of the same category
+    (in sorted name order, wrapping around), preferring one from a different image; None when the
+    category has no other instance or the dataset has no categories."""
+    if not sample.category:
+        return None
+    same = [s for s in samples if s.category == sample.category and s.name != sample.name]
+    if not same:
+        return None
+    coco_id = sample.name.rsplit("_", 1)[-1]
+    others = [s for s in same if s.name.rsplit("_", 1)[-1] != coco_id] or same
+    later = [s for s in others if s.name > sample.name]
+    return (later or others)[0]

@@ -12,6 +12,7 @@ demos: never a default, and every output made with them says so.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -243,14 +244,18 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
                 from tqdm import tqdm
 
                 bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=spec.filename)
+            got = 0
             try:
                 with open(part, "ab" if have else "wb") as f:
                     for block in iter(lambda: resp.read(chunk), b""):
                         f.write(block)
+                        got += len(block)
                         if bar is not None:
                             bar.update(len(block))
-            except (OSError, socket.timeout) as e:
-                raise ModelError(f"Download of {spec.filename} from {url} broke off ({e}); "
+                if total is not None and have + got < total:
+                    raise OSError(f"connection closed after {have + got} of {total} bytes")
+            except (OSError, socket.timeout, http.client.HTTPException) as e:
+                raise ModelError(f"Download of {spec.filename} from {url} broke off ({e}); the partial file is kept: "
                                  f"run the same command again to resume. {_manual_hint(spec)}") from None
             finally:
                 if bar is not None:
@@ -297,7 +302,7 @@ def is_downloaded(spec: ModelSpec) -> bool:
 
 
 # -- builders -----------------------------------------------------------------------------
-def load_backbone(name: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
+def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
                   cache_size: int = 8, allow_download: bool = True):
     """Build a :class:`~smartsam.backbones.base.Backbone` by registry name.
 
@@ -306,10 +311,12 @@ def load_backbone(name: Optional[str] = None, checkpoint: Optional[str] = None, 
         checkpoint: a local checkpoint path (checked against the registry when it knows the hash
             of that model); None downloads or uses the cached one.
     """
-    spec = get_spec(name or default_backbone())
+    spec = name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())
     if spec.family not in ("sam", "sam2"):
         raise ModelError(f"{spec.name} is not a segmentation backbone")
     path = None
+    if spec.random and checkpoint is not None:
+        raise ModelError(f"{spec.name} has random weights by definition; give a checkpoint with a real model name")
     if not spec.random:
         if checkpoint is not None:
             path = Path(checkpoint)
@@ -330,9 +337,9 @@ def load_backbone(name: Optional[str] = None, checkpoint: Optional[str] = None, 
             from .backbones.sam2 import Sam2Backbone, build_sam2_model
 
             bb = Sam2Backbone(build_sam2_model(spec.arch, str(path) if path else None), spec.name, cache_size, device)
-    except (RuntimeError, KeyError, OSError, zipfile.BadZipFile, EOFError) as e:
-        if isinstance(e, ModelError):
-            raise
+    except ModelError:
+        raise
+    except Exception as e:  # a checkpoint fails to load in many ways (pickle, zip, shapes): say which file
         raise ModelError(f"could not load {path} as {spec.name}: {str(e).splitlines()[0][:300]}") from None
     bb.random_weights = spec.random
     return bb

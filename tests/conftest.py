@@ -1,0 +1,65 @@
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("SMARTSAM_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    if not (DATASETS / "GrabCut").is_dir():
+        pytest.fail(f"benchmark data not found at {DATASETS} (set SMARTSAM_DATASETS)")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def grabcut_image(datasets):
+    from smartsam.io import load_image
+
+    return load_image(datasets / "GrabCut" / "img" / "106024.jpg")
+
+
+@pytest.fixture(scope="session")
+def coco_image(datasets):
+    from smartsam.io import load_image
+
+    return load_image(datasets / "COCO_MVal-dev" / "img" / "airplane00_000000281693.jpg")
+
+
+@pytest.fixture(scope="session")
+def sam2_backbone():
+    from smartsam.models import load_backbone
+
+    return load_backbone("sam2.1_hiera_tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sam_backbone():
+    from smartsam.models import load_backbone
+
+    return load_backbone("sam_vit_tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def dino():
+    from smartsam.models import load_features
+
+    return load_features("dinov2-tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def clip():
+    from smartsam.models import load_features
+
+    return load_features("clip-tiny-random", device="cpu")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,145 @@
+"""Both adapters end to end on a real image, with the real architectures (random weights).
+
+Random weights show sizes, modes, call counts and reproducibility, never quality."""
+
+import numpy as np
+import pytest
+
+from smartsam.agent import InvalidClick, SmartSAMAgent
+from smartsam.backbones.base import Prompt
+
+
+@pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
+def test_adapter_decodes_batches_and_caches_embeddings(which, request, grabcut_image):
+    bb = request.getfixturevalue(which)
+    bb.set_image(grabcut_image)
+    enc = bb.encoder_calls
+    bb.set_image(grabcut_image.copy())  # same pixels: no new encoder call
+    assert bb.encoder_calls == enc
+    dec = bb.decoder_calls
+    prompts = [Prompt([[100, 100]], [1]) for _ in range(4)] + [Prompt(box=[20, 30, 200, 250]) for _ in range(3)]
+    out = bb.predict(prompts, multimask=True)
+    assert out.low_res_logits.shape == (7, 3, 256, 256) and out.scores.shape == (7, 3)
+    assert bb.decoder_calls - dec == 2  # one call per prompt kind, not one per prompt
+    chained = [Prompt([[100, 100], [150, 120]], [1, 0], mask_input=out.low_res_logits[i, 0]) for i in range(4)]
+    out2 = bb.predict(chained, multimask=False)
+    assert out2.low_res_logits.shape == (4, 1, 256, 256)
+    full = bb.upsample(out2.low_res_logits[:, 0])
+    assert full.shape == (4,) + grabcut_image.shape[:2]
+    # batched decoding gives what one-by-one decoding gives
+    single = bb.predict([chained[2]], multimask=False)
+    assert np.allclose(single.low_res_logits[0], out2.low_res_logits[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
+def test_agent_one_click_end_to_end(which, request, grabcut_image):
+    bb = request.getfixturevalue(which)
+    agent = SmartSAMAgent(bb, dedupe_iou=None)
+    enc = bb.encoder_calls
+    bb._cache.clear()
+    agent.set_image(grabcut_image)
+    assert bb.encoder_calls == enc + 1
+    res = agent.predict((240, 160), return_candidates=True)
+    assert res.mask.shape == grabcut_image.shape[:2] and res.mask.dtype == bool
+    assert res.mode == "pure-is" and res.similarity is None
+    assert len([c for c in res.candidates if c.chain_step == 0]) == 30
+    assert len(res.candidates) <= 30 + 90 and res.candidate_logits.shape[0] == len(res.candidates)
+    assert all(c.chain_step <= 3 for c in res.candidates)
+    # decoder calls: 2 prompt kinds x (1 initial + 3 chain steps), never one per chain
+    assert res.calls["decoder"] <= 8 and res.calls["encoder"] == 0
+    # the chosen mask is one of the candidates, with its score
+    i = res.candidates.index(res.candidate)
+    assert res.score == pytest.approx(float(res.candidate_scores[i]))
+    # chains: every refined candidate's clicks are Add (1) or Cut (0) inside the image
+    h, w = grabcut_image.shape[:2]
+    for c in res.candidates:
+        assert len(c.clicks) == c.chain_step
+        for (x, y), label in c.clicks:
+            assert label in (0, 1) and 0 <= x <= w - 1 and 0 <= y <= h - 1
+
+
+def test_agent_is_reproducible_and_seeded(sam2_backbone, grabcut_image):
+    a = SmartSAMAgent(sam2_backbone, seed=3)
+    a.set_image(grabcut_image)
+    r1 = a.predict((200, 150), return_candidates=True)
+    b = SmartSAMAgent(sam2_backbone, seed=3)
+    b.set_image(grabcut_image)
+    r2 = b.predict((200, 150), return_candidates=True)
+    assert np.array_equal(r1.mask, r2.mask)
+    assert [c.clicks for c in r1.candidates] == [c.clicks for c in r2.candidates]
+
+
+def test_fast_path_skips_duplicate_chains(sam2_backbone, grabcut_image):
+    literal = SmartSAMAgent(sam2_backbone, dedupe_iou=None)
+    fast = SmartSAMAgent(sam2_backbone, dedupe_iou=0.5)
+    literal.set_image(grabcut_image)
+    fast.set_image(grabcut_image)
+    rl = literal.predict((240, 160), return_candidates=True)
+    rf = fast.predict((240, 160), return_candidates=True)
+    assert len(rf.candidates) <= len(rl.candidates)
+    # the 30 initial masks are the same in both
+    assert np.allclose(rf.candidate_logits[:30], rl.candidate_logits[:30])
+
+
+def test_reference_modes(sam2_backbone, dino, clip, grabcut_image, coco_image):
+    agent = SmartSAMAgent(sam2_backbone, image_features=dino, text_features=clip)
+    ref_mask = np.zeros(coco_image.shape[:2], bool)
+    ref_mask[100:300, 100:400] = True
+    refs = {
+        "reference-mask": agent.reference_from_mask(coco_image, ref_mask),
+        "reference-image": agent.reference_from_image(coco_image),
+        "reference-text": agent.reference_from_text("penguin"),
+    }
+    agent.set_image(grabcut_image)
+    calls = dino.forward_calls
+    for mode, ref in refs.items():
+        res = agent.predict((240, 160), reference=ref, return_candidates=True)
+        assert res.mode == mode
+        assert -1.0 <= res.similarity <= 1.0
+        assert res.mask.shape == grabcut_image.shape[:2]
+    # the target image's patch tokens were computed once for both image references
+    assert dino.forward_calls - calls == 1
+    with pytest.raises(ValueError):
+        agent.reference_from_mask(coco_image, np.zeros(coco_image.shape[:2], bool))
+    with pytest.raises(ValueError):
+        agent.reference_from_text("   ")
+
+
+def test_outer_interactions_refine_the_answer(sam2_backbone, grabcut_image):
+    agent = SmartSAMAgent(sam2_backbone)
+    agent.set_image(grabcut_image)
+    first = agent.predict((240, 160))
+    dec = sam2_backbone.decoder_calls
+    r = agent.refine([(240, 160), (30, 30)], [1, 0], first)
+    assert r.mode == "refine" and r.mask.shape == grabcut_image.shape[:2]
+    assert sam2_backbone.decoder_calls - dec == 1
+    # without the previous answer it is recomputed from the first positive click (cached here)
+    r2 = agent.refine([(240, 160), (30, 30)], [1, 0])
+    assert np.array_equal(r.mask, r2.mask)
+
+
+@pytest.mark.parametrize("click", [(-1, 5), (5, 10_000), (float("nan"), 3), ("a", 2), (1,)])
+def test_bad_clicks_are_refused(sam2_backbone, grabcut_image, click):
+    agent = SmartSAMAgent(sam2_backbone)
+    agent.set_image(grabcut_image)
+    with pytest.raises(InvalidClick):
+        agent.predict(click)
+
+
+def test_negative_only_refinement_is_refused(sam2_backbone, grabcut_image):
+    agent = SmartSAMAgent(sam2_backbone)
+    agent.set_image(grabcut_image)
+    with pytest.raises(InvalidClick):
+        agent.refine([(10, 10)], [0])
+
+
+def test_embedding_cache_is_bounded(grabcut_image):
+    from smartsam.models import load_backbone
+
+    bb = load_backbone("sam_vit_tiny-random", cache_size=2, device="cpu")
+    imgs = [np.ascontiguousarray(np.roll(grabcut_image, k, axis=1)) for k in range(3)]
+    for im in imgs:
+        bb.set_image(im)
+    assert len(bb._cache) == 2 and bb.encoder_calls == 3
+    bb.set_image(imgs[0])  # evicted: encoded again
+    assert bb.encoder_calls == 4

@@ -1,0 +1,160 @@
+"""Known answers for the evaluation harness: it is trusted because of these."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smartsam.eval.clicker import Clicker
+from smartsam.eval.datasets import Sample, category_of, load_dataset, load_gt, reference_for
+from smartsam.eval.metrics import mask_iou, noc, summarize
+from smartsam.eval.runner import evaluate, run_sample
+from smartsam.eval.segmenters import Segmenter
+
+
+def square_gt():
+    gt = np.zeros((21, 21), bool)
+    gt[5:16, 5:16] = True  # 11 x 11
+    return gt
+
+
+class Scripted(Segmenter):
+    """Returns the given masks in order, whatever the clicks; records the clicks it saw."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script = script
+
+    def start(self, image, sample):
+        self.masks = list(self.script[sample.name])
+        self.seen = []
+
+    def click(self, points_xy, labels):
+        self.seen.append((points_xy.copy(), labels.copy()))
+        m = self.masks.pop(0) if self.masks else self.last
+        self.last = m
+        cands = np.stack([m, square_gt()]) if len(self.seen) == 1 and m.any() else (m[None] if len(self.seen) == 1 else None)
+        return m, cands
+
+
+def hand_made_script():
+    gt = square_gt()
+    left = np.zeros_like(gt)
+    left[5:16, 5:11] = True            # 66 px: IoU 66/121
+    plus = gt.copy()
+    plus[5:16, 16] = True              # 11 false-positive px: IoU 121/132
+    return {"a": [left, plus, gt.copy()], "b": [np.zeros_like(gt)]}
+
+
+def test_clicks_and_ious_worked_out_by_hand(tmp_path):
+    gt = square_gt()
+    seg = Scripted(hand_made_script())
+    r = run_sample(seg, np.zeros((21, 21, 3), np.uint8), gt, None, Sample("a", Path("a"), Path("a"), ""), max_clicks=5)
+    # click 1: the middle of the square; click 2: middle of the missed 11x5 strip (distance 3,
+    # first in row-major order); click 3: negative on the 1-px false-positive column.
+    assert r["clicks"] == [(10, 10, 1), (13, 7, 1), (16, 5, 0)]
+    assert r["ious"] == pytest.approx([66 / 121, 121 / 132, 1.0])  # stops at 1.0: nothing to click
+    assert r["iou_best"] == pytest.approx(1.0)
+    pts, labels = seg.seen[-1]
+    assert pts.tolist() == [[10, 10], [13, 7], [16, 5]] and labels.tolist() == [1, 1, 0]
+
+
+def test_every_metric_worked_out_by_hand():
+    a = [66 / 121, 121 / 132, 1.0]
+    b = [0.0] * 5
+    m = summarize([a, b], max_clicks=5, iou_best=[1.0, 0.0])
+    assert m["mIoU@1"] == pytest.approx(100 * (66 / 121) / 2)
+    assert m["Ratio@75"] == 0 and m["Ratio@85"] == 0
+    assert m["NoC@75"] == pytest.approx((2 + 5) / 2)
+    assert m["NoC@85"] == pytest.approx((2 + 5) / 2)
+    assert m["NoC@90"] == pytest.approx((2 + 5) / 2)
+    assert m["IoU_best"] == pytest.approx(50.0)
+    assert m["miou_per_click"] == pytest.approx([100 * 66 / 121 / 2, 100 * 121 / 132 / 2, 50, 50, 50])
+    assert noc([0.5, 0.95], 0.9, 20) == 2 and noc([0.5], 0.9, 20) == 20 and noc([0.95], 0.9, 20) == 1
+
+
+def test_ignore_band_counts_for_nothing():
+    gt = square_gt()
+    ignore = np.zeros_like(gt)
+    ignore[:, 16] = True
+    pred = gt.copy()
+    pred[5:16, 16] = True
+    assert mask_iou(pred, gt) < 1.0
+    assert mask_iou(pred, gt, ignore) == 1.0
+    # and the clicker never clicks in it
+    c = Clicker(gt, ignore)
+    c.make_next_click(np.zeros_like(gt))
+    click = c.make_next_click(pred)
+    assert not ignore[click.coords]
+
+
+def test_grabcut_ground_truth_has_an_ignore_band(datasets):
+    samples = load_dataset(datasets / "GrabCut")
+    assert len(samples) == 50
+    bands = [load_gt(s) for s in samples]
+    with_band = [(gt, ig) for gt, ig in bands if ig is not None]
+    assert 0 < len(with_band) < 50  # some masks have the 128 band (124080 does), some do not
+    assert all(not (gt & ig).any() for gt, ig in with_band)
+    gt, ignore = load_gt(next(s for s in samples if s.name == "124080"))
+    assert ignore.sum() == 2503
+
+
+def test_coco_categories_and_deterministic_references(datasets):
+    assert category_of("airplane00_000000281693") == "airplane"
+    assert category_of("baseball bat03_000000012345") == "baseball bat"
+    samples = load_dataset(datasets / "COCO_MVal-dev")
+    assert len(samples) == 408
+    s = samples[0]
+    r = reference_for(s, samples)
+    assert r.category == s.category and r.name != s.name
+    assert r.name.rsplit("_", 1)[1] != s.name.rsplit("_", 1)[1]  # another image
+    assert reference_for(s, samples) == r
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "smartsam", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("dataset", ["GrabCut", "COCO_MVal-dev"])
+def test_oracle_and_empty_through_the_cli(datasets, tmp_path, dataset):
+    for mode, miou, nocs in [("oracle", 100.0, 1.0), ("empty", 0.0, 7.0)]:
+        p = run_cli("eval", "--dataset", str(datasets / dataset), "--mode", mode, "--limit", "4", "--max-clicks", "7",
+                    "--out", str(tmp_path), "--no-progress")
+        assert p.returncode == 0, p.stderr
+        s = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert s["n"] == 4 and s["mIoU@1"] == miou and s["NoC@90"] == nocs and s["NoC@85"] == nocs
+    assert (tmp_path / "miou_vs_clicks.png").stat().st_size > 1000
+    assert len((tmp_path / "oracle.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_runs_resume_where_they_stopped(datasets, tmp_path):
+    samples = load_dataset(datasets / "GrabCut")[:4]
+    starts = []
+
+    class Counting(Scripted):
+        def start(self, image, sample):
+            starts.append(sample.name)
+            self.masks, self.seen = [np.zeros(image.shape[:2], bool)], []
+
+    evaluate(samples[:2], lambda t: Counting({}), tmp_path, "x", "GrabCut", max_clicks=2, progress=False)
+    s = evaluate(samples, lambda t: Counting({}), tmp_path, "x", "GrabCut", max_clicks=2, progress=False)
+    assert starts == [x.name for x in samples[:2]] + [x.name for x in samples[2:]]
+    assert s["n"] == 4
+
+
+def test_backbone_and_agent_modes_run_end_to_end(datasets, tmp_path):
+    # real architectures with random weights: checks the plumbing, labels the output
+    for mode, ds in [("backbone", "GrabCut"), ("pure-is", "GrabCut"), ("reference", "COCO_MVal-dev")]:
+        p = run_cli("eval", "--dataset", str(datasets / ds), "--mode", mode, "--limit", "1", "--max-clicks", "2",
+                    "--backbone", "sam_vit_tiny-random", "--out", str(tmp_path / ds), "--no-progress")
+        assert p.returncode == 0, p.stderr
+        s = json.loads((tmp_path / ds / f"{mode}.json").read_text())
+        assert s["random_weights"] is True and "RANDOM" in s["note"] and "RANDOM weights" in p.stdout
+        assert 0 <= s["mIoU@1"] <= 100 and 1 <= s["NoC@90"] <= 2 and 0 <= s["IoU_best"] <= 100
+    p = run_cli("eval", "--dataset", str(datasets / "GrabCut"), "--mode", "reference", "--limit", "1",
+                "--backbone", "sam_vit_tiny-random", "--out", str(tmp_path / "g"), "--no-progress")
+    assert p.returncode == 2 and "categories" in p.stderr

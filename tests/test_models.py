@@ -1,0 +1,185 @@
+"""Registry, verified download and cache, against a real HTTP server on 127.0.0.1."""
+
+import hashlib
+import http.server
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smartsam import models
+from smartsam.models import ModelError, ModelSpec
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint file: the small SAM architecture's random weights, saved by torch."""
+    from smartsam.backbones.sam import build_sam_model
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("ckpt") / "sam_vit_tiny_test.pth"
+    torch.save(build_sam_model("vit_tiny").state_dict(), path)
+    return path
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files = {}
+    cut_after = {}  # path -> bytes to send before dropping the connection (once)
+    requests = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        data = self.files.get(self.path)
+        self.requests.append((self.path, self.headers.get("Range")))
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = self.cut_after.pop(self.path, None)
+        if cut is not None:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    _Handler.files, _Handler.cut_after, _Handler.requests = {}, {}, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Handler
+    httpd.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMARTSAM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SMARTSAM_MIRROR", raising=False)
+    return tmp_path / "home"
+
+
+def spec_for(path: Path, url: str, sha=True, size=True) -> ModelSpec:
+    data = path.read_bytes()
+    return ModelSpec("test-sam", "sam", "vit_tiny", "test", url=url, filename=path.name,
+                     size=len(data) if size else None, sha256=hashlib.sha256(data).hexdigest() if sha else None)
+
+
+def test_download_verifies_and_loads_into_the_real_architecture(server, checkpoint):
+    base, h = server
+    h.files["/ck.pth"] = checkpoint.read_bytes()
+    spec = spec_for(checkpoint, base + "/ck.pth")
+    path = models.download(spec, progress=False)
+    assert path.read_bytes() == checkpoint.read_bytes()
+    assert models.is_downloaded(spec)
+    bb = models.load_backbone(spec, device="cpu")
+    ref = torch.load(checkpoint, weights_only=True)
+    key = "mask_decoder.iou_prediction_head.layers.0.weight"
+    assert torch.equal(bb.model.state_dict()[key].cpu(), ref[key])
+    # a second call uses the verified cache: no new request
+    n = len(h.requests)
+    assert models.ensure_checkpoint(spec) == path and len(h.requests) == n
+
+
+def test_interrupted_download_resumes(server, checkpoint):
+    base, h = server
+    data = checkpoint.read_bytes()
+    h.files["/ck.pth"] = data
+    h.cut_after["/ck.pth"] = len(data) // 3
+    spec = spec_for(checkpoint, base + "/ck.pth")
+    with pytest.raises(ModelError, match="run the same command again to resume"):
+        models.download(spec, progress=False)
+    part = models.checkpoint_path(spec).with_name(checkpoint.name + ".part")
+    assert 0 < part.stat().st_size < len(data)
+    assert not models.checkpoint_path(spec).exists()  # nothing half-written is ever in place
+    path = models.download(spec, progress=False)
+    assert path.read_bytes() == data
+    assert h.requests[-1][1] == f"bytes={len(data) // 3}-"  # resumed, not restarted
+
+
+def test_checksum_mismatch_is_refused_and_removed(server, checkpoint):
+    base, h = server
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit, same size
+    h.files["/ck.pth"] = bytes(data)
+    spec = spec_for(checkpoint, base + "/ck.pth")
+    with pytest.raises(ModelError, match="SHA-256"):
+        models.download(spec, progress=False)
+    assert not models.checkpoint_path(spec).exists()
+    assert not models.checkpoint_path(spec).with_name(checkpoint.name + ".part").exists()
+
+
+def test_unpublished_hash_still_catches_truncation(server, checkpoint):
+    base, h = server
+    h.files["/ck.pth"] = checkpoint.read_bytes()[:-1000]
+    spec = spec_for(checkpoint, base + "/ck.pth", sha=False, size=False)
+    with pytest.raises(ModelError, match="not a complete checkpoint"):
+        models.download(spec, progress=False)
+
+
+def test_no_network_gives_one_clear_message(checkpoint):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there: connection refused
+    spec = spec_for(checkpoint, f"http://127.0.0.1:{port}/ck.pth")
+    with pytest.raises(ModelError) as e:
+        models.download(spec, progress=False)
+    msg = str(e.value)
+    assert checkpoint.name in msg and spec.url in msg and "smartsam models download test-sam --from" in msg
+
+
+def test_register_local_file(checkpoint):
+    spec = spec_for(checkpoint, "http://127.0.0.1:9/unused")
+    path = models.register_local(spec, checkpoint)
+    assert path.read_bytes() == checkpoint.read_bytes()
+    bad = checkpoint.with_name("bad.pth")
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError):
+        models.register_local(spec, bad)
+
+
+def test_registry_defaults_and_random_models_are_labelled(monkeypatch):
+    monkeypatch.delenv("SMARTSAM_BACKBONE", raising=False)
+    name = models.default_backbone()
+    assert name == (models.DEFAULT_CUDA_BACKBONE if torch.cuda.is_available() else models.DEFAULT_CPU_BACKBONE)
+    assert not models.get_spec(name).random
+    monkeypatch.setenv("SMARTSAM_BACKBONE", "sam_vit_h")
+    assert models.default_backbone() == "sam_vit_h"
+    for s in models.REGISTRY.values():
+        assert s.random == s.name.endswith("-random")
+        if not s.random and s.family in ("sam", "sam2"):
+            assert s.url.startswith("https://dl.fbaipublicfiles.com/")
+    with pytest.raises(ModelError, match="unknown model"):
+        models.get_spec("sam_vit_x")
+
+
+def test_corrupt_local_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="could not load"):
+        models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(bad), device="cpu")
+    with pytest.raises(ModelError, match="does not exist"):
+        models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(tmp_path / "missing.pt"), device="cpu")

@@ -345,3 +345,41 @@ class SmartSAMAgent:
             timings={"total": time.perf_counter() - t0},
             calls={"encoder": 0, "decoder": bb.decoder_calls - dec0, "features": 0},
         )
+
+    def predict_box(self, box_xyxy: Sequence[float], points: Sequence[Sequence[float]] = (), labels: Sequence[int] = ()) -> AgentResult:
+        """A box prompt (``(x0, y0, x1, y1)`` image pixels), optionally with clicks: the best-scored
+        of SAM's 3 masks. A box is not ambiguous enough to need the agent."""
+        x0, y0 = self._check_click(box_xyxy[:2])
+        x1, y1 = self._check_click(box_xyxy[2:4])
+        if x1 <= x0 or y1 <= y0:
+            raise InvalidClick(f"box {tuple(box_xyxy)} is empty")
+        pts = np.asarray([self._check_click(p) for p in points], np.float32).reshape(-1, 2)
+        bb = self.backbone
+        dec0 = bb.decoder_calls
+        t0 = time.perf_counter()
+        res = bb.predict([Prompt(pts, np.asarray(labels, np.int64), box=np.asarray([x0, y0, x1, y1]))], multimask=True)
+        j = int(np.argmax(res.scores[0]))
+        lg = res.low_res_logits[0, j]
+        return AgentResult(
+            mask=bb.upsample(lg[None])[0] > 0, score=float(res.scores[0, j]), similarity=None, mode="box",
+            candidate=Candidate(0, "box", j, 0, (), float(res.scores[0, j])), low_res_logits=lg.copy(),
+            timings={"total": time.perf_counter() - t0}, calls={"encoder": 0, "decoder": bb.decoder_calls - dec0, "features": 0},
+        )
+
+
+def locate(extractor, image: np.ndarray, reference: Reference, key: Optional[str] = None) -> Tuple[float, float]:
+    """Where in ``image`` the reference's object most likely is, without a click.
+
+    The patch whose feature is most cosine-similar to the reference's becomes the click (its
+    centre, in image pixels ``(x, y)``). Used for pre-labeling queues with a reference.
+    """
+    from .features import cosine
+
+    if reference.extractor != extractor.name:
+        raise ValueError(f"reference made with {reference.extractor!r}, extractor is {extractor.name!r}")
+    grid, _ = extractor.tokens(image, key)
+    gh, gw, d = grid.shape
+    sims = cosine(grid.reshape(-1, d), reference.feature).reshape(gh, gw)
+    r, c = np.unravel_index(int(np.argmax(sims)), sims.shape)
+    h, w = image.shape[:2]
+    return float((c + 0.5) * w / gw), float((r + 0.5) * h / gh)

@@ -1,0 +1,1 @@
+"""Label Studio ML backend over :mod:`smartsam` (a thin adapter: no algorithm lives here)."""

@@ -1,0 +1,323 @@
+"""WSGI app serving Label Studio's ML backend protocol, plus the reference admin API.
+
+Why not ``label_studio_ml.api``: it is Flask 1.1.2 on Werkzeug 2.0.2 (pinned by label-studio-ml
+1.0.9), releases with published advisories, including a multipart-parsing denial of service.
+This app keeps label-studio-ml's model class (``backend.model.SmartSAMBackend``) and serves the
+same endpoints as a plain WSGI callable under gunicorn: it never parses multipart or form bodies,
+only JSON up to ``SMARTSAM_MAX_REQUEST_BYTES``, and has no debugger.
+
+Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, and
+``/admin/references[/<project>[/<label>[/mask.png]]]`` (GET, PUT, DELETE) with
+``Authorization: Bearer $SMARTSAM_ADMIN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import sys
+import urllib.parse
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from .model import Engine, LabelConfig, RequestError, SmartSAMBackend, project_key
+
+log = logging.getLogger("smartsam.http")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large", 415: "Unsupported Media Type",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def _read_json(environ, limit: int):
+    ctype = (environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise HttpError(415, f"expected Content-Type application/json, got {ctype or 'none'}")
+    length = environ.get("CONTENT_LENGTH")
+    stream = environ["wsgi.input"]
+    if length:
+        try:
+            n = int(length)
+        except ValueError:
+            raise HttpError(400, "bad Content-Length") from None
+        if n > limit:
+            raise HttpError(413, f"request body of {n} bytes is over the limit of {limit} (SMARTSAM_MAX_REQUEST_BYTES)")
+        body = stream.read(n)
+    else:
+        body = stream.read(limit + 1)  # chunked: read no more than the limit
+        if len(body) > limit:
+            raise HttpError(413, f"request body is over the limit of {limit} bytes (SMARTSAM_MAX_REQUEST_BYTES)")
+    try:
+        return json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HttpError(400, f"malformed JSON: {e}") from None
+
+
+class App:
+    """The WSGI callable. ``engine`` defaults to the process's :class:`Engine`."""
+
+    def __init__(self, engine: Optional[Engine] = None) -> None:
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine.instance()
+        return self._engine
+
+    # -- plumbing --------------------------------------------------------------------------
+    def __call__(self, environ, start_response):
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "/") or "/"
+        status, body, ctype = 200, None, "application/json"
+        try:
+            status, payload = self.route(method, path, environ)
+            if isinstance(payload, bytes):
+                body, ctype = payload, "image/png"
+            else:
+                body = json.dumps(payload).encode()
+        except HttpError as e:
+            status, body = e.status, json.dumps({"error": str(e)}).encode()
+            log.warning("%s %s -> %d: %s", method, path, e.status, e)
+        except Exception as e:  # the server stays up whatever one request does
+            log.exception("%s %s failed", method, path)
+            status, body = 500, json.dumps({"error": f"internal error: {type(e).__name__}"}).encode()
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
+        start_response(f"{status} {_REASONS.get(status, '')}", headers)
+        return [body]
+
+    def _check_basic_auth(self, environ) -> None:
+        s = self.engine.settings
+        if not s.basic_auth_user:
+            return
+        h = environ.get("HTTP_AUTHORIZATION", "")
+        ok = False
+        if h.startswith("Basic "):
+            try:
+                user, _, pw = base64.b64decode(h[6:]).decode().partition(":")
+                ok = hmac.compare_digest(user, s.basic_auth_user) and hmac.compare_digest(pw, s.basic_auth_pass or "")
+            except (binascii.Error, UnicodeDecodeError):
+                ok = False
+        if not ok:
+            raise HttpError(401, "basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+
+    def _check_admin(self, environ) -> None:
+        token = self.engine.settings.admin_token
+        if not token:
+            raise HttpError(403, "the admin API is off: set SMARTSAM_ADMIN_TOKEN to turn it on")
+        h = environ.get("HTTP_AUTHORIZATION", "")
+        if not (h.startswith("Bearer ") and hmac.compare_digest(h[7:], token)):
+            raise HttpError(401, "admin token required: Authorization: Bearer <SMARTSAM_ADMIN_TOKEN>")
+
+    def route(self, method: str, path: str, environ) -> Tuple[int, object]:
+        limit = self.engine.settings.max_request_bytes
+        if path.startswith("/admin/"):
+            self._check_admin(environ)
+            return self.admin(method, path, environ, limit)
+        self._check_basic_auth(environ)
+        if path in ("/", "/health"):
+            if method != "GET":
+                raise HttpError(405, "GET only")
+            return 200, self.engine.health()
+        if path == "/metrics":
+            return 200, {}
+        if method != "POST":
+            raise HttpError(405 if path in ("/setup", "/predict", "/webhook") else 404, f"no {method} {path}")
+        data = _read_json(environ, limit)
+        if not isinstance(data, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        if path == "/setup":
+            return 200, {"model_version": self.engine.model_version()}
+        if path == "/predict":
+            return 200, self.predict(data)
+        if path == "/webhook":
+            return 201, self.webhook(data)
+        raise HttpError(404, f"no endpoint {path}")
+
+    # -- protocol --------------------------------------------------------------------------
+    def _model(self, label_config) -> SmartSAMBackend:
+        if not isinstance(label_config, str) or not label_config.strip():
+            raise RequestError("the request has no label_config")
+        try:
+            return SmartSAMBackend(label_config=label_config, engine=self.engine)
+        except RequestError:
+            raise
+        except Exception as e:
+            raise RequestError(f"cannot parse the labeling config ({e})") from None
+
+    def predict(self, data: Dict) -> Dict:
+        try:
+            model = self._model(data.get("label_config"))
+            params = data.get("params") or {}
+            if not isinstance(params, dict):
+                raise RequestError("params must be an object")
+            context = params.get("context")
+            if context is not None and not isinstance(context, dict):
+                raise RequestError("params.context must be an object")
+            results = model.predict(data.get("tasks"), context=context, project=data.get("project"))
+        except RequestError as e:
+            log.warning("predict: %s", e)
+            return {"results": [], "errors": [str(e)], "model_version": self.engine.model_version()}
+        errors = [f"task {t.get('id') if isinstance(t, dict) else '?'}: {m}"
+                  for t, r in zip(data.get("tasks") or [], results) for m in r.get("errors", [])]
+        out = {"results": results, "model_version": self.engine.model_version()}
+        if errors:
+            out["errors"] = errors
+        return out
+
+    def webhook(self, data: Dict) -> Dict:
+        action = data.get("action")
+        if not isinstance(action, str):
+            raise HttpError(400, "webhook without action")
+        project = data.get("project") if isinstance(data.get("project"), dict) else {}
+        if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            return {"action": action, "ignored": True}
+        try:
+            model = self._model(project.get("label_config"))
+            return {"action": action, **model.process_event(action, data)}
+        except RequestError as e:
+            log.warning("webhook %s: %s", action, e)
+            return {"action": action, "errors": [str(e)]}
+
+    # -- admin -----------------------------------------------------------------------------
+    def admin(self, method: str, path: str, environ, limit: int) -> Tuple[int, object]:
+        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")[1:]]
+        if not parts or parts[0] != "references" or len(parts) > 4:
+            raise HttpError(404, f"no admin endpoint {path}")
+        store = self.engine.store
+        project = parts[1] if len(parts) > 1 else None
+        label = parts[2] if len(parts) > 2 else None
+        if method == "GET" and label is None:
+            return 200, {"references": [r.public() for r in store.list(project)], "problems": store.check()}
+        if label is None:
+            raise HttpError(405, "PUT and DELETE name a project and a label: /admin/references/<project>/<label>")
+        if method == "GET":
+            if len(parts) == 4 and parts[3] == "mask.png":
+                png = store.mask_png(project, label)
+                if png is None:
+                    raise HttpError(404, f"no mask for project {project} label {label!r}")
+                return 200, png
+            meta = store.meta(project, label)
+            if meta is None:
+                raise HttpError(404, f"no reference for project {project} label {label!r}")
+            return 200, meta.public()
+        if method == "DELETE":
+            n = store.delete(project, label)
+            return 200, {"deleted": n}
+        if method == "PUT":
+            body = _read_json(environ, limit)
+            if not isinstance(body, dict):
+                raise HttpError(400, "the body must be a JSON object")
+            try:
+                return 200, self._set_reference(project, label, body)
+            except (RequestError, ValueError) as e:
+                raise HttpError(400, str(e)) from None
+        raise HttpError(405, f"{method} not allowed here")
+
+    def _set_reference(self, project: str, label: str, body: Dict) -> Dict:
+        from smartsam.io import ImageError, load_image, load_mask
+        import io
+
+        eng = self.engine
+        if "text" in body:
+            ref = eng.make_reference(None, text=str(body["text"]))
+            eng.store.put(project, label, ref, {"admin": "text"})
+            return {"set": label, "kind": "text"}
+        if "image_b64" in body:
+            try:
+                image = load_image(base64.b64decode(body["image_b64"]))
+                mask = load_mask(io.BytesIO(base64.b64decode(body["mask_b64"]))) if body.get("mask_b64") else None
+            except (ImageError, binascii.Error, ValueError) as e:
+                raise RequestError(f"bad image or mask: {e}") from None
+            ref = eng.make_reference(image, mask)
+            eng.store.put(project, label, ref, {"admin": "upload"}, mask=mask, image=image if mask is None else None)
+            return {"set": label, "kind": ref.kind}
+        if "task" in body:
+            return self._reference_from_task(project, label, body)
+        raise RequestError("give one of: text, image_b64 (+ mask_b64), task (+ annotation)")
+
+    def _reference_from_task(self, project: str, label: str, body: Dict) -> Dict:
+        """Fetch an annotated task from Label Studio and use its brush mask for ``label``."""
+        import urllib.request
+
+        from .images import ImageFetchError
+        from .model import rle_to_mask
+
+        eng = self.engine
+        s = eng.settings
+        if not s.label_studio_url:
+            raise RequestError("setting a reference from a task needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        url = f"{s.label_studio_url.rstrip('/')}/api/tasks/{int(body['task'])}"
+        req = urllib.request.Request(url, headers={"Authorization": eng.fetcher._auth_header() or ""})
+        try:
+            with urllib.request.urlopen(req, timeout=s.image_timeout) as r:
+                task = json.loads(r.read(s.max_request_bytes))
+        except Exception as e:  # HTTP, network, JSON: one message
+            raise RequestError(f"cannot read task {body['task']} from Label Studio ({getattr(e, 'code', '')} {getattr(e, 'reason', e)})") from None
+        anns = task.get("annotations") or []
+        if body.get("annotation") is not None:
+            anns = [a for a in anns if a.get("id") == int(body["annotation"])]
+        for a in anns:
+            for r in a.get("result") or []:
+                if r.get("type") == "brushlabels" and label in (r.get("value", {}).get("brushlabels") or []):
+                    try:
+                        image = eng.fetcher.fetch(next(v for v in task["data"].values() if isinstance(v, str)))
+                    except (ImageFetchError, StopIteration) as e:
+                        raise RequestError(f"cannot fetch the task's image ({e})") from None
+                    h, w = image.shape[:2]
+                    mask = rle_to_mask(r["value"]["rle"], int(r.get("original_height") or h), int(r.get("original_width") or w))
+                    ref = eng.make_reference(image, mask)
+                    eng.store.put(project, label, ref, {"admin": "task", "task": task.get("id"), "annotation": a.get("id")}, mask=mask)
+                    return {"set": label, "kind": "mask", "task": task.get("id"), "annotation": a.get("id")}
+        raise RequestError(f"task {body['task']} has no brush region labelled {label!r}")
+
+
+app = App()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m backend._wsgi``: check the weights, then serve with gunicorn (never a debugger)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="SmartSAM Label Studio ML backend")
+    ap.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("SMARTSAM_THREADS", 4)))
+    ap.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from smartsam.models import ModelError, default_backbone, ensure_checkpoint, get_spec
+
+    from .config import Settings
+    from .references import ReferenceStore, ReferenceStoreError
+
+    s = Settings()
+    try:
+        spec = get_spec(s.backbone or default_backbone())
+        if not spec.random and not s.checkpoint:
+            # In the parent, before forking: a file check or download, no CUDA.
+            ensure_checkpoint(spec, allow_download=not args.no_download)
+        ReferenceStore(s.data_dir)  # a newer or broken store stops the start with its reason
+    except (ModelError, ReferenceStoreError) as e:
+        print(f"smartsam-backend: error: {e}", file=sys.stderr)
+        return 1
+    os.environ.setdefault("SMARTSAM_BACKBONE", spec.name)
+    cmd = [sys.executable, "-m", "gunicorn", "--config", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py"),
+           "--bind", f"{args.host}:{args.port}", "--threads", str(args.threads), "backend._wsgi:app"]
+    os.execv(sys.executable, cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

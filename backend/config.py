@@ -1,0 +1,42 @@
+"""Every setting is an environment variable (listed in the README, "Operating it")."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Tuple
+from urllib.parse import urlparse
+
+
+def _env(name: str, default: Optional[str] = None) -> Optional[str]:
+    v = os.environ.get(name)
+    return default if v is None or v == "" else v
+
+
+@dataclass
+class Settings:
+    label_studio_url: Optional[str] = field(default_factory=lambda: _env("LABEL_STUDIO_URL"))
+    label_studio_api_key: Optional[str] = field(default_factory=lambda: _env("LABEL_STUDIO_API_KEY"))
+    data_dir: Path = field(default_factory=lambda: Path(_env("SMARTSAM_DATA_DIR", "./smartsam-data")))
+    backbone: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_BACKBONE"))
+    checkpoint: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_CHECKPOINT"))
+    features: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_FEATURES"))
+    text_features: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_TEXT_FEATURES"))
+    device: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_DEVICE"))
+    admin_token: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_ADMIN_TOKEN"))
+    basic_auth_user: Optional[str] = field(default_factory=lambda: _env("BASIC_AUTH_USER"))
+    basic_auth_pass: Optional[str] = field(default_factory=lambda: _env("BASIC_AUTH_PASS"))
+    allowed_hosts: Tuple[str, ...] = field(default_factory=lambda: tuple(
+        h.strip().lower() for h in (_env("SMARTSAM_ALLOWED_HOSTS", "") or "").split(",") if h.strip()))
+    local_files_root: Optional[str] = field(default_factory=lambda: _env("LOCAL_FILES_DOCUMENT_ROOT"))
+    max_request_bytes: int = field(default_factory=lambda: int(_env("SMARTSAM_MAX_REQUEST_BYTES", str(8 << 20))))
+    image_max_bytes: int = field(default_factory=lambda: int(_env("SMARTSAM_IMAGE_MAX_BYTES", str(50 << 20))))
+    image_timeout: float = field(default_factory=lambda: float(_env("SMARTSAM_IMAGE_TIMEOUT", "20")))
+    embedding_cache: int = field(default_factory=lambda: int(_env("SMARTSAM_EMBEDDING_CACHE", "8")))
+    image_cache: int = field(default_factory=lambda: int(_env("SMARTSAM_IMAGE_CACHE", "16")))
+    seed: int = field(default_factory=lambda: int(_env("SMARTSAM_SEED", "0")))
+
+    @property
+    def label_studio_host(self) -> Optional[str]:
+        return urlparse(self.label_studio_url).netloc.lower() if self.label_studio_url else None

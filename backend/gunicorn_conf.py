@@ -1,0 +1,29 @@
+"""gunicorn settings: one model per process, loaded after fork (no CUDA in the parent)."""
+
+import os
+
+workers = int(os.environ.get("SMARTSAM_WORKERS", 1))  # each worker holds its own model copy
+worker_class = "gthread"
+threads = int(os.environ.get("SMARTSAM_THREADS", 4))  # slow image downloads do not block clicks
+timeout = int(os.environ.get("SMARTSAM_REQUEST_TIMEOUT", 300))  # a stuck worker is replaced
+graceful_timeout = 30
+preload_app = False  # never initialise CUDA before fork
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+
+def post_worker_init(worker):
+    # Start loading the models as soon as the worker exists, so /setup and /health answer at once.
+    from backend.model import Engine
+
+    Engine.instance()
+
+
+def on_starting(server):
+    import logging
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,395 @@
+"""The ML backend model: Label Studio requests in, SmartSAM answers out.
+
+One :class:`Engine` per process holds the models (loaded once, in the background, so ``/setup``
+answers at once), the image fetcher and the reference store. :class:`SmartSAMBackend` is the
+``label-studio-ml`` model class Label Studio's protocol is written against; it only translates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from label_studio_ml.model import LabelStudioMLBase
+
+from smartsam import __version__
+from smartsam.agent import AgentResult, InvalidClick, SmartSAMAgent, locate
+from smartsam.selector import Reference
+
+from .config import Settings
+from .images import ImageFetcher, ImageFetchError
+from .references import CorruptReference, ReferenceStore
+
+log = logging.getLogger("smartsam.backend")
+
+REFERENCE_CHOICE = "Use as reference"
+
+
+class RequestError(ValueError):
+    """Bad input in a request; the message goes back to Label Studio and into the log."""
+
+
+# -- label config ----------------------------------------------------------------------------
+@dataclass
+class LabelConfig:
+    """What the backend needs from a project's labeling config."""
+
+    image_name: str
+    image_key: str
+    brush_name: str
+    brush_labels: List[str]
+    keypoint_names: List[str] = field(default_factory=list)
+    rect_names: List[str] = field(default_factory=list)
+    reference_choice: Optional[str] = None  # Choices name carrying "Use as reference"
+
+    @classmethod
+    def parse(cls, parsed: Dict) -> "LabelConfig":
+        image_name = image_key = brush = None
+        brush_labels: List[str] = []
+        kps, rects, ref = [], [], None
+        for name, tag in parsed.items():
+            t = tag.get("type", "").lower()
+            if t == "brushlabels":
+                brush, brush_labels = name, list(tag.get("labels", []))
+                image_name = tag["to_name"][0]
+                image_key = tag["inputs"][0]["value"]
+            elif t == "keypointlabels":
+                kps.append(name)
+            elif t == "rectanglelabels":
+                rects.append(name)
+            elif t == "choices" and REFERENCE_CHOICE in tag.get("labels", []):
+                ref = name
+        if brush is None:
+            raise RequestError("the project's labeling config has no BrushLabels: SmartSAM answers with brush masks "
+                               "(use the backend's label_config.xml)")
+        return cls(image_name, image_key, brush, brush_labels, kps, rects, ref)
+
+
+# -- engine ----------------------------------------------------------------------------------
+class Engine:
+    """Per-process models and state. Build with :meth:`instance`; models load in a thread."""
+
+    _instance: Optional["Engine"] = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, settings: Optional[Settings] = None) -> None:
+        self.settings = settings or Settings()
+        self.store = ReferenceStore(self.settings.data_dir)
+        self.fetcher = ImageFetcher(self.settings)
+        self.lock = threading.Lock()  # the models serve one request at a time
+        self.agent: Optional[SmartSAMAgent] = None
+        self.load_error: Optional[str] = None
+        self._loaded = threading.Event()
+        self._features_lock = threading.Lock()
+
+    @classmethod
+    def instance(cls) -> "Engine":
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = Engine()
+                cls._instance.start_loading()
+            return cls._instance
+
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="smartsam-load", daemon=True).start()
+
+    def _load(self) -> None:
+        from smartsam.models import ModelError, load_backbone
+
+        s = self.settings
+        try:
+            bb = load_backbone(s.backbone, s.checkpoint, s.device, cache_size=s.embedding_cache)
+            self.agent = SmartSAMAgent(bb, seed=s.seed)
+            log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
+        except ModelError as e:
+            self.load_error = str(e)
+            log.error("model not loaded: %s", e)
+        except Exception as e:  # never leave the server hanging in "loading"
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("model not loaded")
+        finally:
+            self._loaded.set()
+
+    def ready_agent(self, timeout: float = 300.0) -> SmartSAMAgent:
+        if not self._loaded.wait(timeout):
+            raise RequestError("the model is still loading; try again in a moment")
+        if self.agent is None:
+            raise RequestError(f"the model failed to load: {self.load_error}")
+        return self.agent
+
+    def health(self) -> Dict:
+        bb = self.agent.backbone if self.agent else None
+        return {
+            "status": "UP",
+            "model": bb.name if bb else (self.settings.backbone or "default"),
+            "device": str(bb.device) if bb else None,
+            "weights_loaded": bb is not None,
+            "random_weights": bool(bb and bb.random_weights),
+            "load_error": self.load_error,
+            "version": __version__,
+        }
+
+    # features load on first need: pure-IS users never pay for DINOv2 / CLIP
+    def image_features(self):
+        agent = self.ready_agent()
+        with self._features_lock:
+            if agent.image_features is None:
+                from smartsam.models import load_features
+
+                name = self.settings.features or ("dinov2-tiny-random" if agent.backbone.random_weights else "dinov2-base")
+                agent.image_features = load_features(name, self.settings.device)
+        return agent.image_features
+
+    def text_features(self):
+        agent = self.ready_agent()
+        with self._features_lock:
+            if agent.text_features is None:
+                from smartsam.models import load_features
+
+                name = self.settings.text_features or ("clip-tiny-random" if agent.backbone.random_weights else "clip-base")
+                agent.text_features = load_features(name, self.settings.device)
+        return agent.text_features
+
+    def model_version(self) -> str:
+        bb = self.agent.backbone.name if self.agent else (self.settings.backbone or "default")
+        return f"smartsam-{__version__}-{bb}"
+
+    def reference(self, project: str, label: str) -> Tuple[Optional[Reference], Optional[str]]:
+        """(reference or None, note): a damaged stored reference is reported, not used."""
+        try:
+            ref = self.store.get(project, label)
+        except CorruptReference as e:
+            log.error("project %s label %r: %s; answering without it", project, label, e)
+            return None, f"stored reference for {label!r} is damaged ({e}); set it again"
+        if ref is None:
+            return None, None
+        if ref.kind == "text":
+            return ref, None
+        feats = self.image_features()
+        if ref.extractor != feats.name:
+            return None, f"reference for {label!r} was made with {ref.extractor}, this backend uses {feats.name}; set it again"
+        return ref, None
+
+    def make_reference(self, image: np.ndarray, mask: Optional[np.ndarray] = None, text: Optional[str] = None) -> Reference:
+        agent = self.ready_agent()
+        if text is not None:
+            self.text_features()
+            with self.lock:
+                return agent.reference_from_text(text)
+        self.image_features()
+        with self.lock:
+            return agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def project_key(project) -> str:
+    """Label Studio sends "<id>.<created-timestamp>"; references are kept per project id."""
+    if project is None or project == "":
+        raise RequestError("the request names no project")
+    return str(project).split(".")[0]
+
+
+def _pct_to_px(v: float, size: int) -> float:
+    return float(v) / 100.0 * size
+
+
+def mask_to_rle(mask: np.ndarray) -> List[int]:
+    from label_studio_sdk.converter.brush import mask2rle
+
+    return mask2rle(np.where(mask, 255, 0).astype(np.uint8))
+
+
+def rle_to_mask(rle: List[int], height: int, width: int) -> np.ndarray:
+    from label_studio_sdk.converter.brush import decode_rle
+
+    return decode_rle(rle).reshape(height, width, 4)[:, :, 3] > 0
+
+
+class SmartSAMBackend(LabelStudioMLBase):
+    """``label-studio-ml`` model: interactive clicks, pre-labeling and reference events."""
+
+    def __init__(self, label_config=None, train_output=None, engine: Optional[Engine] = None, **kwargs):
+        super().__init__(label_config=label_config, train_output=train_output, **kwargs)
+        self.engine = engine or Engine.instance()
+
+    # -- predict ---------------------------------------------------------------------------
+    def predict(self, tasks, context=None, project=None, **kwargs) -> List[Dict]:
+        """One prediction per task: ``{"result": [...], "score", "model_version", "mode"}``;
+        a task that fails gets an empty result and its reason in ``errors``."""
+        if not isinstance(tasks, list) or not tasks:
+            raise RequestError("the request has no tasks")
+        cfg = LabelConfig.parse(self.parsed_label_config)
+        proj = project_key(project)
+        out = []
+        for task in tasks:
+            try:
+                if context and context.get("result"):
+                    out.append(self._interactive(task, context["result"], cfg, proj))
+                else:
+                    out.append(self._prelabel(task, cfg, proj))
+            except (RequestError, ImageFetchError, InvalidClick, ValueError) as e:
+                tid = task.get("id") if isinstance(task, dict) else None
+                log.warning("project %s task %s: %s", proj, tid, e)
+                out.append({"result": [], "score": 0.0, "model_version": self.engine.model_version(), "errors": [str(e)]})
+        return out
+
+    def _image(self, task, cfg: LabelConfig) -> np.ndarray:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise RequestError("a task has no data")
+        ref = task["data"].get(cfg.image_key)
+        if not ref:
+            raise RequestError(f"task {task.get('id')} has no image in data.{cfg.image_key}")
+        return self.engine.fetcher.fetch(ref)
+
+    def _interactive(self, task, context_result, cfg: LabelConfig, proj: str) -> Dict:
+        if not isinstance(context_result, list):
+            raise RequestError("context.result must be a list of regions")
+        image = self._image(task, cfg)
+        h, w = image.shape[:2]
+        points, labels, box, label = [], [], None, None
+        for r in context_result:
+            if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
+                raise RequestError("a context region has no value")
+            v, kind = r["value"], r.get("type", "")
+            ow, oh = r.get("original_width") or w, r.get("original_height") or h
+            try:
+                # percentages of the image as the annotator sees it, scaled to our pixels
+                x, y = _pct_to_px(v["x"], w), _pct_to_px(v["y"], h)
+            except (KeyError, TypeError, ValueError):
+                raise RequestError("a context region has no numeric x/y") from None
+            if (ow, oh) != (w, h):
+                log.info("task %s: Label Studio sees %sx%s, image is %sx%s; scaling", task.get("id"), ow, oh, w, h)
+            if kind == "keypointlabels":
+                points.append((x, y))
+                positive = r.get("is_positive", True) is not False
+                labels.append(1 if positive else 0)
+                if positive and v.get("keypointlabels"):
+                    label = v["keypointlabels"][0]
+            elif kind == "rectanglelabels":
+                try:
+                    box = (x, y, x + _pct_to_px(v["width"], w), y + _pct_to_px(v["height"], h))
+                except (KeyError, TypeError, ValueError):
+                    raise RequestError("a rectangle has no numeric width/height") from None
+                if v.get("rectanglelabels"):
+                    label = v["rectanglelabels"][0]
+            else:
+                raise RequestError(f"unsupported prompt type {kind!r}: use the smart KeyPointLabels or RectangleLabels")
+        if label is None:
+            label = cfg.brush_labels[0] if len(cfg.brush_labels) == 1 else None
+        if label is None:
+            raise RequestError("the prompt carries no label: pick a keypoint label before clicking")
+        if label not in cfg.brush_labels:
+            raise RequestError(f"label {label!r} is not among the BrushLabels {cfg.brush_labels}: give both tags the same labels")
+        if box is None and 1 not in labels:
+            raise RequestError("only negative clicks: click the object once (without Alt) first")
+        ref, note = self.engine.reference(proj, label) if box is None else (None, None)
+        agent = self.engine.ready_agent()
+        with self.engine.lock:
+            agent.set_image(image)
+            if box is not None:
+                res = agent.predict_box(box, points, labels)
+            elif len(points) == 1:
+                res = agent.predict(points[0], ref)
+            else:
+                # outer interaction: the agent's answer for the first positive click (cached), refined
+                res = agent.refine(points, labels, agent.predict(points[labels.index(1)], ref))
+        log.info("project %s task %s label %r: %s, %d clicks, score %.3f, %.2f s", proj, task.get("id"), label,
+                 res.mode, len(points), res.score, res.timings.get("total", 0))
+        return self._prediction(res, cfg, label, w, h, note)
+
+    def _prediction(self, res: AgentResult, cfg: LabelConfig, label: str, w: int, h: int, note: Optional[str]) -> Dict:
+        result = {
+            "from_name": cfg.brush_name, "to_name": cfg.image_name, "type": "brushlabels",
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(res.mask), "brushlabels": [label]},
+            "score": round(float(res.score), 4),
+        }
+        pred = {"result": [result], "score": round(float(res.score), 4), "model_version": self.engine.model_version(),
+                "mode": res.mode}
+        if res.similarity is not None:
+            pred["similarity"] = round(float(res.similarity), 4)
+        if self.engine.agent and self.engine.agent.backbone.random_weights:
+            pred["note"] = "RANDOM weights (test configuration)"
+        if note:
+            pred["errors"] = [note]
+        return pred
+
+    def _prelabel(self, task, cfg: LabelConfig, proj: str) -> Dict:
+        """No click: for each label with a reference, find the object and segment it."""
+        refs = {}
+        reasons = []
+        for label in cfg.brush_labels:
+            ref, note = self.engine.reference(proj, label)
+            if ref is not None:
+                refs[label] = ref
+            else:
+                reasons.append(note or f"no reference for label {label!r}: set one to pre-label it")
+        if not refs:
+            raise RequestError("; ".join(reasons))
+        image = self._image(task, cfg)
+        h, w = image.shape[:2]
+        agent = self.engine.ready_agent()
+        results, scores = [], []
+        for label, ref in refs.items():
+            extractor = self.engine.text_features() if ref.kind == "text" else self.engine.image_features()
+            with self.engine.lock:
+                key = agent.set_image(image)
+                click = locate(extractor, image, ref, key)
+                res = agent.predict(click, ref)
+            pred = self._prediction(res, cfg, label, w, h, None)
+            results.extend(pred["result"])
+            scores.append(res.score)
+        out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": self.engine.model_version(),
+               "mode": "prelabel"}
+        if reasons:
+            out["errors"] = reasons
+            log.info("project %s task %s: %s", proj, task.get("id"), "; ".join(reasons))
+        return out
+
+    # -- events ----------------------------------------------------------------------------
+    def process_event(self, event, data, job_id=None, additional_params=None):
+        """ANNOTATION_CREATED / ANNOTATION_UPDATED: the first confirmed mask of a label becomes its
+        reference; one submitted with "Use as reference" ticked replaces it."""
+        if event not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            return {"ignored": event}
+        ann, task, project = data.get("annotation"), data.get("task"), data.get("project")
+        if not isinstance(ann, dict) or not isinstance(task, dict):
+            raise RequestError(f"{event} without annotation and task (turn on 'send payload' for the webhook)")
+        proj = project_key(project.get("id") if isinstance(project, dict) else project or task.get("project"))
+        cfg = LabelConfig.parse(self.parsed_label_config)
+        results = ann.get("result") or []
+        force = any(r.get("type") == "choices" and REFERENCE_CHOICE in (r.get("value", {}).get("choices") or [])
+                    for r in results if isinstance(r, dict))
+        brushes = [r for r in results if isinstance(r, dict) and r.get("type") == "brushlabels" and r.get("value", {}).get("rle")]
+        if not brushes:
+            return {"reference": None, "reason": "no brush region in the annotation"}
+        image = None
+        done = []
+        for r in brushes:
+            label = (r["value"].get("brushlabels") or [None])[0]
+            if label is None:
+                continue
+            if not force and self.engine.store.meta(proj, label) is not None:
+                continue
+            if image is None:
+                image = self._image(task, cfg)
+            h, w = image.shape[:2]
+            mask = rle_to_mask(r["value"]["rle"], int(r.get("original_height") or h), int(r.get("original_width") or w))
+            if mask.shape != (h, w):
+                import cv2
+
+                mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+            if not mask.any():
+                continue
+            ref = self.engine.make_reference(image, mask)
+            source = {"event": event, "task": task.get("id"), "annotation": ann.get("id"), "forced": force}
+            if self.engine.store.put(proj, label, ref, source, mask=mask, only_if_absent=not force):
+                done.append(label)
+        return {"reference": done}
+
+    def fit(self, tasks, workdir=None, **kwargs):
+        return {}

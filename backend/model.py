@@ -267,8 +267,8 @@ class SmartSAMBackend(LabelStudioMLBase):
                 points.append((x, y))
                 positive = r.get("is_positive", True) is not False
                 labels.append(1 if positive else 0)
-                if positive and v.get("keypointlabels"):
-                    label = v["keypointlabels"][0]
+                if v.get("keypointlabels") and (positive or label is None):
+                    label = v["keypointlabels"][0]  # the newest positive keypoint's label wins
             elif kind == "rectanglelabels":
                 try:
                     box = (x, y, x + _pct_to_px(v["width"], w), y + _pct_to_px(v["height"], h))

@@ -57,7 +57,7 @@ def load_image(source: Union[str, Path, bytes]) -> np.ndarray:
     except FileNotFoundError:
         raise ImageError(f"image file not found: {source}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image refused: {e}") from None
+        raise ImageError(f"image refused: over the limit of {MAX_PIXELS} pixels (SMARTSAM_MAX_PIXELS): {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         name = "image data" if isinstance(source, (bytes, bytearray)) else str(source)
         raise ImageError(f"cannot read {name} as an image ({e})") from None

@@ -1,0 +1,314 @@
+"""The backend as Label Studio meets it: a real gunicorn process, real HTTP, the real model
+architecture (random weights). Includes the catalogue of bad inputs (issue: reliability)."""
+
+import base64
+import io
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend_helpers import LABEL_CONFIG, TOKEN, Backend, ImageServer, keypoint, png_bytes, predict_body, rle_mask
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture(scope="module")
+def images(datasets):
+    penguin = (datasets / "GrabCut/img/106024.jpg").read_bytes()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    b = io.BytesIO()
+    Image.fromarray(rgb).save(b, format="JPEG", exif=exif.tobytes())
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")
+    return {
+        "penguin.jpg": penguin,
+        "coco.jpg": (datasets / "COCO_MVal-dev/img/airplane00_000000281693.jpg").read_bytes(),
+        "gray.png": png_bytes(rng.integers(0, 255, (50, 70), dtype=np.uint8)),
+        "rgba.png": png_bytes(rng.integers(0, 255, (50, 70, 4), dtype=np.uint8)),
+        "sixteen.png": png_bytes(rng.integers(0, 65535, (50, 70), dtype=np.uint16).astype(np.uint16)),
+        "exif.jpg": b.getvalue(),
+        "truncated.jpg": penguin[: len(penguin) // 3],
+        "notimage.jpg": b"this is not an image",
+        "bomb.png": bomb.getvalue(),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(images):
+    s = ImageServer(images)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def backend(server, tmp_path_factory):
+    b = Backend(tmp_path_factory.mktemp("backend") / "data", env={
+        "LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "admin-secret",
+        "SMARTSAM_IMAGE_TIMEOUT": "3", "SMARTSAM_MAX_REQUEST_BYTES": str(1 << 20), "SMARTSAM_MAX_PIXELS": "40000000",
+        "SMARTSAM_IMAGE_MAX_BYTES": str(20 << 20)}).start()
+    yield b
+    b.stop()
+
+
+def upload(name):
+    return f"/data/upload/1/{name}"
+
+
+def test_health_reports_model_device_and_weights(backend):
+    status, h = backend.get("/health")
+    assert status == 200 and h["status"] == "UP"
+    assert h["model"] == "sam2.1_hiera_tiny-random" and h["device"] == "cpu"
+    assert h["weights_loaded"] is True and h["random_weights"] is True
+    status, s = backend.post("/setup", {"project": "1.1", "schema": LABEL_CONFIG})
+    assert status == 200 and s["model_version"].startswith("smartsam-")
+
+
+def test_one_click_gives_a_brush_mask_of_the_image_size(backend, server):
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50)]))
+    assert status == 200 and "errors" not in r
+    pred = r["results"][0]
+    assert pred["mode"] == "pure-is" and pred["model_version"] == r["model_version"]
+    res = pred["result"][0]
+    assert res["type"] == "brushlabels" and res["from_name"] == "mask" and res["to_name"] == "image"
+    assert res["value"]["brushlabels"] == ["Object"] and res["value"]["format"] == "rle"
+    assert (res["original_width"], res["original_height"]) == (481, 321)
+    assert rle_mask(res).shape == (321, 481)
+    # the token went to Label Studio's host only
+    assert (upload("penguin.jpg"), f"Token {TOKEN}") in server.hits
+
+
+def test_more_clicks_refine_and_box_prompt(backend):
+    ctx = [keypoint(50, 50), keypoint(10, 10, positive=False)]
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), ctx))
+    assert status == 200 and r["results"][0]["mode"] == "refine"
+    rect = {"original_width": 481, "original_height": 321, "type": "rectanglelabels", "from_name": "rect", "to_name": "image",
+            "value": {"x": 20, "y": 20, "width": 40, "height": 50, "rectanglelabels": ["Background object"]}}
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [rect]))
+    assert status == 200 and r["results"][0]["mode"] == "box"
+    assert r["results"][0]["result"][0]["value"]["brushlabels"] == ["Background object"]
+
+
+@pytest.mark.parametrize("name, displayed_hw", [("gray.png", (50, 70)), ("rgba.png", (50, 70)), ("sixteen.png", (50, 70)),
+                                                ("exif.jpg", (60, 40))])
+def test_unusual_images_work_aligned_with_what_the_annotator_sees(backend, name, displayed_hw):
+    h, w = displayed_hw
+    status, r = backend.post("/predict", predict_body(upload(name), [keypoint(50, 50, w=w, h=h)]))
+    assert status == 200 and "errors" not in r, r
+    res = r["results"][0]["result"][0]
+    assert (res["original_height"], res["original_width"]) == (h, w)  # EXIF applied: 60x40 shows as 40 wide
+    assert rle_mask(res).shape == (h, w)
+
+
+def _kp_value(**v):
+    k = keypoint(50, 50)
+    k["value"] = {**k["value"], **v}
+    return k
+
+
+BAD_INPUTS = [
+    # (name, how to send it, expected HTTP status, text the error contains)
+    ("malformed JSON", lambda b: b.post("/predict", b"{not json", raw=True), 400, "malformed JSON"),
+    ("multipart body", lambda b: b.request("POST", "/predict", b"--x\r\n\r\n", {"Content-Type": "multipart/form-data; boundary=x"}), 415, "application/json"),
+    ("JSON array body", lambda b: b.post("/predict", [1, 2]), 400, "JSON object"),
+    ("oversized JSON", lambda b: b.post("/predict", {"pad": "x" * (2 << 20)}), 413, "over the limit"),
+    ("unknown endpoint", lambda b: b.post("/nope", {}), 404, "no endpoint"),
+    ("GET on /predict", lambda b: b.get("/predict"), 405, "no GET"),
+    ("no tasks", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg")), "tasks": []}), 200, "no tasks"),
+    ("no label_config", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "label_config": None}), 200, "no label_config"),
+    ("config without BrushLabels", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "label_config": '<View><Image name="image" value="$image"/></View>'}), 200, "no BrushLabels"),
+    ("config not XML", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "label_config": "<View><Image"}), 200, "cannot parse"),
+    ("no project", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "project": None}), 200, "names no project"),
+    ("task without data", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "tasks": [{"id": 3}]}), 200, "has no data"),
+    ("task without image", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "tasks": [{"id": 3, "data": {"text": "x"}}]}), 200, "has no image"),
+    ("context.result not a list", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg")), "params": {"context": {"result": "x"}}}), 200, "must be a list"),
+    ("click outside the image", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(150, 50)])), 200, "outside the 481x321 image"),
+    ("NaN coordinates", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [_kp_value(x=math.nan)])), 200, "not a finite point"),
+    ("non-numeric coordinates", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [_kp_value(x="abc")])), 200, "numeric x/y"),
+    ("negative-only clicks", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50, positive=False)])), 200, "only negative clicks"),
+    ("unknown label", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50, label="Zebra")])), 200, "not among the BrushLabels"),
+    ("unsupported prompt type", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [{**keypoint(5, 5), "type": "polygonlabels"}])), 200, "unsupported prompt type"),
+    ("unsupported URL scheme", lambda b: b.post("/predict", predict_body("ftp://example.org/a.jpg", [keypoint(5, 5)])), 200, "unsupported image URL scheme"),
+    ("internal URL in task data", lambda b: b.post("/predict", predict_body("http://169.254.169.254/latest/meta-data/", [keypoint(5, 5)])), 200, "refusing to fetch"),
+    ("redirect to another host", lambda b: b.post("/predict", predict_body("/redirect-away", [keypoint(5, 5)])), 200, "refusing to fetch"),
+    ("HTTP 401 fetching the image", lambda b: b.post("/predict", predict_body("/status/401", [keypoint(5, 5)])), 200, "LABEL_STUDIO_API_KEY"),
+    ("HTTP 404 fetching the image", lambda b: b.post("/predict", predict_body("/status/404", [keypoint(5, 5)])), 200, "HTTP 404"),
+    ("HTTP 500 fetching the image", lambda b: b.post("/predict", predict_body("/status/500", [keypoint(5, 5)])), 200, "HTTP 500"),
+    ("slow image download", lambda b: b.post("/predict", predict_body("/slow", [keypoint(5, 5)])), 200, "image download failed"),
+    ("image larger than the byte limit", lambda b: b.post("/predict", predict_body("/huge", [keypoint(5, 5)])), 200, "SMARTSAM_IMAGE_MAX_BYTES"),
+    ("truncated image", lambda b: b.post("/predict", predict_body(upload("truncated.jpg"), [keypoint(5, 5)])), 200, "cannot read image data"),
+    ("not an image", lambda b: b.post("/predict", predict_body(upload("notimage.jpg"), [keypoint(5, 5)])), 200, "cannot read image data"),
+    ("pixel bomb", lambda b: b.post("/predict", predict_body(upload("bomb.png"), [keypoint(5, 5)])), 200, "over the limit"),
+    ("webhook without action", lambda b: b.post("/webhook", {"annotation": {}}), 400, "without action"),
+    ("webhook without payload", lambda b: b.post("/webhook", {"action": "ANNOTATION_CREATED", "project": {"label_config": LABEL_CONFIG, "id": 1}}), 201, "send payload"),
+    ("admin without token", lambda b: b.get("/admin/references"), 401, "admin token required"),
+    ("admin with a wrong token", lambda b: b.get("/admin/references", headers={"Authorization": "Bearer nope"}), 401, "admin token required"),
+]
+
+
+@pytest.mark.parametrize("name, send, status, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_catalogue(backend, name, send, status, message):
+    got, body = send(backend)
+    assert got == status, body
+    text = json.dumps(body) if not isinstance(body, bytes) else body.decode(errors="replace")
+    assert message in text, text
+    assert TOKEN not in text and "admin-secret" not in text  # no secret in an error
+    if got == 200 and isinstance(body, dict) and body.get("results"):
+        assert body["results"][0]["result"] == []  # a failed task gets no mask, and says why
+
+
+def test_server_survives_the_catalogue(backend):
+    for _, send, _, _ in BAD_INPUTS:
+        send(backend)
+    assert backend.get("/health")[1]["status"] == "UP"
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(40, 60)]))
+    assert status == 200 and rle_mask(r["results"][0]["result"][0]).shape == (321, 481)
+    log = backend.log_path.read_text()
+    assert TOKEN not in log and "admin-secret" not in log
+    assert "refusing to fetch" in log  # errors are in the log too
+
+
+def test_reference_from_confirmed_annotation_and_admin_api(backend, server):
+    project = "7.1700000000"
+    status, r = backend.post("/predict", predict_body(upload("coco.jpg"), [keypoint(50, 50, w=640, h=481)], project=project))
+    assert r["results"][0]["mode"] == "pure-is"
+    res = r["results"][0]["result"][0]
+    ann = {"id": 11, "result": [dict(res, from_name="mask")]}
+    hook = {"action": "ANNOTATION_CREATED", "annotation": ann, "task": {"id": 5, "data": {"image": upload("coco.jpg")}},
+            "project": {"id": 7, "label_config": LABEL_CONFIG}}
+    status, w = backend.post("/webhook", hook)
+    assert status == 201 and w["reference"] == ["Object"]
+    # the first confirmed mask only: a later annotation does not replace it...
+    status, w = backend.post("/webhook", {**hook, "action": "ANNOTATION_UPDATED"})
+    assert w["reference"] == []
+    # ...unless it is submitted with "Use as reference"
+    forced = {**hook, "annotation": {"id": 12, "result": ann["result"] + [
+        {"type": "choices", "from_name": "reference", "to_name": "image", "value": {"choices": ["Use as reference"]}}]}}
+    status, w = backend.post("/webhook", forced)
+    assert w["reference"] == ["Object"]
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50)], project=project))
+    assert r["results"][0]["mode"] == "reference-mask" and -1 <= r["results"][0]["similarity"] <= 1
+    # other projects and labels are untouched
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50)], project="8.1"))
+    assert r["results"][0]["mode"] == "pure-is"
+
+    status, lst = backend.get("/admin/references/7", headers=ADMIN)
+    assert [x["label"] for x in lst["references"]] == ["Object"] and lst["problems"] == []
+    assert lst["references"][0]["source"]["annotation"] == 12
+    status, png = backend.get("/admin/references/7/Object/mask.png", headers=ADMIN)
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (640, 481)
+    # admin sets a text reference for another label, and an image+mask one
+    status, s = backend.request("PUT", "/admin/references/7/Background%20object", json.dumps({"text": "a penguin"}).encode(),
+                                {**ADMIN, "Content-Type": "application/json"})
+    assert status == 200 and s["kind"] == "text"
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50, label="Background object")], project=project))
+    assert r["results"][0]["mode"] == "reference-text"
+    m = np.zeros((321, 481), np.uint8)
+    m[100:200, 200:300] = 255
+    body = {"image_b64": base64.b64encode(server.files["penguin.jpg"]).decode(), "mask_b64": base64.b64encode(png_bytes(m)).decode()}
+    status, s = backend.request("PUT", "/admin/references/9/Object", json.dumps(body).encode(), {**ADMIN, "Content-Type": "application/json"})
+    assert status == 200 and s["kind"] == "mask"
+    # pre-labeling (no click) with a reference, and without one
+    status, r = backend.post("/predict", predict_body(upload("coco.jpg"), None, project="9.1"))
+    pred = r["results"][0]
+    assert pred["mode"] == "prelabel" and [x["value"]["brushlabels"] for x in pred["result"]] == [["Object"]]
+    assert any("no reference for label 'Background object'" in e for e in pred["errors"])
+    status, r = backend.post("/predict", predict_body(upload("coco.jpg"), None, project="10.1"))
+    assert r["results"][0]["result"] == [] and "no reference" in r["errors"][0]
+    # clear
+    status, d = backend.request("DELETE", "/admin/references/7/Background%20object", headers=ADMIN)
+    assert d["deleted"] == 1
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50, label="Background object")], project=project))
+    assert r["results"][0]["mode"] == "pure-is"
+
+
+def test_damaged_reference_is_reported_not_used(backend):
+    body = json.dumps({"text": "a bird"}).encode()
+    backend.request("PUT", "/admin/references/21/Object", body, {**ADMIN, "Content-Type": "application/json"})
+    for p in (backend.data_dir / "refs").glob("*.npy"):
+        meta = backend.get("/admin/references/21/Object", headers=ADMIN)[1]
+        assert meta["kind"] == "text"
+    from backend.references import ReferenceStore
+
+    store = ReferenceStore(backend.data_dir)
+    f = backend.data_dir / "refs" / store.meta("21", "Object").feature_file
+    f.write_bytes(f.read_bytes()[:-7] + b"garbage")
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50)], project="21.1"))
+    assert status == 200 and r["results"][0]["mode"] == "pure-is"
+    assert "damaged" in r["results"][0]["errors"][0]
+    assert any("damaged" in p for p in backend.get("/admin/references", headers=ADMIN)[1]["problems"])
+
+
+def test_concurrent_clients_get_their_own_answers(backend):
+    """4 clients x 10 clicks, different projects and images, at once: every answer is for the
+    right image and equals what the same request gets alone."""
+    jobs = {0: ("penguin.jpg", 481, 321), 1: ("coco.jpg", 640, 481), 2: ("gray.png", 70, 50), 3: ("rgba.png", 70, 50)}
+
+    def requests_for(c):
+        name, w, h = jobs[c]
+        first = keypoint(50, 50, w=w, h=h)
+        out = [predict_body(upload(name), [first], project=f"{100 + c}.1")]
+        for k in range(9):
+            out.append(predict_body(upload(name), [first, keypoint(10 + 8 * k, 15, positive=False, w=w, h=h)], project=f"{100 + c}.1"))
+        return out
+
+    alone = {c: [backend.post("/predict", b)[1] for b in requests_for(c)[:2]] for c in jobs}
+    got, errors = {c: [] for c in jobs}, []
+
+    def client(c):
+        try:
+            for b in requests_for(c):
+                got[c].append(backend.post("/predict", b)[1])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in jobs]
+    t0 = time.time()
+    [t.start() for t in threads]
+    [t.join(600) for t in threads]
+    assert not errors
+    for c, (name, w, h) in jobs.items():
+        assert len(got[c]) == 10
+        for r in got[c]:
+            res = r["results"][0]["result"][0]
+            assert (res["original_width"], res["original_height"]) == (w, h)
+            assert rle_mask(res).shape == (h, w)
+        for k in range(2):
+            assert got[c][k]["results"][0]["result"][0]["value"]["rle"] == alone[c][k]["results"][0]["result"][0]["value"]["rle"]
+    assert backend.get("/health")[1]["status"] == "UP"
+    print(f"40 concurrent requests in {time.time() - t0:.1f} s")
+
+
+def test_basic_auth_and_missing_checkpoint(tmp_path, server):
+    b = Backend(tmp_path / "data", env={"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw", "LABEL_STUDIO_URL": server.url,
+                                        "LABEL_STUDIO_API_KEY": TOKEN}).start(wait_loaded=False)
+    try:
+        status, body = b.get("/health")
+        assert status == 401 and "basic auth" in body["error"]
+        auth = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+        assert b.get("/health", headers=auth)[0] == 200
+        assert b.get("/health", headers={"Authorization": "Basic " + base64.b64encode(b"ls:no").decode()})[0] == 401
+    finally:
+        b.stop()
+    # a real backbone whose weights are not here: the start stops at once with one message
+    env = dict(os.environ, SMARTSAM_BACKBONE="sam2.1_hiera_tiny", SMARTSAM_HOME=str(tmp_path / "home"),
+               SMARTSAM_MIRROR="http://127.0.0.1:9", SMARTSAM_DATA_DIR=str(tmp_path / "d2"))
+    import subprocess
+    import sys
+
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "backend._wsgi", "--port", "0"], env=env, capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 1 and time.time() - t0 < 30
+    assert "sam2.1_hiera_tiny.pt" in p.stderr and "smartsam models download sam2.1_hiera_tiny --from" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -59,8 +59,8 @@ def _read_json(environ, limit: int):
             raise HttpError(413, f"request body is over the limit of {limit} bytes (SMARTSAM_MAX_REQUEST_BYTES)")
     try:
         return json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HttpError(400, f"malformed JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise HttpError(400, f"malformed JSON: {str(e)[:200]}") from None
 
 
 class App:

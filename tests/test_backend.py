@@ -312,3 +312,44 @@ def test_basic_auth_and_missing_checkpoint(tmp_path, server):
     assert p.returncode == 1 and time.time() - t0 < 30
     assert "sam2.1_hiera_tiny.pt" in p.stderr and "smartsam models download sam2.1_hiera_tiny --from" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def _raw_request(backend, head: bytes, body_chunks, read_timeout=20):
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", backend.port), timeout=read_timeout)
+    try:
+        s.sendall(head)
+        for c in body_chunks:
+            try:
+                s.sendall(c)
+            except OSError:
+                break  # the server already answered and closed: what we want
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data.split(b"\r\n", 1)[0]
+    finally:
+        s.close()
+
+
+def test_known_attack_shapes_are_refused_without_harm(backend):
+    # a huge multipart upload announced by Content-Length: refused before the body is read
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=z\r\n"
+            b"Content-Length: 10000000000\r\n\r\n")
+    assert b"415" in _raw_request(backend, head, [b"--z\r\n" * 1000])
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n"
+    assert b"413" in _raw_request(backend, head, [b"{" * 1000])
+    # an endless chunked body: read up to the limit, then refused
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+    assert b"413" in _raw_request(backend, head, (chunk for _ in range(200)))
+    # deeply nested JSON under the size limit
+    status, body = backend.post("/predict", b"[" * 200000 + b"]" * 200000, raw=True)
+    assert status == 400
+    assert backend.get("/health")[1]["status"] == "UP"
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(45, 55)]))
+    assert status == 200 and r["results"][0]["result"]

@@ -26,4 +26,5 @@ run: $(VENV)/.installed-backend
 	PATH=$(abspath $(BIN)):$$PATH ./run.sh
 
 test: $(VENV)/.installed-dev
+	./scripts/test-deps.sh
 	$(BIN)/python -m pytest -q -ra tests

@@ -168,11 +168,9 @@ class App:
         except RequestError as e:
             log.warning("predict: %s", e)
             return {"results": [], "errors": [str(e)], "model_version": self.engine.model_version()}
-        errors = [f"task {t.get('id') if isinstance(t, dict) else '?'}: {m}"
-                  for t, r in zip(data.get("tasks") or [], results) for m in r.get("errors", [])]
         out = {"results": results, "model_version": self.engine.model_version()}
-        if errors:
-            out["errors"] = errors
+        if model.errors:
+            out["errors"] = model.errors
         return out
 
     def webhook(self, data: Dict) -> Dict:

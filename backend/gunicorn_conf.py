@@ -26,4 +26,6 @@ def post_worker_init(worker):
 def on_starting(server):
     import logging
 
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our loggers at LOG_LEVEL; libraries (sam2 logs every image at INFO) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("smartsam").setLevel(loglevel.upper())

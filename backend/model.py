@@ -218,23 +218,32 @@ class SmartSAMBackend(LabelStudioMLBase):
 
     # -- predict ---------------------------------------------------------------------------
     def predict(self, tasks, context=None, project=None, **kwargs) -> List[Dict]:
-        """One prediction per task: ``{"result": [...], "score", "model_version", "mode"}``;
-        a task that fails gets an empty result and its reason in ``errors``."""
+        """One entry per task: ``{"result": [...], "score", "model_version", "mode"}``. An
+        interactive request that fails gets an empty result with its reason in ``errors``; a
+        pre-labeling task that cannot be labelled gets ``[]`` (no prediction). Every reason is also
+        in ``self.errors`` and the log."""
         if not isinstance(tasks, list) or not tasks:
             raise RequestError("the request has no tasks")
         cfg = LabelConfig.parse(self.parsed_label_config)
         proj = project_key(project)
-        out = []
+        interactive = bool(context and context.get("result"))
+        out: List = []
+        self.errors: List[str] = []
         for task in tasks:
+            tid = task.get("id") if isinstance(task, dict) else None
             try:
-                if context and context.get("result"):
-                    out.append(self._interactive(task, context["result"], cfg, proj))
-                else:
-                    out.append(self._prelabel(task, cfg, proj))
+                pred = self._interactive(task, context["result"], cfg, proj) if interactive else self._prelabel(task, cfg, proj)
+                self.errors.extend(f"task {tid}: {m}" for m in pred.get("errors", []))
+                out.append(pred)
             except (RequestError, ImageFetchError, InvalidClick, ValueError) as e:
-                tid = task.get("id") if isinstance(task, dict) else None
                 log.warning("project %s task %s: %s", proj, tid, e)
-                out.append({"result": [], "score": 0.0, "model_version": self.engine.model_version(), "errors": [str(e)]})
+                self.errors.append(f"task {tid}: {e}")
+                if interactive:
+                    out.append({"result": [], "score": 0.0, "model_version": self.engine.model_version(), "errors": [str(e)]})
+                else:
+                    # An empty list is "no prediction for this task" to Label Studio: nothing is
+                    # stored, so a task without a reference shows no empty prediction tab.
+                    out.append([])
         return out
 
     def _image(self, task, cfg: LabelConfig) -> np.ndarray:

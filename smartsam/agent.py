@@ -243,6 +243,10 @@ class SmartSAMAgent:
                 state[c] = (res.low_res_logits[k, 0], float(res.scores[k, 0]), new_clicks[k])
                 root = cands[c]
                 cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, step, new_clicks[k], float(res.scores[k, 0])))
+            if self.dedupe_iou is not None and len(chains) > 1:
+                # Chains that converged onto the same mask would keep repeating each other.
+                keep = self._distinct(res.low_res_logits[:, 0], res.scores[:, 0], frame)
+                chains = [chains[k] for k in keep]
         all_logits = np.concatenate(logits)
         all_scores = np.concatenate(scores)
         t2 = time.perf_counter()

@@ -100,9 +100,13 @@ class Backbone:
         cache_size: how many image embeddings to keep (LRU). One SAM ViT embedding is about
             4 MB, a SAM 2.1 one about 16 MB (with its high-resolution features).
         device: "cuda" or "cpu"; default: CUDA when present.
+        decode_chunk: prompts per decoder forward pass. A batch is still one decoder call, but on
+            a CPU it runs in chunks: the decoder's (B, 256, 64, 64) intermediates then stay in cache
+            (measured on 2 cores: 30 prompts in chunks of 2-4 take 1.3-1.6 s, in one pass 2.4 s).
+            Default: 4 on CPU, everything at once on CUDA.
     """
 
-    def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None) -> None:
+    def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None, decode_chunk: Optional[int] = None) -> None:
         self.name = name
         self.device = torch.device(device or default_device())
         self.cache_size = int(cache_size)
@@ -110,8 +114,10 @@ class Backbone:
         self._current: Optional[_Embedding] = None
         # One request at a time per model: the predictors keep per-image state.
         self.lock = threading.RLock()
+        self.decode_chunk = decode_chunk or (4 if self.device.type == "cpu" else 1 << 30)
         self.encoder_calls = 0
-        self.decoder_calls = 0
+        self.decoder_calls = 0  # logical calls: one per prompt kind per predict()
+        self.decoder_passes = 0  # forward passes (chunks) behind them
         self.random_weights = False
 
     # -- image -----------------------------------------------------------------------------
@@ -185,10 +191,13 @@ class Backbone:
             groups.setdefault(p.kind, []).append(i)
         with self.lock:
             for idx in groups.values():
-                logits, scores = self._decode([prompts[i] for i in idx], multimask)
                 self.decoder_calls += 1
-                out_logits[idx] = logits.float().cpu().numpy()
-                out_scores[idx] = scores.float().cpu().numpy()
+                for k in range(0, len(idx), self.decode_chunk):
+                    part = idx[k: k + self.decode_chunk]
+                    logits, scores = self._decode([prompts[i] for i in part], multimask)
+                    self.decoder_passes += 1
+                    out_logits[part] = logits.float().cpu().numpy()
+                    out_scores[part] = scores.float().cpu().numpy()
         return DecodeResult(out_logits, out_scores, self.frame)
 
     def upsample(self, low_res: np.ndarray) -> np.ndarray:

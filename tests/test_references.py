@@ -1,5 +1,6 @@
 """The reference store: durable, atomic under SIGKILL, and clear about versions."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -111,3 +112,25 @@ def test_missing_file_is_reported(tmp_path):
         store.get("1", "x")
     assert store.check() and "missing" in store.check()[0]
     assert store.delete("1", "x") == 1 and store.list() == []
+
+
+def test_admin_cli_sets_lists_shows_and_clears(tmp_path, datasets):
+    env = dict(os.environ, SMARTSAM_DATA_DIR=str(tmp_path), SMARTSAM_BACKBONE="sam2.1_hiera_tiny-random", PYTHONPATH=str(ROOT))
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "backend.admin", *a], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    img = datasets / "COCO_MVal-dev/img/airplane00_000000281693.jpg"
+    gt = datasets / "COCO_MVal-dev/gt/airplane00_000000281693.png"
+    p = cli("set", "4", "Object", "--image", str(img), "--mask", str(gt))
+    assert p.returncode == 0, p.stderr
+    assert cli("set", "4", "Other", "--text", "an airplane").returncode == 0
+    p = cli("list", "--project", "4")
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [(r["label"], r["kind"]) for r in rows] == [("Object", "mask"), ("Other", "text")]
+    p = cli("show", "4", "Object", "--mask-out", str(tmp_path / "m.png"))
+    assert p.returncode == 0 and (tmp_path / "m.png").stat().st_size > 100
+    assert cli("check").returncode == 0
+    assert cli("clear", "4", "Other").stdout.strip() == "deleted 1"
+    p = cli("set", "4", "Object", "--image", str(tmp_path / "missing.jpg"))
+    assert p.returncode == 2 and "not found" in p.stderr

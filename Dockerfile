@@ -1,0 +1,21 @@
+# SmartSAM Label Studio ML backend. CUDA base image; runs on the CPU too (no GPU: CPU defaults).
+#   docker compose up        (see docker-compose.yml: volumes for references and checkpoints)
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    SMARTSAM_HOME=/cache SMARTSAM_DATA_DIR=/data HF_HOME=/cache/huggingface PORT=9090
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
+      libgl1 libglib2.0-0 curl && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+RUN python3 -m venv /venv
+ENV PATH=/venv/bin:$PATH
+COPY requirements.txt requirements-backend.txt ./
+RUN pip install -r requirements-backend.txt
+COPY pyproject.toml run.sh label_config.xml ./
+COPY smartsam ./smartsam
+COPY backend ./backend
+RUN pip install --no-deps -e .
+VOLUME ["/data", "/cache"]
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=5s CMD curl -fs http://127.0.0.1:${PORT}/health || exit 1
+CMD ["./run.sh"]

@@ -1,0 +1,107 @@
+"""Reference admin from the command line, on the backend's data directory.
+
+    python -m backend.admin list [--project ID]
+    python -m backend.admin show PROJECT LABEL [--mask-out mask.png]
+    python -m backend.admin set PROJECT LABEL (--image I [--mask M] | --text T)
+    python -m backend.admin clear PROJECT [LABEL]
+    python -m backend.admin check
+
+Uses ``SMARTSAM_DATA_DIR`` and the same feature models as the server (``SMARTSAM_FEATURES``,
+``SMARTSAM_TEXT_FEATURES``; the random test models when ``SMARTSAM_BACKBONE`` is a ``-random``
+one). Safe while the server runs: SQLite serialises the writers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import Settings
+from .references import ReferenceStore, ReferenceStoreError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m backend.admin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("list")
+    p.add_argument("--project")
+    p = sub.add_parser("show")
+    p.add_argument("project")
+    p.add_argument("label")
+    p.add_argument("--mask-out")
+    p = sub.add_parser("set")
+    p.add_argument("project")
+    p.add_argument("label")
+    p.add_argument("--image")
+    p.add_argument("--mask")
+    p.add_argument("--text")
+    p = sub.add_parser("clear")
+    p.add_argument("project")
+    p.add_argument("label", nargs="?")
+    sub.add_parser("check")
+    args = ap.parse_args(argv)
+    s = Settings()
+    try:
+        store = ReferenceStore(s.data_dir)
+    except ReferenceStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.cmd == "list":
+        for r in store.list(args.project):
+            print(json.dumps(r.public()))
+        return 0
+    if args.cmd == "show":
+        m = store.meta(args.project, args.label)
+        if m is None:
+            print(f"error: no reference for project {args.project} label {args.label!r}", file=sys.stderr)
+            return 2
+        print(json.dumps(m.public(), indent=2))
+        if args.mask_out:
+            png = store.mask_png(args.project, args.label)
+            if png is None:
+                print("(this reference has no mask)", file=sys.stderr)
+            else:
+                Path(args.mask_out).write_bytes(png)
+        return 0
+    if args.cmd == "clear":
+        print(f"deleted {store.delete(args.project, args.label)}")
+        return 0
+    if args.cmd == "check":
+        problems = store.check()
+        for p in problems:
+            print(p)
+        return 1 if problems else 0
+    # set
+    from smartsam.agent import SmartSAMAgent
+    from smartsam.io import ImageError, load_image, load_mask
+    from smartsam.models import load_features
+    from smartsam.selector import Reference
+
+    random = (s.backbone or "").endswith("-random")
+    try:
+        if args.text:
+            f = load_features(s.text_features or ("clip-tiny-random" if random else "clip-base"), s.device)
+            ref = Reference("text", f.text_feature(args.text), f.name, text=args.text)
+            store.put(args.project, args.label, ref, {"admin": "cli-text"})
+        elif args.image:
+            f = load_features(s.features or ("dinov2-tiny-random" if random else "dinov2-base"), s.device)
+            agent = SmartSAMAgent(backbone=None, image_features=f)  # no segmentation needed here
+            image = load_image(args.image)
+            mask = load_mask(args.mask) if args.mask else None
+            ref = agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
+            store.put(args.project, args.label, ref, {"admin": "cli", "image": str(args.image)}, mask=mask,
+                      image=image if mask is None else None)
+        else:
+            print("error: give --image [--mask] or --text", file=sys.stderr)
+            return 2
+    except (ImageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"set {ref.kind} reference for project {args.project} label {args.label!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--from", dest="source", help="a checkpoint file you already have (checked the same way)")
     d.add_argument("--url", help="download from this URL instead of the official one")
 
+    em = sub.add_parser("embed", help="precompute image embeddings into the disk cache", description=
+                        "Encode images once and store their embeddings (fp16, content-addressed, per backbone) in "
+                        "$SMARTSAM_EMBED_CACHE_DIR (or --cache-dir). A backend using the same cache answers the first "
+                        "click on these images without an encoder call.")
+    em.add_argument("paths", nargs="+", help="image files or folders of images")
+    em.add_argument("--cache-dir", help="cache directory (default $SMARTSAM_EMBED_CACHE_DIR)")
+    em.add_argument("--backbone")
+    em.add_argument("--checkpoint")
+    em.add_argument("--device")
+
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
@@ -174,6 +184,41 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    import os
+    from pathlib import Path
+
+    from .io import ImageError, load_image
+    from .models import load_backbone
+
+    if args.cache_dir:
+        os.environ["SMARTSAM_EMBED_CACHE_DIR"] = args.cache_dir
+    if not os.environ.get("SMARTSAM_EMBED_CACHE_DIR"):
+        raise UsageError("give --cache-dir or set SMARTSAM_EMBED_CACHE_DIR")
+    files = []
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"no such file or folder: {p}")
+    bb = load_backbone(args.backbone, args.checkpoint, args.device, cache_size=1)
+    from tqdm import tqdm
+
+    done = failed = 0
+    for f in tqdm(files, desc="embedding", unit="image"):
+        try:
+            bb.set_image(load_image(f))
+            done += 1
+        except ImageError as e:
+            print(f"skipped {f}: {e}", file=sys.stderr)
+            failed += 1
+    print(f"{done} images embedded ({bb.encoder_calls} encoded, {bb.disk_hits} already cached), {failed} skipped, "
+          f"cache {bb.disk_cache.root} ({bb.disk_cache.size_bytes() / 1e6:.1f} MB)")
+    return 0 if not failed else 1
+
+
 def cmd_models(args) -> int:
     from pathlib import Path
 
@@ -220,6 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_explain(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "embed":
+            return cmd_embed(args)
         if args.command == "eval":
             from .eval.cli import cmd_eval
 

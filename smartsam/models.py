@@ -342,6 +342,15 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
     except Exception as e:  # a checkpoint fails to load in many ways (pickle, zip, shapes): say which file
         raise ModelError(f"could not load {path} as {spec.name}: {str(e).splitlines()[0][:300]}") from None
     bb.random_weights = spec.random
+    if checkpoint is not None and spec.sha256 is None:
+        # A checkpoint of our choosing under a registry name: its embeddings are its own.
+        st = Path(checkpoint).stat()
+        bb.cache_id = f"{spec.name}-{hashlib.sha1(f'{Path(checkpoint).resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:10]}"
+    cache_dir = os.environ.get("SMARTSAM_EMBED_CACHE_DIR")
+    if cache_dir:
+        from .embed_cache import EmbeddingDiskCache
+
+        bb.disk_cache = EmbeddingDiskCache(Path(cache_dir), int(os.environ.get("SMARTSAM_EMBED_CACHE_BYTES", 10 << 30)))
     return bb
 
 

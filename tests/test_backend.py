@@ -353,3 +353,27 @@ def test_known_attack_shapes_are_refused_without_harm(backend):
     assert backend.get("/health")[1]["status"] == "UP"
     status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(45, 55)]))
     assert status == 200 and r["results"][0]["result"]
+
+
+def test_a_slow_image_download_does_not_block_other_annotators(backend):
+    """The image server holds /slow for 8 s (the backend gives up after 3); meanwhile another
+    annotator's click is answered."""
+    ctx = [keypoint(50, 50), keypoint(12, 12, positive=False)]
+    backend.post("/predict", predict_body(upload("penguin.jpg"), ctx))  # warm: image and agent answer cached
+    done = {}
+
+    def slow():
+        t = time.time()
+        done["slow_status"] = backend.post("/predict", predict_body("/slow", [keypoint(5, 5)]))[1]
+        done["slow_s"] = time.time() - t
+
+    th = threading.Thread(target=slow)
+    th.start()
+    time.sleep(0.3)
+    t = time.time()
+    status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), ctx))
+    fast_s = time.time() - t
+    th.join(60)
+    assert status == 200 and r["results"][0]["result"]
+    assert fast_s < done["slow_s"] and fast_s < 2.5
+    assert "image download failed" in json.dumps(done["slow_status"])

@@ -140,6 +140,12 @@ def test_click_reference_restart_and_prelabel(label_studio, backend):
     s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": t1["id"], "context": {"result": [keypoint(481, 321)]}})
     assert s == 200 and r["data"]["mode"] == "reference-mask", r
 
+    # an admin can also take the reference from an annotated task (through Label Studio's API)
+    s, body = backend.request("PUT", f"/admin/references/{pid}/Object", json.dumps({"task": t0["id"]}).encode(),
+                              {"Authorization": "Bearer adm", "Content-Type": "application/json"})
+    assert s == 200 and body["kind"] == "mask" and body["task"] == t0["id"], body
+    assert backend.get(f"/admin/references/{pid}/Object", headers={"Authorization": "Bearer adm"})[1]["source"]["admin"] == "task"
+
     # 4. pre-labeling: "Retrieve predictions" fills every task of the project
     s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
     assert s == 200, r

@@ -119,6 +119,9 @@ class Backbone:
         self.decoder_calls = 0  # logical calls: one per prompt kind per predict()
         self.decoder_passes = 0  # forward passes (chunks) behind them
         self.random_weights = False
+        self.disk_cache = None  # an EmbeddingDiskCache: embeddings survive restarts and are shared
+        self.disk_hits = 0
+        self.cache_id = name  # which weights made an embedding (the disk cache's folder)
 
     # -- image -----------------------------------------------------------------------------
     def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
@@ -133,8 +136,15 @@ class Backbone:
         with self.lock:
             emb = self._cache.get(key)
             if emb is None:
-                state = self._encode(image)
-                self.encoder_calls += 1
+                state = None
+                if self.disk_cache is not None:
+                    state = self.disk_cache.get(self.cache_id, key, self.device)
+                    self.disk_hits += state is not None
+                if state is None:
+                    state = self._encode(image)
+                    self.encoder_calls += 1
+                    if self.disk_cache is not None:
+                        self.disk_cache.put(self.cache_id, key, state)
                 emb = _Embedding(key, (int(image.shape[0]), int(image.shape[1])), state)
                 self._cache[key] = emb
                 while len(self._cache) > self.cache_size:

@@ -15,8 +15,8 @@ $(VENV)/.installed-backend: requirements.txt requirements-backend.txt pyproject.
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed-backend requirements-dev.txt
-	$(BIN)/pip install -q -r requirements-dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed-backend requirements-dev.txt requirements-prelabel.txt
+	$(BIN)/pip install -q -r requirements-dev.txt requirements-prelabel.txt
 	touch $@
 
 .PHONY: install run test serve

@@ -103,7 +103,9 @@ class Engine:
         s = self.settings
         try:
             bb = load_backbone(s.backbone, s.checkpoint, s.device, cache_size=s.embedding_cache)
-            self.agent = SmartSAMAgent(bb, seed=s.seed)
+            from smartsam.clickers import NextChainClicker
+
+            self.agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=s.chain_length), seed=s.seed)
             log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
         except ModelError as e:
             self.load_error = str(e)

@@ -9,6 +9,7 @@ mask quality).
 import json
 import os
 import shutil
+import sys
 import subprocess
 import time
 import urllib.error
@@ -74,9 +75,11 @@ class LabelStudio:
                                                               "regex_filter": regex, "use_blob_urls": True, "title": "grabcut"})
         assert s == 201, st
         assert self.api("POST", f"/api/storages/localfiles/{st['id']}/sync")[0] == 200
-        s, ml = self.api("POST", "/api/ml", {"project": pid, "url": backend_url, "is_interactive": True, "title": "SmartSAM"})
-        assert s == 201, ml  # Label Studio checked /health and /setup here
-        if webhook:
+        ml = {"id": None}
+        if backend_url is not None:
+            s, ml = self.api("POST", "/api/ml", {"project": pid, "url": backend_url, "is_interactive": True, "title": "SmartSAM"})
+            assert s == 201, ml  # Label Studio checked /health and /setup here
+        if webhook and backend_url is not None:
             # The setting that sends confirmed annotations to the backend: a project webhook on
             # ANNOTATION_CREATED / ANNOTATION_UPDATED with "send payload" on.
             s, w = self.api("POST", "/api/webhooks", {"project": pid, "url": backend_url + "/webhook", "send_payload": True,
@@ -208,3 +211,49 @@ def test_browser_click_shows_the_suggestion(label_studio, backend):
         page.screenshot(path=str(ARTIFACTS / "label_studio_suggestion.png"))
         browser.close()
     assert (ARTIFACTS / "label_studio_suggestion.png").stat().st_size > 10_000
+
+
+def _worker_pids():
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "PrelabelWorker" in line and "ray::" in line]
+
+
+def test_prelabel_a_project_on_ray_with_a_worker_killed(label_studio, tmp_path):
+    ls = label_studio
+    pid, ml, tasks = ls.project("SmartSAM queue", r"(^|.*/)[0-9]+\.jpg$", None, webhook=False)
+    assert len(tasks) == 20
+    env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, SMARTSAM_DATA_DIR=str(tmp_path / "data"),
+               SMARTSAM_BACKBONE="sam2.1_hiera_tiny-random", SMARTSAM_CHAIN_LENGTH="0", PYTHONPATH=str(ROOT),
+               SMARTSAM_EMBED_CACHE_DIR=str(tmp_path / "emb"), RAY_DEDUP_LOGS="0")
+    cmd = [sys.executable, "-m", "backend.prelabel", "--project", str(pid), "--workers", "2", "--write-batch", "2",
+           "--label", "Object", "--reference-text", "the main object"]
+    log = open(tmp_path / "prelabel.log", "w")
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def ours(task_id):
+        return [x for x in ls.api("GET", f"/api/predictions?task={task_id}")[1] if x["model_version"].startswith("smartsam-")]
+
+    killed = None
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        done = sum(len(ours(t["id"])) for t in tasks)
+        pids = _worker_pids()
+        if killed is None and done >= 4 and len(pids) == 2:
+            killed = pids[0]
+            os.kill(killed, 9)  # a worker dies midway: Ray restarts it and retries its task
+        time.sleep(1)
+    assert p.wait(timeout=max(1, deadline - time.time())) == 0, (tmp_path / "prelabel.log").read_text()[-3000:]
+    log.close()
+    assert killed is not None, "the run ended before a worker could be killed"
+    summary = json.loads((tmp_path / "prelabel.log").read_text().strip().splitlines()[-1])
+    assert summary["done"] == 20 and summary["failed"] == 0
+    for t in tasks:
+        preds = ours(t["id"])
+        assert len(preds) == 1, (t["id"], preds)  # exactly one, the killed worker's task included
+        assert preds[0]["result"][0]["value"]["brushlabels"] == ["Object"]
+    # a re-run adds none
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    again = json.loads(p.stdout.strip().splitlines()[-1])
+    assert again["skipped"] == 20 and again["done"] == 0
+    assert all(len(ours(t["id"])) == 1 for t in tasks)

@@ -22,6 +22,26 @@ from .config import Settings
 from .references import ReferenceStore, ReferenceStoreError
 
 
+def reference_from_files(s: Settings, image_path=None, mask_path=None, text=None):
+    """A reference from an image file (+ mask file) or a text, with the server's feature models.
+
+    Returns ``(reference, mask or None, image or None)``; raises ImageError / ValueError."""
+    from smartsam.agent import SmartSAMAgent
+    from smartsam.io import load_image, load_mask
+    from smartsam.models import default_features, load_features
+
+    random = (s.backbone or "").endswith("-random")
+    if text is not None:
+        f = load_features(s.text_features or default_features("text", random), s.device)
+        return SmartSAMAgent(backbone=None, text_features=f).reference_from_text(text), None, None
+    f = load_features(s.features or default_features("image", random), s.device)
+    agent = SmartSAMAgent(backbone=None, image_features=f)  # features only: no segmentation needed
+    image = load_image(image_path)
+    mask = load_mask(mask_path) if mask_path else None
+    ref = agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
+    return ref, mask, image
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend.admin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -74,31 +94,18 @@ def main(argv=None) -> int:
             print(p)
         return 1 if problems else 0
     # set
-    from smartsam.agent import SmartSAMAgent
-    from smartsam.io import ImageError, load_image, load_mask
-    from smartsam.models import load_features
-    from smartsam.selector import Reference
+    from smartsam.io import ImageError
 
-    random = (s.backbone or "").endswith("-random")
+    if not (args.text or args.image):
+        print("error: give --image [--mask] or --text", file=sys.stderr)
+        return 2
     try:
-        if args.text:
-            f = load_features(s.text_features or ("clip-tiny-random" if random else "clip-base"), s.device)
-            ref = Reference("text", f.text_feature(args.text), f.name, text=args.text)
-            store.put(args.project, args.label, ref, {"admin": "cli-text"})
-        elif args.image:
-            f = load_features(s.features or ("dinov2-tiny-random" if random else "dinov2-base"), s.device)
-            agent = SmartSAMAgent(backbone=None, image_features=f)  # no segmentation needed here
-            image = load_image(args.image)
-            mask = load_mask(args.mask) if args.mask else None
-            ref = agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
-            store.put(args.project, args.label, ref, {"admin": "cli", "image": str(args.image)}, mask=mask,
-                      image=image if mask is None else None)
-        else:
-            print("error: give --image [--mask] or --text", file=sys.stderr)
-            return 2
+        ref, mask, image = reference_from_files(s, args.image, args.mask, args.text)
     except (ImageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    store.put(args.project, args.label, ref, {"admin": "cli", "image": args.image, "text": args.text}, mask=mask,
+              image=image if mask is None else None)
     print(f"set {ref.kind} reference for project {args.project} label {args.label!r}")
     return 0
 

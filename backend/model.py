@@ -138,25 +138,18 @@ class Engine:
         }
 
     # features load on first need: pure-IS users never pay for DINOv2 / CLIP
-    def image_features(self):
+    def features(self, kind: str):
+        """The agent's "image" (DINOv2) or "text" (CLIP) feature extractor, loaded once."""
         agent = self.ready_agent()
+        attr = "image_features" if kind == "image" else "text_features"
         with self._features_lock:
-            if agent.image_features is None:
-                from smartsam.models import load_features
+            if getattr(agent, attr) is None:
+                from smartsam.models import default_features, load_features
 
-                name = self.settings.features or ("dinov2-tiny-random" if agent.backbone.random_weights else "dinov2-base")
-                agent.image_features = load_features(name, self.settings.device)
-        return agent.image_features
-
-    def text_features(self):
-        agent = self.ready_agent()
-        with self._features_lock:
-            if agent.text_features is None:
-                from smartsam.models import load_features
-
-                name = self.settings.text_features or ("clip-tiny-random" if agent.backbone.random_weights else "clip-base")
-                agent.text_features = load_features(name, self.settings.device)
-        return agent.text_features
+                name = (self.settings.features if kind == "image" else self.settings.text_features) or \
+                    default_features(kind, agent.backbone.random_weights)
+                setattr(agent, attr, load_features(name, self.settings.device))
+        return getattr(agent, attr)
 
     def model_version(self) -> str:
         bb = self.agent.backbone.name if self.agent else (self.settings.backbone or "default")
@@ -173,7 +166,7 @@ class Engine:
             return None, None
         if ref.kind == "text":
             return ref, None
-        feats = self.image_features()
+        feats = self.features("image")
         if ref.extractor != feats.name:
             return None, f"reference for {label!r} was made with {ref.extractor}, this backend uses {feats.name}; set it again"
         return ref, None
@@ -181,10 +174,10 @@ class Engine:
     def make_reference(self, image: np.ndarray, mask: Optional[np.ndarray] = None, text: Optional[str] = None) -> Reference:
         agent = self.ready_agent()
         if text is not None:
-            self.text_features()
+            self.features("text")
             with self.lock:
                 return agent.reference_from_text(text)
-        self.image_features()
+        self.features("image")
         with self.lock:
             return agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
 
@@ -348,7 +341,7 @@ class SmartSAMBackend(LabelStudioMLBase):
         agent = self.engine.ready_agent()
         results, scores = [], []
         for label, ref in refs.items():
-            extractor = self.engine.text_features() if ref.kind == "text" else self.engine.image_features()
+            extractor = self.engine.features("text" if ref.kind == "text" else "image")
             with self.engine.lock:
                 key = agent.set_image(image)
                 click = locate(extractor, image, ref, key)

@@ -105,23 +105,11 @@ def iter_tasks(client, project: int, page_size: int = 100) -> Iterator[Dict]:
 
 def set_cli_reference(args, store) -> None:
     """--label with --reference-text / --reference-image [--reference-mask]: store it first."""
-    from smartsam.agent import SmartSAMAgent
-    from smartsam.io import load_image, load_mask
-    from smartsam.models import load_features
-    from smartsam.selector import Reference
+    from .admin import reference_from_files
+    from .config import Settings
 
-    random = (os.environ.get("SMARTSAM_BACKBONE") or "").endswith("-random")
-    if args.reference_text:
-        f = load_features(os.environ.get("SMARTSAM_TEXT_FEATURES") or ("clip-tiny-random" if random else "clip-base"))
-        ref = Reference("text", f.text_feature(args.reference_text), f.name, text=args.reference_text)
-        store.put(str(args.project), args.label, ref, {"prelabel": "text"})
-    else:
-        f = load_features(os.environ.get("SMARTSAM_FEATURES") or ("dinov2-tiny-random" if random else "dinov2-base"))
-        agent = SmartSAMAgent(backbone=None, image_features=f)
-        image = load_image(args.reference_image)
-        mask = load_mask(args.reference_mask) if args.reference_mask else None
-        ref = agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
-        store.put(str(args.project), args.label, ref, {"prelabel": "image"}, mask=mask)
+    ref, mask, _ = reference_from_files(Settings(), args.reference_image, args.reference_mask, args.reference_text)
+    store.put(str(args.project), args.label, ref, {"prelabel": ref.kind}, mask=mask)
 
 
 def run(args) -> Dict[str, object]:

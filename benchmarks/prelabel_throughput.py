@@ -54,7 +54,7 @@ class TimedWorker(PrelabelWorker):
             key = agent.set_image(image)
             t2 = time.perf_counter()
             ref, _ = self.engine.reference(self.project, "Object")
-            click = locate(self.engine.text_features(), image, ref, key)
+            click = locate(self.engine.features("text"), image, ref, key)
             t3 = time.perf_counter()
             r = agent.predict(click, ref)
             out["download"].append(t1 - t0)

@@ -96,14 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_agent(args, need_image: bool = False, need_text: bool = False):
     from .agent import SmartSAMAgent
-    from .models import load_backbone, load_features
+    from .models import default_features, load_backbone, load_features
 
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
     img_f = txt_f = None
     if need_image:
-        img_f = load_features(args.features or ("dinov2-tiny-random" if bb.random_weights else "dinov2-base"), args.device)
+        img_f = load_features(args.features or default_features("image", bb.random_weights), args.device)
     if need_text:
-        txt_f = load_features(args.text_features or ("clip-tiny-random" if bb.random_weights else "clip-base"), args.device)
+        txt_f = load_features(args.text_features or default_features("text", bb.random_weights), args.device)
     return SmartSAMAgent(bb, image_features=img_f, text_features=txt_f, seed=args.seed, dedupe_iou=None if args.literal else 0.9)
 
 

@@ -100,6 +100,16 @@ DEFAULT_IMAGE_FEATURES = "dinov2-base"
 DEFAULT_TEXT_FEATURES = "clip-base"
 
 
+def default_features(kind: str, random_backbone: bool = False) -> str:
+    """Feature model for ``kind`` "image" (DINOv2) or "text" (CLIP) references; its random-weight
+    twin beside a random backbone, so a test or offline demo never reaches for a download."""
+    if kind not in ("image", "text"):
+        raise ValueError(f"feature kind is 'image' or 'text', not {kind!r}")
+    if random_backbone:
+        return "dinov2-tiny-random" if kind == "image" else "clip-tiny-random"
+    return DEFAULT_IMAGE_FEATURES if kind == "image" else DEFAULT_TEXT_FEATURES
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
         return REGISTRY[name]

@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
     else:
         from ..agent import SmartSAMAgent
         from ..io import load_image
-        from ..models import load_backbone, load_features
+        from ..models import default_features, load_backbone, load_features
         from ..selector import Reference
 
         bb = load_backbone(args.backbone, args.checkpoint, args.device)
@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
             if args.mode == "reference":
                 if not any(s.category for s in samples):
                     raise UsageError(f"reference mode needs categories in the file names (COCO_MVal); {dataset} has none")
-                feats = load_features(args.features or ("dinov2-tiny-random" if bb.random_weights else "dinov2-base"), args.device)
+                feats = load_features(args.features or default_features("image", bb.random_weights), args.device)
                 all_samples = load_dataset(Path(args.dataset))
                 cache = {}
 

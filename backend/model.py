@@ -164,9 +164,7 @@ class Engine:
             return None, f"stored reference for {label!r} is damaged ({e}); set it again"
         if ref is None:
             return None, None
-        if ref.kind == "text":
-            return ref, None
-        feats = self.features("image")
+        feats = self.features("text" if ref.kind == "text" else "image")
         if ref.extractor != feats.name:
             return None, f"reference for {label!r} was made with {ref.extractor}, this backend uses {feats.name}; set it again"
         return ref, None

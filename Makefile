@@ -16,10 +16,10 @@ $(VENV)/.installed-backend: requirements.txt requirements-backend.txt pyproject.
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed-backend requirements-dev.txt requirements-prelabel.txt
-	$(BIN)/pip install -q -r requirements-dev.txt requirements-prelabel.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: install run test serve
+.PHONY: install run test
 install: $(VENV)/.installed-backend
 
 run: $(VENV)/.installed-backend

@@ -21,9 +21,9 @@ import logging
 import os
 import sys
 import urllib.parse
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from .model import Engine, LabelConfig, RequestError, SmartSAMBackend, project_key
+from .model import Engine, RequestError, SmartSAMBackend
 
 log = logging.getLogger("smartsam.http")
 

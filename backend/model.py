@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -42,31 +41,14 @@ class LabelConfig:
     image_key: str
     brush_name: str
     brush_labels: List[str]
-    keypoint_names: List[str] = field(default_factory=list)
-    rect_names: List[str] = field(default_factory=list)
-    reference_choice: Optional[str] = None  # Choices name carrying "Use as reference"
 
     @classmethod
     def parse(cls, parsed: Dict) -> "LabelConfig":
-        image_name = image_key = brush = None
-        brush_labels: List[str] = []
-        kps, rects, ref = [], [], None
         for name, tag in parsed.items():
-            t = tag.get("type", "").lower()
-            if t == "brushlabels":
-                brush, brush_labels = name, list(tag.get("labels", []))
-                image_name = tag["to_name"][0]
-                image_key = tag["inputs"][0]["value"]
-            elif t == "keypointlabels":
-                kps.append(name)
-            elif t == "rectanglelabels":
-                rects.append(name)
-            elif t == "choices" and REFERENCE_CHOICE in tag.get("labels", []):
-                ref = name
-        if brush is None:
-            raise RequestError("the project's labeling config has no BrushLabels: SmartSAM answers with brush masks "
-                               "(use the backend's label_config.xml)")
-        return cls(image_name, image_key, brush, brush_labels, kps, rects, ref)
+            if tag.get("type", "").lower() == "brushlabels":
+                return cls(tag["to_name"][0], tag["inputs"][0]["value"], name, list(tag.get("labels", [])))
+        raise RequestError("the project's labeling config has no BrushLabels: SmartSAM answers with brush masks "
+                           "(use the backend's label_config.xml)")
 
 
 # -- engine ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from .models import ModelError
 

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -235,9 +234,7 @@ def test_reference_from_confirmed_annotation_and_admin_api(backend, server):
 def test_damaged_reference_is_reported_not_used(backend):
     body = json.dumps({"text": "a bird"}).encode()
     backend.request("PUT", "/admin/references/21/Object", body, {**ADMIN, "Content-Type": "application/json"})
-    for p in (backend.data_dir / "refs").glob("*.npy"):
-        meta = backend.get("/admin/references/21/Object", headers=ADMIN)[1]
-        assert meta["kind"] == "text"
+    assert backend.get("/admin/references/21/Object", headers=ADMIN)[1]["kind"] == "text"
     from backend.references import ReferenceStore
 
     store = ReferenceStore(backend.data_dir)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from backend_helpers import Backend, ImageServer, TOKEN, keypoint, predict_body
 from smartsam.backbones.base import Prompt

@@ -4,10 +4,8 @@ import hashlib
 import http.server
 import socket
 import threading
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -155,17 +155,6 @@ class Backbone:
             self._activate(emb.state, emb.image_hw)
         return key
 
-    def put_embedding(self, key: str, image_hw: Tuple[int, int], state: Any) -> None:
-        """Insert a precomputed embedding (e.g. from a disk cache) under ``key``."""
-        with self.lock:
-            self._cache[key] = _Embedding(key, tuple(image_hw), state)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-
-    def get_embedding(self, key: str) -> Optional[Any]:
-        emb = self._cache.get(key)
-        return None if emb is None else emb.state
-
     @property
     def image_hw(self) -> Tuple[int, int]:
         if self._current is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np

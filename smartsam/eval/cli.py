@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def cmd_eval(args) -> int:
     summary = evaluate(samples, make, Path(args.out), args.mode, dataset, args.max_clicks, args.trials, args.stop_iou,
                        progress=not args.no_progress)
     keys = ["n", "mIoU@1", "Ratio@75", "Ratio@85", "NoC@75", "NoC@85", "NoC@90", "IoU_best", "sec_first_click"]
-    print(f"| dataset | mode | segmenter | " + " | ".join(keys) + " |")
+    print("| dataset | mode | segmenter | " + " | ".join(keys) + " |")
     print("|" + " --- |" * (3 + len(keys)))
     cells = [f"{summary[k]:.2f}" if isinstance(summary.get(k), float) else str(summary.get(k, "-")) for k in keys]
     print(f"| {dataset} | {args.mode} | {summary['segmenter']} | " + " | ".join(cells) + " |")

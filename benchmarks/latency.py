@@ -100,6 +100,18 @@ def main() -> None:
     print(table(["method", "click", "encoder s", "decoder s", "select+upsample s", "total s", "encoder calls", "decoder calls"], rows))
     print(f"\npeak RSS: {peak_rss_mb():.0f} MB" + (f"; peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if args.device.startswith("cuda") else ""))
 
+    # Chunked decoding: the same 30 chained prompts, decoded in chunks of k prompts per pass.
+    bb.set_image(image)
+    init = bb.predict([Prompt([click], [1]) for _ in range(10)], multimask=True)
+    chained = [Prompt([click, (w * 0.2, h * 0.2)], [1, 0], mask_input=init.low_res_logits[i // 3, i % 3]) for i in range(30)]
+    rows, default_chunk = [], bb.decode_chunk
+    for k in (1, 2, 4, 8, 30):
+        bb.decode_chunk = k
+        rows.append([k, median_time(lambda: bb.predict(chained, multimask=False), args.repeats, args.device)])
+    bb.decode_chunk = default_chunk
+    print("\n## One decoder call of 30 chained prompts, by prompts per forward pass\n")
+    print(table(["prompts per pass", "seconds"], rows))
+
     if args.skip_scaling:
         return
     print("\n## How the cost grows (later clicks, cached embedding, fast path)\n")

@@ -102,8 +102,8 @@ class Backbone:
         device: "cuda" or "cpu"; default: CUDA when present.
         decode_chunk: prompts per decoder forward pass. A batch is still one decoder call, but on
             a CPU it runs in chunks: the decoder's (B, 256, 64, 64) intermediates then stay in cache
-            (measured on 2 cores: 30 prompts in chunks of 2-4 take 1.3-1.6 s, in one pass 2.4 s).
-            Default: 4 on CPU, everything at once on CUDA.
+            (``benchmarks/latency.py`` prints the effect; on 2 cores chunks of 2-4 took about 60 % of
+            one pass). Default: 4 on CPU, everything at once on CUDA.
     """
 
     def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None, decode_chunk: Optional[int] = None) -> None:

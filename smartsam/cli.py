@@ -31,7 +31,7 @@ def _point(text: str) -> Tuple[float, float]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="registry name of the segmenter (see `smartsam models list`); "
-                   "default: $SMARTSAM_BACKBONE, else SAM 2.1 large on CUDA, SAM 2.1 tiny on CPU")
+                   "default: $SMARTSAM_BACKBONE, else SAM 2.1 large on CUDA, SAM 2.1 small on CPU")
     p.add_argument("--checkpoint", help="local checkpoint file for --backbone (else the cached or downloaded one)")
     p.add_argument("--features", help="feature model for image references (default dinov2-base; "
                    "dinov2-tiny-random with a random backbone)")

@@ -40,8 +40,8 @@ class Backend:
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"backend-{self.port}.log"
-        self.env = dict(os.environ, SMARTSAM_BACKBONE=backbone, SMARTSAM_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT),
-                        SMARTSAM_THREADS="4", **(env or {}))
+        self.env = {**os.environ, "SMARTSAM_BACKBONE": backbone, "SMARTSAM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
+                    "SMARTSAM_THREADS": "4", **(env or {})}
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, wait_loaded: bool = True, timeout: float = 120) -> "Backend":

@@ -309,6 +309,24 @@ def test_basic_auth_and_missing_checkpoint(tmp_path, server):
     assert p.returncode == 1 and time.time() - t0 < 30
     assert "sam2.1_hiera_tiny.pt" in p.stderr and "smartsam models download sam2.1_hiera_tiny --from" in p.stderr
     assert "Traceback" not in p.stderr
+    # ...and with the checkpoint placed by hand as the message says, it serves that model
+    import torch
+
+    from smartsam.backbones.sam2 import build_sam2_model
+
+    torch.manual_seed(3)
+    ckpt = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": build_sam2_model("hiera_t").state_dict()}, ckpt)  # the official file's layout
+    p = subprocess.run([sys.executable, "-m", "smartsam", "models", "download", "sam2.1_hiera_tiny", "--from", str(ckpt)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    b = Backend(tmp_path / "d3", env={"SMARTSAM_BACKBONE": "sam2.1_hiera_tiny", "SMARTSAM_HOME": str(tmp_path / "home"),
+                                      "SMARTSAM_MIRROR": "http://127.0.0.1:9"}, backbone="sam2.1_hiera_tiny").start()
+    try:
+        h = b.get("/health")[1]
+        assert h["model"] == "sam2.1_hiera_tiny" and h["weights_loaded"] and not h["random_weights"], h
+    finally:
+        b.stop()
 
 
 def _raw_request(backend, head: bytes, body_chunks, read_timeout=20):

@@ -157,13 +157,15 @@ def _marker(path: Path) -> Path:
     return path.with_name(path.name + ".verified.json")
 
 
-def verify(spec: ModelSpec, path: Path) -> str:
+def verify(spec: ModelSpec, path: Path, expected_sha256: Optional[str] = None) -> str:
     """Check ``path`` against the spec; return its SHA-256. Raises ModelError when it fails.
 
-    Size and SHA-256 are compared when published. A checkpoint without a published hash must at
-    least be a complete archive (torch checkpoints are zip files with a CRC per member, so a
-    truncated or bit-flipped file fails).
+    Size and SHA-256 are compared when published (``expected_sha256`` stands in for a hash
+    recorded at an earlier verified download). A checkpoint without a published hash must also
+    be a complete archive (torch checkpoints are zip files with a CRC per member, so a truncated
+    or bit-flipped file fails).
     """
+    expected_sha256 = spec.sha256 or expected_sha256
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path} does not exist")
@@ -171,10 +173,9 @@ def verify(spec: ModelSpec, path: Path) -> str:
     if spec.size is not None and size != spec.size:
         raise ModelError(f"{path.name} has {size} bytes, expected {spec.size}: the file is truncated or not {spec.name}")
     digest = sha256_file(path)
-    if spec.sha256 is not None:
-        if digest != spec.sha256:
-            raise ModelError(f"{path.name} has SHA-256 {digest}, expected {spec.sha256}: the file is corrupt or not {spec.name}")
-    else:
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ModelError(f"{path.name} has SHA-256 {digest}, expected {expected_sha256}: the file is corrupt or not {spec.name}")
+    if spec.sha256 is None:
         try:
             with zipfile.ZipFile(path) as z:
                 bad = z.testzip()
@@ -183,6 +184,14 @@ def verify(spec: ModelSpec, path: Path) -> str:
         if bad is not None:
             raise ModelError(f"{path.name} is corrupt (member {bad} fails its CRC)")
     return digest
+
+
+def _recorded_sha256(path: Path) -> Optional[str]:
+    """The SHA-256 written when ``path`` was last verified, if any."""
+    try:
+        return json.loads(_marker(path).read_text()).get("sha256")
+    except (OSError, ValueError):
+        return None
 
 
 def _is_verified(spec: ModelSpec, path: Path) -> bool:
@@ -225,7 +234,8 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         try:
-            digest = verify(spec, dest)
+            # A file changed since its last check must still be the file that was checked.
+            digest = verify(spec, dest, _recorded_sha256(dest))
             _write_marker(dest, digest)
             return dest
         except ModelError:
@@ -301,13 +311,9 @@ def register_local(spec: ModelSpec, source: Path) -> Path:
 def ensure_checkpoint(spec: ModelSpec, allow_download: bool = True) -> Path:
     """The verified local checkpoint of ``spec``, downloading it when missing and allowed."""
     dest = checkpoint_path(spec)
-    if dest.exists() and _is_verified(spec, dest):
-        return dest
-    if dest.exists():
-        return download(spec)  # verifies, re-downloads if the file is bad
-    if not allow_download:
+    if not dest.exists() and not allow_download:
         raise ModelError(f"{spec.filename} is not in {dest.parent}. {_manual_hint(spec)}")
-    return download(spec)
+    return download(spec)  # returns a verified file at once; re-checks or re-downloads a changed one
 
 
 def is_downloaded(spec: ModelSpec) -> bool:

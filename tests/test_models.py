@@ -137,6 +137,20 @@ def test_unpublished_hash_still_catches_truncation(server, checkpoint):
         models.download(spec, progress=False)
 
 
+def test_hash_recorded_at_first_download_is_checked_from_then_on(server, checkpoint, tmp_path):
+    base, h = server
+    h.files["/ck.pth"] = checkpoint.read_bytes()
+    spec = spec_for(checkpoint, base + "/ck.pth", sha=False, size=False)  # no published hash
+    path = models.download(spec, progress=False)
+    # replaced by another complete archive: its CRCs pass, but it is not the file that was checked
+    other = tmp_path / "other.pth"
+    torch.save({"x": torch.ones(3)}, other)
+    path.write_bytes(other.read_bytes())
+    n = len(h.requests)
+    assert models.ensure_checkpoint(spec) == path
+    assert path.read_bytes() == checkpoint.read_bytes() and len(h.requests) == n + 1  # fetched again
+
+
 def test_no_network_gives_one_clear_message(checkpoint):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

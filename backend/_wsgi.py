@@ -246,22 +246,14 @@ class App:
 
     def _reference_from_task(self, project: str, label: str, body: Dict) -> Dict:
         """Fetch an annotated task from Label Studio and use its brush mask for ``label``."""
-        import urllib.request
-
         from .images import ImageFetchError
-        from .model import rle_to_mask
+        from .model import brush_mask
 
         eng = self.engine
-        s = eng.settings
-        if not s.label_studio_url:
-            raise RequestError("setting a reference from a task needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        url = f"{s.label_studio_url.rstrip('/')}/api/tasks/{int(body['task'])}"
-        req = urllib.request.Request(url, headers={"Authorization": eng.fetcher._auth_header() or ""})
         try:
-            with urllib.request.urlopen(req, timeout=s.image_timeout) as r:
-                task = json.loads(r.read(s.max_request_bytes))
-        except Exception as e:  # HTTP, network, JSON: one message
-            raise RequestError(f"cannot read task {body['task']} from Label Studio ({getattr(e, 'code', '')} {getattr(e, 'reason', e)})") from None
+            task = eng.fetcher.get_json(f"/api/tasks/{int(body['task'])}")
+        except (ImageFetchError, ValueError) as e:
+            raise RequestError(f"cannot read task {body['task']} from Label Studio ({e})") from None
         anns = task.get("annotations") or []
         if body.get("annotation") is not None:
             anns = [a for a in anns if a.get("id") == int(body["annotation"])]
@@ -272,8 +264,7 @@ class App:
                         image = eng.fetcher.fetch(next(v for v in task["data"].values() if isinstance(v, str)))
                     except (ImageFetchError, StopIteration) as e:
                         raise RequestError(f"cannot fetch the task's image ({e})") from None
-                    h, w = image.shape[:2]
-                    mask = rle_to_mask(r["value"]["rle"], int(r.get("original_height") or h), int(r.get("original_width") or w))
+                    mask = brush_mask(r, image.shape[:2])
                     ref = eng.make_reference(image, mask)
                     eng.store.put(project, label, ref, {"admin": "task", "task": task.get("id"), "annotation": a.get("id")}, mask=mask)
                     return {"set": label, "kind": "mask", "task": task.get("id"), "annotation": a.get("id")}

@@ -94,9 +94,8 @@ class ImageFetcher:
                 return ref, path
         if ref.startswith("/"):
             if not self.s.label_studio_url:
-                raise ImageFetchError(f"the task's image is a Label Studio path ({ref.split('?')[0]}) but "
-                                      f"LABEL_STUDIO_URL is not set: set it to the address this backend reaches "
-                                      f"Label Studio at")
+                raise ImageFetchError(f"{ref.split('?')[0]} is a Label Studio path but LABEL_STUDIO_URL is not set: "
+                                      f"set it to the address this backend reaches Label Studio at")
             return self.s.label_studio_url.rstrip("/") + ref, None
         p = urllib.parse.urlparse(ref)
         if p.scheme not in ("http", "https"):
@@ -158,6 +157,12 @@ class ImageFetcher:
                     raise ImageFetchError(f"image is over SMARTSAM_IMAGE_MAX_BYTES={self.s.image_max_bytes} bytes")
                 chunks.append(block)
             return b"".join(chunks)
+
+    def get_json(self, path: str):
+        """A Label Studio API resource (``path`` like ``/api/tasks/1``), authenticated and bounded
+        like an image download."""
+        url, _ = self._resolve(path)
+        return json.loads(self._get(url, time.time() + self.s.image_timeout))
 
     def fetch(self, ref: str) -> np.ndarray:
         """The image a task refers to, as ``(H, W, 3)`` uint8 RGB (EXIF orientation applied)."""

@@ -180,10 +180,21 @@ def mask_to_rle(mask: np.ndarray) -> List[int]:
     return mask2rle(np.where(mask, 255, 0).astype(np.uint8))
 
 
-def rle_to_mask(rle: List[int], height: int, width: int) -> np.ndarray:
+def brush_mask(region: Dict, image_hw: Tuple[int, int]) -> np.ndarray:
+    """The ``(H, W)`` bool mask of a Label Studio brush region, at the size of our image.
+
+    The RLE is at the size Label Studio saw (``original_width/height``); it is resized (nearest)
+    when that differs from the image as we decoded it.
+    """
+    import cv2
     from label_studio_sdk.converter.brush import decode_rle
 
-    return decode_rle(rle).reshape(height, width, 4)[:, :, 3] > 0
+    h, w = image_hw
+    oh, ow = int(region.get("original_height") or h), int(region.get("original_width") or w)
+    mask = decode_rle(region["value"]["rle"]).reshape(oh, ow, 4)[:, :, 3] > 0
+    if mask.shape != (h, w):
+        mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    return mask
 
 
 class SmartSAMBackend(LabelStudioMLBase):
@@ -363,12 +374,7 @@ class SmartSAMBackend(LabelStudioMLBase):
                 continue
             if image is None:
                 image = self._image(task, cfg)
-            h, w = image.shape[:2]
-            mask = rle_to_mask(r["value"]["rle"], int(r.get("original_height") or h), int(r.get("original_width") or w))
-            if mask.shape != (h, w):
-                import cv2
-
-                mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+            mask = brush_mask(r, image.shape[:2])
             if not mask.any():
                 continue
             ref = self.engine.make_reference(image, mask)

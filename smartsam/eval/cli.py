@@ -35,11 +35,10 @@ def cmd_eval(args) -> int:
     from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter
 
     try:
-        samples = load_dataset(Path(args.dataset))
+        all_samples = load_dataset(Path(args.dataset))  # references may come from past --limit
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
-    if args.limit:
-        samples = samples[: args.limit]
+    samples = all_samples[: args.limit] if args.limit else all_samples
     if args.max_clicks < 1:
         raise UsageError("--max-clicks must be at least 1")
     dataset = Path(args.dataset).resolve().name
@@ -51,29 +50,28 @@ def cmd_eval(args) -> int:
         from ..agent import SmartSAMAgent
         from ..io import load_image
         from ..models import default_features, load_backbone, load_features
-        from ..selector import Reference
 
         bb = load_backbone(args.backbone, args.checkpoint, args.device)
         if args.mode == "backbone":
             make = lambda t: BackboneSegmenter(bb)  # noqa: E731
         else:
-            feats = None
-            ref_fn = None
+            feats = ref_fn = None
             if args.mode == "reference":
                 if not any(s.category for s in samples):
                     raise UsageError(f"reference mode needs categories in the file names (COCO_MVal); {dataset} has none")
                 feats = load_features(args.features or default_features("image", bb.random_weights), args.device)
-                all_samples = load_dataset(Path(args.dataset))
+                refs = SmartSAMAgent(bb, image_features=feats)  # makes references: same checks as everywhere
                 cache = {}
 
-                def ref_fn(sample):
+                def reference(sample):
                     r = reference_for(sample, all_samples)
                     if r is None:
                         return None
                     if r.name not in cache:
-                        feat = feats.mask_features(load_image(r.image_path), load_gt(r)[0][None])[0]
-                        cache[r.name] = Reference("mask", feat, feats.name)
+                        cache[r.name] = refs.reference_from_mask(load_image(r.image_path), load_gt(r)[0])
                     return cache[r.name]
+
+                ref_fn = reference
 
             def make(trial):
                 agent = SmartSAMAgent(bb, image_features=feats, seed=trial, dedupe_iou=None if args.literal else 0.9,

@@ -7,31 +7,58 @@ same endpoints as a plain WSGI callable under gunicorn: it never parses multipar
 only JSON up to ``SMARTSAM_MAX_REQUEST_BYTES``, and has no debugger.
 
 Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, and
-``/admin/references[/<project>[/<label>[/mask.png]]]`` (GET, PUT, DELETE) with
-``Authorization: Bearer $SMARTSAM_ADMIN_TOKEN``.
+``/admin/references[/<project>[/<label>[/mask.png]]]`` (GET, PUT, DELETE) and ``/admin/jobs``
+with ``Authorization: Bearer $SMARTSAM_ADMIN_TOKEN``.
+
+What is trusted: Label Studio's API (read with the backend's key), the admin token, the webhook
+secret. What is not: anything in a request body. A webhook is only a notice: the annotation it
+names is read back from Label Studio before it can change a reference (``backend.jobs``), so
+``/webhook`` needs no basic auth (Label Studio sends none to webhooks); with
+``SMARTSAM_WEBHOOK_SECRET`` set it needs the secret in the ``X-SmartSAM-Webhook-Secret`` header.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
 import os
 import sys
+import threading
+import time
 import urllib.parse
 from typing import Dict, List, Optional, Tuple
 
-from .model import Engine, RequestError, SmartSAMBackend
+from .jobs import ANNOTATION_EVENTS
+from .model import Engine, RequestError, SmartSAMBackend, project_key
 
 log = logging.getLogger("smartsam.http")
 
 
+WEBHOOK_SECRET_HEADER = "X-SmartSAM-Webhook-Secret"
+
+
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An HTTP error answer. ``reason`` replaces the status line's reason phrase: Label Studio's
+    Connect dialog shows only that line of a failed /health or /setup, never the body."""
+
+    def __init__(self, status: int, message: str, reason: Optional[str] = None) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
+
+
+def _reason_phrase(text: str) -> str:
+    # a status line is one line of latin-1 text
+    return " ".join(text.encode("ascii", "replace").decode().split())[:300]
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison of two texts, any characters."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))
 
 
 _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -68,6 +95,15 @@ class App:
 
     def __init__(self, engine: Optional[Engine] = None) -> None:
         self._engine = engine
+        self._heavy: Optional[threading.BoundedSemaphore] = None
+        self._heavy_lock = threading.Lock()
+
+    def _heavy_gate(self) -> threading.BoundedSemaphore:
+        # Requests that use the model may hold all threads but one: /health always has a thread.
+        with self._heavy_lock:
+            if self._heavy is None:
+                self._heavy = threading.BoundedSemaphore(max(1, self.engine.settings.threads - 1))
+            return self._heavy
 
     @property
     def engine(self) -> Engine:
@@ -79,21 +115,26 @@ class App:
     def __call__(self, environ, start_response):
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/") or "/"
-        status, body, ctype = 200, None, "application/json"
+        status, body, ctype, reason = 200, None, "application/json", None
         try:
             status, payload = self.route(method, path, environ)
             if isinstance(payload, bytes):
                 body, ctype = payload, "image/png"
+            elif isinstance(payload, str):
+                body, ctype = payload.encode(), "text/html; charset=utf-8"
             else:
                 body = json.dumps(payload).encode()
         except HttpError as e:
-            status, body = e.status, json.dumps({"error": str(e)}).encode()
+            status, body, reason = e.status, json.dumps({"error": str(e)}).encode(), e.reason
             log.warning("%s %s -> %d: %s", method, path, e.status, e)
         except Exception as e:  # the server stays up whatever one request does
             log.exception("%s %s failed", method, path)
             status, body = 500, json.dumps({"error": f"internal error: {type(e).__name__}"}).encode()
         headers = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
-        start_response(f"{status} {_REASONS.get(status, '')}", headers)
+        if status == 413:
+            # the unread body is not drained: the connection ends after this answer
+            headers.append(("Connection", "close"))
+        start_response(f"{status} {_reason_phrase(reason) if reason else _REASONS.get(status, '')}", headers)
         return [body]
 
     def _check_basic_auth(self, environ) -> None:
@@ -104,9 +145,9 @@ class App:
         ok = False
         if h.startswith("Basic "):
             try:
-                user, _, pw = base64.b64decode(h[6:]).decode().partition(":")
-                ok = hmac.compare_digest(user, s.basic_auth_user) and hmac.compare_digest(pw, s.basic_auth_pass or "")
-            except (binascii.Error, UnicodeDecodeError):
+                user, _, pw = base64.b64decode(h[6:].encode("latin-1"), validate=True).decode("utf-8").partition(":")
+                ok = _same(user, s.basic_auth_user) & _same(pw, s.basic_auth_pass or "")
+            except (ValueError, UnicodeError):  # not base64, not UTF-8, not latin-1: not the credentials
                 ok = False
         if not ok:
             raise HttpError(401, "basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
@@ -116,33 +157,65 @@ class App:
         if not token:
             raise HttpError(403, "the admin API is off: set SMARTSAM_ADMIN_TOKEN to turn it on")
         h = environ.get("HTTP_AUTHORIZATION", "")
-        if not (h.startswith("Bearer ") and hmac.compare_digest(h[7:], token)):
+        if not (h.startswith("Bearer ") and _same(h[7:], token)):
             raise HttpError(401, "admin token required: Authorization: Bearer <SMARTSAM_ADMIN_TOKEN>")
 
     def route(self, method: str, path: str, environ) -> Tuple[int, object]:
         limit = self.engine.settings.max_request_bytes
-        if path.startswith("/admin/"):
+        if path == "/admin" or path.startswith("/admin/"):
             self._check_admin(environ)
+            if method == "PUT":
+                with self._gate():
+                    return self.admin(method, path, environ, limit)
             return self.admin(method, path, environ, limit)
+        if path == "/webhook":
+            # Label Studio sends webhooks without basic auth; a webhook is only a notice (see above)
+            self._check_webhook_secret(environ)
+            if method != "POST":
+                raise HttpError(405, "POST only")
+            data = _read_json(environ, limit)
+            if not isinstance(data, dict):
+                raise HttpError(400, "the body must be a JSON object")
+            return 200, self.webhook(data)
         self._check_basic_auth(environ)
         if path in ("/", "/health"):
             if method != "GET":
                 raise HttpError(405, "GET only")
-            return 200, self.engine.health()
+            h = self.engine.health()
+            if h["load_error"]:
+                raise HttpError(503, f"model failed to load: {h['load_error']}", reason=f"Model failed to load: {h['load_error']}")
+            return 200, h
         if path == "/metrics":
             return 200, {}
         if method != "POST":
-            raise HttpError(405 if path in ("/setup", "/predict", "/webhook") else 404, f"no {method} {path}")
+            raise HttpError(405 if path in ("/setup", "/predict") else 404, f"no {method} {path}")
         data = _read_json(environ, limit)
         if not isinstance(data, dict):
             raise HttpError(400, "the body must be a JSON object")
         if path == "/setup":
-            return 200, {"model_version": self.engine.model_version()}
+            return 200, self.setup(data)
         if path == "/predict":
-            return 200, self.predict(data)
-        if path == "/webhook":
-            return 201, self.webhook(data)
+            with self._gate():
+                return 200, self.predict(data)
         raise HttpError(404, f"no endpoint {path}")
+
+    @contextlib.contextmanager
+    def _gate(self):
+        gate = self._heavy_gate()
+        if not gate.acquire(blocking=False):
+            raise HttpError(503, "busy: every request thread is in use (SMARTSAM_THREADS); try again")
+        try:
+            yield
+        finally:
+            gate.release()
+
+    def _check_webhook_secret(self, environ) -> None:
+        secret = self.engine.settings.webhook_secret
+        if not secret:
+            return
+        got = environ.get("HTTP_" + WEBHOOK_SECRET_HEADER.upper().replace("-", "_"), "")
+        if not _same(got, secret):
+            raise HttpError(401, f"webhook secret required: header {WEBHOOK_SECRET_HEADER} (SMARTSAM_WEBHOOK_SECRET)")
 
     # -- protocol --------------------------------------------------------------------------
     def _model(self, label_config) -> SmartSAMBackend:
@@ -155,41 +228,66 @@ class App:
         except Exception as e:
             raise RequestError(f"cannot parse the labeling config ({e})") from None
 
+    def setup(self, data: Dict) -> Dict:
+        """Label Studio's Connect check: the labeling config must suit SmartSAM."""
+        from .model import check_label_config
+
+        problems = check_label_config(data.get("schema"))
+        if problems:
+            msg = "SmartSAM cannot work with this labeling config: " + "; ".join(problems)
+            raise HttpError(400, msg, reason=msg)
+        project = data.get("project")
+        try:
+            version = self.engine.model_version(project if project not in (None, "") else None)
+        except RequestError:
+            version = self.engine.model_version()
+        return {"model_version": version}
+
     def predict(self, data: Dict) -> Dict:
+        s = self.engine.settings
+        deadline = time.monotonic() + s.request_timeout
+        version = self.engine.model_version()
         try:
             model = self._model(data.get("label_config"))
+            version = self.engine.model_version(project_key(data.get("project")))
             params = data.get("params") or {}
             if not isinstance(params, dict):
                 raise RequestError("params must be an object")
             context = params.get("context")
             if context is not None and not isinstance(context, dict):
                 raise RequestError("params.context must be an object")
-            results = model.predict(data.get("tasks"), context=context, project=data.get("project"))
+            results = model.predict(data.get("tasks"), context=context, project=data.get("project"), deadline=deadline,
+                                    budget=s.predict_budget)
         except RequestError as e:
             log.warning("predict: %s", e)
-            return {"results": [], "errors": [str(e)], "model_version": self.engine.model_version()}
-        out = {"results": results, "model_version": self.engine.model_version()}
+            return {"results": [], "errors": [str(e)], "model_version": version}
+        out = {"results": results, "model_version": version}
         if model.errors:
             out["errors"] = model.errors
         return out
 
     def webhook(self, data: Dict) -> Dict:
+        """Queue the notice; the annotation is read back from Label Studio before anything changes."""
         action = data.get("action")
         if not isinstance(action, str):
             raise HttpError(400, "webhook without action")
-        project = data.get("project") if isinstance(data.get("project"), dict) else {}
-        if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        if action not in ANNOTATION_EVENTS:
             return {"action": action, "ignored": True}
-        try:
-            model = self._model(project.get("label_config"))
-            return {"action": action, **model.process_event(action, data)}
-        except RequestError as e:
-            log.warning("webhook %s: %s", action, e)
-            return {"action": action, "errors": [str(e)]}
+        ann = data.get("annotation")
+        aid = ann.get("id") if isinstance(ann, dict) else None
+        if isinstance(aid, bool) or not isinstance(aid, int):
+            return {"action": action, "errors": ["the event names no annotation id (turn on 'send payload' for the webhook)"]}
+        project = data.get("project")
+        claimed = project.get("id") if isinstance(project, dict) else None
+        if not self.engine.jobs.notify(action, aid, None if claimed is None else str(claimed)):
+            raise HttpError(503, "too many webhook events waiting; Label Studio will send later ones")
+        return {"action": action, "annotation": aid, "queued": True}
 
     # -- admin -----------------------------------------------------------------------------
     def admin(self, method: str, path: str, environ, limit: int) -> Tuple[int, object]:
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")[1:]]
+        if parts == ["jobs"] and method == "GET":
+            return 200, self.engine.jobs.state() if self.engine.jobs else {}
         if not parts or parts[0] != "references" or len(parts) > 4:
             raise HttpError(404, f"no admin endpoint {path}")
         store = self.engine.store
@@ -261,7 +359,7 @@ class App:
             for r in a.get("result") or []:
                 if r.get("type") == "brushlabels" and label in (r.get("value", {}).get("brushlabels") or []):
                     try:
-                        image = eng.fetcher.fetch(next(v for v in task["data"].values() if isinstance(v, str)))
+                        image = eng.fetcher.fetch(next(v for v in task["data"].values() if isinstance(v, str)), task_id=task.get("id"))
                     except (ImageFetchError, StopIteration) as e:
                         raise RequestError(f"cannot fetch the task's image ({e})") from None
                     mask = brush_mask(r, image.shape[:2])
@@ -288,10 +386,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from smartsam.models import ModelError, default_backbone, ensure_checkpoint, get_spec
 
-    from .config import Settings
+    from .config import Settings, SettingsError
     from .references import ReferenceStore, ReferenceStoreError
 
-    s = Settings()
+    try:
+        s = Settings()
+    except (SettingsError, ValueError) as e:
+        print(f"smartsam-backend: error: {e}", file=sys.stderr)
+        return 1
     try:
         spec = get_spec(s.backbone or default_backbone())
         if not spec.random and not s.checkpoint:

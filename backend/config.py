@@ -9,6 +9,15 @@ from typing import Optional, Tuple
 from urllib.parse import urlparse
 
 
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    v = _env(name)
+    return default if v is None else v.strip().lower() in ("1", "true", "yes", "on")
+
+
 def _env(name: str, default: Optional[str] = None) -> Optional[str]:
     v = os.environ.get(name)
     return default if v is None or v == "" else v
@@ -38,6 +47,22 @@ class Settings:
     seed: int = field(default_factory=lambda: int(_env("SMARTSAM_SEED", "0")))
     # Clicks per chain (paper: 3). Fewer trades quality for speed on small CPUs; 0 = no chains.
     chain_length: int = field(default_factory=lambda: int(_env("SMARTSAM_CHAIN_LENGTH", "3")))
+    # A task's image as a data: URL is anything the sender wants; off unless a deployment needs it.
+    allow_data_urls: bool = field(default_factory=lambda: _flag("SMARTSAM_ALLOW_DATA_URLS"))
+    # Every request (fetch, wait for the model, agent) ends by then; Label Studio gives up at 100 s.
+    request_timeout: float = field(default_factory=lambda: float(_env("SMARTSAM_REQUEST_TIMEOUT", "90")))
+    # A /predict with many tasks answers after this many seconds; the rest go on in the background.
+    predict_budget: float = field(default_factory=lambda: float(_env("SMARTSAM_PREDICT_BUDGET", "60")))
+    # Shared secret Label Studio sends with each webhook (a custom header); required when set.
+    webhook_secret: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_WEBHOOK_SECRET"))
+    threads: int = field(default_factory=lambda: int(_env("SMARTSAM_THREADS", "8")))
+
+    def __post_init__(self) -> None:
+        if self.local_files_root is not None and Path(self.local_files_root).resolve() == Path("/"):
+            raise SettingsError("LOCAL_FILES_DOCUMENT_ROOT=/ would let any task read any file of this machine: set it "
+                                "to the folder that holds the images")
+        if self.request_timeout <= 0 or self.predict_budget <= 0:
+            raise SettingsError("SMARTSAM_REQUEST_TIMEOUT and SMARTSAM_PREDICT_BUDGET must be positive seconds")
 
     @property
     def label_studio_host(self) -> Optional[str]:

@@ -4,8 +4,11 @@ import os
 
 workers = int(os.environ.get("SMARTSAM_WORKERS", 1))  # each worker holds its own model copy
 worker_class = "gthread"
-threads = int(os.environ.get("SMARTSAM_THREADS", 4))  # slow image downloads do not block clicks
-timeout = int(os.environ.get("SMARTSAM_REQUEST_TIMEOUT", 300))  # a stuck worker is replaced
+threads = int(os.environ.get("SMARTSAM_THREADS", 8))  # slow downloads and /health never wait behind clicks
+# With gthread workers this is a heartbeat of the worker's main loop, not a request limit: a hung
+# process is replaced. Requests end at SMARTSAM_REQUEST_TIMEOUT inside the app (fetch, model wait,
+# agent), which frees their thread.
+timeout = 120
 graceful_timeout = 30
 preload_app = False  # never initialise CUDA before fork
 limit_request_line = 8190

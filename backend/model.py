@@ -7,10 +7,15 @@ answers at once), the image fetcher and the reference store. :class:`SmartSAMBac
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 import threading
+import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from label_studio_ml.model import LabelStudioMLBase
@@ -51,7 +56,46 @@ class LabelConfig:
                            "(use the backend's label_config.xml)")
 
 
+def check_label_config(xml: str) -> List[str]:
+    """What a labeling config lacks for SmartSAM, as sentences (empty when it is usable): an Image,
+    a smart KeyPointLabels or RectangleLabels on it (the prompts), and a BrushLabels on it whose
+    labels cover the prompt labels (the answers)."""
+    if not isinstance(xml, str) or not xml.strip():
+        return ["no labeling config was sent"]
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        return [f"the labeling config is not valid XML ({e})"]
+    tags = list(root.iter())
+    images = {t.get("name") for t in tags if t.tag == "Image" and t.get("name")}
+    if not images:
+        return ["no <Image> tag: SmartSAM segments images"]
+
+    def labels(t):
+        return {c.get("value") for c in t if c.tag == "Label" and c.get("value")}
+
+    brushes = [t for t in tags if t.tag == "BrushLabels" and t.get("toName") in images]
+    prompts = [t for t in tags if t.tag in ("KeyPointLabels", "RectangleLabels") and t.get("toName") in images]
+    smart = [t for t in prompts if (t.get("smart") or t.get("smartOnly") or "").lower() == "true"]
+    problems = []
+    if not brushes:
+        problems.append("no <BrushLabels> on the image: SmartSAM answers with brush masks")
+    if not smart:
+        problems.append('no smart <KeyPointLabels> or <RectangleLabels> (smart="true") on the image: the clicks that '
+                        "reach the backend come from smart tools")
+    if brushes and smart:
+        missing = set().union(*(labels(t) for t in smart)) - set().union(*(labels(t) for t in brushes))
+        if missing:
+            problems.append(f"prompt labels {sorted(missing)} have no BrushLabels label of the same name: give both tags "
+                            f"the same labels")
+    return problems
+
+
 # -- engine ----------------------------------------------------------------------------------
+class Busy(RequestError):
+    """The model stayed busy past the request's deadline."""
+
+
 class Engine:
     """Per-process models and state. Build with :meth:`instance`; models load in a thread."""
 
@@ -67,12 +111,17 @@ class Engine:
         self.load_error: Optional[str] = None
         self._loaded = threading.Event()
         self._features_lock = threading.Lock()
+        self._checkpoint_tag: Optional[str] = None
+        self.jobs = None  # backend.jobs.Jobs, started with the server (webhook events, background pre-labels)
 
     @classmethod
     def instance(cls) -> "Engine":
         with cls._instance_lock:
             if cls._instance is None:
+                from .jobs import Jobs
+
                 cls._instance = Engine()
+                cls._instance.jobs = Jobs(cls._instance)
                 cls._instance.start_loading()
             return cls._instance
 
@@ -105,19 +154,39 @@ class Engine:
             raise RequestError(f"the model failed to load: {self.load_error}")
         return self.agent
 
+    @contextlib.contextmanager
+    def model(self, deadline: Optional[float] = None) -> Iterator[SmartSAMAgent]:
+        """The agent, held for one request; waits for it no longer than ``deadline``
+        (``time.monotonic()``), then raises Busy."""
+        agent = self.ready_agent(max(0.0, (deadline or time.monotonic() + 300) - time.monotonic()))
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.lock.acquire(timeout=wait):
+            raise Busy(f"the model stayed busy past this request's time limit (SMARTSAM_REQUEST_TIMEOUT="
+                       f"{self.settings.request_timeout:g} s); try again")
+        try:
+            yield agent
+        finally:
+            self.lock.release()
+
     def health(self) -> Dict:
+        """Never waits for the model: it answers at once even while clicks are running."""
         bb = self.agent.backbone if self.agent else None
-        return {
-            "status": "UP",
+        loading = not self._loaded.is_set()
+        out = {
+            "status": "ERROR" if self.load_error else "UP",
             "model": bb.name if bb else (self.settings.backbone or "default"),
             "device": str(bb.device) if bb else None,
             "weights_loaded": bb is not None,
+            "loading": loading,
             "random_weights": bool(bb and bb.random_weights),
             "load_error": self.load_error,
             "encoder_calls": bb.encoder_calls if bb else 0,
             "embedding_disk_hits": bb.disk_hits if bb else 0,
             "version": __version__,
         }
+        if self.jobs is not None:
+            out["jobs"] = self.jobs.state()
+        return out
 
     # features load on first need: pure-IS users never pay for DINOv2 / CLIP
     def features(self, kind: str):
@@ -133,9 +202,21 @@ class Engine:
                 setattr(agent, attr, load_features(name, self.settings.device))
         return getattr(agent, attr)
 
-    def model_version(self) -> str:
-        bb = self.agent.backbone.name if self.agent else (self.settings.backbone or "default")
-        return f"smartsam-{__version__}-{bb}"
+    def checkpoint_tag(self) -> str:
+        """Short digest of the weights in use, so a new checkpoint gives a new model version."""
+        if self._checkpoint_tag is None:
+            self._checkpoint_tag = checkpoint_tag(self.settings)
+        return self._checkpoint_tag
+
+    def model_version(self, project=None) -> str:
+        """``smartsam-<version>-<backbone>-<weights digest>[-<references digest>]``: changes when the
+        checkpoint or the project's references change, so Label Studio and the pre-labeler never
+        keep predictions made for an old reference as current."""
+        backbone = self.agent.backbone.name if self.agent else (self.settings.backbone or _default_backbone())
+        v = f"smartsam-{__version__}-{backbone}-{self.checkpoint_tag()}"
+        if project is not None and project != "":
+            v += f"-{references_digest(self.store, project_key(project))}"
+        return v
 
     def reference(self, project: str, label: str) -> Tuple[Optional[Reference], Optional[str]]:
         """(reference or None, note): a damaged stored reference is reported, not used."""
@@ -152,14 +233,58 @@ class Engine:
         return ref, None
 
     def make_reference(self, image: np.ndarray, mask: Optional[np.ndarray] = None, text: Optional[str] = None) -> Reference:
-        agent = self.ready_agent()
         if text is not None:
             self.features("text")
-            with self.lock:
+            with self.model() as agent:
                 return agent.reference_from_text(text)
         self.features("image")
-        with self.lock:
+        with self.model() as agent:
             return agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
+
+
+def _default_backbone() -> str:
+    from smartsam.models import default_backbone
+
+    return default_backbone()
+
+
+_TAG_CACHE: Dict[tuple, str] = {}
+
+
+def checkpoint_tag(settings: Settings) -> str:
+    """8 hex digits naming the weights: the published or recorded SHA-256 of the checkpoint, the
+    hash of a local checkpoint file (computed once per file version), or "random"."""
+    from smartsam.models import ModelError, checkpoint_path, get_spec, sha256_file
+
+    try:
+        spec = get_spec(settings.backbone or _default_backbone())
+    except ModelError:
+        return "unknown"
+    if spec.random:
+        return "random"
+    path = settings.checkpoint or str(checkpoint_path(spec))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (spec.sha256 or "missing")[:8]
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _TAG_CACHE:
+        if not settings.checkpoint and spec.sha256:
+            _TAG_CACHE[key] = spec.sha256[:8]  # verified against it before loading
+        else:
+            _TAG_CACHE[key] = sha256_file(path)[:8]
+    return _TAG_CACHE[key]
+
+
+def references_digest(store: ReferenceStore, project: str) -> str:
+    """8 hex digits over the project's references (labels and their stored features); "noref" when none."""
+    refs = store.list(project)
+    if not refs:
+        return "noref"
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(f"{r.label}\0{r.kind}\0{r.feature_sha}\0".encode())
+    return h.hexdigest()[:8]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -171,7 +296,10 @@ def project_key(project) -> str:
 
 
 def _pct_to_px(v: float, size: int) -> float:
-    return float(v) / 100.0 * size
+    """Label Studio's percent of the displayed image -> our pixel coordinate. 100 % (the right or
+    bottom edge, which Label Studio allows) is the last pixel; beyond it stays outside."""
+    px = float(v) / 100.0 * size
+    return min(px, size - 1) if size - 1 < px <= size else px
 
 
 def mask_to_rle(mask: np.ndarray) -> List[int]:
@@ -180,18 +308,46 @@ def mask_to_rle(mask: np.ndarray) -> List[int]:
     return mask2rle(np.where(mask, 255, 0).astype(np.uint8))
 
 
-def brush_mask(region: Dict, image_hw: Tuple[int, int]) -> np.ndarray:
+def _size(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) <= 0:
+        raise RequestError(f"{what} must be a positive whole number, got {v!r}")
+    return int(v)
+
+
+def brush_mask(region: Dict, image_hw: Tuple[int, int], max_pixels: Optional[int] = None) -> np.ndarray:
     """The ``(H, W)`` bool mask of a Label Studio brush region, at the size of our image.
 
     The RLE is at the size Label Studio saw (``original_width/height``); it is resized (nearest)
-    when that differs from the image as we decoded it.
+    when that differs from the image as we decoded it. Nothing is decoded before the RLE's header
+    agrees with that size and the size is within ``max_pixels`` (SMARTSAM_MAX_PIXELS): a small
+    body cannot ask for a large allocation. Bad input raises RequestError.
     """
     import cv2
     from label_studio_sdk.converter.brush import decode_rle
 
+    from smartsam.io import MAX_PIXELS
+
+    max_pixels = max_pixels or MAX_PIXELS
     h, w = image_hw
-    oh, ow = int(region.get("original_height") or h), int(region.get("original_width") or w)
-    mask = decode_rle(region["value"]["rle"]).reshape(oh, ow, 4)[:, :, 3] > 0
+    value = region.get("value") if isinstance(region, dict) else None
+    rle = value.get("rle") if isinstance(value, dict) else None
+    if not isinstance(rle, list) or len(rle) < 5:
+        raise RequestError("a brush region has no RLE list")
+    oh = _size(region.get("original_height") or h, "original_height")
+    ow = _size(region.get("original_width") or w, "original_width")
+    if ow * oh > max_pixels:
+        raise RequestError(f"a brush region of {ow}x{oh} is over the limit of {max_pixels} pixels (SMARTSAM_MAX_PIXELS)")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle[:4]):
+        raise RequestError("a brush RLE must be a list of bytes (0-255)")
+    claimed = int.from_bytes(bytes(rle[:4]), "big")  # the header's element count (RGBA values)
+    if claimed != ow * oh * 4:
+        raise RequestError(f"a brush RLE claims {claimed} values, not the {ow}x{oh}x4 of its region")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle):
+        raise RequestError("a brush RLE must be a list of bytes (0-255)")
+    try:
+        mask = decode_rle(rle).reshape(oh, ow, 4)[:, :, 3] > 0
+    except (ValueError, IndexError, TypeError) as e:
+        raise RequestError(f"a brush RLE is malformed ({type(e).__name__})") from None
     if mask.shape != (h, w):
         mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
     return mask
@@ -203,63 +359,93 @@ class SmartSAMBackend(LabelStudioMLBase):
     def __init__(self, label_config=None, train_output=None, engine: Optional[Engine] = None, **kwargs):
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
         self.engine = engine or Engine.instance()
+        self.errors: List[str] = []
 
     # -- predict ---------------------------------------------------------------------------
-    def predict(self, tasks, context=None, project=None, **kwargs) -> List[Dict]:
+    def predict(self, tasks, context=None, project=None, deadline: Optional[float] = None,
+                budget: Optional[float] = None, **kwargs) -> List:
         """One entry per task: ``{"result": [...], "score", "model_version", "mode"}``. An
         interactive request that fails gets an empty result with its reason in ``errors``; a
         pre-labeling task that cannot be labelled gets ``[]`` (no prediction). Every reason is also
-        in ``self.errors`` and the log."""
+        in ``self.errors`` and the log.
+
+        Args:
+            deadline: ``time.monotonic()`` by which this request must answer (fetch, model, agent).
+            budget: pre-labeling several tasks: after this many seconds the tasks not done yet
+                are handed to the background queue (they get ``[]`` here and are written to
+                Label Studio when done).
+        """
         if not isinstance(tasks, list) or not tasks:
             raise RequestError("the request has no tasks")
         cfg = LabelConfig.parse(self.parsed_label_config)
         proj = project_key(project)
         interactive = bool(context and context.get("result"))
+        deadline = deadline or time.monotonic() + self.engine.settings.request_timeout
+        stop_at = min(deadline, time.monotonic() + budget) if budget else deadline
         out: List = []
-        self.errors: List[str] = []
+        self.errors = []
+        leftover: List[Dict] = []
+        jobs = self.engine.jobs
         for task in tasks:
             tid = task.get("id") if isinstance(task, dict) else None
+            if not interactive and len(tasks) > 1 and jobs is not None:
+                if jobs.pending(proj, tid):
+                    out.append([])  # already queued in the background: it will be written once
+                    continue
+                if time.monotonic() >= stop_at:
+                    leftover.append(task)
+                    out.append([])
+                    continue
             try:
-                pred = self._interactive(task, context["result"], cfg, proj) if interactive else self._prelabel(task, cfg, proj)
+                if interactive:
+                    pred = self._interactive(task, context["result"], cfg, proj, deadline)
+                else:
+                    pred = self._prelabel(task, cfg, proj, deadline)
                 self.errors.extend(f"task {tid}: {m}" for m in pred.get("errors", []))
                 out.append(pred)
             except (RequestError, ImageFetchError, InvalidClick, ValueError) as e:
                 log.warning("project %s task %s: %s", proj, tid, e)
                 self.errors.append(f"task {tid}: {e}")
                 if interactive:
-                    out.append({"result": [], "score": 0.0, "model_version": self.engine.model_version(), "errors": [str(e)]})
+                    out.append({"result": [], "score": 0.0, "model_version": self.engine.model_version(proj), "errors": [str(e)]})
                 else:
                     # An empty list is "no prediction for this task" to Label Studio: nothing is
                     # stored, so a task without a reference shows no empty prediction tab.
                     out.append([])
+        if leftover:
+            n = jobs.submit(proj, leftover, self.label_config)
+            msg = f"{n} of {len(tasks)} tasks continue in the background (SMARTSAM_PREDICT_BUDGET); see /health jobs"
+            log.info("project %s: %s", proj, msg)
+            self.errors.append(msg)
         return out
 
-    def _image(self, task, cfg: LabelConfig) -> np.ndarray:
+    def _image(self, task, cfg: LabelConfig, deadline: Optional[float] = None) -> np.ndarray:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise RequestError("a task has no data")
         ref = task["data"].get(cfg.image_key)
         if not ref:
             raise RequestError(f"task {task.get('id')} has no image in data.{cfg.image_key}")
-        return self.engine.fetcher.fetch(ref)
+        tid = task.get("id")
+        return self.engine.fetcher.fetch(ref, task_id=tid if isinstance(tid, int) and not isinstance(tid, bool) else None,
+                                         deadline=deadline)
 
-    def _interactive(self, task, context_result, cfg: LabelConfig, proj: str) -> Dict:
+    def _interactive(self, task, context_result, cfg: LabelConfig, proj: str, deadline: float) -> Dict:
         if not isinstance(context_result, list):
             raise RequestError("context.result must be a list of regions")
-        image = self._image(task, cfg)
+        image = self._image(task, cfg, deadline)
         h, w = image.shape[:2]
-        points, labels, box, label = [], [], None, None
+        points, labels, box, label, shown = [], [], None, None, None
         for r in context_result:
             if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
                 raise RequestError("a context region has no value")
             v, kind = r["value"], r.get("type", "")
-            ow, oh = r.get("original_width") or w, r.get("original_height") or h
+            if shown is None and r.get("original_width") and r.get("original_height"):
+                shown = (_size(r["original_width"], "original_width"), _size(r["original_height"], "original_height"))
             try:
                 # percentages of the image as the annotator sees it, scaled to our pixels
                 x, y = _pct_to_px(v["x"], w), _pct_to_px(v["y"], h)
             except (KeyError, TypeError, ValueError):
                 raise RequestError("a context region has no numeric x/y") from None
-            if (ow, oh) != (w, h):
-                log.info("task %s: Label Studio sees %sx%s, image is %sx%s; scaling", task.get("id"), ow, oh, w, h)
             if kind == "keypointlabels":
                 points.append((x, y))
                 positive = r.get("is_positive", True) is not False
@@ -268,7 +454,7 @@ class SmartSAMBackend(LabelStudioMLBase):
                     label = v["keypointlabels"][0]  # the newest positive keypoint's label wins
             elif kind == "rectanglelabels":
                 try:
-                    box = (x, y, x + _pct_to_px(v["width"], w), y + _pct_to_px(v["height"], h))
+                    box = (x, y, _edge(float(v["x"]) + float(v["width"]), w), _edge(float(v["y"]) + float(v["height"]), h))
                 except (KeyError, TypeError, ValueError):
                     raise RequestError("a rectangle has no numeric width/height") from None
                 if v.get("rectanglelabels"):
@@ -284,38 +470,55 @@ class SmartSAMBackend(LabelStudioMLBase):
         if box is None and 1 not in labels:
             raise RequestError("only negative clicks: click the object once (without Alt) first")
         ref, note = self.engine.reference(proj, label) if box is None else (None, None)
-        agent = self.engine.ready_agent()
-        with self.engine.lock:
+        with self.engine.model(deadline) as agent:
             agent.set_image(image)
             if box is not None:
                 res = agent.predict_box(box, points, labels)
-            elif len(points) == 1:
-                res = agent.predict(points[0], ref)
             else:
-                # outer interaction: the agent's answer for the first positive click (cached), refined
-                res = agent.refine(points, labels, agent.predict(points[labels.index(1)], ref))
-        log.info("project %s task %s label %r: %s, %d clicks, score %.3f, %.2f s", proj, task.get("id"), label,
-                 res.mode, len(points), res.score, res.timings.get("total", 0))
-        return self._prediction(res, cfg, label, w, h, note)
+                first = labels.index(1)
+                res = agent.predict(points[first], ref, deadline=deadline)
+                # outer interactions, the ordinary SAM way: each further click refines the previous
+                # answer's logits with every click so far
+                for k in range(first + 1, len(points)):
+                    res = agent.refine(points[: k + 1], labels[: k + 1], res)
+        log.info("project %s task %s label %r: %s, %d clicks, score %.3f, %.2f s%s", proj, task.get("id"), label,
+                 res.mode, len(points), res.score, res.timings.get("total", 0), " (cut at the deadline)" if res.partial else "")
+        return self._prediction(res, cfg, label, w, h, note, proj, shown)
 
-    def _prediction(self, res: AgentResult, cfg: LabelConfig, label: str, w: int, h: int, note: Optional[str]) -> Dict:
+    def _prediction(self, res: AgentResult, cfg: LabelConfig, label: str, w: int, h: int, note: Optional[str], proj: str,
+                    shown: Optional[Tuple[int, int]] = None) -> Dict:
+        mask = res.mask
+        if shown is not None and shown != (w, h):
+            # the RLE must be at the size Label Studio displays, or the brush comes out garbled
+            import cv2
+
+            from smartsam.io import MAX_PIXELS
+
+            if shown[0] * shown[1] > MAX_PIXELS:
+                raise RequestError(f"Label Studio's displayed size {shown[0]}x{shown[1]} is over SMARTSAM_MAX_PIXELS")
+            log.info("Label Studio shows %dx%d, the image decodes as %dx%d: mask resized", shown[0], shown[1], w, h)
+            mask = cv2.resize(mask.astype(np.uint8), shown, interpolation=cv2.INTER_NEAREST) > 0
+            w, h = shown
         result = {
             "from_name": cfg.brush_name, "to_name": cfg.image_name, "type": "brushlabels",
             "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask_to_rle(res.mask), "brushlabels": [label]},
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
             "score": round(float(res.score), 4),
         }
-        pred = {"result": [result], "score": round(float(res.score), 4), "model_version": self.engine.model_version(),
+        pred = {"result": [result], "score": round(float(res.score), 4), "model_version": self.engine.model_version(proj),
                 "mode": res.mode}
         if res.similarity is not None:
             pred["similarity"] = round(float(res.similarity), 4)
+        if res.partial:
+            pred["partial"] = True
+            note = "; ".join(x for x in (note, "the agent was cut short at SMARTSAM_REQUEST_TIMEOUT: best answer so far") if x)
         if self.engine.agent and self.engine.agent.backbone.random_weights:
             pred["note"] = "RANDOM weights (test configuration)"
         if note:
             pred["errors"] = [note]
         return pred
 
-    def _prelabel(self, task, cfg: LabelConfig, proj: str) -> Dict:
+    def _prelabel(self, task, cfg: LabelConfig, proj: str, deadline: Optional[float] = None) -> Dict:
         """No click: for each label with a reference, find the object and segment it."""
         refs = {}
         reasons = []
@@ -327,50 +530,55 @@ class SmartSAMBackend(LabelStudioMLBase):
                 reasons.append(note or f"no reference for label {label!r}: set one to pre-label it")
         if not refs:
             raise RequestError("; ".join(reasons))
-        image = self._image(task, cfg)
+        image = self._image(task, cfg, deadline)
         h, w = image.shape[:2]
-        agent = self.engine.ready_agent()
         results, scores = [], []
         for label, ref in refs.items():
             extractor = self.engine.features("text" if ref.kind == "text" else "image")
-            with self.engine.lock:
+            with self.engine.model(deadline) as agent:
                 key = agent.set_image(image)
                 click = locate(extractor, image, ref, key)
-                res = agent.predict(click, ref)
-            pred = self._prediction(res, cfg, label, w, h, None)
+                res = agent.predict(click, ref, deadline=deadline)
+            pred = self._prediction(res, cfg, label, w, h, None, proj)
             results.extend(pred["result"])
             scores.append(res.score)
-        out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": self.engine.model_version(),
+        out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": self.engine.model_version(proj),
                "mode": "prelabel"}
         if reasons:
             out["errors"] = reasons
             log.info("project %s task %s: %s", proj, task.get("id"), "; ".join(reasons))
         return out
 
-    # -- events ----------------------------------------------------------------------------
-    def process_event(self, event, data, job_id=None, additional_params=None):
-        """ANNOTATION_CREATED / ANNOTATION_UPDATED: the first confirmed mask of a label becomes its
-        reference; one submitted with "Use as reference" ticked replaces it."""
-        if event not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            return {"ignored": event}
-        ann, task, project = data.get("annotation"), data.get("task"), data.get("project")
-        if not isinstance(ann, dict) or not isinstance(task, dict):
-            raise RequestError(f"{event} without annotation and task (turn on 'send payload' for the webhook)")
-        proj = project_key(project.get("id") if isinstance(project, dict) else project or task.get("project"))
+    # -- references from annotations -------------------------------------------------------
+    def apply_annotation(self, ann: Dict, task: Dict, proj: str, event: str) -> Dict:
+        """Reference rules for one annotation *as Label Studio holds it* (read back by id, never
+        taken from a webhook body):
+
+        - a skipped annotation (``was_cancelled``) changes nothing;
+        - the first region of each label is the annotation's mask for that label (one rule, on
+          every path);
+        - a label without a reference takes it; the annotation a reference came from updates it
+          when edited; "Use as reference" ticked replaces the references of its labels.
+        """
         cfg = LabelConfig.parse(self.parsed_label_config)
-        results = ann.get("result") or []
-        force = any(r.get("type") == "choices" and REFERENCE_CHOICE in (r.get("value", {}).get("choices") or [])
-                    for r in results if isinstance(r, dict))
-        brushes = [r for r in results if isinstance(r, dict) and r.get("type") == "brushlabels" and r.get("value", {}).get("rle")]
-        if not brushes:
-            return {"reference": None, "reason": "no brush region in the annotation"}
+        if ann.get("was_cancelled"):
+            return {"reference": [], "reason": "skipped annotation"}
+        results = [r for r in (ann.get("result") or []) if isinstance(r, dict)]
+        force = any(r.get("type") == "choices" and REFERENCE_CHOICE in ((r.get("value") or {}).get("choices") or [])
+                    for r in results)
+        first: Dict[str, Dict] = {}
+        for r in results:
+            v = r.get("value") if isinstance(r.get("value"), dict) else {}
+            if r.get("type") == "brushlabels" and v.get("rle") and v.get("brushlabels"):
+                first.setdefault(v["brushlabels"][0], r)
+        if not first:
+            return {"reference": [], "reason": "no brush region in the annotation"}
         image = None
         done = []
-        for r in brushes:
-            label = (r["value"].get("brushlabels") or [None])[0]
-            if label is None:
-                continue
-            if not force and self.engine.store.meta(proj, label) is not None:
+        for label, r in first.items():
+            meta = self.engine.store.meta(proj, label)
+            own = meta is not None and meta.source.get("annotation") == ann.get("id")
+            if meta is not None and not force and not own:
                 continue
             if image is None:
                 image = self._image(task, cfg)
@@ -378,10 +586,16 @@ class SmartSAMBackend(LabelStudioMLBase):
             if not mask.any():
                 continue
             ref = self.engine.make_reference(image, mask)
-            source = {"event": event, "task": task.get("id"), "annotation": ann.get("id"), "forced": force}
-            if self.engine.store.put(proj, label, ref, source, mask=mask, only_if_absent=not force):
+            source = {"event": event, "task": task.get("id"), "annotation": ann.get("id"), "forced": force,
+                      "user": ann.get("completed_by")}
+            if self.engine.store.put(proj, label, ref, source, mask=mask, only_if_absent=meta is None):
                 done.append(label)
         return {"reference": done}
 
     def fit(self, tasks, workdir=None, **kwargs):
         return {}
+
+
+def _edge(pct: float, size: int) -> float:
+    """A rectangle's far edge in pixels, kept on the image (Label Studio allows 100 %)."""
+    return min(_pct_to_px(pct, size), size - 1)

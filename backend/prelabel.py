@@ -133,7 +133,12 @@ def run(args) -> Dict[str, object]:
     if not args.embed_only and not store.list(str(args.project)):
         raise SystemExit(f"error: project {args.project} has no reference: set one (--label with --reference-text / "
                          f"--reference-image, the admin API, or an annotation) before pre-labeling")
-    version = f"smartsam-{__version__}-{os.environ['SMARTSAM_BACKBONE']}"
+    from .model import checkpoint_tag, references_digest
+
+    # the backend's model_version for this project: weights and references included, so a new
+    # reference or checkpoint pre-labels again instead of skipping
+    version = f"smartsam-{__version__}-{os.environ['SMARTSAM_BACKBONE']}-{checkpoint_tag(Settings())}-" \
+              f"{references_digest(store, str(args.project))}"
     client = LabelStudio(base_url=s.label_studio_url, api_key=s.label_studio_api_key)
     try:
         label_config = client.projects.get(id=args.project).label_config

@@ -82,6 +82,8 @@ class AgentResult:
     frame: Optional[LowResFrame] = None
     timings: Dict[str, float] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=dict)
+    # True when a deadline cut the chains short: the answer is the best of what was explored.
+    partial: bool = False
 
 
 class SmartSAMAgent:
@@ -176,6 +178,7 @@ class SmartSAMAgent:
         click_xy: Sequence[float],
         reference: Optional[Reference] = None,
         return_candidates: bool = False,
+        deadline: Optional[float] = None,
     ) -> AgentResult:
         """Answer one positive click on the current image.
 
@@ -183,6 +186,8 @@ class SmartSAMAgent:
             click_xy: ``(x, y)`` in image pixels.
             reference: optional :class:`~smartsam.selector.Reference`; None is pure-IS mode.
             return_candidates: also return every candidate (for explanations and evaluation).
+            deadline: ``time.monotonic()`` after which no further chain step starts; the answer is
+                then selected among the candidates explored so far and marked ``partial``.
         """
         if self._key is None:
             raise RuntimeError("call set_image() first")
@@ -219,7 +224,11 @@ class SmartSAMAgent:
         if self.dedupe_iou is not None and len(chains) > 1:
             chains = self._distinct(logits[0], scores[0], frame)
         state = {c: (logits[0][c], float(scores[0][c]), ()) for c in chains}
+        partial = False
         for step in range(1, self.clicker.chain_length + 1):
+            if deadline is not None and time.monotonic() >= deadline:
+                partial = True
+                break
             prompts, owners, new_clicks = [], [], []
             for c in chains:
                 lg, sc, clicks = state[c]
@@ -283,6 +292,7 @@ class SmartSAMAgent:
             low_res_logits=chosen.copy(),
             timings={"initial": t1 - t0, "chains": t2 - t1, "select": t3 - t2, "upsample": t4 - t3, "total": t4 - t0},
             calls={"encoder": bb.encoder_calls - enc0, "decoder": bb.decoder_calls - dec0, "features": feat_calls},
+            partial=partial,
         )
         if return_candidates:
             result.candidates = cands
@@ -290,6 +300,8 @@ class SmartSAMAgent:
             result.candidate_scores = all_scores
             result.prompts = initial
             result.frame = frame
+        if partial:
+            return result  # a cut-short answer is never served again from the cache
         self._results[cache_key] = result
         while len(self._results) > self._result_cache:
             self._results.popitem(last=False)

@@ -66,12 +66,24 @@ def load_image(source: Union[str, Path, bytes]) -> np.ndarray:
 def load_mask(path: Union[str, Path]) -> np.ndarray:
     """Read a mask file: nonzero pixels (of the first channel) are the object -> ``(H, W)`` bool."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:  # checked before any pixel is decoded
+                raise ImageError(f"mask is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS} (SMARTSAM_MAX_PIXELS)")
             a = np.asarray(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"mask file not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"mask refused: over the limit of {MAX_PIXELS} pixels (SMARTSAM_MAX_PIXELS): {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"cannot read {path} as a mask ({e})") from None
+        name = "mask data" if not isinstance(path, (str, Path)) else str(path)
+        raise ImageError(f"cannot read {name} as a mask ({e})") from None
     if a.ndim == 3:
         a = a[..., 0]
     return a > 0

@@ -92,6 +92,8 @@ REGISTRY: Dict[str, ModelSpec] = {
         ModelSpec("sam_vit_b-random", "sam", "vit_b", "SAM ViT-B architecture, RANDOM weights (tests only)", random=True),
         ModelSpec("dinov2-tiny-random", "dinov2", "tiny", "DINOv2 architecture, 2 layers of width 32, RANDOM weights", random=True),
         ModelSpec("clip-tiny-random", "clip", "tiny", "CLIP architecture, 2 layers of width 32, RANDOM weights", random=True),
+        # Not a model: draws a disk at the prompt, so tests can check where masks land.
+        ModelSpec("disk-test", "test", "disk", "deterministic test backbone: a disk at the prompt (tests only)", random=True),
     ]
 }
 
@@ -331,7 +333,7 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             of that model); None downloads or uses the cached one.
     """
     spec = name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())
-    if spec.family not in ("sam", "sam2"):
+    if spec.family not in ("sam", "sam2", "test"):
         raise ModelError(f"{spec.name} is not a segmentation backbone")
     path = None
     if spec.random and checkpoint is not None:
@@ -348,7 +350,11 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
     else:
         torch.manual_seed(0)  # random weights, but the same ones in every process
     try:
-        if spec.family == "sam":
+        if spec.family == "test":
+            from .backbones.disk import DiskBackbone
+
+            bb = DiskBackbone(spec.name, cache_size)
+        elif spec.family == "sam":
             from .backbones.sam import SamBackbone, build_sam_model
 
             bb = SamBackbone(build_sam_model(spec.arch, str(path) if path else None), spec.name, cache_size, device)

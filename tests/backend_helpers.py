@@ -41,7 +41,7 @@ class Backend:
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"backend-{self.port}.log"
         self.env = {**os.environ, "SMARTSAM_BACKBONE": backbone, "SMARTSAM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
-                    "SMARTSAM_THREADS": "4", **(env or {})}
+                    "SMARTSAM_THREADS": "8", **(env or {})}
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, wait_loaded: bool = True, timeout: float = 120) -> "Backend":
@@ -100,6 +100,39 @@ def predict_body(image_url: str, context_result=None, project: str = "1.17000000
     return body
 
 
+def raw_oversized_post(port: int, path: str, body: bytes, content_type: str = "application/json"):
+    """POST a body the server refuses by its Content-Length: the headers go first and the answer is
+    read before the body is sent, so the server's 413 (and its closing the connection) is seen
+    deterministically; sending the body afterwards may then fail with a reset, which is fine.
+    Returns (status, the JSON error)."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, payload = data.partition(b"\r\n\r\n")
+        length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), b"0"))
+        while len(payload) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            payload += chunk
+        try:
+            s.sendall(body)
+        except OSError:
+            pass  # the server answered and closed: a reset here is the defined behaviour
+        return int(head.split()[1]), json.loads(payload or b"{}")
+    finally:
+        s.close()
+
+
 def rle_mask(result: Dict) -> np.ndarray:
     from label_studio_sdk.converter.brush import decode_rle
 
@@ -136,6 +169,25 @@ class ImageServer:
                     return self._send(500, b"boom")
                 if p == "/status/401":
                     return self._send(401, b"no")
+                if p == "/redirect-file":
+                    self.send_response(302)
+                    self.send_header("Location", "file:///etc/passwd")
+                    self.end_headers()
+                    return
+                if p.startswith("/drip/"):
+                    # a server that never stops sending, one byte at a time
+                    body = outer.files[p.split("/")[-1]]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    try:
+                        for b in body:
+                            self.wfile.write(bytes([b]))
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except OSError:
+                        pass
+                    return
                 if p == "/redirect-away":
                     self.send_response(302)
                     self.send_header("Location", "http://169.254.169.254/latest/meta-data/")

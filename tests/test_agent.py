@@ -143,3 +143,19 @@ def test_embedding_cache_is_bounded(grabcut_image):
     assert len(bb._cache) == 2 and bb.encoder_calls == 3
     bb.set_image(imgs[0])  # evicted: encoded again
     assert bb.encoder_calls == 4
+
+
+def test_a_deadline_cuts_the_chains_and_says_so(sam2_backbone, grabcut_image):
+    import time
+
+    from smartsam.agent import SmartSAMAgent
+
+    agent = SmartSAMAgent(sam2_backbone, seed=0)
+    agent.set_image(grabcut_image)
+    calls = sam2_backbone.decoder_calls
+    cut = agent.predict((240, 176), deadline=time.monotonic())  # already past: no chain step runs
+    assert cut.partial and cut.candidate.chain_step == 0 and cut.mask.shape == grabcut_image.shape[:2]
+    assert sam2_backbone.decoder_calls - calls <= 2  # the initial prompts only (points, boxes)
+    full = agent.predict((240, 176))
+    assert not full.partial  # a cut answer is not cached in place of the full one
+    assert full.calls["decoder"] > cut.calls["decoder"]

@@ -66,14 +66,17 @@ def test_kill_the_real_backend_while_it_writes_references(tmp_path):
     for cycle in range(3):
         b = Backend(data, env={"SMARTSAM_ADMIN_TOKEN": "t"}).start()
         stop = threading.Event()
+        written = []
 
         def writer():
             i = 0
             while not stop.is_set():
                 i += 1
                 try:
-                    b.request("PUT", f"/admin/references/5/L{i % 2}", json.dumps({"text": f"thing {cycle} {i}"}).encode(),
-                              {"Authorization": "Bearer t", "Content-Type": "application/json"})
+                    status, _ = b.request("PUT", f"/admin/references/5/L{i % 2}", json.dumps({"text": f"thing {cycle} {i}"}).encode(),
+                                          {"Authorization": "Bearer t", "Content-Type": "application/json"})
+                    if status == 200:
+                        written.append(i)
                 except OSError:
                     return
 
@@ -83,10 +86,13 @@ def test_kill_the_real_backend_while_it_writes_references(tmp_path):
         b.kill(signal.SIGKILL)
         stop.set()
         th.join(30)
+        assert len(written) >= 2, "no reference was written before the kill: the test would prove nothing"
         store = ReferenceStore(data)
         assert store.check() == []
-        for m in store.list("5"):
-            assert store.get("5", m.label).kind == "text"
+        refs = store.list("5")
+        assert refs, "references written and acknowledged before the kill must survive it"
+        for m in refs:
+            assert store.get("5", m.label).kind == "text" and m.text.startswith("thing ")
 
 
 def test_newer_store_is_refused_and_corrupt_database_is_named(tmp_path):

@@ -54,7 +54,7 @@ class Backend:
                 raise RuntimeError(f"backend exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
             try:
                 h = self.get("/health")[1]
-                if not wait_loaded or h.get("weights_loaded") or h.get("load_error"):
+                if not wait_loaded or not isinstance(h, dict) or h.get("weights_loaded") or h.get("load_error") or "error" in h:
                     return self
             except (OSError, ValueError):
                 pass
@@ -71,7 +71,13 @@ class Backend:
         self.kill(15)
 
     def request(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[Dict] = None, timeout: float = 300):
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.env.get("BASIC_AUTH_USER") and "Authorization" not in headers:
+            import base64
+
+            cred = f"{self.env['BASIC_AUTH_USER']}:{self.env.get('BASIC_AUTH_PASS', '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(cred).decode()
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "")

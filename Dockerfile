@@ -17,5 +17,6 @@ COPY backend ./backend
 RUN pip install --no-deps -e .
 VOLUME ["/data", "/cache"]
 EXPOSE 9090
-HEALTHCHECK --interval=30s --timeout=5s CMD curl -fs http://127.0.0.1:${PORT}/health || exit 1
+# /health needs basic auth when it is on; it answers 503 when the model failed to load
+HEALTHCHECK --interval=30s --timeout=5s CMD sh -c 'if [ -n "$BASIC_AUTH_USER" ]; then A="-u $BASIC_AUTH_USER:$BASIC_AUTH_PASS"; fi; curl -fs $A http://127.0.0.1:${PORT}/health' || exit 1
 CMD ["./run.sh"]

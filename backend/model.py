@@ -136,7 +136,10 @@ class Engine:
             bb = load_backbone(s.backbone, s.checkpoint, s.device, cache_size=s.embedding_cache)
             from smartsam.clickers import NextChainClicker
 
-            self.agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=s.chain_length), seed=s.seed)
+            from smartsam.agent import agent_options
+
+            # SMARTSAM_FAST_PATH and SMARTSAM_REQUIRE_CLICK: the same settings as the CLI and eval
+            self.agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=s.chain_length), seed=s.seed, **agent_options())
             log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
         except ModelError as e:
             self.load_error = str(e)
@@ -506,7 +509,9 @@ class SmartSAMBackend(LabelStudioMLBase):
             "score": round(float(res.score), 4),
         }
         pred = {"result": [result], "score": round(float(res.score), 4), "model_version": self.engine.model_version(proj),
-                "mode": res.mode}
+                "mode": res.mode, "path": res.path}
+        if self.engine.agent is not None and res.mode.startswith("reference"):
+            pred["require_click"] = self.engine.agent.require_click
         if res.similarity is not None:
             pred["similarity"] = round(float(res.similarity), 4)
         if res.partial:

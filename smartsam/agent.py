@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -25,6 +25,33 @@ from .features import ClipFeatures, DinoV2Features
 from .masks import LowResFrame, batch_iou
 from .sampler import PrioriInitialSampler
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
+
+
+# Fast path: chains whose initial mask overlaps a better-scored one by this IoU are not refined.
+FAST_PATH_IOU = 0.9
+
+
+def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool] = None) -> Dict[str, object]:
+    """The two agent choices every entry point (CLI, backend, eval) takes from one place.
+
+    Args:
+        fast_path: "auto" (on on a CPU, off on CUDA, where the paper's literal path is cheap),
+            "on" or "off"; None reads ``$SMARTSAM_FAST_PATH`` (default "auto").
+        require_click: reference mode only lets candidates that contain the click win; None reads
+            ``$SMARTSAM_REQUIRE_CLICK`` (default on: an annotator's click then always lies on the
+            answer, as in pure-IS mode; Eq. 2 of the paper takes the argmax over all candidates,
+            and ``smartsam eval --allow-anywhere`` measures the difference where real weights exist).
+    Returns:
+        keyword arguments for :class:`SmartSAMAgent` (``dedupe_iou``, ``require_click``).
+    """
+    import os
+
+    fp = (fast_path or os.environ.get("SMARTSAM_FAST_PATH") or "auto").strip().lower()
+    if fp not in ("auto", "on", "off"):
+        raise ValueError(f"SMARTSAM_FAST_PATH / --fast-path must be auto, on or off, not {fp!r}")
+    if require_click is None:
+        require_click = (os.environ.get("SMARTSAM_REQUIRE_CLICK") or "true").strip().lower() not in ("0", "false", "no", "off")
+    return {"dedupe_iou": {"auto": "auto", "on": FAST_PATH_IOU, "off": None}[fp], "require_click": bool(require_click)}
 
 
 class InvalidClick(ValueError):
@@ -84,6 +111,9 @@ class AgentResult:
     calls: Dict[str, int] = field(default_factory=dict)
     # True when a deadline cut the chains short: the answer is the best of what was explored.
     partial: bool = False
+    # "fast" (near-duplicate chains pruned) or "literal" (every chain, as the paper); "refine" / "box"
+    # answers carry the path of the agent that made them
+    path: str = "literal"
 
 
 class SmartSAMAgent:
@@ -98,7 +128,8 @@ class SmartSAMAgent:
         seed: the one seed; the same image, click and reference give the same mask.
         dedupe_iou: fast path. Chains whose initial mask overlaps an earlier, better-scored one
             by at least this IoU (on the low-res grid) are not refined: they would mostly
-            repeat it. None runs every chain (the paper's literal path).
+            repeat it. None runs every chain (the paper's literal path); "auto" (the default) is
+            the fast path on a CPU and the literal path on CUDA.
         require_click: in reference mode, only candidates that contain the click may win.
         result_cache: how many recent answers to keep for outer interactions.
     """
@@ -111,7 +142,7 @@ class SmartSAMAgent:
         image_features: Optional[DinoV2Features] = None,
         text_features: Optional[ClipFeatures] = None,
         seed: int = 0,
-        dedupe_iou: Optional[float] = 0.9,
+        dedupe_iou: Union[float, None, str] = "auto",
         require_click: bool = True,
         result_cache: int = 32,
     ) -> None:
@@ -121,12 +152,20 @@ class SmartSAMAgent:
         self.image_features = image_features
         self.text_features = text_features
         self.seed = int(seed)
+        if dedupe_iou == "auto":
+            dev = getattr(getattr(backbone, "device", None), "type", "cpu")
+            dedupe_iou = FAST_PATH_IOU if dev == "cpu" else None
         self.dedupe_iou = dedupe_iou
         self.require_click = bool(require_click)
         self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()
         self._result_cache = int(result_cache)
         self._image: Optional[np.ndarray] = None
         self._key: Optional[str] = None
+
+    @property
+    def path(self) -> str:
+        """"fast" or "literal": which agent runs (say it in every output)."""
+        return "literal" if self.dedupe_iou is None else "fast"
 
     # -- image -----------------------------------------------------------------------------
     def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
@@ -293,6 +332,7 @@ class SmartSAMAgent:
             timings={"initial": t1 - t0, "chains": t2 - t1, "select": t3 - t2, "upsample": t4 - t3, "total": t4 - t0},
             calls={"encoder": bb.encoder_calls - enc0, "decoder": bb.decoder_calls - dec0, "features": feat_calls},
             partial=partial,
+            path=self.path,
         )
         if return_candidates:
             result.candidates = cands
@@ -360,6 +400,7 @@ class SmartSAMAgent:
             low_res_logits=lg.copy(),
             timings={"total": time.perf_counter() - t0},
             calls={"encoder": 0, "decoder": bb.decoder_calls - dec0, "features": 0},
+            path=self.path,
         )
 
     def predict_box(self, box_xyxy: Sequence[float], points: Sequence[Sequence[float]] = (), labels: Sequence[int] = ()) -> AgentResult:
@@ -380,6 +421,7 @@ class SmartSAMAgent:
             mask=bb.upsample(lg[None])[0] > 0, score=float(res.scores[0, j]), similarity=None, mode="box",
             candidate=Candidate(0, "box", j, 0, (), float(res.scores[0, j])), low_res_logits=lg.copy(),
             timings={"total": time.perf_counter() - t0}, calls={"encoder": 0, "decoder": bb.decoder_calls - dec0, "features": 0},
+            path=self.path,
         )
 
 

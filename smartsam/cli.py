@@ -39,8 +39,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "clip-tiny-random with a random backbone)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="the one seed; same inputs, same mask (default 0)")
-    p.add_argument("--literal", action="store_true", help="run every chain (the paper's literal path) instead of "
-                   "skipping chains whose initial mask duplicates a better one")
+    p.add_argument("--fast-path", choices=["auto", "on", "off"], help="skip chains whose initial mask duplicates a "
+                   "better one: auto (default, $SMARTSAM_FAST_PATH) = on on a CPU, off (the paper's literal path) on CUDA")
+    p.add_argument("--literal", action="store_true", help="the same as --fast-path off")
+    p.add_argument("--allow-anywhere", action="store_true", help="reference mode: candidates that do not contain the "
+                   "click may win too (Eq. 2's plain argmax; default: $SMARTSAM_REQUIRE_CLICK, on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +107,14 @@ def _load_agent(args, need_image: bool = False, need_text: bool = False):
         img_f = load_features(args.features or default_features("image", bb.random_weights), args.device)
     if need_text:
         txt_f = load_features(args.text_features or default_features("text", bb.random_weights), args.device)
-    return SmartSAMAgent(bb, image_features=img_f, text_features=txt_f, seed=args.seed, dedupe_iou=None if args.literal else 0.9)
+    return SmartSAMAgent(bb, image_features=img_f, text_features=txt_f, seed=args.seed, **cli_agent_options(args))
+
+
+def cli_agent_options(args) -> dict:
+    """Fast path and click restriction from the flags, else from the environment (one setting each)."""
+    from .agent import agent_options
+
+    return agent_options("off" if args.literal else args.fast_path, False if args.allow_anywhere else None)
 
 
 def _read_image(path: str):
@@ -157,6 +167,8 @@ def cmd_segment(args) -> int:
         "backbone": agent.backbone.name,
         "random_weights": agent.backbone.random_weights,
         "mode": result.mode,
+        "path": result.path,
+        "require_click": agent.require_click,
         "score": round(result.score, 4),
         "similarity": None if result.similarity is None else round(result.similarity, 4),
         "source": {"prompt": result.candidate.prompt_kind, "prompt_index": result.candidate.prompt_index,

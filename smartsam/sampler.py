@@ -3,8 +3,9 @@
 From one click it makes ``1 + num_points + len(box_aspects)`` prompts (10 by default):
 the click itself, points at distance ``beta * Gamma(shape, 1)`` in a uniform direction (the
 Gamma's mode ``beta * (shape - 1)`` is where an annotator's "nearby" click most likely lands),
-and boxes of a few aspect ratios around the click. With SAM's multimask output each prompt
-gives 3 masks: 30 initial masks that span the part / object / group granularities.
+and boxes of a few aspect ratios whose centres are drawn the same way (section 3.2: the geometric
+centres of all the agent's prompts follow Eq. 1). With SAM's multimask output each prompt gives 3
+masks: 30 initial masks that span the part / object / group granularities.
 """
 
 from __future__ import annotations
@@ -64,24 +65,33 @@ class PrioriInitialSampler:
     def num_prompts(self) -> int:
         return 1 + self.num_points + len(self.box_aspects)
 
+    def _offsets(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Eq. 1: ``n`` offsets ``(dx, dy)`` at distance ``beta * Gamma(shape, 1)``, uniform angle."""
+        dist = self.beta * rng.gamma(self.gamma_shape, 1.0, size=n)
+        angle = rng.uniform(0.0, 2.0 * np.pi, size=n)
+        return np.stack([dist * np.cos(angle), dist * np.sin(angle)], axis=1)
+
     def sample_points(self, click_xy: Tuple[float, float], image_hw: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         """``(num_points, 2)`` points ``(x, y)`` around the click, clipped to the image."""
         h, w = image_hw
-        dist = self.beta * rng.gamma(self.gamma_shape, 1.0, size=self.num_points)
-        angle = rng.uniform(0.0, 2.0 * np.pi, size=self.num_points)
-        pts = np.stack([click_xy[0] + dist * np.cos(angle), click_xy[1] + dist * np.sin(angle)], axis=1)
+        pts = np.asarray(click_xy, np.float64)[None] + self._offsets(self.num_points, rng)
         return np.clip(pts, 0, [w - 1, h - 1]).astype(np.float32)
 
     def sample_boxes(self, click_xy: Tuple[float, float], image_hw: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        """``(len(box_aspects), 4)`` boxes ``(x0, y0, x1, y1)`` centred on the click, clipped."""
+        """``(len(box_aspects), 4)`` boxes ``(x0, y0, x1, y1)``, clipped to the image.
+
+        Each box's centre is drawn by Eq. 1 like the points. Clipping: the centre is first moved
+        into the image (as a point is), then the box's sides are cut at the image's edges, so every
+        box covers part of the image around a centre inside it (near an edge it is smaller).
+        """
         h, w = image_hw
         scale = max(h, w) / self.reference_size
+        centres = np.clip(np.asarray(click_xy, np.float64)[None] + self._offsets(len(self.box_aspects), rng), 0, [w - 1, h - 1])
         boxes = []
-        for aspect in self.box_aspects:
+        for aspect, (cx, cy) in zip(self.box_aspects, centres):
             side = rng.uniform(*self.box_side_range) * scale
             bw, bh = (side, side / aspect) if aspect >= 1 else (side * aspect, side)
-            x0, y0 = click_xy[0] - bw / 2, click_xy[1] - bh / 2
-            boxes.append([x0, y0, x0 + bw, y0 + bh])
+            boxes.append([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2])
         b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, w - 1)
         b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, h - 1)

@@ -72,7 +72,9 @@ class Backend:
 
     def request(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[Dict] = None, timeout: float = 300):
         headers = dict(headers or {})
-        if self.env.get("BASIC_AUTH_USER") and "Authorization" not in headers:
+        if headers.get("Authorization", "") is None:
+            headers.pop("Authorization")  # explicitly without credentials
+        elif self.env.get("BASIC_AUTH_USER") and "Authorization" not in headers:
             import base64
 
             cred = f"{self.env['BASIC_AUTH_USER']}:{self.env.get('BASIC_AUTH_PASS', '')}".encode()

@@ -324,7 +324,7 @@ def test_basic_auth_and_missing_checkpoint(tmp_path, server):
     b = Backend(tmp_path / "data", env={"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw", "LABEL_STUDIO_URL": server.url,
                                         "LABEL_STUDIO_API_KEY": TOKEN}).start(wait_loaded=False)
     try:
-        status, body = b.get("/health")
+        status, body = b.get("/health", headers={"Authorization": None})
         assert status == 401 and "basic auth" in body["error"]
         auth = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
         assert b.get("/health", headers=auth)[0] == 200
@@ -334,8 +334,9 @@ def test_basic_auth_and_missing_checkpoint(tmp_path, server):
         assert b.get("/health", headers={"Authorization": "Basic %%%"})[0] == 401
         assert b.request("GET", "/health", headers={"Authorization": "Basic bHM6cHc=\u00e9".encode().decode("latin-1")}, timeout=5)[0] == 401
         # webhooks come without basic auth (Label Studio sends none): accepted as notices
-        status, w = b.post("/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}})
+        status, w = b.post("/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}, headers={"Authorization": None})
         assert status == 200 and w["queued"] is True
+        assert b.post("/predict", {"tasks": []}, headers={"Authorization": None})[0] == 401
     finally:
         b.stop()
     # a real backbone whose weights are not here: the start stops at once with one message
@@ -350,24 +351,19 @@ def test_basic_auth_and_missing_checkpoint(tmp_path, server):
     assert p.returncode == 1 and time.time() - t0 < 30
     assert "sam2.1_hiera_tiny.pt" in p.stderr and "smartsam models download sam2.1_hiera_tiny --from" in p.stderr
     assert "Traceback" not in p.stderr
-    # ...and with the checkpoint placed by hand as the message says, it serves that model
+    # ...and a file placed by hand as the message says is checked against the published hash: a
+    # file that is not the official checkpoint is refused, and nothing is placed
     import torch
 
     from smartsam.backbones.sam2 import build_sam2_model
 
     torch.manual_seed(3)
     ckpt = tmp_path / "sam2.1_hiera_tiny.pt"
-    torch.save({"model": build_sam2_model("hiera_t").state_dict()}, ckpt)  # the official file's layout
+    torch.save({"model": build_sam2_model("hiera_t").state_dict()}, ckpt)  # the official file's layout, other weights
     p = subprocess.run([sys.executable, "-m", "smartsam", "models", "download", "sam2.1_hiera_tiny", "--from", str(ckpt)],
                        env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    b = Backend(tmp_path / "d3", env={"SMARTSAM_BACKBONE": "sam2.1_hiera_tiny", "SMARTSAM_HOME": str(tmp_path / "home"),
-                                      "SMARTSAM_MIRROR": "http://127.0.0.1:9"}, backbone="sam2.1_hiera_tiny").start()
-    try:
-        h = b.get("/health")[1]
-        assert h["model"] == "sam2.1_hiera_tiny" and h["weights_loaded"] and not h["random_weights"], h
-    finally:
-        b.stop()
+    assert p.returncode == 1 and "expected 156008466" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "home" / "checkpoints" / "sam2.1_hiera_tiny.pt").exists()
 
 
 def _status_after_headers(backend, head: bytes, body: bytes) -> bytes:
@@ -477,3 +473,29 @@ def test_health_answers_within_a_second_while_four_clicks_run(backend):
     [t.join() for t in threads]
     assert len(waits) >= 4 and max(waits) < 1.0, waits
     assert all(s == 200 and r["results"][0]["result"] for s, r in results)
+
+
+def test_health_is_not_up_when_the_model_failed_to_load(tmp_path):
+    """/health answers at once while loading, and 503 with the reason when loading failed: the
+    reason is in the status line too, the one part of a failed check Label Studio's Connect shows."""
+    import http.client
+
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    b = Backend(tmp_path / "data", env={"SMARTSAM_CHECKPOINT": str(bad)}, backbone="sam2.1_hiera_tiny").start(wait_loaded=False)
+    try:
+        t0 = time.time()
+        status, h = b.get("/health")
+        assert time.time() - t0 < 1.0
+        deadline = time.time() + 60
+        while status == 200 and time.time() < deadline:
+            time.sleep(0.2)
+            status, h = b.get("/health")
+        assert status == 503 and "failed to load" in h["error"] and "garbage.pt" in h["error"], h
+        c = http.client.HTTPConnection("127.0.0.1", b.port, timeout=5)
+        c.request("GET", "/health")
+        r = c.getresponse()
+        assert r.status == 503 and r.reason.startswith("Model failed to load") and "garbage.pt" in r.reason, r.reason
+        c.close()
+    finally:
+        b.stop()

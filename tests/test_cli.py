@@ -32,7 +32,20 @@ def test_segment_with_references(datasets, tmp_path):
     p = run("segment", str(datasets / IMG), "--click", "240,160", "--reference-image", str(ref_img),
             "--reference-mask", str(ref_mask), "--out", str(tmp_path / "m.png"), "--backbone", "sam_vit_tiny-random", "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout.strip().splitlines()[-1])["mode"] == "reference-mask"
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["mode"] == "reference-mask" and info["path"] == "fast" and info["require_click"] is True
+    # the same two settings as the backend and eval: flags, else SMARTSAM_FAST_PATH / SMARTSAM_REQUIRE_CLICK
+    p = run("segment", str(datasets / IMG), "--click", "240,160", "--out", str(tmp_path / "m.png"), "--backbone", "disk-test",
+            "--json", "--fast-path", "off", "--allow-anywhere")
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["path"] == "literal" and info["require_click"] is False, info
+    import os
+
+    p = subprocess.run([sys.executable, "-m", "smartsam", "segment", str(datasets / IMG), "--click", "240,160", "--out",
+                        str(tmp_path / "m.png"), "--backbone", "disk-test", "--json"], capture_output=True, text=True,
+                       env=dict(os.environ, SMARTSAM_FAST_PATH="off", SMARTSAM_REQUIRE_CLICK="false"), timeout=120)
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["path"] == "literal" and info["require_click"] is False, info
     p = run("segment", str(datasets / IMG), "--click", "240,160", "--reference-text", "penguin",
             "--out", str(tmp_path / "m.png"), "--backbone", "sam_vit_tiny-random", "--json")
     assert p.returncode == 0, p.stderr
@@ -62,7 +75,7 @@ def test_errors_are_one_line_with_exit_code_2(datasets, tmp_path, args, message)
 def test_unloadable_checkpoint_is_one_line_with_exit_code_1(datasets, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("hello")
-    for backbone, message in [("sam2.1_hiera_tiny", "could not load"), ("sam2.1_hiera_tiny-random", "random weights")]:
+    for backbone, message in [("sam2.1_hiera_tiny", "expected 156008466"), ("sam2.1_hiera_tiny-random", "random weights")]:
         p = run("segment", str(datasets / IMG), "--click", "10,10", "--checkpoint", str(bad), "--backbone", backbone,
                 "--out", str(tmp_path / "m.png"))
         assert p.returncode == 1 and message in p.stderr and "Traceback" not in p.stderr

@@ -1,5 +1,6 @@
 """Known answers for the evaluation harness: it is trusted because of these."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -77,6 +78,22 @@ def test_every_metric_worked_out_by_hand():
     assert noc([0.5, 0.95], 0.9, 20) == 2 and noc([0.5], 0.9, 20) == 20 and noc([0.95], 0.9, 20) == 1
 
 
+def test_thresholds_separate_and_ratios_count():
+    """A sample at 0.80 / 0.87 / 0.92 crosses 75 at click 1, 85 at click 2 and 90 at click 3: every
+    threshold is told apart, and Ratio@75 counts it while Ratio@85 does not."""
+    c = [0.80, 0.87, 0.92]
+    d = [0.90, 0.95]
+    m = summarize([c, d], max_clicks=4, iou_best=[0.8, 0.3])
+    assert m["Ratio@75"] == pytest.approx(100.0) and m["Ratio@85"] == pytest.approx(50.0)
+    assert m["NoC@75"] == pytest.approx(1.0)
+    assert m["NoC@85"] == pytest.approx((2 + 1) / 2)
+    assert m["NoC@90"] == pytest.approx((3 + 1) / 2)
+    assert m["IoU_best"] == pytest.approx(55.0)
+    assert m["mIoU@1"] == pytest.approx(85.0)
+    # a sample that stopped early keeps its last IoU in the per-click curve
+    assert m["miou_per_click"] == pytest.approx([85.0, 91.0, 93.5, 93.5])
+
+
 def test_ignore_band_counts_for_nothing():
     gt = square_gt()
     ignore = np.zeros_like(gt)
@@ -128,7 +145,7 @@ def test_oracle_and_empty_through_the_cli(datasets, tmp_path, dataset):
         s = json.loads((tmp_path / f"{mode}.json").read_text())
         assert s["n"] == 4 and s["mIoU@1"] == miou and s["NoC@90"] == nocs and s["NoC@85"] == nocs
     assert (tmp_path / "miou_vs_clicks.png").stat().st_size > 1000
-    assert len((tmp_path / "oracle.csv").read_text().splitlines()) == 1 + 4
+    assert len((tmp_path / "oracle.csv").read_text().splitlines()) == 1 + 4 * 5  # 5 trials by default
 
 
 def test_runs_resume_where_they_stopped(datasets, tmp_path):
@@ -150,11 +167,96 @@ def test_backbone_and_agent_modes_run_end_to_end(datasets, tmp_path):
     # real architectures with random weights: checks the plumbing, labels the output
     for mode, ds in [("backbone", "GrabCut"), ("pure-is", "GrabCut"), ("reference", "COCO_MVal-dev")]:
         p = run_cli("eval", "--dataset", str(datasets / ds), "--mode", mode, "--limit", "1", "--max-clicks", "2",
-                    "--backbone", "sam_vit_tiny-random", "--out", str(tmp_path / ds), "--no-progress")
+                    "--backbone", "sam_vit_tiny-random", "--out", str(tmp_path / ds), "--no-progress", "--trials", "1")
         assert p.returncode == 0, p.stderr
         s = json.loads((tmp_path / ds / f"{mode}.json").read_text())
         assert s["random_weights"] is True and "RANDOM" in s["note"] and "RANDOM weights" in p.stdout
-        assert 0 <= s["mIoU@1"] <= 100 and 1 <= s["NoC@90"] <= 2 and 0 <= s["IoU_best"] <= 100
+        # the summary is the metrics of the per-sample rows it wrote (CSV), not another computation
+        rows = [r for r in csv.DictReader((tmp_path / ds / f"{mode}.csv").open())]
+        assert len(rows) == s["n"] == 1 and s["seeds"] == [0]
+        if mode != "backbone":
+            assert s["path"] == "fast" and s["require_click"] is True  # CPU default, and the click restriction
+        ious = [[float(v) for v in r["ious"].split()] for r in rows]
+        assert s["NoC@90"] == pytest.approx(np.mean([noc(i, 0.9, 2) for i in ious]))
+        assert s["mIoU@1"] == pytest.approx(100 * np.mean([i[0] for i in ious]))
     p = run_cli("eval", "--dataset", str(datasets / "GrabCut"), "--mode", "reference", "--limit", "1",
                 "--backbone", "sam_vit_tiny-random", "--out", str(tmp_path / "g"), "--no-progress")
     assert p.returncode == 2 and "categories" in p.stderr
+
+
+def test_trials_and_seed(datasets, tmp_path):
+    args = ["eval", "--dataset", str(datasets / "GrabCut"), "--mode", "pure-is", "--limit", "1", "--max-clicks", "2",
+            "--backbone", "disk-test", "--no-progress"]
+    p = run_cli(*args, "--out", str(tmp_path / "a"), "--seed", "7", "--trials", "2")
+    assert p.returncode == 0, p.stderr
+    s = json.loads((tmp_path / "a" / "pure-is.json").read_text())
+    assert s["trials"] == 2 and s["seed"] == 7 and s["seeds"] == [7, 8]
+    rows = list(csv.DictReader((tmp_path / "a" / "pure-is.csv").open()))
+    assert sorted(int(r["trial"]) for r in rows) == [0, 1]
+    # the same seed resumes (nothing recomputed); another seed is refused in the same folder
+    p = run_cli(*args, "--out", str(tmp_path / "a"), "--seed", "7", "--trials", "2")
+    assert p.returncode == 0 and len(list(csv.DictReader((tmp_path / "a" / "pure-is.csv").open()))) == 2
+    p = run_cli(*args, "--out", str(tmp_path / "a"), "--seed", "8", "--trials", "2")
+    assert p.returncode == 2 and "--seed 7" in p.stderr
+    # default: 5 trials, as the paper
+    p = run_cli(*args, "--out", str(tmp_path / "b"))
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "b" / "pure-is.json").read_text())["seeds"] == [0, 1, 2, 3, 4]
+
+
+def _png(path, arr, mode=None):
+    from PIL import Image
+
+    img = Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
+    img.save(path)
+    return path
+
+
+def test_each_ground_truth_format(tmp_path):
+    from PIL import Image
+
+    from smartsam.eval.datasets import read_gt
+
+    obj = np.zeros((6, 8), bool)
+    obj[1:4, 2:6] = True
+    # 0/255 and 0/1 masks
+    assert (read_gt(_png(tmp_path / "a.png", np.where(obj, 255, 0).astype(np.uint8)))[0] == obj).all()
+    gt, ig = read_gt(_png(tmp_path / "b.png", obj.astype(np.uint8)))
+    assert (gt == obj).all() and ig is None
+    # palette: 0 background, 255 void (ignored), other indices the object
+    pal = np.where(obj, 3, 0).astype(np.uint8)
+    pal[5, :] = 255
+    img = Image.fromarray(pal, "P")
+    img.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * (3 * 251) + [224, 224, 192])
+    img.save(tmp_path / "c.png")
+    gt, ig = read_gt(tmp_path / "c.png")
+    assert (gt == obj).all() and ig[5].all() and ig.sum() == 8
+    # 16-bit instance ids: nonzero is the object
+    ids = np.where(obj, 1042, 0).astype(np.uint16)
+    gt, ig = read_gt(_png(tmp_path / "d.png", ids))
+    assert (gt == obj).all() and ig is None
+    # 128: GrabCut's ignored band only where asked; elsewhere part of the object
+    band = np.where(obj, 255, 0).astype(np.uint8)
+    band[1, 2:6] = 128
+    gt, ig = read_gt(_png(tmp_path / "e.png", band), band_128=True)
+    assert gt.sum() == obj.sum() - 4 and ig.sum() == 4
+    gt, ig = read_gt(tmp_path / "e.png")
+    assert (gt == obj).all() and ig is None
+
+
+def test_not_clicked_map_never_repeats_a_click():
+    """RITM's not-clicked map: a segmenter that ignores clicks gets each next click on a new pixel,
+    the best one not yet tried, instead of the same pixel again."""
+    from smartsam.eval.clicker import _padded_dt
+
+    gt = square_gt()
+    c = Clicker(gt)
+    empty = np.zeros_like(gt)
+    seen = [c.make_next_click(empty).coords for _ in range(5)]
+    assert seen[0] == (10, 10) and len(set(seen)) == 5
+    dt = _padded_dt(gt)
+    for k, (y, x) in enumerate(seen[1:], 1):
+        left = dt.copy()
+        for yy, xx in seen[:k]:
+            left[yy, xx] = 0
+        assert dt[y, x] == left.max()  # the farthest-from-boundary pixel not clicked yet

@@ -184,6 +184,7 @@ def test_registry_defaults_and_random_models_are_labelled(monkeypatch):
         assert s.random == (s.name.endswith("-random") or s.family == "test")  # never real weights
         if not s.random and s.family in ("sam", "sam2"):
             assert s.url.startswith("https://dl.fbaipublicfiles.com/")
+            assert s.sha256 and len(s.sha256) == 64  # every real checkpoint is checked against its published hash
     with pytest.raises(ModelError, match="unknown model"):
         models.get_spec("sam_vit_x")
 
@@ -191,7 +192,9 @@ def test_registry_defaults_and_random_models_are_labelled(monkeypatch):
 def test_corrupt_local_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="could not load"):
+    with pytest.raises(ModelError, match="expected 156008466"):  # SAM 2.1 files are checked like SAM's
         models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(bad), device="cpu")
+    with pytest.raises(ModelError, match="could not load"):  # a checkpoint that is not one
+        models.load_backbone(ModelSpec("test-sam", "sam", "vit_tiny", "test"), checkpoint=str(bad), device="cpu")
     with pytest.raises(ModelError, match="does not exist"):
         models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(tmp_path / "missing.pt"), device="cpu")

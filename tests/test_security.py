@@ -125,6 +125,7 @@ def test_the_mask_lands_where_the_annotator_clicked(disk_backend, name, w, h):
     # a click at 25 % across, 70 % down of the image as Label Studio shows it
     status, r = disk_backend.post("/predict", predict_body(f"/data/upload/1/{name}", [keypoint(25, 70, w=w, h=h)]))
     assert status == 200 and "errors" not in r, r
+    assert r["results"][0]["path"] == "fast"  # the CPU default, said in every answer
     res = r["results"][0]["result"][0]
     m = rle_mask(res)
     assert m.shape == (h, w) and (res["original_width"], res["original_height"]) == (w, h)
@@ -158,3 +159,20 @@ def test_edge_click_third_click_and_displayed_size(disk_backend):
     assert (res["original_width"], res["original_height"]) == (400, 240) and m.shape == (240, 400)
     cx, cy = _centre(m)
     assert abs(cx - 100) <= 3 and abs(cy - 168) <= 3, (cx, cy)
+
+
+def test_agent_settings_are_honoured_and_said(tmp_path, disk_backend):
+    """SMARTSAM_FAST_PATH and SMARTSAM_REQUIRE_CLICK: the backend honours them and says which ran."""
+    server_url = disk_backend.env["LABEL_STUDIO_URL"]  # the disk backend's image server, reused
+    b = Backend(tmp_path / "data", backbone="disk-test", env={"LABEL_STUDIO_URL": server_url, "LABEL_STUDIO_API_KEY": TOKEN,
+                                                              "SMARTSAM_FAST_PATH": "off", "SMARTSAM_REQUIRE_CLICK": "false",
+                                                              "SMARTSAM_ADMIN_TOKEN": "a"}).start()
+    try:
+        r = b.post("/predict", predict_body("/data/upload/1/plain.png", [keypoint(25, 70, w=200, h=120)]))[1]
+        assert r["results"][0]["path"] == "literal", r
+        assert b.request("PUT", "/admin/references/1/Object", json.dumps({"text": "x"}).encode(),
+                         {"Authorization": "Bearer a", "Content-Type": "application/json"})[0] == 200
+        r = b.post("/predict", predict_body("/data/upload/1/plain.png", [keypoint(25, 70, w=200, h=120)]))[1]
+        assert r["results"][0]["mode"] == "reference-text" and r["results"][0]["require_click"] is False, r
+    finally:
+        b.stop()

@@ -16,11 +16,10 @@ def add_eval_parser(sub) -> None:
                    help="backbone: plain SAM; pure-is: SmartSAM without reference; reference: SmartSAM with another "
                    "instance of the same category as reference (COCO_MVal); oracle/empty: harness checks")
     e.add_argument("--max-clicks", type=int, default=20)
-    e.add_argument("--trials", type=int, default=1, help="repeats with seeds 0..N-1 (mean and spread reported)")
+    e.add_argument("--trials", type=int, default=5, help="repeats with seeds SEED..SEED+N-1, mean and spread reported "
+                   "(default 5, as the paper)")
     e.add_argument("--limit", type=int, help="first N samples only")
     e.add_argument("--stop-iou", type=float, default=1.01, help="stop a sample's clicks at this IoU (default: never)")
-    e.add_argument("--allow-anywhere", action="store_true", help="reference mode: let candidates that do not contain "
-                   "the click win too")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--no-progress", action="store_true")
     from ..cli import _add_model_args
@@ -29,7 +28,7 @@ def add_eval_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..cli import UsageError
+    from ..cli import UsageError, cli_agent_options
     from .datasets import load_dataset, load_gt, reference_for
     from .runner import evaluate
     from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter
@@ -42,6 +41,17 @@ def cmd_eval(args) -> int:
     if args.max_clicks < 1:
         raise UsageError("--max-clicks must be at least 1")
     dataset = Path(args.dataset).resolve().name
+    if args.trials < 1:
+        raise UsageError("--trials must be at least 1")
+    previous = Path(args.out) / f"{args.mode}.json"
+    if previous.exists():
+        try:
+            old_seed = json.loads(previous.read_text()).get("seed", args.seed)
+        except ValueError:
+            old_seed = args.seed
+        if old_seed != args.seed:
+            raise UsageError(f"{args.out} holds {args.mode} results of --seed {old_seed}: resume with that seed, or use "
+                             f"another --out")
     if args.mode == "oracle":
         make = lambda t: OracleSegmenter(lambda s: load_gt(s)[0])  # noqa: E731
     elif args.mode == "empty":
@@ -74,12 +84,16 @@ def cmd_eval(args) -> int:
                 ref_fn = reference
 
             def make(trial):
-                agent = SmartSAMAgent(bb, image_features=feats, seed=trial, dedupe_iou=None if args.literal else 0.9,
-                                      require_click=not args.allow_anywhere)
+                agent = SmartSAMAgent(bb, image_features=feats, seed=args.seed + trial, **cli_agent_options(args))
                 return AgentSegmenter(agent, ref_fn)
 
     summary = evaluate(samples, make, Path(args.out), args.mode, dataset, args.max_clicks, args.trials, args.stop_iou,
                        progress=not args.no_progress)
+    summary.update({"seed": args.seed, "seeds": list(range(args.seed, args.seed + args.trials))})
+    if args.mode in ("pure-is", "reference"):
+        probe = make(0).agent
+        summary.update({"path": probe.path, "require_click": probe.require_click})
+    (Path(args.out) / f"{args.mode}.json").write_text(json.dumps(summary, indent=2))
     keys = ["n", "mIoU@1", "Ratio@75", "Ratio@85", "NoC@75", "NoC@85", "NoC@90", "IoU_best", "sec_first_click"]
     print("| dataset | mode | segmenter | " + " | ".join(keys) + " |")
     print("|" + " --- |" * (3 + len(keys)))

@@ -3,7 +3,9 @@
 The first click goes to the point of the object farthest from its boundary; each next click to
 the point farthest from the boundary of the larger error region (false negatives -> positive
 click, false positives -> negative click). Distances use a padded mask so that the image border
-counts as boundary. Pixels in the ignore band are neither error nor object.
+counts as boundary. Pixels in the ignore band are neither error nor object. As in RITM, a pixel
+already clicked is never clicked again (the not-clicked map): when a segmenter ignores a click,
+the next one goes to the best pixel not yet tried instead of repeating it forever.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Clicker:
     def __init__(self, gt: np.ndarray, ignore: Optional[np.ndarray] = None) -> None:
         self.gt = gt.astype(bool)
         self.not_ignore = np.ones_like(self.gt) if ignore is None else ~ignore.astype(bool)
+        self.not_clicked = np.ones(self.gt.shape, np.float32)
         self.clicks: List[Click] = []
 
     def make_next_click(self, pred: np.ndarray) -> Click:
@@ -50,13 +53,14 @@ class Clicker:
         pred = pred.astype(bool)
         fn = self.gt & ~pred & self.not_ignore
         fp = ~self.gt & pred & self.not_ignore
-        fn_dt, fp_dt = _padded_dt(fn), _padded_dt(fp)
+        fn_dt, fp_dt = _padded_dt(fn) * self.not_clicked, _padded_dt(fp) * self.not_clicked
         fn_max, fp_max = float(fn_dt.max()), float(fp_dt.max())
         positive = fn_max > fp_max
         dt = fn_dt if positive else fp_dt
         peak = fn_max if positive else fp_max
         ys, xs = np.nonzero(dt == peak)
         click = Click(bool(positive), (int(ys[0]), int(xs[0])))
+        self.not_clicked[click.coords] = 0.0
         self.clicks.append(click)
         return click
 

@@ -1,7 +1,11 @@
 """Interactive-segmentation benchmarks in the RITM layout (GrabCut, COCO_MVal): ``img/`` + ``gt/``.
 
-GrabCut's ground truth marks an uncertain band along the boundary with 128: those pixels count
-for neither object nor background (they are left out of every IoU and never clicked).
+Ground-truth rules, per file (``read_gt``): 0/255 masks (object >= 128) and 0/1 masks (object = 1);
+palette PNGs (index 0 background, 255 the VOC "void" border, which counts for nothing, any other
+index the object); 16-bit or 32-bit instance-id PNGs (nonzero = the object, as RITM's DAVIS loader
+does). Only GrabCut marks an uncertain band along the boundary with 128 (RITM ignores it for
+GrabCut alone): there those pixels count for neither object nor background (left out of every
+IoU, never clicked).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ class Sample:
     image_path: Path
     gt_path: Path
     category: str
+
+    @property
+    def dataset(self) -> str:
+        """The dataset folder's name (``.../GrabCut/gt/x.bmp`` -> ``GrabCut``)."""
+        return self.gt_path.parent.parent.name
 
 
 def category_of(name: str) -> str:
@@ -63,13 +72,33 @@ def load_dataset(root: Path) -> List[Sample]:
     return samples
 
 
-def load_gt(sample: Sample) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """``(object (H, W) bool, ignore (H, W) bool or None)`` from the ground-truth file."""
-    a = np.asarray(Image.open(sample.gt_path))
+def read_gt(path: Path, band_128: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(object (H, W) bool, ignore (H, W) bool or None)`` from a ground-truth file (rules above).
+
+    Args:
+        band_128: the value 128 marks pixels to ignore (GrabCut's boundary band).
+    """
+    img = Image.open(path)
+    if img.mode == "P":
+        a = np.asarray(img)
+        ignore = a == 255
+        return (a > 0) & ~ignore, (ignore if ignore.any() else None)
+    a = np.asarray(img)
     if a.ndim == 3:
         a = a[..., 0]
-    ignore = a == 128
-    return a > 128, (ignore if ignore.any() else None)
+    if a.dtype != np.uint8 or img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return a > 0, None  # instance ids
+    if band_128:
+        ignore = a == 128
+        return a > 128, (ignore if ignore.any() else None)
+    if a.max(initial=0) <= 1:
+        return a == 1, None  # a 0/1 mask
+    return a >= 128, None
+
+
+def load_gt(sample: Sample) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The sample's ground truth: 128 is ignored for GrabCut only, as in RITM."""
+    return read_gt(sample.gt_path, band_128=sample.dataset.lower() == "grabcut")
 
 
 def load_sample(sample: Sample) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:

@@ -184,6 +184,7 @@ class Engine:
             "random_weights": bool(bb and bb.random_weights),
             "load_error": self.load_error,
             "encoder_calls": bb.encoder_calls if bb else 0,
+            "decoder_calls": bb.decoder_calls if bb else 0,
             "embedding_disk_hits": bb.disk_hits if bb else 0,
             "version": __version__,
         }

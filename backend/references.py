@@ -132,6 +132,13 @@ class ReferenceStore:
         sha = hashlib.sha256(data).hexdigest()
         name = f"{sha}{suffix}"
         dest = self.files / name
+        if dest.exists():
+            # reused by content: refresh its time so a concurrent garbage collection (which only
+            # removes unnamed files older than a minute) cannot delete it before our row names it
+            try:
+                os.utime(dest)
+            except FileNotFoundError:
+                pass
         if not dest.exists():
             tmp = self.files / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
             with open(tmp, "wb") as f:

@@ -263,6 +263,11 @@ class SmartSAMAgent:
         if self.dedupe_iou is not None and len(chains) > 1:
             chains = self._distinct(logits[0], scores[0], frame)
         state = {c: (logits[0][c], float(scores[0][c]), ()) for c in chains}
+        # Each chain draws from its own stream (seed, click, chain): a chain's clicks do not depend
+        # on which other chains run, so the fast path explores a subset of the literal path's
+        # candidates, the same ones, instead of a reshuffled set.
+        seed_key = [self.seed, int(round(x * 16)), int(round(y * 16))]
+        chain_rng = {c: np.random.default_rng(seed_key + [c + 1]) for c in chains}
         partial = False
         for step in range(1, self.clicker.chain_length + 1):
             if deadline is not None and time.monotonic() >= deadline:
@@ -271,7 +276,7 @@ class SmartSAMAgent:
             prompts, owners, new_clicks = [], [], []
             for c in chains:
                 lg, sc, clicks = state[c]
-                click = self.clicker.next_click(lg, sc, band, frame, rng)
+                click = self.clicker.next_click(lg, sc, band, frame, chain_rng[c])
                 if click is None:
                     continue
                 clicks = clicks + ((click.xy, click.label),)

@@ -260,10 +260,13 @@ def test_personal_access_token_works_too(label_studio, tmp_path):
 
 
 def test_browser_click_shows_the_suggestion(label_studio, backend):
+    """The README's "Connect it" followed in the browser: Label Studio with only the README's
+    settings, the model connected in Settings -> Model (basic auth, interactive preannotations),
+    then one click with the smart keypoint tool shows the suggestion."""
     from playwright.sync_api import sync_playwright
 
     ls = label_studio
-    pid, ml, tasks = ls.project("SmartSAM browser", r".*106024\.jpg", backend.url, basic_auth=True)
+    pid, _, tasks = ls.project("SmartSAM browser", r".*106024\.jpg", None)  # step 1 (config pasted via the API)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
@@ -275,6 +278,19 @@ def test_browser_click_shows_the_suggestion(label_studio, backend):
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_load_state("networkidle")
+        # step 2: Settings -> Model -> Connect Model, as the README says
+        page.goto(f"{ls.url}/projects/{pid}/settings/ml")
+        page.get_by_text("Connect Model").first.click()
+        page.fill("input[name=title]", "SmartSAM")
+        page.fill("input[name=url]", backend.url)
+        page.click("[data-testid^=select-trigger-auth_method]")
+        page.get_by_text("Basic Authentication").last.click()
+        page.fill("input[name=basic_auth_user]", BASIC[0])
+        page.fill("input[name=basic_auth_pass]", BASIC[1])
+        page.get_by_text("Interactive preannotations").click()
+        page.click("button[aria-label='Save machine learning form']")
+        models = wait_for(lambda: ls.api("GET", f"/api/ml?project={pid}")[1], timeout=60, what="the connected model")
+        assert models[0]["readable_state"] == "Connected" and models[0]["is_interactive"], models
         page.goto(f"{ls.url}/projects/{pid}/data?task={tasks[0]['id']}")
         page.wait_for_selector("canvas", timeout=120_000)
         page.wait_for_timeout(2000)

@@ -10,6 +10,7 @@ and each group is one decoder call.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -88,6 +89,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (Intel AMX): detected, never assumed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+def cpu_bf16_setting() -> bool:
+    """``SMARTSAM_CPU_BF16``: "auto" (default: on where the CPU has AMX), "on" or "off"."""
+    v = (os.environ.get("SMARTSAM_CPU_BF16") or "auto").strip().lower()
+    if v not in ("auto", "on", "off"):
+        raise ValueError(f"SMARTSAM_CPU_BF16 must be auto, on or off, not {v!r}")
+    return cpu_has_fast_bf16() if v == "auto" else v == "on"
+
+
 class Backbone:
     """Base class: embedding cache, batching and counters; adapters fill in four hooks.
 
@@ -122,6 +141,9 @@ class Backbone:
         self.disk_cache = None  # an EmbeddingDiskCache: embeddings survive restarts and are shared
         self.disk_hits = 0
         self.cache_id = name  # which weights made an embedding (the disk cache's folder)
+        # bf16 autocast on the CPU: about 2x on the encoder where the CPU has AMX, with 99.7 % of
+        # mask pixels unchanged (benchmarks/latency.py measures it); off where it has none
+        self.cpu_bf16 = self.device.type == "cpu" and cpu_bf16_setting()
 
     # -- image -----------------------------------------------------------------------------
     def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
@@ -221,7 +243,7 @@ class Backbone:
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16)
 
     # hooks
     def _encode(self, image: np.ndarray) -> Any:  # pragma: no cover - abstract

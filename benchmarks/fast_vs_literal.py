@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine, table  # noqa: E402
 
-from smartsam.agent import SmartSAMAgent  # noqa: E402
+from smartsam.agent import FAST_PATH_IOU, SmartSAMAgent  # noqa: E402
 from smartsam.eval.clicker import Clicker  # noqa: E402
 from smartsam.eval.datasets import load_dataset, load_sample  # noqa: E402
 from smartsam.masks import mask_iou  # noqa: E402
@@ -47,7 +47,7 @@ def main() -> None:
         for s in samples:
             image, gt, ignore = load_sample(s)
             click = Clicker(gt, ignore).make_next_click(np.zeros_like(gt)).xy
-            fast, literal = SmartSAMAgent(bb, dedupe_iou=0.9), SmartSAMAgent(bb, dedupe_iou=None)
+            fast, literal = SmartSAMAgent(bb, dedupe_iou=FAST_PATH_IOU), SmartSAMAgent(bb, dedupe_iou=None)
             fast.set_image(image)
             literal.set_image(image)
             rf, rl = fast.predict(click), literal.predict(click)

@@ -27,8 +27,9 @@ from .sampler import PrioriInitialSampler
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
 
 
-# Fast path: chains whose initial mask overlaps a better-scored one by this IoU are not refined.
-FAST_PATH_IOU = 0.9
+# Fast path: chains whose initial mask overlaps a better-scored one by this IoU are not refined
+# (0.95: at 0.9 the fast path chose the literal path's mask on 85 % of COCO_MVal clicks, at 0.95 on 95 %).
+FAST_PATH_IOU = 0.95
 
 
 def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool] = None) -> Dict[str, object]:

@@ -176,3 +176,32 @@ def test_agent_settings_are_honoured_and_said(tmp_path, disk_backend):
         assert r["results"][0]["mode"] == "reference-text" and r["results"][0]["require_click"] is False, r
     finally:
         b.stop()
+
+
+def test_local_files_root_slash_is_refused_at_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOCAL_FILES_DOCUMENT_ROOT="/", SMARTSAM_BACKBONE="disk-test", SMARTSAM_DATA_DIR=str(tmp_path / "d"))
+    p = subprocess.run([sys.executable, "-m", "backend._wsgi", "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "LOCAL_FILES_DOCUMENT_ROOT=/" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_model_version_follows_the_weights(tmp_path):
+    """A new checkpoint file gives a new model version (so old predictions are not kept as current)."""
+    import os
+
+    from backend.config import Settings
+    from backend.model import checkpoint_tag
+
+    ck = tmp_path / "mine.pt"
+    ck.write_bytes(b"weights one")
+    a = checkpoint_tag(Settings(backbone="sam2.1_hiera_tiny", checkpoint=str(ck)))
+    ck.write_bytes(b"weights two!")
+    os.utime(ck, ns=(1, 1))  # a new file version (size and time differ)
+    b = checkpoint_tag(Settings(backbone="sam2.1_hiera_tiny", checkpoint=str(ck)))
+    assert a != b and len(a) == len(b) == 8
+    assert checkpoint_tag(Settings(backbone="sam2.1_hiera_tiny-random")) == "random"
+    # a registry checkpoint is named by its published hash
+    assert checkpoint_tag(Settings(backbone="sam2.1_hiera_tiny", checkpoint=None)) == "7402e0d8"

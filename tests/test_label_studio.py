@@ -1,7 +1,7 @@
 """End to end with a real Label Studio 1.23.2 server and a real headless browser.
 
 Label Studio runs from its own virtualenv (.cache/ls-venv, made by scripts/test-deps.sh) with its
-defaults except exactly the settings the README tells users to change (``README_SETTINGS``); the
+defaults except exactly the settings the README tells users to change (``readme_settings``); the
 backend is the real gunicorn process with the real SAM 2.1 tiny architecture (random weights:
 structure, sizes, modes and persistence are asserted, never mask quality). Connecting the model
 lets Label Studio create the backend's webhook itself; nothing here adds one by hand, except a

@@ -74,11 +74,6 @@ class Jobs:
             self.events["queued"] += 1
         return True
 
-    def idle(self) -> bool:
-        """No event and no background task waiting or running (tests and shutdown wait on it)."""
-        with self._lock:
-            return self._events.unfinished_tasks == 0 and self._tasks.unfinished_tasks == 0
-
     def _event_loop(self) -> None:
         while True:
             action, aid, claimed = self._events.get()

@@ -318,6 +318,10 @@ def _size(v, what: str) -> int:
     return int(v)
 
 
+def _is_byte(b) -> bool:
+    return isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255
+
+
 def brush_mask(region: Dict, image_hw: Tuple[int, int], max_pixels: Optional[int] = None) -> np.ndarray:
     """The ``(H, W)`` bool mask of a Label Studio brush region, at the size of our image.
 
@@ -341,12 +345,12 @@ def brush_mask(region: Dict, image_hw: Tuple[int, int], max_pixels: Optional[int
     ow = _size(region.get("original_width") or w, "original_width")
     if ow * oh > max_pixels:
         raise RequestError(f"a brush region of {ow}x{oh} is over the limit of {max_pixels} pixels (SMARTSAM_MAX_PIXELS)")
-    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle[:4]):
+    if not all(map(_is_byte, rle[:4])):
         raise RequestError("a brush RLE must be a list of bytes (0-255)")
     claimed = int.from_bytes(bytes(rle[:4]), "big")  # the header's element count (RGBA values)
     if claimed != ow * oh * 4:
         raise RequestError(f"a brush RLE claims {claimed} values, not the {ow}x{oh}x4 of its region")
-    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle):
+    if not all(map(_is_byte, rle)):  # the header first: a bad size is refused before this pass
         raise RequestError("a brush RLE must be a list of bytes (0-255)")
     try:
         mask = decode_rle(rle).reshape(oh, ow, 4)[:, :, 3] > 0
@@ -364,6 +368,7 @@ class SmartSAMBackend(LabelStudioMLBase):
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
         self.engine = engine or Engine.instance()
         self.errors: List[str] = []
+        self.version = self.engine.model_version()
 
     # -- predict ---------------------------------------------------------------------------
     def predict(self, tasks, context=None, project=None, deadline: Optional[float] = None,
@@ -383,6 +388,8 @@ class SmartSAMBackend(LabelStudioMLBase):
             raise RequestError("the request has no tasks")
         cfg = LabelConfig.parse(self.parsed_label_config)
         proj = project_key(project)
+        # one model version per request: it reads the project's references from the store
+        self.version = self.engine.model_version(proj)
         interactive = bool(context and context.get("result"))
         deadline = deadline or time.monotonic() + self.engine.settings.request_timeout
         stop_at = min(deadline, time.monotonic() + budget) if budget else deadline
@@ -411,7 +418,7 @@ class SmartSAMBackend(LabelStudioMLBase):
                 log.warning("project %s task %s: %s", proj, tid, e)
                 self.errors.append(f"task {tid}: {e}")
                 if interactive:
-                    out.append({"result": [], "score": 0.0, "model_version": self.engine.model_version(proj), "errors": [str(e)]})
+                    out.append({"result": [], "score": 0.0, "model_version": self.version, "errors": [str(e)]})
                 else:
                     # An empty list is "no prediction for this task" to Label Studio: nothing is
                     # stored, so a task without a reference shows no empty prediction tab.
@@ -509,7 +516,7 @@ class SmartSAMBackend(LabelStudioMLBase):
             "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
             "score": round(float(res.score), 4),
         }
-        pred = {"result": [result], "score": round(float(res.score), 4), "model_version": self.engine.model_version(proj),
+        pred = {"result": [result], "score": round(float(res.score), 4), "model_version": self.version,
                 "mode": res.mode, "path": res.path}
         if self.engine.agent is not None and res.mode.startswith("reference"):
             pred["require_click"] = self.engine.agent.require_click
@@ -548,7 +555,7 @@ class SmartSAMBackend(LabelStudioMLBase):
             pred = self._prediction(res, cfg, label, w, h, None, proj)
             results.extend(pred["result"])
             scores.append(res.score)
-        out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": self.engine.model_version(proj),
+        out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": self.version,
                "mode": "prelabel"}
         if reasons:
             out["errors"] = reasons

@@ -6,9 +6,12 @@ This app keeps label-studio-ml's model class (``backend.model.SmartSAMBackend``)
 same endpoints as a plain WSGI callable under gunicorn: it never parses multipart or form bodies,
 only JSON up to ``SMARTSAM_MAX_REQUEST_BYTES``, and has no debugger.
 
-Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, and
-``/admin/references[/<project>[/<label>[/mask.png]]]`` (GET, PUT, DELETE) and ``/admin/jobs``
-with ``Authorization: Bearer $SMARTSAM_ADMIN_TOKEN``.
+Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, and for
+admins (``Authorization: Bearer $SMARTSAM_ADMIN_TOKEN``, or basic auth with that token as the
+password, which a browser asks for): the page ``GET /admin``,
+``/admin/references[/<project>[/<label>[/mask.png|/versions]]]`` (GET, PUT, DELETE),
+``GET /admin/versions/<id>[/thumb.jpg|/mask.png]``, ``POST /admin/versions/<id>/restore`` and
+``GET /admin/jobs``.
 
 What is trusted: Label Studio's API (read with the backend's key), the admin token, the webhook
 secret. What is not: anything in a request body. A webhook is only a notice: the annotation it
@@ -32,13 +35,20 @@ import time
 import urllib.parse
 from typing import Dict, List, Optional, Tuple
 
-from .jobs import ANNOTATION_EVENTS
+from .jobs import ANNOTATION_EVENTS, DELETED
 from .model import Engine, RequestError, SmartSAMBackend, project_key
 
 log = logging.getLogger("smartsam.http")
 
 
 WEBHOOK_SECRET_HEADER = "X-SmartSAM-Webhook-Secret"
+
+
+class Raw:
+    """An answer that is not JSON: bytes and their content type."""
+
+    def __init__(self, body: bytes, ctype: str) -> None:
+        self.body, self.ctype = body, ctype
 
 
 class HttpError(Exception):
@@ -118,7 +128,9 @@ class App:
         status, body, ctype, reason = 200, None, "application/json", None
         try:
             status, payload = self.route(method, path, environ)
-            if isinstance(payload, bytes):
+            if isinstance(payload, Raw):
+                body, ctype = payload.body, payload.ctype
+            elif isinstance(payload, bytes):
                 body, ctype = payload, "image/png"
             elif isinstance(payload, str):
                 body, ctype = payload.encode(), "text/html; charset=utf-8"
@@ -134,6 +146,13 @@ class App:
         if status == 413:
             # the unread body is not drained: the connection ends after this answer
             headers.append(("Connection", "close"))
+        if status == 401 and path.rstrip("/") == "/admin" and method == "GET":
+            # the page: let the browser ask for the credentials (user: anything, password: the admin token)
+            headers.append(("WWW-Authenticate", 'Basic realm="SmartSAM admin", charset="UTF-8"'))
+        if ctype.startswith("text/html"):
+            headers += [("Content-Security-Policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                         "style-src 'unsafe-inline'; img-src 'self'"), ("X-Frame-Options", "DENY"),
+                        ("Cache-Control", "no-store")]
         start_response(f"{status} {_reason_phrase(reason) if reason else _REASONS.get(status, '')}", headers)
         return [body]
 
@@ -152,18 +171,31 @@ class App:
         if not ok:
             raise HttpError(401, "basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
 
-    def _check_admin(self, environ) -> None:
+    def _check_admin(self, environ, method: str) -> None:
         token = self.engine.settings.admin_token
         if not token:
             raise HttpError(403, "the admin API is off: set SMARTSAM_ADMIN_TOKEN to turn it on")
         h = environ.get("HTTP_AUTHORIZATION", "")
-        if not (h.startswith("Bearer ") and _same(h[7:], token)):
-            raise HttpError(401, "admin token required: Authorization: Bearer <SMARTSAM_ADMIN_TOKEN>")
+        if h.startswith("Bearer ") and _same(h[7:], token):
+            return
+        if h.startswith("Basic "):
+            try:
+                _, _, pw = base64.b64decode(h[6:].encode("latin-1"), validate=True).decode("utf-8").partition(":")
+            except (ValueError, UnicodeError):
+                pw = None
+            if pw is not None and _same(pw, token):
+                # a browser resends basic credentials with any site's form: changes need a header
+                # that only a same-origin script can add (the admin page's)
+                if method not in ("GET", "HEAD") and environ.get("HTTP_X_SMARTSAM_ADMIN") != "1":
+                    raise HttpError(403, "changes from a browser need the X-SmartSAM-Admin: 1 header (the admin page sends it)")
+                return
+        raise HttpError(401, "admin token required: Authorization: Bearer <SMARTSAM_ADMIN_TOKEN> (or basic auth with it "
+                             "as the password)")
 
     def route(self, method: str, path: str, environ) -> Tuple[int, object]:
         limit = self.engine.settings.max_request_bytes
         if path == "/admin" or path.startswith("/admin/"):
-            self._check_admin(environ)
+            self._check_admin(environ, method)
             if method == "PUT":
                 with self._gate():
                     return self.admin(method, path, environ, limit)
@@ -271,6 +303,15 @@ class App:
         action = data.get("action")
         if not isinstance(action, str):
             raise HttpError(400, "webhook without action")
+        if action == DELETED:
+            # only ids: each deletion is confirmed with Label Studio (404) before a reference changes
+            anns = data.get("annotations")
+            ids = [a.get("id") for a in anns if isinstance(a, dict)] if isinstance(anns, list) else []
+            ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)][:1000]
+            for i in ids:
+                if not self.engine.jobs.notify(action, i, None):
+                    raise HttpError(503, "too many webhook events waiting; Label Studio will send later ones")
+            return {"action": action, "annotations": ids, "queued": True}
         if action not in ANNOTATION_EVENTS:
             return {"action": action, "ignored": True}
         ann = data.get("annotation")
@@ -286,11 +327,20 @@ class App:
     # -- admin -----------------------------------------------------------------------------
     def admin(self, method: str, path: str, environ, limit: int) -> Tuple[int, object]:
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")[1:]]
+        store = self.engine.store
+        if not parts:
+            if method != "GET":
+                raise HttpError(405, "GET only")
+            from .admin_page import render
+
+            return 200, render(store, self.engine.jobs.state() if self.engine.jobs else {},
+                               self.engine.settings.label_studio_url)
         if parts == ["jobs"] and method == "GET":
             return 200, self.engine.jobs.state() if self.engine.jobs else {}
-        if not parts or parts[0] != "references" or len(parts) > 4:
+        if parts[0] == "versions" and len(parts) in (2, 3):
+            return self._admin_version(method, parts[1:])
+        if parts[0] != "references" or len(parts) > 4:
             raise HttpError(404, f"no admin endpoint {path}")
-        store = self.engine.store
         project = parts[1] if len(parts) > 1 else None
         label = parts[2] if len(parts) > 2 else None
         if method == "GET" and label is None:
@@ -303,10 +353,17 @@ class App:
                 if png is None:
                     raise HttpError(404, f"no mask for project {project} label {label!r}")
                 return 200, png
+            if len(parts) == 4 and parts[3] == "versions":
+                return 200, {"versions": [v.public() for v in store.history(project, label)],
+                             "current": [v.id for v in store.current(project, label)]}
+            if len(parts) == 4:
+                raise HttpError(404, f"no admin endpoint {path}")
             meta = store.meta(project, label)
             if meta is None:
                 raise HttpError(404, f"no reference for project {project} label {label!r}")
-            return 200, meta.public()
+            return 200, dict(meta.public(), exemplars=[m.public() for m in store.current(project, label)])
+        if len(parts) == 4:
+            raise HttpError(405, f"{method} not allowed here")
         if method == "DELETE":
             n = store.delete(project, label)
             return 200, {"deleted": n}
@@ -320,6 +377,38 @@ class App:
                 raise HttpError(400, str(e)) from None
         raise HttpError(405, f"{method} not allowed here")
 
+    def _admin_version(self, method: str, parts: List[str]) -> Tuple[int, object]:
+        store = self.engine.store
+        try:
+            vid = int(parts[0])
+        except ValueError:
+            raise HttpError(404, f"no reference version {parts[0]!r}") from None
+        v = store.version(vid)
+        if v is None:
+            raise HttpError(404, f"no reference version {vid}")
+        what = parts[1] if len(parts) > 1 else None
+        if what == "restore":
+            if method != "POST":
+                raise HttpError(405, "POST only")
+            new = store.restore(vid, {"admin": "restore"})
+            return 200, {"restored": vid, "version": new, "current": [m.public() for m in store.current(v.project, v.label)]}
+        if method != "GET":
+            raise HttpError(405, "GET only")
+        if what is None:
+            return 200, v.public()
+        files = {"thumb.jpg": ("thumb", "image/jpeg"), "mask.png": ("mask", "image/png"), "image.jpg": ("image", "image/jpeg")}
+        if what not in files:
+            raise HttpError(404, f"no admin endpoint for version {vid}: {what}")
+        from .references import CorruptReference
+
+        try:
+            data = store.version_file(vid, files[what][0])
+        except CorruptReference as e:
+            raise HttpError(404, str(e)) from None
+        if data is None:
+            raise HttpError(404, f"version {vid} has no {what}")
+        return 200, Raw(data, files[what][1])
+
     def _set_reference(self, project: str, label: str, body: Dict) -> Dict:
         from smartsam.io import ImageError, load_image, load_mask
         import io
@@ -327,7 +416,7 @@ class App:
         eng = self.engine
         if "text" in body:
             ref = eng.make_reference(None, text=str(body["text"]))
-            eng.store.put(project, label, ref, {"admin": "text"})
+            eng.store.put(project, label, ref, {"admin": "text"}, how="admin")
             return {"set": label, "kind": "text"}
         if "image_b64" in body:
             try:
@@ -336,7 +425,8 @@ class App:
             except (ImageError, binascii.Error, ValueError) as e:
                 raise RequestError(f"bad image or mask: {e}") from None
             ref = eng.make_reference(image, mask)
-            eng.store.put(project, label, ref, {"admin": "upload"}, mask=mask, image=image if mask is None else None)
+            eng.store.put(project, label, ref, {"admin": "upload", "prep": eng.settings.reference_prep if mask is not None else None},
+                          mask=mask, image=image, how="admin")
             return {"set": label, "kind": ref.kind}
         if "task" in body:
             return self._reference_from_task(project, label, body)
@@ -345,28 +435,33 @@ class App:
     def _reference_from_task(self, project: str, label: str, body: Dict) -> Dict:
         """Fetch an annotated task from Label Studio and use its brush mask for ``label``."""
         from .images import ImageFetchError
-        from .model import brush_mask
+        from .model import brush_mask, first_regions
 
         eng = self.engine
         try:
             task = eng.fetcher.get_json(f"/api/tasks/{int(body['task'])}")
         except (ImageFetchError, ValueError) as e:
             raise RequestError(f"cannot read task {body['task']} from Label Studio ({e})") from None
-        anns = task.get("annotations") or []
+        if str(task.get("project")) != str(project):
+            raise RequestError(f"task {body['task']} is in project {task.get('project')}, not {project}")
+        anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         if body.get("annotation") is not None:
             anns = [a for a in anns if a.get("id") == int(body["annotation"])]
         for a in anns:
-            for r in a.get("result") or []:
-                if r.get("type") == "brushlabels" and label in (r.get("value", {}).get("brushlabels") or []):
-                    try:
-                        image = eng.fetcher.fetch(next(v for v in task["data"].values() if isinstance(v, str)), task_id=task.get("id"))
-                    except (ImageFetchError, StopIteration) as e:
-                        raise RequestError(f"cannot fetch the task's image ({e})") from None
-                    mask = brush_mask(r, image.shape[:2])
-                    ref = eng.make_reference(image, mask)
-                    eng.store.put(project, label, ref, {"admin": "task", "task": task.get("id"), "annotation": a.get("id")}, mask=mask)
-                    return {"set": label, "kind": "mask", "task": task.get("id"), "annotation": a.get("id")}
-        raise RequestError(f"task {body['task']} has no brush region labelled {label!r}")
+            r = first_regions(a.get("result") or []).get(label)
+            if r is None:
+                continue
+            try:
+                image = eng.fetcher.fetch(next(v for v in task["data"].values() if isinstance(v, str)), task_id=task.get("id"))
+            except (ImageFetchError, StopIteration) as e:
+                raise RequestError(f"cannot fetch the task's image ({e})") from None
+            mask = brush_mask(r, image.shape[:2])
+            ref = eng.make_reference(image, mask)
+            eng.store.put(project, label, ref, {"admin": "task", "task": task.get("id"), "annotation": a.get("id"),
+                                                "prep": eng.settings.reference_prep},
+                          mask=mask, image=image, annotation=a.get("id"), how="admin")
+            return {"set": label, "kind": "mask", "task": task.get("id"), "annotation": a.get("id")}
+        raise RequestError(f"task {body['task']} has no submitted brush region labelled {label!r}")
 
 
 app = App()
@@ -399,7 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not spec.random and not s.checkpoint:
             # In the parent, before forking: a file check or download, no CUDA.
             ensure_checkpoint(spec, allow_download=not args.no_download)
-        ReferenceStore(s.data_dir)  # a newer or broken store stops the start with its reason
+        ReferenceStore(s.data_dir, exemplars=s.exemplars)  # a newer or broken store stops the start with its reason
     except (ModelError, ReferenceStoreError) as e:
         print(f"smartsam-backend: error: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,10 @@
     python -m backend.admin show PROJECT LABEL [--mask-out mask.png]
     python -m backend.admin set PROJECT LABEL (--image I [--mask M] | --text T)
     python -m backend.admin clear PROJECT [LABEL]
+    python -m backend.admin history PROJECT LABEL      every version, newest first
+    python -m backend.admin restore VERSION            make a version current again
     python -m backend.admin check
+    python -m backend.admin gc                          remove files no version names
 
 Uses ``SMARTSAM_DATA_DIR`` and the same feature models as the server (``SMARTSAM_FEATURES``,
 ``SMARTSAM_TEXT_FEATURES``; the random test models when ``SMARTSAM_BACKBONE`` is a ``-random``
@@ -35,7 +38,8 @@ def reference_from_files(s: Settings, image_path=None, mask_path=None, text=None
         f = load_features(s.text_features or default_features("text", random), s.device)
         return SmartSAMAgent(backbone=None, text_features=f).reference_from_text(text), None, None
     f = load_features(s.features or default_features("image", random), s.device)
-    agent = SmartSAMAgent(backbone=None, image_features=f)  # features only: no segmentation needed
+    # features only (no segmentation needed), prepared as the server prepares them
+    agent = SmartSAMAgent(backbone=None, image_features=f, reference_prep=s.reference_prep)
     image = load_image(image_path)
     mask = load_mask(mask_path) if mask_path else None
     ref = agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
@@ -60,11 +64,17 @@ def main(argv=None) -> int:
     p = sub.add_parser("clear")
     p.add_argument("project")
     p.add_argument("label", nargs="?")
+    p = sub.add_parser("history")
+    p.add_argument("project")
+    p.add_argument("label")
+    p = sub.add_parser("restore")
+    p.add_argument("version", type=int)
     sub.add_parser("check")
+    sub.add_parser("gc")
     args = ap.parse_args(argv)
     s = Settings()
     try:
-        store = ReferenceStore(s.data_dir)
+        store = ReferenceStore(s.data_dir, exemplars=s.exemplars)
     except ReferenceStoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -88,6 +98,22 @@ def main(argv=None) -> int:
     if args.cmd == "clear":
         print(f"deleted {store.delete(args.project, args.label)}")
         return 0
+    if args.cmd == "history":
+        current = {m.id for m in store.current(args.project, args.label)}
+        for v in store.history(args.project, args.label):
+            print(json.dumps(dict(v.public(), current=v.id in current)))
+        return 0
+    if args.cmd == "restore":
+        try:
+            vid = store.restore(args.version, {"admin": "cli"})
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+        print(f"restored version {args.version} as version {vid}")
+        return 0
+    if args.cmd == "gc":
+        print(f"removed {store.collect_garbage()} unused files")
+        return 0
     if args.cmd == "check":
         problems = store.check()
         for p in problems:
@@ -104,8 +130,9 @@ def main(argv=None) -> int:
     except (ImageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    store.put(args.project, args.label, ref, {"admin": "cli", "image": args.image, "text": args.text}, mask=mask,
-              image=image if mask is None else None)
+    store.put(args.project, args.label, ref, {"admin": "cli", "image": args.image, "text": args.text,
+                                              "prep": s.reference_prep if mask is not None else None},
+              mask=mask, image=image, how="admin")
     print(f"set {ref.kind} reference for project {args.project} label {args.label!r}")
     return 0
 

@@ -56,11 +56,19 @@ class Settings:
     # Shared secret Label Studio sends with each webhook (a custom header); required when set.
     webhook_secret: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_WEBHOOK_SECRET"))
     threads: int = field(default_factory=lambda: int(_env("SMARTSAM_THREADS", "8")))
+    # K: references kept per label at once (the first K submitted masks); 1 is the paper
+    exemplars: int = field(default_factory=lambda: int(_env("SMARTSAM_EXEMPLARS", "1")))
+    # "paper": image + mask references cropped (object ~70 %) with the background removed; "none": raw
+    reference_prep: str = field(default_factory=lambda: (_env("SMARTSAM_REFERENCE_PREP", "paper") or "").strip().lower())
 
     def __post_init__(self) -> None:
         if self.local_files_root is not None and Path(self.local_files_root).resolve() == Path("/"):
             raise SettingsError("LOCAL_FILES_DOCUMENT_ROOT=/ would let any task read any file of this machine: set it "
                                 "to the folder that holds the images")
+        if self.exemplars < 1:
+            raise SettingsError("SMARTSAM_EXEMPLARS must be at least 1")
+        if self.reference_prep not in ("paper", "none"):
+            raise SettingsError("SMARTSAM_REFERENCE_PREP must be paper or none")
         if self.request_timeout <= 0 or self.predict_budget <= 0:
             raise SettingsError("SMARTSAM_REQUEST_TIMEOUT and SMARTSAM_PREDICT_BUDGET must be positive seconds")
 

@@ -39,7 +39,12 @@ log = logging.getLogger("smartsam.images")
 
 
 class ImageFetchError(RuntimeError):
-    """The task's image cannot be had; the message says why and what to change."""
+    """The task's image (or a Label Studio resource) cannot be had; the message says why and what
+    to change. ``status`` is the HTTP status when the server answered with an error."""
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _http_opener() -> urllib.request.OpenerDirector:
@@ -191,7 +196,7 @@ class ImageFetcher:
             if is_ls and _RESOLVER.match(p.path):
                 raise ImageFetchError(f"Label Studio could not resolve the cloud storage URI (HTTP {e.code}): is the "
                                       f"storage connected to this project, and can the API key's user see it?") from None
-            raise ImageFetchError(f"image download failed: HTTP {e.code} for {p.path}") from None
+            raise ImageFetchError(f"image download failed: HTTP {e.code} for {p.path}", status=e.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             if time.monotonic() >= deadline:
                 raise ImageFetchError(self._late()) from None

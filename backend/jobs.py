@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 log = logging.getLogger("smartsam.jobs")
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+DELETED = "ANNOTATIONS_DELETED"
 
 
 class Jobs:
@@ -95,6 +96,8 @@ class Jobs:
         from .model import RequestError, SmartSAMBackend
 
         f = self.engine.fetcher
+        if action == DELETED:
+            return self._apply_deletion(aid)
         if not (self.engine.settings.label_studio_url and self.engine.settings.label_studio_api_key):
             log.warning("webhook %s annotation %s ignored: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to "
                         "confirm it with Label Studio", action, aid)
@@ -129,6 +132,30 @@ class Jobs:
                 self._seen.popitem(last=False)
         log.info("webhook %s annotation %s (project %s, task %s): references set %s", action, aid, proj, task.get("id"),
                  out.get("reference"))
+        return "applied"
+
+    def _apply_deletion(self, aid: int) -> str:
+        """A deletion counts only when Label Studio answers 404 for the annotation."""
+        from .images import ImageFetchError
+        from .model import SmartSAMBackend
+
+        if not (self.engine.settings.label_studio_url and self.engine.settings.label_studio_api_key):
+            self._error(f"annotation {aid}: cannot confirm the deletion with Label Studio (set LABEL_STUDIO_URL and "
+                        f"LABEL_STUDIO_API_KEY)")
+            return "rejected"
+        try:
+            self.engine.fetcher.get_json(f"/api/annotations/{aid}")
+        except ImageFetchError as e:
+            if e.status != 404:
+                log.warning("deletion of annotation %s not confirmed (%s): nothing changed", aid, e)
+                self._error(f"deletion of annotation {aid} not confirmed by Label Studio: {e}")
+                return "rejected"
+        else:
+            log.warning("webhook says annotation %s was deleted, Label Studio still has it: nothing changed", aid)
+            self._error(f"annotation {aid}: deletion not confirmed (Label Studio still has it)")
+            return "rejected"
+        out = SmartSAMBackend.remove_annotation_from(self.engine, aid)
+        log.info("annotation %s deleted in Label Studio: references withdrawn %s", aid, out["withdrawn"])
         return "applied"
 
     # -- background pre-labeling -----------------------------------------------------------

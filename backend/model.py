@@ -104,7 +104,7 @@ class Engine:
 
     def __init__(self, settings: Optional[Settings] = None) -> None:
         self.settings = settings or Settings()
-        self.store = ReferenceStore(self.settings.data_dir)
+        self.store = ReferenceStore(self.settings.data_dir, exemplars=self.settings.exemplars)
         self.fetcher = ImageFetcher(self.settings)
         self.lock = threading.Lock()  # the models serve one request at a time
         self.agent: Optional[SmartSAMAgent] = None
@@ -133,13 +133,21 @@ class Engine:
 
         s = self.settings
         try:
+            # files left by a crash between a file and its row, or by a write that changed nothing
+            n = self.store.collect_garbage()
+            if n:
+                log.info("reference store: removed %d unused files", n)
+        except OSError as e:
+            log.warning("reference store garbage collection failed: %s", e)
+        try:
             bb = load_backbone(s.backbone, s.checkpoint, s.device, cache_size=s.embedding_cache)
             from smartsam.clickers import NextChainClicker
 
             from smartsam.agent import agent_options
 
             # SMARTSAM_FAST_PATH and SMARTSAM_REQUIRE_CLICK: the same settings as the CLI and eval
-            self.agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=s.chain_length), seed=s.seed, **agent_options())
+            self.agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=s.chain_length), seed=s.seed,
+                                       **agent_options(reference_prep=s.reference_prep))
             log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
         except ModelError as e:
             self.load_error = str(e)
@@ -565,33 +573,32 @@ class SmartSAMBackend(LabelStudioMLBase):
     # -- references from annotations -------------------------------------------------------
     def apply_annotation(self, ann: Dict, task: Dict, proj: str, event: str) -> Dict:
         """Reference rules for one annotation *as Label Studio holds it* (read back by id, never
-        taken from a webhook body):
+        taken from a webhook body). The README's table:
 
         - a skipped annotation (``was_cancelled``) changes nothing;
-        - the first region of each label is the annotation's mask for that label (one rule, on
-          every path);
-        - a label without a reference takes it; the annotation a reference came from updates it
-          when edited; "Use as reference" ticked replaces the references of its labels.
+        - each label's mask is its first brush region in the annotation (:func:`first_regions`,
+          the same rule on every path);
+        - a label with a free exemplar slot takes the mask (the first K submitted, K = 1 by default);
+        - the annotation a reference came from updates it when edited;
+        - "Use as reference" acts when it becomes ticked (the transition), replacing the label's
+          references; an annotation that stays ticked changes nothing on later edits.
         """
         cfg = LabelConfig.parse(self.parsed_label_config)
+        aid = ann.get("id")
         if ann.get("was_cancelled"):
             return {"reference": [], "reason": "skipped annotation"}
         results = [r for r in (ann.get("result") or []) if isinstance(r, dict)]
-        force = any(r.get("type") == "choices" and REFERENCE_CHOICE in ((r.get("value") or {}).get("choices") or [])
-                    for r in results)
-        first: Dict[str, Dict] = {}
-        for r in results:
-            v = r.get("value") if isinstance(r.get("value"), dict) else {}
-            if r.get("type") == "brushlabels" and v.get("rle") and v.get("brushlabels"):
-                first.setdefault(v["brushlabels"][0], r)
-        if not first:
-            return {"reference": [], "reason": "no brush region in the annotation"}
+        ticked = any(r.get("type") == "choices" and REFERENCE_CHOICE in ((r.get("value") or {}).get("choices") or [])
+                     for r in results)
+        store = self.engine.store
+        force = ticked and not store.annotation_forced(aid)
+        first = first_regions(results)
         image = None
         done = []
         for label, r in first.items():
-            meta = self.engine.store.meta(proj, label)
-            own = meta is not None and meta.source.get("annotation") == ann.get("id")
-            if meta is not None and not force and not own:
+            cur = store.current(proj, label)
+            own = any(m.annotation == aid for m in cur)
+            if not (force or own or len(cur) < store.exemplars):
                 continue
             if image is None:
                 image = self._image(task, cfg)
@@ -599,14 +606,40 @@ class SmartSAMBackend(LabelStudioMLBase):
             if not mask.any():
                 continue
             ref = self.engine.make_reference(image, mask)
-            source = {"event": event, "task": task.get("id"), "annotation": ann.get("id"), "forced": force,
-                      "user": ann.get("completed_by")}
-            if self.engine.store.put(proj, label, ref, source, mask=mask, only_if_absent=meta is None):
+            how = "forced" if force else ("edited" if own else "first")
+            source = {"event": event, "task": task.get("id"), "annotation": aid, "forced": force,
+                      "user": ann.get("completed_by"), "prep": self.engine.settings.reference_prep}
+            if store.put(proj, label, ref, source, mask=mask, image=image, annotation=aid, how=how,
+                         policy="replace" if force else "auto") is not None:
                 done.append(label)
+        store.set_annotation_forced(aid, proj, ticked)
+        if not first:
+            return {"reference": done, "reason": "no brush region in the annotation"}
         return {"reference": done}
+
+    @staticmethod
+    def remove_annotation_from(engine: "Engine", aid: int) -> Dict:
+        """Label Studio confirmed annotation ``aid`` is gone: each reference it set falls back to
+        the version before it (or none)."""
+        gone = engine.store.withdraw_annotation(aid, "annotation deleted in Label Studio")
+        return {"withdrawn": sorted({(m.project, m.label) for m in gone})}
 
     def fit(self, tasks, workdir=None, **kwargs):
         return {}
+
+
+def first_regions(results: List[Dict]) -> Dict[str, Dict]:
+    """Label -> its first brush region in an annotation's result (Label Studio's order). One rule
+    for several regions of one label, on every path (webhooks, the admin's "from task")."""
+    first: Dict[str, Dict] = {}
+    for r in results:
+        if not isinstance(r, dict):
+            continue
+        v = r.get("value") if isinstance(r.get("value"), dict) else {}
+        labels = v.get("brushlabels") if isinstance(v.get("brushlabels"), list) else []
+        if r.get("type") == "brushlabels" and v.get("rle") and labels and isinstance(labels[0], str):
+            first.setdefault(labels[0], r)
+    return first
 
 
 def _edge(pct: float, size: int) -> float:

@@ -108,8 +108,9 @@ def set_cli_reference(args, store) -> None:
     from .admin import reference_from_files
     from .config import Settings
 
-    ref, mask, _ = reference_from_files(Settings(), args.reference_image, args.reference_mask, args.reference_text)
-    store.put(str(args.project), args.label, ref, {"prelabel": ref.kind}, mask=mask)
+    ref, mask, image = reference_from_files(Settings(), args.reference_image, args.reference_mask, args.reference_text)
+    store.put(str(args.project), args.label, ref, {"prelabel": ref.kind, "image": args.reference_image}, mask=mask,
+              image=image, how="admin")
 
 
 def run(args) -> Dict[str, object]:
@@ -127,7 +128,7 @@ def run(args) -> Dict[str, object]:
     if not s.label_studio_url or not s.label_studio_api_key:
         raise SystemExit("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
     os.environ.setdefault("SMARTSAM_BACKBONE", s.backbone or default_backbone())
-    store = ReferenceStore(s.data_dir)
+    store = ReferenceStore(s.data_dir, exemplars=s.exemplars)
     if args.label:
         set_cli_reference(args, store)
     if not args.embed_only and not store.list(str(args.project)):

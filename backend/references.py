@@ -1,20 +1,33 @@
-"""Durable per-project, per-label references: SQLite (WAL) rows pointing at files written atomically.
+"""Durable per-project, per-label references with their history: SQLite (WAL) rows naming files
+written atomically.
 
 Layout under the data directory::
 
-    references.db          one row per (project, label): kind, feature model, file names, hashes
-    refs/<sha256>.npy      the feature vector
-    refs/<sha256>.png      the mask (image + mask references), for viewing and re-featurising
-    refs/<sha256>.jpg      the reference image (image references)
+    references.db          every reference version ever set (table ``versions``), and the last
+                           seen "Use as reference" state of each annotation (``annotation_state``)
+    refs/<sha256>.npy      a feature vector
+    refs/<sha256>.png      a mask (image + mask references)
+    refs/<sha256>.jpg      the image, and a small thumbnail with the mask drawn (for the admin page)
 
-A file is fully written, fsynced and renamed into place before the row that names it commits,
-so a crash at any moment leaves every reference either the old one or the new one, complete.
-Files are named by their content hash, and a row stores the hash: a damaged file is detected,
-reported, and ignored (the label then answers in pure-IS mode) instead of being used.
+History. Nothing is overwritten: setting, editing, clearing (a ``none`` version) and restoring
+each append a version. A label has up to ``exemplars`` slots (K, default 1 as in the paper); a
+slot's current reference is its newest version not withdrawn. Deleting an annotation in Label
+Studio withdraws the versions it made, so the slot falls back to the version before them (or
+none), and the admin can restore any version (a new version copying it).
+
+Crash safety. A file is fully written, fsynced and renamed into place before the row that names it
+commits, so a crash at any moment leaves every slot either the old version or the new one,
+complete. Files are named by their content hash, and a row stores the hash: a damaged file is
+detected, reported, and ignored (the label then answers in pure-IS mode) instead of being used.
+Garbage collection removes files no version names; it holds an exclusive lock on ``refs/.lock``
+while writers hold it shared from their first file to their commit, so it never removes a file a
+version is about to name (in this process or another).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -25,17 +38,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from smartsam.selector import Reference
 
 log = logging.getLogger("smartsam.references")
 
-SCHEMA_VERSION = 1
-
+SCHEMA_VERSION = 2
+THUMB_SIDE = 256
 
 class ReferenceStoreError(RuntimeError):
     """The store cannot be used (newer schema, unreadable database): the message says what to do."""
@@ -47,22 +60,40 @@ class CorruptReference(RuntimeError):
 
 @dataclass
 class StoredReference:
+    """One reference version (a row of ``versions``)."""
+
+    id: int
     project: str
     label: str
-    kind: str
+    slot: int
+    kind: str  # "mask", "image", "text", or "none" (the slot was cleared)
     extractor: str
     text: Optional[str]
-    source: Dict
+    source: Dict  # how it was set: event, task, annotation, user, admin, restored
+    annotation: Optional[int]  # the Label Studio annotation it came from
+    how: str  # "first", "edited", "forced", "admin", "clear", "restore", "migrated"
     created_at: float
-    feature_file: str
-    feature_sha: str
+    feature_file: Optional[str]
+    feature_sha: Optional[str]
     mask_file: Optional[str]
     image_file: Optional[str]
+    thumb_file: Optional[str]
+    withdrawn_at: Optional[float]
+    withdrawn_reason: Optional[str]
 
     def public(self) -> Dict:
-        return {"project": self.project, "label": self.label, "kind": self.kind, "extractor": self.extractor,
-                "text": self.text, "source": self.source, "created_at": self.created_at,
-                "has_mask": self.mask_file is not None}
+        return {"version": self.id, "project": self.project, "label": self.label, "slot": self.slot,
+                "kind": self.kind, "extractor": self.extractor, "text": self.text, "source": self.source,
+                "annotation": self.annotation, "how": self.how, "created_at": self.created_at,
+                "has_mask": self.mask_file is not None, "has_thumbnail": self.thumb_file is not None,
+                "withdrawn_at": self.withdrawn_at, "withdrawn_reason": self.withdrawn_reason}
+
+
+_COLUMNS = ("id, project, label, slot, kind, extractor, text, source, annotation, how, created_at, feature_file, "
+            "feature_sha, mask_file, image_file, thumb_file, withdrawn_at, withdrawn_reason")
+
+# the newest live version of every slot
+_CURRENT = ("SELECT MAX(id) FROM versions WHERE withdrawn_at IS NULL GROUP BY project, label, slot")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,18 +107,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def thumbnail(image: np.ndarray, mask: Optional[np.ndarray] = None, side: int = THUMB_SIDE) -> bytes:
+    """JPEG of ``image`` (H, W, 3) at most ``side`` px, with ``mask`` (H, W) tinted and outlined."""
+    im = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    if mask is not None:
+        m = np.asarray(mask, bool)
+        rgb = np.asarray(im).astype(np.float32)
+        rgb[m] = 0.55 * rgb[m] + 0.45 * np.array([255, 64, 160], np.float32)
+        im = Image.fromarray(rgb.astype(np.uint8))
+    im.thumbnail((side, side))
+    if mask is not None:
+        small = np.asarray(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).resize(im.size)) > 127
+        ys, xs = np.nonzero(small)
+        if len(xs):
+            ImageDraw.Draw(im).rectangle([xs.min(), ys.min(), xs.max(), ys.max()], outline=(255, 230, 0), width=2)
+    b = io.BytesIO()
+    im.save(b, format="JPEG", quality=85)
+    return b.getvalue()
+
+
 class ReferenceStore:
     """Thread- and process-safe store of references (SQLite serialises writers).
 
     Args:
         data_dir: the one directory holding everything (a Docker volume in production).
+        exemplars: K, the most references a label keeps at once (the paper uses 1); selection
+            takes the best similarity to any of them.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, exemplars: int = 1) -> None:
         self.data_dir = Path(data_dir)
         self.files = self.data_dir / "refs"
         self.files.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "references.db"
+        if int(exemplars) < 1:
+            raise ValueError("exemplars (SMARTSAM_EXEMPLARS) must be at least 1")
+        self.exemplars = int(exemplars)
         self._local = threading.local()
         self._migrate()
 
@@ -102,6 +157,17 @@ class ReferenceStore:
             self._local.conn = c
         return c
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
     def _migrate(self) -> None:
         try:
             c = self._conn()
@@ -112,33 +178,52 @@ class ReferenceStore:
         if version > SCHEMA_VERSION:
             raise ReferenceStoreError(f"reference database {self.db_path} has schema {version}, newer than this "
                                       f"backend's {SCHEMA_VERSION}: upgrade the backend, or restore an older backup")
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        if version == SCHEMA_VERSION:
+            return
+        with self._write() as c:
             if version == 0:
+                # an empty store: create schema 1 and migrate it below like an old one
                 c.execute("""CREATE TABLE IF NOT EXISTS refs (
                     project TEXT NOT NULL, label TEXT NOT NULL, kind TEXT NOT NULL, extractor TEXT NOT NULL,
                     text TEXT, source TEXT NOT NULL, created_at REAL NOT NULL,
                     feature_file TEXT NOT NULL, feature_sha TEXT NOT NULL, mask_file TEXT, image_file TEXT,
                     PRIMARY KEY (project, label))""")
-            # Future schema changes add "elif version == N:" steps here, each moving N -> N + 1.
+                version = 1
+            if version == 1:
+                # 1 -> 2: one row per label becomes a history of versions in slots
+                c.execute("""CREATE TABLE versions (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, label TEXT NOT NULL,
+                    slot INTEGER NOT NULL, kind TEXT NOT NULL, extractor TEXT NOT NULL, text TEXT,
+                    source TEXT NOT NULL, annotation INTEGER, how TEXT NOT NULL, created_at REAL NOT NULL,
+                    feature_file TEXT, feature_sha TEXT, mask_file TEXT, image_file TEXT, thumb_file TEXT,
+                    withdrawn_at REAL, withdrawn_reason TEXT)""")
+                c.execute("CREATE INDEX versions_slot ON versions (project, label, slot, id)")
+                c.execute("CREATE INDEX versions_annotation ON versions (annotation)")
+                c.execute("""CREATE TABLE annotation_state (annotation INTEGER PRIMARY KEY, project TEXT NOT NULL,
+                    forced INTEGER NOT NULL, updated_at REAL NOT NULL)""")
+                for r in c.execute("SELECT * FROM refs ORDER BY created_at").fetchall():
+                    src = json.loads(r[5])
+                    ann = src.get("annotation") if isinstance(src.get("annotation"), int) else None
+                    c.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES (NULL,?,?,0,?,?,?,?,?,'migrated',?,?,?,?,?,NULL,NULL,NULL)",
+                              (r[0], r[1], r[2], r[3], r[4], r[5], ann, r[6], r[7], r[8], r[9], r[10]))
+                c.execute("DROP TABLE refs")
+                version = 2
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            c.execute("COMMIT")
-        except Exception:
-            c.execute("ROLLBACK")
-            raise
 
     # -- files -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _files_lock(self, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.files / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def _write_file(self, data: bytes, suffix: str) -> str:
         sha = hashlib.sha256(data).hexdigest()
         name = f"{sha}{suffix}"
         dest = self.files / name
-        if dest.exists():
-            # reused by content: refresh its time so a concurrent garbage collection (which only
-            # removes unnamed files older than a minute) cannot delete it before our row names it
-            try:
-                os.utime(dest)
-            except FileNotFoundError:
-                pass
         if not dest.exists():
             tmp = self.files / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
             with open(tmp, "wb") as f:
@@ -160,60 +245,75 @@ class ReferenceStore:
             raise CorruptReference(f"reference file {name} is damaged (checksum mismatch)")
         return data
 
-    # -- API -------------------------------------------------------------------------------
-    def put(self, project: str, label: str, reference: Reference, source: Dict, mask: Optional[np.ndarray] = None,
-            image: Optional[np.ndarray] = None, only_if_absent: bool = False) -> bool:
-        """Store ``reference`` for (project, label). Returns False when ``only_if_absent`` and one exists."""
-        buf = io.BytesIO()
-        np.save(buf, reference.feature.astype(np.float32), allow_pickle=False)
-        feature_file = self._write_file(buf.getvalue(), ".npy")
-        mask_file = image_file = None
-        if mask is not None:
-            b = io.BytesIO()
-            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(b, format="PNG")
-            mask_file = self._write_file(b.getvalue(), ".png")
-        if image is not None:
-            b = io.BytesIO()
-            Image.fromarray(image).save(b, format="JPEG", quality=92)
-            image_file = self._write_file(b.getvalue(), ".jpg")
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            if only_if_absent and c.execute("SELECT 1 FROM refs WHERE project=? AND label=?", (str(project), label)).fetchone():
-                c.execute("ROLLBACK")
-                return False
-            c.execute("INSERT OR REPLACE INTO refs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                      (str(project), label, reference.kind, reference.extractor, reference.text, json.dumps(source),
-                       time.time(), feature_file, feature_file.split(".")[0], mask_file, image_file))
-            c.execute("COMMIT")
-        except Exception:
-            c.execute("ROLLBACK")
-            raise
-        log.info("reference set: project %s label %r kind %s source %s", project, label, reference.kind, source)
-        return True
-
+    # -- reading ---------------------------------------------------------------------------
     def _row(self, r) -> StoredReference:
-        return StoredReference(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9], r[10])
+        return StoredReference(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], r[10], r[11],
+                               r[12], r[13], r[14], r[15], r[16], r[17])
+
+    def current(self, project: str, label: str) -> List[StoredReference]:
+        """The label's live exemplars, by slot (at most ``exemplars``; empty when unset)."""
+        q = (f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND project=? AND label=? AND kind != 'none' "
+             f"AND slot < ? ORDER BY slot")
+        return [self._row(r) for r in self._conn().execute(q, (str(project), label, self.exemplars))]
 
     def list(self, project: Optional[str] = None) -> List[StoredReference]:
-        c = self._conn()
-        q = "SELECT * FROM refs" + (" WHERE project=?" if project is not None else "") + " ORDER BY project, label"
-        return [self._row(r) for r in c.execute(q, (() if project is None else (str(project),)))]
+        """Every live exemplar (of one project), ordered by project, label and slot."""
+        q = f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND kind != 'none' AND slot < ?"
+        args: tuple = (self.exemplars,)
+        if project is not None:
+            q += " AND project=?"
+            args += (str(project),)
+        return [self._row(r) for r in self._conn().execute(q + " ORDER BY project, label, slot", args)]
 
-    def meta(self, project: str, label: str) -> Optional[StoredReference]:
-        r = self._conn().execute("SELECT * FROM refs WHERE project=? AND label=?", (str(project), label)).fetchone()
+    def projects(self) -> List[str]:
+        return [r[0] for r in self._conn().execute("SELECT DISTINCT project FROM versions ORDER BY project")]
+
+    def labels(self, project: str) -> List[str]:
+        """Labels that have, or had, a reference in ``project``."""
+        return [r[0] for r in self._conn().execute("SELECT DISTINCT label FROM versions WHERE project=? ORDER BY label",
+                                                  (str(project),))]
+
+    def history(self, project: str, label: Optional[str] = None) -> List[StoredReference]:
+        """Every version (newest first), live or not."""
+        q = f"SELECT {_COLUMNS} FROM versions WHERE project=?" + (" AND label=?" if label is not None else "")
+        args = (str(project),) + ((label,) if label is not None else ())
+        return [self._row(r) for r in self._conn().execute(q + " ORDER BY id DESC", args)]
+
+    def version(self, version_id: int) -> Optional[StoredReference]:
+        r = self._conn().execute(f"SELECT {_COLUMNS} FROM versions WHERE id=?", (int(version_id),)).fetchone()
         return None if r is None else self._row(r)
 
-    def get(self, project: str, label: str) -> Optional[Reference]:
-        """The reference for (project, label), None when unset; CorruptReference when damaged."""
-        m = self.meta(project, label)
-        if m is None:
-            return None
+    def meta(self, project: str, label: str) -> Optional[StoredReference]:
+        """The label's first live exemplar (slot order), None when unset."""
+        cur = self.current(project, label)
+        return cur[0] if cur else None
+
+    def _feature(self, m: StoredReference) -> np.ndarray:
         data = self._read_file(m.feature_file, m.feature_sha or None)
         try:
-            feat = np.load(io.BytesIO(data), allow_pickle=False)
-            return Reference(m.kind, feat, m.extractor, m.text)
+            return np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError) as e:
+            raise CorruptReference(f"reference for label {m.label!r} is unreadable ({e})") from None
+
+    def get(self, project: str, label: str) -> Optional[Reference]:
+        """The label's reference, None when unset; CorruptReference when damaged. With several
+        exemplars, one :class:`Reference` holding all their features (``(K, D)``), made by the
+        same feature model (exemplars of another model are left out and logged)."""
+        cur = self.current(project, label)
+        if not cur:
+            return None
+        first = cur[0]
+        feats = [self._feature(first)]
+        for m in cur[1:]:
+            if m.extractor != first.extractor or (m.kind == "text") != (first.kind == "text"):
+                log.warning("project %s label %r: exemplar %d (%s, %s) left out: not comparable with %s, %s", project,
+                            label, m.id, m.kind, m.extractor, first.kind, first.extractor)
+                continue
+            feats.append(self._feature(m))
+        try:
+            return Reference(first.kind, np.stack([f.reshape(-1) for f in feats]) if len(feats) > 1 else feats[0],
+                             first.extractor, first.text)
+        except ValueError as e:
             raise CorruptReference(f"reference for label {label!r} is unreadable ({e})") from None
 
     def mask_png(self, project: str, label: str) -> Optional[bytes]:
@@ -222,31 +322,154 @@ class ReferenceStore:
             return None
         return self._read_file(m.mask_file)
 
-    def delete(self, project: str, label: Optional[str] = None) -> int:
-        """Remove one label's reference (or all of a project's). Returns how many rows went."""
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            if label is None:
-                n = c.execute("DELETE FROM refs WHERE project=?", (str(project),)).rowcount
-            else:
-                n = c.execute("DELETE FROM refs WHERE project=? AND label=?", (str(project), label)).rowcount
-            c.execute("COMMIT")
-        except Exception:
-            c.execute("ROLLBACK")
-            raise
-        self.collect_garbage()
-        return n
+    def version_file(self, version_id: int, what: str) -> Optional[bytes]:
+        """A version's ``mask`` (PNG), ``thumb`` or ``image`` (JPEG); None when it has none."""
+        m = self.version(version_id)
+        name = None if m is None else {"mask": m.mask_file, "thumb": m.thumb_file, "image": m.image_file}[what]
+        return None if name is None else self._read_file(name)
 
+    # -- writing ---------------------------------------------------------------------------
+    def put(self, project: str, label: str, reference: Reference, source: Dict, mask: Optional[np.ndarray] = None,
+            image: Optional[np.ndarray] = None, annotation: Optional[int] = None, how: str = "admin",
+            policy: str = "replace", only_if_absent: bool = False) -> Optional[int]:
+        """Append a version for (project, label); returns its id, or None when the policy keeps the
+        current one.
+
+        Args:
+            reference: the feature(s) to store (``(D,)``).
+            source: how it was set (shown in the history).
+            mask: ``(H, W)`` bool, the object (image + mask references).
+            image: ``(H, W, 3)`` uint8, kept with a thumbnail (the mask drawn on it).
+            annotation: the Label Studio annotation it came from (deleting it withdraws this version).
+            how: a word for the history ("first", "edited", "forced", "admin", ...).
+            policy: "replace": this becomes the label's only exemplar (the other slots are cleared);
+                "auto" (annotations): the annotation's own slot is updated (skipped when unchanged),
+                else a free slot is taken, else nothing changes.
+            only_if_absent: the old "first confirmed" rule: do nothing when the label has one.
+        """
+        if policy not in ("replace", "auto"):
+            raise ValueError(f"unknown policy {policy!r}")
+        buf = io.BytesIO()
+        np.save(buf, reference.feature.astype(np.float32), allow_pickle=False)
+        with self._files_lock(exclusive=False):
+            feature_file = self._write_file(buf.getvalue(), ".npy")
+            mask_file = image_file = thumb_file = None
+            if mask is not None:
+                b = io.BytesIO()
+                Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(b, format="PNG")
+                mask_file = self._write_file(b.getvalue(), ".png")
+            if image is not None:
+                b = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(image[..., :3])).save(b, format="JPEG", quality=92)
+                image_file = self._write_file(b.getvalue(), ".jpg")
+                thumb_file = self._write_file(thumbnail(image, mask), ".jpg")
+            row = dict(kind=reference.kind, extractor=reference.extractor, text=reference.text, source=json.dumps(source),
+                       annotation=annotation, how=how, feature_file=feature_file, feature_sha=feature_file.split(".")[0],
+                       mask_file=mask_file, image_file=image_file, thumb_file=thumb_file)
+            with self._write() as c:
+                cur = self._current_in(c, project, label)
+                if only_if_absent and cur:
+                    return None
+                if policy == "replace":
+                    slot = 0
+                    for other in cur:
+                        if other.slot != 0:
+                            self._insert(c, project, label, other.slot, _none_row(source, annotation, how))
+                else:
+                    own = [m for m in cur if annotation is not None and m.annotation == annotation]
+                    if own:
+                        m = own[0]
+                        if (m.feature_sha, m.mask_file) == (row["feature_sha"], mask_file):
+                            return None  # the same mask again (a repeated delivery, an unrelated edit)
+                        slot = m.slot
+                    else:
+                        used = {m.slot for m in cur}
+                        free = [s for s in range(self.exemplars) if s not in used]
+                        if not free:
+                            return None
+                        slot = free[0]
+                vid = self._insert(c, project, label, slot, row)
+        log.info("reference set: project %s label %r slot %d kind %s how %s source %s", project, label, slot,
+                 reference.kind, how, source)
+        return vid
+
+    def _current_in(self, c: sqlite3.Connection, project: str, label: str) -> List[StoredReference]:
+        q = (f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND project=? AND label=? AND kind != 'none' "
+             f"AND slot < ? ORDER BY slot")
+        return [self._row(r) for r in c.execute(q, (str(project), label, self.exemplars))]
+
+    def _insert(self, c: sqlite3.Connection, project: str, label: str, slot: int, row: Dict) -> int:
+        cur = c.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL)",
+                        (str(project), label, slot, row["kind"], row["extractor"], row["text"], row["source"],
+                         row["annotation"], row["how"], time.time(), row["feature_file"], row["feature_sha"],
+                         row["mask_file"], row["image_file"], row["thumb_file"]))
+        return int(cur.lastrowid)
+
+    def delete(self, project: str, label: Optional[str] = None, source: Optional[Dict] = None) -> int:
+        """Clear one label's reference (or all of a project's): a ``none`` version in each live
+        slot, so the history keeps what was there. Returns how many labels were cleared."""
+        source = source or {"admin": "clear"}
+        labels = set()
+        with self._write() as c:
+            for lab in ([label] if label is not None else
+                        [r[0] for r in c.execute("SELECT DISTINCT label FROM versions WHERE project=?", (str(project),))]):
+                for m in self._current_in(c, project, lab):
+                    self._insert(c, project, lab, m.slot, _none_row(source, None, "clear"))
+                    labels.add(lab)
+        return len(labels)
+
+    def restore(self, version_id: int, source: Optional[Dict] = None) -> int:
+        """Make version ``version_id`` current again (in its slot) as a new version; returns its id.
+        A ``none`` version restores "no reference". KeyError when there is no such version."""
+        m = self.version(version_id)
+        if m is None:
+            raise KeyError(f"no reference version {version_id}")
+        src = dict(m.source, restored=m.id, **(source or {}))
+        with self._write() as c:
+            vid = self._insert(c, m.project, m.label, m.slot, dict(
+                kind=m.kind, extractor=m.extractor, text=m.text, source=json.dumps(src), annotation=m.annotation,
+                how="restore", feature_file=m.feature_file, feature_sha=m.feature_sha, mask_file=m.mask_file,
+                image_file=m.image_file, thumb_file=m.thumb_file))
+        log.info("reference restored: project %s label %r version %d -> %d", m.project, m.label, m.id, vid)
+        return vid
+
+    def withdraw_annotation(self, annotation: int, reason: str) -> List[StoredReference]:
+        """The annotation is gone from Label Studio: withdraw every version it made (each slot falls
+        back to its version before them). Returns the withdrawn versions."""
+        with self._write() as c:
+            rows = [self._row(r) for r in c.execute(
+                f"SELECT {_COLUMNS} FROM versions WHERE annotation=? AND withdrawn_at IS NULL", (int(annotation),))]
+            c.execute("UPDATE versions SET withdrawn_at=?, withdrawn_reason=? WHERE annotation=? AND withdrawn_at IS NULL",
+                      (time.time(), reason, int(annotation)))
+            c.execute("DELETE FROM annotation_state WHERE annotation=?", (int(annotation),))
+        return rows
+
+    # -- "Use as reference" as a transition ---------------------------------------------------
+    def annotation_forced(self, annotation: int) -> bool:
+        """Whether the choice was ticked the last time this annotation was seen (False if never)."""
+        r = self._conn().execute("SELECT forced FROM annotation_state WHERE annotation=?", (int(annotation),)).fetchone()
+        return bool(r and r[0])
+
+    def set_annotation_forced(self, annotation: int, project: str, forced: bool) -> None:
+        with self._write() as c:
+            c.execute("INSERT OR REPLACE INTO annotation_state VALUES (?,?,?,?)",
+                      (int(annotation), str(project), int(bool(forced)), time.time()))
+
+    # -- maintenance -----------------------------------------------------------------------
     def collect_garbage(self, min_age_s: float = 60.0) -> int:
-        """Delete files no row names (older than ``min_age_s``, so a writer's fresh file survives)."""
-        used = set()
-        for r in self._conn().execute("SELECT feature_file, mask_file, image_file FROM refs"):
-            used.update(x for x in r if x)
+        """Delete files no version names, and writers' temporary files older than ``min_age_s``
+        (left by a crash). Safe against concurrent writers: see the module docstring."""
         n = 0
-        now = time.time()
-        for p in self.files.iterdir():
-            if p.name not in used and now - p.stat().st_mtime > min_age_s:
+        with self._files_lock(exclusive=True):
+            used = set()
+            for r in self._conn().execute("SELECT feature_file, mask_file, image_file, thumb_file FROM versions"):
+                used.update(x for x in r if x)
+            now = time.time()
+            for p in self.files.iterdir():
+                if p.name == ".lock" or p.name in used:
+                    continue
+                if p.name.endswith(".tmp") and now - p.stat().st_mtime <= min_age_s:
+                    continue  # a writer outside the lock's reach (an old process) may still rename it
                 p.unlink(missing_ok=True)
                 n += 1
         return n
@@ -259,7 +482,15 @@ class ReferenceStore:
             problems.append(f"database: {r}")
         for m in self.list():
             try:
-                self.get(m.project, m.label)
+                self._feature(m)
+                if m.mask_file:
+                    self._read_file(m.mask_file)
             except CorruptReference as e:
-                problems.append(f"project {m.project} label {m.label!r}: {e}")
+                problems.append(f"project {m.project} label {m.label!r} (version {m.id}): {e}")
         return problems
+
+
+def _none_row(source: Dict, annotation: Optional[int], how: str) -> Dict:
+    """A cleared slot."""
+    return dict(kind="none", extractor="", text=None, source=json.dumps(source), annotation=annotation, how=how,
+                feature_file=None, feature_sha=None, mask_file=None, image_file=None, thumb_file=None)

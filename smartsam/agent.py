@@ -22,7 +22,7 @@ import numpy as np
 from .backbones.base import Backbone, Prompt
 from .clickers import NextChainClicker
 from .features import ClipFeatures, DinoV2Features
-from .masks import LowResFrame, batch_iou
+from .masks import LowResFrame, batch_iou, prepare_reference
 from .sampler import PrioriInitialSampler
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
 
@@ -32,8 +32,9 @@ from .selector import Reference, Selection, contains_click, select_by_score, sel
 FAST_PATH_IOU = 0.95
 
 
-def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool] = None) -> Dict[str, object]:
-    """The two agent choices every entry point (CLI, backend, eval) takes from one place.
+def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool] = None,
+                  reference_prep: Optional[str] = None) -> Dict[str, object]:
+    """The agent choices every entry point (CLI, backend, eval) takes from one place.
 
     Args:
         fast_path: "auto" (on on a CPU, off on CUDA, where the paper's literal path is cheap),
@@ -42,8 +43,11 @@ def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool]
             ``$SMARTSAM_REQUIRE_CLICK`` (default on: an annotator's click then always lies on the
             answer, as in pure-IS mode; Eq. 2 of the paper takes the argmax over all candidates,
             and ``smartsam eval --allow-anywhere`` measures the difference where real weights exist).
+        reference_prep: "paper" or "none" (see :class:`SmartSAMAgent`); None reads
+            ``$SMARTSAM_REFERENCE_PREP`` (default "paper").
     Returns:
-        keyword arguments for :class:`SmartSAMAgent` (``dedupe_iou``, ``require_click``).
+        keyword arguments for :class:`SmartSAMAgent` (``dedupe_iou``, ``require_click``,
+        ``reference_prep``).
     """
     import os
 
@@ -52,7 +56,11 @@ def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool]
         raise ValueError(f"SMARTSAM_FAST_PATH / --fast-path must be auto, on or off, not {fp!r}")
     if require_click is None:
         require_click = (os.environ.get("SMARTSAM_REQUIRE_CLICK") or "true").strip().lower() not in ("0", "false", "no", "off")
-    return {"dedupe_iou": {"auto": "auto", "on": FAST_PATH_IOU, "off": None}[fp], "require_click": bool(require_click)}
+    prep = (reference_prep or os.environ.get("SMARTSAM_REFERENCE_PREP") or "paper").strip().lower()
+    if prep not in ("paper", "none"):
+        raise ValueError(f"SMARTSAM_REFERENCE_PREP / --reference-prep must be paper or none, not {prep!r}")
+    return {"dedupe_iou": {"auto": "auto", "on": FAST_PATH_IOU, "off": None}[fp], "require_click": bool(require_click),
+            "reference_prep": prep}
 
 
 class InvalidClick(ValueError):
@@ -133,6 +141,9 @@ class SmartSAMAgent:
             the fast path on a CPU and the literal path on CUDA.
         require_click: in reference mode, only candidates that contain the click may win.
         result_cache: how many recent answers to keep for outer interactions.
+        reference_prep: "paper" (default): image + mask references are prepared as in the
+            paper's section 4.1 (background removed, object cropped to ~70 % of the image,
+            :func:`~smartsam.masks.prepare_reference`) before pooling; "none" pools the raw image.
     """
 
     def __init__(
@@ -146,6 +157,7 @@ class SmartSAMAgent:
         dedupe_iou: Union[float, None, str] = "auto",
         require_click: bool = True,
         result_cache: int = 32,
+        reference_prep: str = "paper",
     ) -> None:
         self.backbone = backbone
         self.sampler = sampler or PrioriInitialSampler()
@@ -158,6 +170,9 @@ class SmartSAMAgent:
             dedupe_iou = FAST_PATH_IOU if dev == "cpu" else None
         self.dedupe_iou = dedupe_iou
         self.require_click = bool(require_click)
+        if reference_prep not in ("paper", "none"):
+            raise ValueError(f"reference_prep is 'paper' or 'none', got {reference_prep!r}")
+        self.reference_prep = reference_prep
         self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()
         self._result_cache = int(result_cache)
         self._image: Optional[np.ndarray] = None
@@ -197,6 +212,8 @@ class SmartSAMAgent:
             raise ValueError(f"reference mask {mask.shape} does not match image {image.shape[:2]}")
         if not mask.any():
             raise ValueError("reference mask is empty")
+        if self.reference_prep == "paper":
+            image, mask = prepare_reference(image, mask)
         feat = self.image_features.mask_features(image, mask[None])[0]
         return Reference("mask", feat, self.image_features.name)
 

@@ -44,6 +44,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--literal", action="store_true", help="the same as --fast-path off")
     p.add_argument("--allow-anywhere", action="store_true", help="reference mode: candidates that do not contain the "
                    "click may win too (Eq. 2's plain argmax; default: $SMARTSAM_REQUIRE_CLICK, on)")
+    p.add_argument("--reference-prep", choices=["paper", "none"], help="image + mask references: paper (default, "
+                   "$SMARTSAM_REFERENCE_PREP) = background removed, object cropped to ~70 %% of the image, as the "
+                   "paper's section 4.1; none = the raw image and mask")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +117,8 @@ def cli_agent_options(args) -> dict:
     """Fast path and click restriction from the flags, else from the environment (one setting each)."""
     from .agent import agent_options
 
-    return agent_options("off" if args.literal else args.fast_path, False if args.allow_anywhere else None)
+    return agent_options("off" if args.literal else args.fast_path, False if args.allow_anywhere else None,
+                         getattr(args, "reference_prep", None))
 
 
 def _read_image(path: str):

@@ -134,3 +134,46 @@ def box_xyxy(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
     if ys.size == 0:
         return None
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+# ImageNet mean in RGB: a background filled with it becomes ~0 after the feature models' normalisation
+BACKGROUND_FILL = (124, 116, 104)
+
+
+def prepare_reference(image: np.ndarray, mask: np.ndarray, occupancy: float = 0.7,
+                      fill: Tuple[int, int, int] = BACKGROUND_FILL) -> Tuple[np.ndarray, np.ndarray]:
+    """The paper's reference preparation (section 4.1): background removed and the object cropped
+    so that it occupies about ``occupancy`` of the reference image.
+
+    The crop keeps the object's bounding-box aspect and scales each side by ``1 / sqrt(occupancy)``,
+    so the box covers ``occupancy`` of the crop's area; where the crop leaves the image it is
+    padded with ``fill``, like the removed background.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        mask: ``(H, W)`` bool, the object (not empty).
+    Returns:
+        ``(image, mask)`` of the crop: ``(h, w, 3)`` uint8 with the background set to ``fill``,
+        and its ``(h, w)`` bool mask.
+    """
+    if not 0 < occupancy <= 1:
+        raise ValueError("occupancy must be in (0, 1]")
+    box = box_xyxy(mask)
+    if box is None:
+        raise ValueError("reference mask is empty")
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+    scale = 1 / np.sqrt(occupancy)
+    w, h = (x1 - x0 + 1) * scale, (y1 - y0 + 1) * scale
+    X0, Y0 = int(np.floor(cx - w / 2)), int(np.floor(cy - h / 2))
+    X1, Y1 = max(X0 + 1, int(np.ceil(cx + w / 2))), max(Y0 + 1, int(np.ceil(cy + h / 2)))
+    out = np.empty((Y1 - Y0, X1 - X0, 3), np.uint8)
+    out[:] = np.asarray(fill, np.uint8)
+    out_mask = np.zeros(out.shape[:2], bool)
+    H, W = mask.shape
+    sx0, sy0, sx1, sy1 = max(X0, 0), max(Y0, 0), min(X1, W), min(Y1, H)
+    m = np.asarray(mask[sy0:sy1, sx0:sx1], bool)
+    region = out[sy0 - Y0:sy1 - Y0, sx0 - X0:sx1 - X0]
+    region[m] = image[sy0:sy1, sx0:sx1, :3][m]
+    out_mask[sy0 - Y0:sy1 - Y0, sx0 - X0:sx1 - X0] = m
+    return out, out_mask

@@ -25,7 +25,8 @@ class Reference:
 
     Attributes:
         kind: "mask" (image + mask), "image" (image alone) or "text".
-        feature: ``(D,)`` float32 feature.
+        feature: ``(D,)`` float32 feature, or ``(K, D)`` for K exemplars of one label (a candidate
+            then scores its best similarity to any of them; K = 1 is the paper).
         extractor: name of the feature model that made it (features of different models are
             never compared).
         text: the text, for text references.
@@ -39,9 +40,17 @@ class Reference:
     def __post_init__(self) -> None:
         if self.kind not in ("mask", "image", "text"):
             raise ValueError(f"unknown reference kind {self.kind!r}")
-        self.feature = np.asarray(self.feature, np.float32).reshape(-1)
-        if not np.all(np.isfinite(self.feature)) or not np.any(self.feature):
+        f = np.asarray(self.feature, np.float32)
+        f = f.reshape(f.shape[0], -1) if f.ndim > 1 and f.shape[0] > 1 else f.reshape(-1)
+        self.feature = f
+        rows = f.reshape(1, -1) if f.ndim == 1 else f
+        if f.size == 0 or not np.all(np.isfinite(f)) or not rows.any(axis=1).all():
             raise ValueError("reference feature is empty or not finite (an empty mask?)")
+
+    @property
+    def exemplars(self) -> int:
+        """How many exemplars this reference holds (K)."""
+        return 1 if self.feature.ndim == 1 else int(self.feature.shape[0])
 
 
 @dataclass

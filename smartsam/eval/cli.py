@@ -21,6 +21,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--limit", type=int, help="first N samples only")
     e.add_argument("--stop-iou", type=float, default=1.01, help="stop a sample's clicks at this IoU (default: never)")
     e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--exemplars", type=int, default=1, help="reference mode: K references per object, the next K "
+                   "instances of its category; the best similarity to any wins (default 1, the paper)")
     e.add_argument("--no-progress", action="store_true")
     from ..cli import _add_model_args
 
@@ -29,7 +31,7 @@ def add_eval_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     from ..cli import UsageError, cli_agent_options
-    from .datasets import load_dataset, load_gt, reference_for
+    from .datasets import load_dataset, load_gt, references_for
     from .runner import evaluate
     from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter
 
@@ -43,22 +45,33 @@ def cmd_eval(args) -> int:
     dataset = Path(args.dataset).resolve().name
     if args.trials < 1:
         raise UsageError("--trials must be at least 1")
+    if args.exemplars < 1:
+        raise UsageError("--exemplars must be at least 1")
     previous = Path(args.out) / f"{args.mode}.json"
     if previous.exists():
+        # resuming reuses the finished samples: they must come from the same settings
         try:
-            old_seed = json.loads(previous.read_text()).get("seed", args.seed)
+            old = json.loads(previous.read_text())
         except ValueError:
-            old_seed = args.seed
-        if old_seed != args.seed:
-            raise UsageError(f"{args.out} holds {args.mode} results of --seed {old_seed}: resume with that seed, or use "
-                             f"another --out")
+            old = {}
+        now = {"seed": args.seed}
+        if args.mode == "reference":
+            now.update(reference_prep=cli_agent_options(args)["reference_prep"], exemplars=args.exemplars)
+        for k, v in now.items():
+            if k in old and old[k] != v:
+                flag = "--" + k.replace("_", "-")
+                raise UsageError(f"{args.out} holds {args.mode} results of {flag} {old[k]}: resume with that {flag}, or "
+                                 f"use another --out")
     if args.mode == "oracle":
         make = lambda t: OracleSegmenter(lambda s: load_gt(s)[0])  # noqa: E731
     elif args.mode == "empty":
         make = lambda t: EmptySegmenter()  # noqa: E731
     else:
+        import numpy as np
+
         from ..agent import SmartSAMAgent
         from ..io import load_image
+        from ..selector import Reference
         from ..models import default_features, load_backbone, load_features
 
         bb = load_backbone(args.backbone, args.checkpoint, args.device)
@@ -70,16 +83,20 @@ def cmd_eval(args) -> int:
                 if not any(s.category for s in samples):
                     raise UsageError(f"reference mode needs categories in the file names (COCO_MVal); {dataset} has none")
                 feats = load_features(args.features or default_features("image", bb.random_weights), args.device)
-                refs = SmartSAMAgent(bb, image_features=feats)  # makes references: same checks as everywhere
+                # makes references: same checks and preparation (--reference-prep) as everywhere
+                refs = SmartSAMAgent(bb, image_features=feats, **cli_agent_options(args))
                 cache = {}
 
-                def reference(sample):
-                    r = reference_for(sample, all_samples)
-                    if r is None:
-                        return None
+                def one(r):
                     if r.name not in cache:
                         cache[r.name] = refs.reference_from_mask(load_image(r.image_path), load_gt(r)[0])
                     return cache[r.name]
+
+                def reference(sample):
+                    rs = [one(r) for r in references_for(sample, all_samples, args.exemplars)]
+                    if not rs:
+                        return None
+                    return Reference(rs[0].kind, np.stack([r.feature for r in rs]), rs[0].extractor)
 
                 ref_fn = reference
 
@@ -93,6 +110,8 @@ def cmd_eval(args) -> int:
     if args.mode in ("pure-is", "reference"):
         probe = make(0).agent
         summary.update({"path": probe.path, "require_click": probe.require_click})
+    if args.mode == "reference":
+        summary.update({"reference_prep": probe.reference_prep, "exemplars": args.exemplars})
     (Path(args.out) / f"{args.mode}.json").write_text(json.dumps(summary, indent=2))
     keys = ["n", "mIoU@1", "Ratio@75", "Ratio@85", "NoC@75", "NoC@85", "NoC@90", "IoU_best", "sec_first_click"]
     print("| dataset | mode | segmenter | " + " | ".join(keys) + " |")

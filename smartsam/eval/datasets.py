@@ -114,12 +114,21 @@ def reference_for(sample: Sample, samples: List[Sample]) -> Optional[Sample]:
     """A deterministic reference instance for ``sample``: the next instance of the same category
     (in sorted name order, wrapping around), preferring one from a different image; None when the
     category has no other instance or the dataset has no categories."""
+    refs = references_for(sample, samples, 1)
+    return refs[0] if refs else None
+
+
+def references_for(sample: Sample, samples: List[Sample], k: int) -> List[Sample]:
+    """The next ``k`` instances of ``sample``'s category (sorted name order, wrapping around),
+    those from other images first; fewer when the category has fewer other instances."""
     if not sample.category:
-        return None
+        return []
     same = [s for s in samples if s.category == sample.category and s.name != sample.name]
-    if not same:
-        return None
     coco_id = sample.name.rsplit("_", 1)[-1]
-    others = [s for s in same if s.name.rsplit("_", 1)[-1] != coco_id] or same
-    later = [s for s in others if s.name > sample.name]
-    return (later or others)[0]
+    other_image = [s for s in same if s.name.rsplit("_", 1)[-1] != coco_id]
+    same_image = [s for s in same if s.name.rsplit("_", 1)[-1] == coco_id]
+
+    def wrapped(xs: List[Sample]) -> List[Sample]:
+        return [s for s in xs if s.name > sample.name] + [s for s in xs if s.name < sample.name]
+
+    return (wrapped(other_image) + wrapped(same_image))[: max(0, int(k))]

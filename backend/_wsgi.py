@@ -10,8 +10,8 @@ Endpoints: ``GET /health``, ``POST /setup``, ``POST /predict``, ``POST /webhook`
 admins (``Authorization: Bearer $SMARTSAM_ADMIN_TOKEN``, or basic auth with that token as the
 password, which a browser asks for): the page ``GET /admin``,
 ``/admin/references[/<project>[/<label>[/mask.png|/versions]]]`` (GET, PUT, DELETE),
-``GET /admin/versions/<id>[/thumb.jpg|/mask.png]``, ``POST /admin/versions/<id>/restore`` and
-``GET /admin/jobs``.
+``GET /admin/versions/<id>[/thumb.jpg|/mask.png]``, ``POST /admin/versions/<id>/restore``,
+``GET /admin/stats[.png][?project=ID]`` (field statistics) and ``GET /admin/jobs``.
 
 What is trusted: Label Studio's API (read with the backend's key), the admin token, the webhook
 secret. What is not: anything in a request body. A webhook is only a notice: the annotation it
@@ -146,7 +146,7 @@ class App:
         if status == 413:
             # the unread body is not drained: the connection ends after this answer
             headers.append(("Connection", "close"))
-        if status == 401 and path.rstrip("/") == "/admin" and method == "GET":
+        if status == 401 and (path == "/admin" or path.startswith("/admin/")):
             # the page: let the browser ask for the credentials (user: anything, password: the admin token)
             headers.append(("WWW-Authenticate", 'Basic realm="SmartSAM admin", charset="UTF-8"'))
         if ctype.startswith("text/html"):
@@ -334,9 +334,15 @@ class App:
             from .admin_page import render
 
             return 200, render(store, self.engine.jobs.state() if self.engine.jobs else {},
-                               self.engine.settings.label_studio_url)
+                               self.engine.settings.label_studio_url, self.engine.stats.summary())
         if parts == ["jobs"] and method == "GET":
             return 200, self.engine.jobs.state() if self.engine.jobs else {}
+        if parts in (["stats"], ["stats.png"]) and method == "GET":
+            from .field_stats import plot_png
+
+            q = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            summary = self.engine.stats.summary((q.get("project") or [None])[0])
+            return 200, summary if parts == ["stats"] else Raw(plot_png(summary), "image/png")
         if parts[0] == "versions" and len(parts) in (2, 3):
             return self._admin_version(method, parts[1:])
         if parts[0] != "references" or len(parts) > 4:

@@ -8,6 +8,7 @@
     python -m backend.admin restore VERSION            make a version current again
     python -m backend.admin check
     python -m backend.admin gc                          remove files no version names
+    python -m backend.admin stats [--project ID] [--json]   field statistics (suggestions vs annotations)
 
 Uses ``SMARTSAM_DATA_DIR`` and the same feature models as the server (``SMARTSAM_FEATURES``,
 ``SMARTSAM_TEXT_FEATURES``; the random test models when ``SMARTSAM_BACKBONE`` is a ``-random``
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("version", type=int)
     sub.add_parser("check")
     sub.add_parser("gc")
+    p = sub.add_parser("stats")
+    p.add_argument("--project")
+    p.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     s = Settings()
     try:
@@ -110,6 +114,12 @@ def main(argv=None) -> int:
             print(f"error: {e.args[0]}", file=sys.stderr)
             return 2
         print(f"restored version {args.version} as version {vid}")
+        return 0
+    if args.cmd == "stats":
+        from .field_stats import FieldStats, table
+
+        summary = FieldStats(s.data_dir, s.stats_max).summary(args.project)
+        print(json.dumps(summary, indent=2) if args.json else table(summary))
         return 0
     if args.cmd == "gc":
         print(f"removed {store.collect_garbage()} unused files")

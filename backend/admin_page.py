@@ -1,5 +1,5 @@
 """The admin page (``GET /admin``): every project's references as thumbnails, their sources and
-history with a restore button, and the store's integrity report.
+history with a restore button, the store's integrity report, and the field statistics.
 
 Server-rendered HTML, no assets of its own: thumbnails come from ``/admin/versions/<id>/thumb.jpg``
 and the restore button posts to ``/admin/versions/<id>/restore`` with the ``X-SmartSAM-Admin``
@@ -63,7 +63,25 @@ def _visual(v: StoredReference, small: bool = False) -> str:
     return '<span class="muted">(no picture)</span>'
 
 
-def render(store: ReferenceStore, jobs: Dict, label_studio_url: Optional[str] = None) -> str:
+def _stats(summary: Dict) -> str:
+    from .field_stats import table
+
+    e = html.escape
+    rows = summary.get("objects") or []
+    if not rows:
+        return ("<h2 id='stats'>Field statistics</h2><p class='muted'>No annotation matched to a suggestion yet: the "
+                "statistics fill as annotators submit masks the backend suggested.</p>")
+    head, _, *body = table(summary).splitlines()
+    cells = lambda line, tag: "".join(f"<{tag}>{e(c.strip())}</{tag}>" for c in line.strip("|").split("|"))  # noqa: E731
+    return ("<h2 id='stats'>Field statistics</h2><p class='muted'>Per label and arm (smartsam, plain: "
+            "SMARTSAM_COMPARE, prelabel): objects submitted, accepted unchanged, IoU between suggestion and final "
+            "mask, clicks and seconds per object. JSON: /admin/stats.</p>"
+            "<img src='/admin/stats.png' alt='field statistics plot'><table id='stats-table'><tr>" + cells(head, "th") +
+            "</tr>" + "".join(f"<tr>{cells(b, 'td')}</tr>" for b in body) + "</table>")
+
+
+def render(store: ReferenceStore, jobs: Dict, label_studio_url: Optional[str] = None,
+           stats: Optional[Dict] = None) -> str:
     e = html.escape
     problems = store.check()
     out: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>SmartSAM references</title>"
@@ -115,5 +133,7 @@ def render(store: ReferenceStore, jobs: Dict, label_studio_url: Optional[str] = 
                            f"<td>{_when(v.created_at)}</td><td>{e(v.how)}</td><td>{e(v.kind)}</td>"
                            f"<td>{e(_source(v))}</td><td>{e(state)}</td><td>{button}</td></tr>")
             out.append("</table>")
+    if stats is not None:
+        out.append(_stats(stats))
     out.append("</body></html>")
     return "\n".join(out)

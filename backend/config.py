@@ -58,6 +58,9 @@ class Settings:
     threads: int = field(default_factory=lambda: int(_env("SMARTSAM_THREADS", "8")))
     # K: references kept per label at once (the first K submitted masks); 1 is the paper
     exemplars: int = field(default_factory=lambda: int(_env("SMARTSAM_EXEMPLARS", "1")))
+    # field statistics: "plain:0.2" answers that share of first clicks with the plain backbone
+    compare: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_COMPARE"))
+    stats_max: int = field(default_factory=lambda: int(_env("SMARTSAM_STATS_MAX", "20000")))
     # "paper": image + mask references cropped (object ~70 %) with the background removed; "none": raw
     reference_prep: str = field(default_factory=lambda: (_env("SMARTSAM_REFERENCE_PREP", "paper") or "").strip().lower())
 
@@ -69,6 +72,12 @@ class Settings:
             raise SettingsError("SMARTSAM_EXEMPLARS must be at least 1")
         if self.reference_prep not in ("paper", "none"):
             raise SettingsError("SMARTSAM_REFERENCE_PREP must be paper or none")
+        from .field_stats import compare_share
+
+        try:
+            self.compare_share = compare_share(self.compare)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
         if self.request_timeout <= 0 or self.predict_budget <= 0:
             raise SettingsError("SMARTSAM_REQUEST_TIMEOUT and SMARTSAM_PREDICT_BUDGET must be positive seconds")
 

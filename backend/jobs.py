@@ -126,6 +126,10 @@ class Jobs:
             log.warning("webhook %s annotation %s: %s", action, aid, e)
             self._error(f"annotation {aid}: {e}")
             return "rejected"
+        try:
+            out["statistics"] = len(model.observe_annotation(ann, task, proj))
+        except Exception as e:  # statistics never block the reference rules
+            log.warning("annotation %s: field statistics not updated (%s)", aid, e)
         with self._lock:
             self._seen[version] = None
             while len(self._seen) > 10000:
@@ -155,6 +159,7 @@ class Jobs:
             self._error(f"annotation {aid}: deletion not confirmed (Label Studio still has it)")
             return "rejected"
         out = SmartSAMBackend.remove_annotation_from(self.engine, aid)
+        self.engine.stats.forget(aid)
         log.info("annotation %s deleted in Label Studio: references withdrawn %s", aid, out["withdrawn"])
         return "applied"
 

@@ -26,6 +26,7 @@ from smartsam.selector import Reference
 
 from .config import Settings
 from .images import ImageFetcher, ImageFetchError
+from .field_stats import FieldStats, draw_plain
 from .references import CorruptReference, ReferenceStore
 
 log = logging.getLogger("smartsam.backend")
@@ -105,6 +106,7 @@ class Engine:
     def __init__(self, settings: Optional[Settings] = None) -> None:
         self.settings = settings or Settings()
         self.store = ReferenceStore(self.settings.data_dir, exemplars=self.settings.exemplars)
+        self.stats = FieldStats(self.settings.data_dir, self.settings.stats_max)
         self.fetcher = ImageFetcher(self.settings)
         self.lock = threading.Lock()  # the models serve one request at a time
         self.agent: Optional[SmartSAMAgent] = None
@@ -489,12 +491,19 @@ class SmartSAMBackend(LabelStudioMLBase):
         if box is None and 1 not in labels:
             raise RequestError("only negative clicks: click the object once (without Alt) first")
         ref, note = self.engine.reference(proj, label) if box is None else (None, None)
+        s = self.engine.settings
+        first = labels.index(1) if box is None else None
+        # SMARTSAM_COMPARE: a seeded share of first clicks goes to plain SAM; the draw depends on
+        # the first click only, so the chain's later requests stay in the same arm
+        plain = first is not None and draw_plain(s.seed, s.compare_share, proj, task.get("id"), label, points[first])
+        t0 = time.monotonic()
         with self.engine.model(deadline) as agent:
             agent.set_image(image)
             if box is not None:
                 res = agent.predict_box(box, points, labels)
+            elif plain:
+                res = agent.predict_plain(points[first])
             else:
-                first = labels.index(1)
                 res = agent.predict(points[first], ref, deadline=deadline)
                 # outer interactions, the ordinary SAM way: each further click refines the previous
                 # answer's logits with every click so far
@@ -502,7 +511,21 @@ class SmartSAMBackend(LabelStudioMLBase):
                     res = agent.refine(points[: k + 1], labels[: k + 1], res)
         log.info("project %s task %s label %r: %s, %d clicks, score %.3f, %.2f s%s", proj, task.get("id"), label,
                  res.mode, len(points), res.score, res.timings.get("total", 0), " (cut at the deadline)" if res.partial else "")
-        return self._prediction(res, cfg, label, w, h, note, proj, shown)
+        pred = self._prediction(res, cfg, label, w, h, note, proj, shown)
+        if plain:
+            pred["arm"] = "plain"  # the first answer came from plain SAM (SMARTSAM_COMPARE)
+        self._record(proj, task, label, res.mode, "plain" if plain else "smartsam",
+                     len(points) + (box is not None), time.monotonic() - t0, pred)
+        return pred
+
+    def _record(self, proj: str, task, label: str, mode: str, arm: str, clicks: int, seconds: float, pred: Dict) -> None:
+        """Field statistics: one suggestion served (never fails the request)."""
+        try:
+            r = pred["result"][0]
+            mask = brush_mask(r, (r["original_height"], r["original_width"]))
+            self.engine.stats.record(proj, task.get("id"), label, mode, arm, clicks, seconds, mask, self.version)
+        except Exception as e:  # statistics must not cost an annotator an answer
+            log.warning("field statistics: suggestion not recorded (%s)", e)
 
     def _prediction(self, res: AgentResult, cfg: LabelConfig, label: str, w: int, h: int, note: Optional[str], proj: str,
                     shown: Optional[Tuple[int, int]] = None) -> Dict:
@@ -559,8 +582,10 @@ class SmartSAMBackend(LabelStudioMLBase):
             with self.engine.model(deadline) as agent:
                 key = agent.set_image(image)
                 click = locate(extractor, image, ref, key)
+                t0 = time.monotonic()
                 res = agent.predict(click, ref, deadline=deadline)
             pred = self._prediction(res, cfg, label, w, h, None, proj)
+            self._record(proj, task, label, "prelabel", "prelabel", 0, time.monotonic() - t0, pred)
             results.extend(pred["result"])
             scores.append(res.score)
         out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": self.version,
@@ -616,6 +641,31 @@ class SmartSAMBackend(LabelStudioMLBase):
         if not first:
             return {"reference": done, "reason": "no brush region in the annotation"}
         return {"reference": done}
+
+    def observe_annotation(self, ann: Dict, task: Dict, proj: str) -> List[Dict]:
+        """Field statistics: match the annotation's brush regions (as Label Studio holds them) to
+        the suggestions served for its task; a skipped annotation counts for nothing."""
+        aid = ann.get("id")
+        if ann.get("was_cancelled"):
+            self.engine.stats.forget(aid)
+            return []
+        regions = []
+        for k, r in enumerate(x for x in (ann.get("result") or []) if isinstance(x, dict)):
+            v = r.get("value") if isinstance(r.get("value"), dict) else {}
+            labels = v.get("brushlabels") if isinstance(v.get("brushlabels"), list) else []
+            if r.get("type") != "brushlabels" or not v.get("rle") or not labels or not isinstance(labels[0], str):
+                continue
+            try:
+                hw = (_size(r.get("original_height"), "original_height"), _size(r.get("original_width"), "original_width"))
+                mask = brush_mask(r, hw)  # bounded by SMARTSAM_MAX_PIXELS before decoding
+            except (RequestError, ValueError) as e:
+                log.warning("annotation %s region %s: not counted in the statistics (%s)", aid, r.get("id"), e)
+                continue
+            regions.append((str(r.get("id") or k), labels[0], mask))
+        lead = ann.get("lead_time")
+        return self.engine.stats.observe(proj, task.get("id"), aid, regions,
+                                         lead_time=lead if isinstance(lead, (int, float)) and lead > 0 else None,
+                                         user=ann.get("completed_by"))
 
     @staticmethod
     def remove_annotation_from(engine: "Engine", aid: int) -> Dict:

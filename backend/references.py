@@ -45,6 +45,8 @@ from PIL import Image, ImageDraw
 
 from smartsam.selector import Reference
 
+from .db import Database
+
 log = logging.getLogger("smartsam.references")
 
 SCHEMA_VERSION = 2
@@ -143,30 +145,15 @@ class ReferenceStore:
         if int(exemplars) < 1:
             raise ValueError("exemplars (SMARTSAM_EXEMPLARS) must be at least 1")
         self.exemplars = int(exemplars)
-        self._local = threading.local()
+        self._db = Database(self.db_path)
         self._migrate()
 
     # -- database --------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=FULL")
-            c.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = c
-        return c
+        return self._db.conn()
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        c = self._conn()
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            yield c
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+    def _write(self):
+        return self._db.write()
 
     def _migrate(self) -> None:
         try:

@@ -426,6 +426,27 @@ class SmartSAMAgent:
             path=self.path,
         )
 
+    def predict_plain(self, click_xy: Sequence[float]) -> AgentResult:
+        """Plain SAM at one click, no agent: the best-scored of the backbone's 3 masks (``mode``
+        "plain"). The comparison arm of field statistics, and what SmartSAM is measured against."""
+        x, y = self._check_click(click_xy)
+        return self._best_of_three(Prompt(np.asarray([[x, y]], np.float32), np.asarray([1], np.int64)), "plain", "click")
+
+    def _best_of_three(self, prompt: Prompt, mode: str, kind: str) -> AgentResult:
+        """One prompt in multimask mode: the best-scored of SAM's 3 masks."""
+        bb = self.backbone
+        dec0 = bb.decoder_calls
+        t0 = time.perf_counter()
+        res = bb.predict([prompt], multimask=True)
+        j = int(np.argmax(res.scores[0]))
+        lg = res.low_res_logits[0, j]
+        return AgentResult(
+            mask=bb.upsample(lg[None])[0] > 0, score=float(res.scores[0, j]), similarity=None, mode=mode,
+            candidate=Candidate(0, kind, j, 0, (), float(res.scores[0, j])), low_res_logits=lg.copy(),
+            timings={"total": time.perf_counter() - t0}, calls={"encoder": 0, "decoder": bb.decoder_calls - dec0, "features": 0},
+            path=self.path,
+        )
+
     def predict_box(self, box_xyxy: Sequence[float], points: Sequence[Sequence[float]] = (), labels: Sequence[int] = ()) -> AgentResult:
         """A box prompt (``(x0, y0, x1, y1)`` image pixels), optionally with clicks: the best-scored
         of SAM's 3 masks. A box is not ambiguous enough to need the agent."""
@@ -434,18 +455,7 @@ class SmartSAMAgent:
         if x1 <= x0 or y1 <= y0:
             raise InvalidClick(f"box {tuple(box_xyxy)} is empty")
         pts = np.asarray([self._check_click(p) for p in points], np.float32).reshape(-1, 2)
-        bb = self.backbone
-        dec0 = bb.decoder_calls
-        t0 = time.perf_counter()
-        res = bb.predict([Prompt(pts, np.asarray(labels, np.int64), box=np.asarray([x0, y0, x1, y1]))], multimask=True)
-        j = int(np.argmax(res.scores[0]))
-        lg = res.low_res_logits[0, j]
-        return AgentResult(
-            mask=bb.upsample(lg[None])[0] > 0, score=float(res.scores[0, j]), similarity=None, mode="box",
-            candidate=Candidate(0, "box", j, 0, (), float(res.scores[0, j])), low_res_logits=lg.copy(),
-            timings={"total": time.perf_counter() - t0}, calls={"encoder": 0, "decoder": bb.decoder_calls - dec0, "features": 0},
-            path=self.path,
-        )
+        return self._best_of_three(Prompt(pts, np.asarray(labels, np.int64), box=np.asarray([x0, y0, x1, y1])), "box", "box")
 
 
 def locate(extractor, image: np.ndarray, reference: Reference, key: Optional[str] = None) -> Tuple[float, float]:

@@ -260,3 +260,30 @@ def test_not_clicked_map_never_repeats_a_click():
         for yy, xx in seen[:k]:
             left[yy, xx] = 0
         assert dt[y, x] == left.max()  # the farthest-from-boundary pixel not clicked yet
+
+
+def test_references_for_gives_the_next_instances_of_the_category(datasets):
+    samples = load_dataset(datasets / "COCO_MVal-dev")
+    s = samples[0]
+    three = __import__("smartsam.eval.datasets", fromlist=["references_for"]).references_for(s, samples, 3)
+    assert len(three) == 3 and len({r.name for r in three}) == 3
+    assert all(r.category == s.category and r.name != s.name for r in three)
+    assert three[0] == reference_for(s, samples)  # K = 1 is the paper's single reference
+
+
+def test_reference_mode_switches_preparation_and_exemplars(datasets, tmp_path):
+    args = ["eval", "--dataset", str(datasets / "COCO_MVal-dev"), "--mode", "reference", "--limit", "1",
+            "--max-clicks", "1", "--trials", "1", "--backbone", "disk-test", "--no-progress"]
+    runs = {}
+    for name, extra in [("paper1", []), ("none1", ["--reference-prep", "none"]), ("paper3", ["--exemplars", "3"])]:
+        p = run_cli(*args, *extra, "--out", str(tmp_path / name))
+        assert p.returncode == 0, p.stderr
+        runs[name] = json.loads((tmp_path / name / "reference.json").read_text())
+    assert (runs["paper1"]["reference_prep"], runs["paper1"]["exemplars"]) == ("paper", 1)
+    assert (runs["none1"]["reference_prep"], runs["none1"]["exemplars"]) == ("none", 1)
+    assert (runs["paper3"]["reference_prep"], runs["paper3"]["exemplars"]) == ("paper", 3)
+    # a folder holds one setting: resuming with another is refused, not mixed
+    p = run_cli(*args, "--exemplars", "3", "--out", str(tmp_path / "paper1"))
+    assert p.returncode == 2 and "--exemplars 1" in p.stderr
+    p = run_cli(*args, "--reference-prep", "none", "--out", str(tmp_path / "paper1"))
+    assert p.returncode == 2 and "--reference-prep paper" in p.stderr

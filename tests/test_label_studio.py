@@ -489,3 +489,258 @@ def test_cloud_storage_s3_presigned_on_and_off(label_studio, backend, datasets, 
         os.killpg(p.pid, 15)
         p.wait(30)
         log.close()
+
+
+# -- references that follow the annotators (README "Reference rules") ------------------------
+def brush_region(mask, label="Object", rid="b1"):
+    import numpy as np
+    from label_studio_sdk.converter.brush import mask2rle
+
+    h, w = mask.shape
+    return {"id": rid, "from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": w,
+            "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(np.where(mask, 255, 0).astype(np.uint8)), "brushlabels": [label]}}
+
+
+def box_mask(hw, x0, y0, x1, y1):
+    import numpy as np
+
+    m = np.zeros(hw, bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+USE_AS_REFERENCE = {"id": "c1", "from_name": "reference", "to_name": "image", "type": "choices",
+                    "value": {"choices": ["Use as reference"]}}
+
+
+def settled(backend, before):
+    """Wait until the backend has handled every webhook sent since ``before`` (its counters)."""
+    def done():
+        e = events(backend)
+        n = sum(e[k] for k in ("applied", "duplicates", "rejected", "failed"))
+        return e if e["waiting"] == 0 and n > sum(before[k] for k in ("applied", "duplicates", "rejected", "failed")) else None
+    e = wait_for(done, what="the webhook to be handled")
+    time.sleep(0.3)
+    return e
+
+
+def current_mask(backend, pid):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    s, png = backend.get(f"/admin/references/{pid}/Object/mask.png", headers=ADMIN)
+    return None if s == 404 else np.asarray(Image.open(io.BytesIO(png))) > 127
+
+
+def test_reference_rules_follow_the_annotators(label_studio, backend):
+    """Each row of the README's reference table, driven through Label Studio's API and its own
+    webhooks (nothing posted to the backend by hand, except a forged deletion)."""
+    import numpy as np
+
+    ls = label_studio
+    pid, ml, tasks = ls.project("SmartSAM references", r".*(106024|124080|153077)\.jpg", backend.url, basic_auth=True)
+    hook = [w for w in ls.api("GET", f"/api/webhooks?project={pid}")[1] if w["project"] == pid][0]
+    assert ls.api("PATCH", f"/api/webhooks/{hook['id']}", {"headers": SECRET})[0] == 200
+    from PIL import Image
+
+    hw = {}
+    for t in tasks:
+        name = t["data"]["image"].rsplit("/", 1)[-1]
+        w, h = Image.open(ls.documents / "GrabCut" / "img" / name).size
+        hw[t["id"]] = (h, w)
+    t0, t1, t2 = (t["id"] for t in tasks)
+
+    def annotate(task, regions, **extra):
+        ev = events(backend)
+        s, a = ls.api("POST", f"/api/tasks/{task}/annotations?project={pid}", {"result": regions, "project": pid, **extra})
+        assert s == 201, a
+        settled(backend, ev)
+        return a["id"]
+
+    def edit(aid, regions):
+        ev = events(backend)
+        s, a = ls.api("PATCH", f"/api/annotations/{aid}", {"result": regions})
+        assert s == 200, a
+        settled(backend, ev)
+
+    def delete(aid):
+        ev = events(backend)
+        assert ls.api("DELETE", f"/api/annotations/{aid}")[0] == 204
+        settled(backend, ev)
+
+    def click(task):
+        h, w = hw[task]
+        s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": task, "context": {"result": [keypoint(w, h)]}})
+        assert s == 200 and "errors" not in r, r
+        return r["data"]["mode"], r["data"].get("similarity")
+
+    def source():
+        return backend.get(f"/admin/references/{pid}/Object", headers=ADMIN)[1]
+
+    m = {k: box_mask(hw[t], *box) for k, (t, box) in {
+        "skip": (t0, (10, 10, 60, 60)), "a1": (t1, (20, 30, 120, 150)), "a1b": (t1, (200, 40, 260, 90)),
+        "a1c": (t1, (25, 35, 140, 170)), "a2": (t2, (50, 50, 150, 120)), "a2b": (t2, (60, 40, 170, 140)),
+        "a3": (t0, (100, 80, 220, 200)), "a2c": (t2, (10, 10, 90, 90))}.items()}
+
+    # a skipped annotation sets nothing
+    annotate(t0, [brush_region(m["skip"])], was_cancelled=True)
+    assert current_mask(backend, pid) is None
+    assert click(t0)[0] == "pure-is"
+    # the first submitted mask becomes the reference; of two regions of the label, the first
+    a1 = annotate(t1, [brush_region(m["a1"]), brush_region(m["a1b"], rid="b2")])
+    assert np.array_equal(current_mask(backend, pid), m["a1"]) and source()["how"] == "first"
+    # another annotator's later mask does not replace it
+    a2 = annotate(t2, [brush_region(m["a2"])])
+    assert np.array_equal(current_mask(backend, pid), m["a1"])
+    # editing the annotation that is the reference updates it
+    edit(a1, [brush_region(m["a1c"])])
+    assert np.array_equal(current_mask(backend, pid), m["a1c"]) and source()["how"] == "edited"
+    # ticking "Use as reference" on another annotation replaces it (the transition)
+    edit(a2, [brush_region(m["a2b"]), USE_AS_REFERENCE])
+    assert np.array_equal(current_mask(backend, pid), m["a2b"]) and source()["how"] == "forced"
+    mode_a2b, sim_a2b = click(t0)
+    assert mode_a2b == "reference-mask"
+    # a newer choice, then an edit of the old ticked annotation: the newer choice stays
+    a3 = annotate(t0, [brush_region(m["a3"]), USE_AS_REFERENCE])
+    assert np.array_equal(current_mask(backend, pid), m["a3"])
+    edit(a2, [brush_region(m["a2c"]), USE_AS_REFERENCE])
+    assert np.array_equal(current_mask(backend, pid), m["a3"]) and source()["annotation"] == a3
+    # a forged deletion of an annotation Label Studio still has changes nothing
+    rejected = events(backend)["rejected"]
+    assert backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": a3}]}, headers=SECRET)[0] == 200
+    wait_for(lambda: events(backend)["rejected"] > rejected, what="the forged deletion's rejection")
+    assert np.array_equal(current_mask(backend, pid), m["a3"])
+    # deleting the source annotation restores the previous version, down to none
+    delete(a3)
+    assert np.array_equal(current_mask(backend, pid), m["a2b"]) and source()["annotation"] == a2
+    assert click(t0) == (mode_a2b, sim_a2b)  # the same reference again: the same similarity
+    delete(a2)
+    assert np.array_equal(current_mask(backend, pid), m["a1c"]) and source()["annotation"] == a1
+    delete(a1)
+    assert current_mask(backend, pid) is None and click(t0)[0] == "pure-is"
+    # the history kept every version with its source
+    s, hist = backend.get(f"/admin/references/{pid}/Object/versions", headers=ADMIN)
+    assert s == 200 and hist["current"] == []
+    assert [(v["how"], v["annotation"]) for v in reversed(hist["versions"])] == [
+        ("first", a1), ("edited", a1), ("forced", a2), ("forced", a3)]
+    assert all(v["withdrawn_reason"] for v in hist["versions"])
+
+    # the admin page: thumbnails, history, restore (headless Chromium, basic auth with the admin token)
+    from playwright.sync_api import sync_playwright
+
+    forced_a2 = next(v["version"] for v in hist["versions"] if v["annotation"] == a2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_context(http_credentials={"username": "admin", "password": "adm"},
+                                   viewport={"width": 1200, "height": 900}).new_page()
+        assert page.goto(backend.url + "/admin").status == 200
+        row = page.locator(f"#project-{pid} ~ table tr[data-version='{forced_a2}']").first
+        assert "withdrawn" in row.inner_text()
+        thumbs = page.locator(f"tr img[src='/admin/versions/{forced_a2}/thumb.jpg']")
+        assert thumbs.count() == 1 and thumbs.first.evaluate("i => i.naturalWidth") > 0  # a real picture loaded
+        assert page.locator("#integrity").inner_text().startswith("Integrity: no problems")
+        with page.expect_response(lambda r: r.url.endswith(f"/admin/versions/{forced_a2}/restore")) as resp:
+            row.locator("button[data-restore]").click()
+        assert resp.value.status == 200
+        page.wait_for_load_state("networkidle")
+        card = page.locator(f"#project-{pid} ~ .cards .card").first
+        card.wait_for()
+        assert card.locator("img").evaluate("i => i.naturalWidth") > 0
+        page.locator(f"#project-{pid}").scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "admin_page.png"), full_page=True)
+        browser.close()
+    # the restored version answers the next click: reference mode, its similarity
+    assert np.array_equal(current_mask(backend, pid), m["a2b"])
+    assert click(t0) == (mode_a2b, sim_a2b)
+    # a page of another site cannot restore with the browser's credentials (no same-origin header)
+    import base64
+
+    basic = {"Authorization": "Basic " + base64.b64encode(b"admin:adm").decode()}
+    assert backend.request("POST", f"/admin/versions/{forced_a2}/restore", b"", basic)[0] == 403
+    assert backend.get("/admin", headers={"Authorization": None})[0] == 401
+
+
+def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio, tmp_path):
+    """Suggestions served through Label Studio, annotations submitted through its API: the
+    statistics record an unchanged suggestion as accepted with IoU 1, an edited one with IoU < 1
+    and its extra clicks; SMARTSAM_COMPARE=plain:0.5 splits first clicks and both arms appear."""
+
+    ls = label_studio
+    b = Backend(tmp_path / "data", env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm",
+                                        "SMARTSAM_COMPARE": "plain:0.5", "SMARTSAM_CHAIN_LENGTH": "1"}).start()
+    try:
+        pid, ml, tasks = ls.project("SmartSAM statistics", r".*(106024|124080|153077)\.jpg", b.url)
+        sizes = {}
+        from PIL import Image
+
+        for t in tasks:
+            sizes[t["id"]] = Image.open(ls.documents / "GrabCut" / "img" / t["data"]["image"].rsplit("/", 1)[-1]).size
+
+        def click(task, ctx):
+            s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": task, "context": {"result": ctx}})
+            assert s == 200 and "errors" not in r, r
+            return r["data"]
+
+        # first clicks at 12 places of one task: the seeded draw splits them between the arms
+        t0 = tasks[0]["id"]
+        w, h = sizes[t0]
+        arms = {}
+        for k in range(12):
+            x, y = 20 + 5 * k, 30 + 4 * k
+            d = click(t0, [keypoint(w, h, x=x, y=y)])
+            arms[(x, y)] = "plain" if d["mode"] == "plain" else "smartsam"
+        n_plain = sum(a == "plain" for a in arms.values())
+        assert 2 <= n_plain <= 10, arms  # 0.5 of 12 (seeded, so this split is the same every run)
+        served = {(x["arm"]): x["suggestions"] for x in b.get("/admin/stats", headers=ADMIN)[1]["served"] if x["project"] == str(pid)}
+        assert served.get("plain") == n_plain and served.get("smartsam") == 12 - n_plain
+
+        # accepted unchanged: the suggestion of a plain first click, submitted as it came
+        (px, py) = next(c for c, a in arms.items() if a == "plain")
+        plain = click(t0, [keypoint(w, h, x=px, y=py)])["result"][0]
+        ev = events(b)
+        s, a_plain = ls.api("POST", f"/api/tasks/{t0}/annotations?project={pid}", {"result": [dict(plain, id="p1")], "lead_time": 8.0})
+        assert s == 201, a_plain
+        settled(b, ev)
+        # a SmartSAM first click refined by a negative click, then edited by hand before submitting
+        t1 = tasks[1]["id"]
+        w1, h1 = sizes[t1]
+        first = next(((20 + 5 * k, 30 + 4 * k) for k in range(40) if click(t1, [keypoint(w1, h1, x=20 + 5 * k, y=30 + 4 * k)])["mode"] != "plain"))
+        two = click(t1, [keypoint(w1, h1, x=first[0], y=first[1]), keypoint(w1, h1, False, 90, 90, "kp2")])
+        assert two["mode"] == "refine"
+        mask = rle_mask(two["result"][0])
+        mask[: mask.shape[0] // 2] = ~mask[: mask.shape[0] // 2]  # the annotator repaints the top half
+        edited = brush_region(mask, rid="e1")
+        ev = events(b)
+        s, a_edit = ls.api("POST", f"/api/tasks/{t1}/annotations?project={pid}", {"result": [edited], "lead_time": 20.0})
+        assert s == 201, a_edit
+        settled(b, ev)
+
+        stats = b.get(f"/admin/stats?project={pid}", headers=ADMIN)[1]
+        rows = {r["arm"]: r for r in stats["objects"]}
+        assert rows["plain"]["objects"] == 1 and rows["plain"]["accepted"] == 1 and rows["plain"]["iou_mean"] == 1.0
+        assert rows["plain"]["clicks_per_object"] == 1 and rows["plain"]["seconds_per_object"] == 8.0
+        sm = rows["smartsam"]
+        assert sm["objects"] == 1 and sm["accepted"] == 0 and 0 < sm["iou_mean"] < 1
+        assert sm["clicks_per_object"] == 2  # one click after the agent's first answer
+        # the CLI prints the same table from the same data directory
+        env = dict(os.environ, SMARTSAM_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
+        p = subprocess.run([sys.executable, "-m", "backend.admin", "stats", "--project", str(pid)], env=env,
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 0 and f"| {pid} | Object | plain | 1 | 1 | 1.00 | 1.000 | 1.00 | 8.0 |" in p.stdout, p.stdout
+        # the admin page shows the plot and the table
+        s, page = b.request("GET", "/admin", headers=ADMIN)
+        assert s == 200 and b"/admin/stats.png" in page and b"stats-table" in page
+        s, png = b.request("GET", "/admin/stats.png", headers=ADMIN)
+        assert s == 200 and png[:4] == b"\x89PNG"
+        # deleting an annotation removes its outcome
+        ev = events(b)
+        assert ls.api("DELETE", f"/api/annotations/{a_plain['id']}")[0] == 204
+        settled(b, ev)
+        assert [r["arm"] for r in b.get(f"/admin/stats?project={pid}", headers=ADMIN)[1]["objects"]] == ["smartsam"]
+    finally:
+        b.stop()

@@ -140,3 +140,143 @@ def test_admin_cli_sets_lists_shows_and_clears(tmp_path, datasets):
     assert cli("clear", "4", "Other").stdout.strip() == "deleted 1"
     p = cli("set", "4", "Object", "--image", str(tmp_path / "missing.jpg"))
     assert p.returncode == 2 and "not found" in p.stderr
+
+
+def _ref(v, d=8):
+    f = np.zeros(d, np.float32)
+    f[v % d] = 1.0
+    f[(v + 1) % d] = 0.5 + v
+    return Reference("mask", f, "x")
+
+
+def _mask(k):
+    m = np.zeros((32, 32), bool)
+    m[: k + 1, : k + 2] = True
+    return m
+
+
+def test_history_withdraw_restore_and_clear(tmp_path):
+    store = ReferenceStore(tmp_path)
+    img = np.full((32, 32, 3), 90, np.uint8)
+    a = store.put("1", "L", _ref(1), {"annotation": 11}, mask=_mask(1), image=img, annotation=11, how="first", policy="auto")
+    assert a is not None and store.meta("1", "L").id == a
+    # K = 1: another annotation finds no free slot; the same mask again from 11 is no new version
+    assert store.put("1", "L", _ref(2), {}, mask=_mask(2), annotation=12, how="first", policy="auto") is None
+    assert store.put("1", "L", _ref(1), {}, mask=_mask(1), image=img, annotation=11, how="edited", policy="auto") is None
+    # 11 edited: its slot gets the new mask
+    e = store.put("1", "L", _ref(3), {}, mask=_mask(3), annotation=11, how="edited", policy="auto")
+    assert store.meta("1", "L").id == e
+    # 12 forces: replaces; deleting 12 falls back to 11's latest version, deleting 11 to none
+    f = store.put("1", "L", _ref(4), {}, mask=_mask(4), annotation=12, how="forced", policy="replace")
+    assert store.meta("1", "L").id == f
+    assert [m.id for m in store.withdraw_annotation(12, "deleted")] == [f]
+    assert store.meta("1", "L").id == e and np.allclose(store.get("1", "L").feature, _ref(3).feature)
+    assert {m.id for m in store.withdraw_annotation(11, "deleted")} == {a, e}
+    assert store.meta("1", "L") is None and store.get("1", "L") is None
+    # every version is still in the history; restoring one makes it current again as a new version
+    hist = store.history("1", "L")
+    assert [v.id for v in hist] == [f, e, a] and all(v.withdrawn_reason == "deleted" for v in hist)
+    r = store.restore(a, {"admin": "test"})
+    cur = store.meta("1", "L")
+    assert cur.id == r and cur.how == "restore" and cur.source["restored"] == a and cur.thumb_file is not None
+    assert np.allclose(store.get("1", "L").feature, _ref(1).feature)
+    assert store.version_file(r, "thumb")[:2] == b"\xff\xd8"  # a JPEG
+    # clearing keeps the history too, and "none" is restorable like any version
+    assert store.delete("1", "L") == 1 and store.get("1", "L") is None
+    cleared = store.history("1", "L")[0]
+    assert cleared.kind == "none"
+    store.restore(r)
+    assert store.meta("1", "L") is not None
+    with pytest.raises(KeyError):
+        store.restore(10**6)
+
+
+def test_k_exemplars_fill_in_order_and_are_used_together(tmp_path):
+    store = ReferenceStore(tmp_path, exemplars=3)
+    ids = [store.put("1", "L", _ref(k), {}, mask=_mask(k), annotation=k, how="first", policy="auto") for k in range(1, 5)]
+    assert ids[3] is None  # a fourth annotation finds no free slot
+    cur = store.current("1", "L")
+    assert [(m.slot, m.annotation) for m in cur] == [(0, 1), (1, 2), (2, 3)]
+    ref = store.get("1", "L")
+    assert ref.feature.shape == (3, 8) and np.allclose(ref.feature[1], _ref(2).feature)
+    # annotation 2 edited: its own slot; deleting annotation 1 frees slot 0 for the next one
+    store.put("1", "L", _ref(7), {}, mask=_mask(7), annotation=2, how="edited", policy="auto")
+    assert np.allclose(store.get("1", "L").feature[1], _ref(7).feature)
+    store.withdraw_annotation(1, "deleted")
+    store.put("1", "L", _ref(4), {}, mask=_mask(4), annotation=4, how="first", policy="auto")
+    assert [(m.slot, m.annotation) for m in store.current("1", "L")] == [(0, 4), (1, 2), (2, 3)]
+    # a forced one replaces all three; withdrawing it brings all three back
+    store.put("1", "L", _ref(5), {}, mask=_mask(5), annotation=5, how="forced", policy="replace")
+    assert [m.annotation for m in store.current("1", "L")] == [5] and store.get("1", "L").exemplars == 1
+    store.withdraw_annotation(5, "deleted")
+    assert [m.annotation for m in store.current("1", "L")] == [4, 2, 3]
+    # the same store read with K = 1 uses slot 0 only
+    assert ReferenceStore(tmp_path).get("1", "L").exemplars == 1
+
+
+def test_schema_1_store_is_migrated_with_its_references(tmp_path):
+    # a store as the previous release wrote it: one row per label in "refs"
+    (tmp_path / "refs").mkdir()
+    buf = __import__("io").BytesIO()
+    np.save(buf, _ref(3).feature)
+    import hashlib
+
+    sha = hashlib.sha256(buf.getvalue()).hexdigest()
+    (tmp_path / "refs" / f"{sha}.npy").write_bytes(buf.getvalue())
+    c = sqlite3.connect(tmp_path / "references.db")
+    c.execute("""CREATE TABLE refs (project TEXT NOT NULL, label TEXT NOT NULL, kind TEXT NOT NULL, extractor TEXT NOT NULL,
+              text TEXT, source TEXT NOT NULL, created_at REAL NOT NULL, feature_file TEXT NOT NULL,
+              feature_sha TEXT NOT NULL, mask_file TEXT, image_file TEXT, PRIMARY KEY (project, label))""")
+    c.execute("INSERT INTO refs VALUES ('7','Object','mask','x',NULL,?,1.0,?,?,NULL,NULL)",
+              (json.dumps({"annotation": 42, "event": "ANNOTATION_CREATED"}), f"{sha}.npy", sha))
+    c.execute("PRAGMA user_version = 1")
+    c.commit()
+    c.close()
+    store = ReferenceStore(tmp_path)
+    assert sqlite3.connect(tmp_path / "references.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    m = store.meta("7", "Object")
+    assert (m.how, m.annotation, m.slot) == ("migrated", 42, 0)
+    assert np.allclose(store.get("7", "Object").feature, _ref(3).feature) and store.check() == []
+    # and its source annotation still governs it: deleting annotation 42 leaves none
+    store.withdraw_annotation(42, "deleted")
+    assert store.get("7", "Object") is None
+
+
+def test_garbage_collection_never_removes_a_file_a_writer_is_about_to_name(tmp_path):
+    import threading
+
+    store = ReferenceStore(tmp_path)
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            k += 1
+            # files are reused by content (k % 3): the case where a file exists before its new row
+            store.put("1", "L", _ref(k % 3), {"k": k}, mask=_mask(k % 3), how="admin")
+
+    def collector():
+        other = ReferenceStore(tmp_path)  # another connection, as another process would have
+        while not stop.is_set():
+            try:
+                other.collect_garbage(min_age_s=0)
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=collector)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors and store.check() == []
+    # every version ever written still has its files (the history stays viewable)
+    for v in store.history("1", "L"):
+        for name in (v.feature_file, v.mask_file):
+            assert (tmp_path / "refs" / name).exists(), (v.id, name)
+    assert len(store.history("1", "L")) > 10
+    # a file no version names goes
+    (tmp_path / "refs" / ("0" * 64 + ".npy")).write_bytes(b"orphan")
+    assert store.collect_garbage(min_age_s=0) == 1

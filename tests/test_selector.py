@@ -49,3 +49,18 @@ def test_empty_mask_pools_to_zero_and_bad_references_are_refused():
         Reference("mask", [np.nan, 1, 1], "toy")
     with pytest.raises(ValueError):
         Reference("video", [1, 1, 1], "toy")
+
+
+def test_several_exemplars_score_the_best_similarity_to_any():
+    from smartsam.features import cosine
+
+    a, b = np.array([1.0, 0, 0, 0]), np.array([0, 1.0, 0, 0])
+    ref = Reference("mask", np.stack([a, b]), "x")
+    assert ref.exemplars == 2 and ref.feature.shape == (2, 4)
+    assert Reference("mask", a[None], "x").exemplars == 1  # (1, D) is one exemplar, as (D,)
+    feats = np.array([[0, 0, 1.0, 0], [0, 0.9, 0.1, 0], [0.2, 0, 0, 1.0]])
+    assert np.allclose(cosine(feats, ref.feature), np.maximum(cosine(feats, a), cosine(feats, b)))
+    idx, _ = select_by_similarity(feats, ref.feature, np.ones(3, bool))
+    assert idx == 1  # close to the second exemplar only
+    with pytest.raises(ValueError):
+        Reference("mask", np.stack([a, np.zeros(4)]), "x")  # an empty exemplar is refused

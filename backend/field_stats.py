@@ -1,0 +1,254 @@
+"""Field statistics: does SmartSAM help on this project? Measured on the team's own data.
+
+Every suggestion the backend serves (interactive answers and pre-labels) is recorded: project,
+task, label, mode, arm, clicks, seconds and the mask (a 1-bit PNG, at the size Label Studio
+displays). When an annotation arrives (read back from Label Studio, like every webhook), each of
+its brush regions is matched to the suggestion of the same task and label that overlaps it most,
+and one outcome is recorded per region: IoU between suggestion and final mask, accepted
+unchanged (IoU = 1: the same pixels) or edited, and the clicks after the agent's first answer.
+
+The *arm* is what answered the first click of the object: ``smartsam`` (the agent, any mode),
+``plain`` (the backbone's top-1 mask, a share of first clicks set by ``SMARTSAM_COMPARE``, so both
+arms are seen on the same annotators and images) or ``prelabel``. Refinement clicks inherit the
+arm of the click they refine.
+
+Stored beside the references in ``stats.db`` (SQLite WAL, synchronous FULL, like the reference
+store), bounded: the oldest suggestions beyond ``max_suggestions`` are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sqlite3
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .db import Database
+
+ARMS = ("smartsam", "plain", "prelabel")
+
+
+def compare_share(spec: Optional[str]) -> float:
+    """``SMARTSAM_COMPARE``: ``plain:0.2`` -> 0.2 (the share of first clicks the plain backbone
+    answers); unset -> 0. ValueError when malformed."""
+    if not spec:
+        return 0.0
+    arm, _, share = spec.partition(":")
+    if arm.strip().lower() != "plain":
+        raise ValueError(f"SMARTSAM_COMPARE must look like plain:0.2, not {spec!r}")
+    try:
+        v = float(share)
+    except ValueError:
+        raise ValueError(f"SMARTSAM_COMPARE must look like plain:0.2, not {spec!r}") from None
+    if not 0 <= v <= 1:
+        raise ValueError("SMARTSAM_COMPARE's share must be between 0 and 1")
+    return v
+
+
+def draw_plain(seed: int, share: float, project: str, task, label: str, click_xy: Tuple[float, float]) -> bool:
+    """Whether this first click goes to the plain arm: a seeded draw per (project, task, label,
+    click), so every request of one click chain lands in the same arm."""
+    if share <= 0:
+        return False
+    key = f"{seed}\0{project}\0{task}\0{label}\0{click_xy[0]:.2f}\0{click_xy[1]:.2f}".encode()
+    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2.0**64
+    return u < share
+
+
+def _png(mask: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.asarray(mask, bool)).save(b, format="PNG", optimize=True)
+    return b.getvalue()
+
+
+def _unpng(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data))).astype(bool)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks of one size (1.0 when both are empty)."""
+    inter = np.logical_and(a, b).sum()
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(inter) / float(union)
+
+
+class FieldStats:
+    """Suggestions served, outcomes observed, aggregates.
+
+    Args:
+        data_dir: the backend's data directory (``stats.db`` goes there).
+        max_suggestions: suggestions kept (the oldest go first); outcomes are few and kept.
+    """
+
+    def __init__(self, data_dir: Path, max_suggestions: int = 20000) -> None:
+        self.path = Path(data_dir) / "stats.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_suggestions = int(max_suggestions)
+        self._db = Database(self.path)
+        with self._write() as c:
+            c.execute("""CREATE TABLE IF NOT EXISTS suggestions (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, task INTEGER, label TEXT NOT NULL,
+                mode TEXT NOT NULL, arm TEXT NOT NULL, clicks INTEGER NOT NULL, seconds REAL NOT NULL,
+                created_at REAL NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, mask BLOB NOT NULL,
+                model_version TEXT)""")
+            c.execute("CREATE INDEX IF NOT EXISTS suggestions_task ON suggestions (project, task, label, id)")
+            c.execute("""CREATE TABLE IF NOT EXISTS outcomes (
+                annotation INTEGER NOT NULL, region TEXT NOT NULL, project TEXT NOT NULL, task INTEGER, label TEXT NOT NULL,
+                suggestion INTEGER, mode TEXT, arm TEXT, iou REAL, accepted INTEGER NOT NULL, clicks INTEGER, extra_clicks INTEGER,
+                seconds REAL, user INTEGER, updated_at REAL NOT NULL, PRIMARY KEY (annotation, region))""")
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._db.conn()
+
+    def _write(self):
+        return self._db.write()
+
+    # -- suggestions -----------------------------------------------------------------------
+    def record(self, project: str, task, label: str, mode: str, arm: str, clicks: int, seconds: float,
+               mask: np.ndarray, model_version: Optional[str] = None) -> int:
+        """One suggestion served; ``mask`` ``(H, W)`` bool at the size Label Studio displays."""
+        if arm not in ARMS:
+            raise ValueError(f"unknown arm {arm!r}")
+        h, w = mask.shape
+        with self._write() as c:
+            cur = c.execute("INSERT INTO suggestions (project, task, label, mode, arm, clicks, seconds, created_at, width, "
+                            "height, mask, model_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks),
+                             float(seconds), time.time(), w, h, _png(mask), model_version))
+            sid = int(cur.lastrowid)
+            c.execute("DELETE FROM suggestions WHERE id <= ?", (sid - self.max_suggestions,))
+        return sid
+
+    def arm_of_first(self, project: str, task, label: str) -> Optional[str]:
+        """The arm of the newest first-click suggestion for this task and label (refinement
+        clicks inherit it)."""
+        r = self._conn().execute("SELECT arm FROM suggestions WHERE project=? AND task IS ? AND label=? AND clicks=1 "
+                                 "ORDER BY id DESC LIMIT 1", (str(project), task, label)).fetchone()
+        return r[0] if r else None
+
+    def _suggestions(self, project: str, task, label: str) -> Iterator[Tuple]:
+        yield from self._conn().execute(
+            "SELECT id, mode, arm, clicks, width, height, mask FROM suggestions WHERE project=? AND task IS ? AND label=? "
+            "ORDER BY id", (str(project), task, label))
+
+    # -- outcomes --------------------------------------------------------------------------
+    def observe(self, project: str, task, annotation: int, regions: List[Tuple[str, str, np.ndarray]],
+                lead_time: Optional[float] = None, user=None) -> List[Dict]:
+        """An annotation as Label Studio holds it: ``regions`` are ``(region id, label, mask at the
+        displayed size)``. Each is matched to the most-overlapping suggestion of its task and label
+        (the newest of equals);
+        an annotation seen again replaces its earlier outcomes. Returns the outcomes recorded."""
+        out = []
+        per_object = (float(lead_time) / len(regions)) if lead_time and regions else None
+        for rid, label, mask in regions:
+            best = None
+            for sid, mode, arm, clicks, w, h, blob in self._suggestions(project, task, label):
+                if (h, w) != mask.shape:
+                    continue
+                v = iou(_unpng(blob), mask)
+                # ties go to the newest: the annotator's last request for this object
+                if best is None or v >= best[0]:
+                    best = (v, sid, mode, arm, clicks)
+            if best is None:
+                rec = dict(region=rid, label=label, suggestion=None, mode=None, arm=None, iou=None, accepted=False,
+                           clicks=None, extra_clicks=None)
+            else:
+                v, sid, mode, arm, clicks = best
+                # clicks: what the annotator spent on the object (0 for an accepted pre-label)
+                rec = dict(region=rid, label=label, suggestion=sid, mode=mode, arm=arm, iou=round(v, 6),
+                           accepted=v == 1.0, clicks=clicks, extra_clicks=max(0, clicks - 1))
+            out.append(rec)
+        with self._write() as c:
+            c.execute("DELETE FROM outcomes WHERE annotation=?", (int(annotation),))
+            for rec in out:
+                c.execute("INSERT INTO outcomes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          (int(annotation), rec["region"], str(project), task if isinstance(task, int) else None,
+                           rec["label"], rec["suggestion"], rec["mode"], rec["arm"], rec["iou"], int(rec["accepted"]),
+                           rec["clicks"], rec["extra_clicks"], per_object, user if isinstance(user, int) else None,
+                           time.time()))
+        return out
+
+    def forget(self, annotation: int) -> None:
+        """The annotation was deleted in Label Studio."""
+        with self._write() as c:
+            c.execute("DELETE FROM outcomes WHERE annotation=?", (int(annotation),))
+
+    def outcomes(self, project: Optional[str] = None) -> List[Dict]:
+        q = ("SELECT annotation, region, project, task, label, suggestion, mode, arm, iou, accepted, clicks, extra_clicks, "
+             "seconds FROM outcomes")
+        rows = self._conn().execute(q + (" WHERE project=?" if project else "") + " ORDER BY annotation, region",
+                                    (str(project),) if project else ())
+        keys = ("annotation", "region", "project", "task", "label", "suggestion", "mode", "arm", "iou", "accepted",
+                "clicks", "extra_clicks", "seconds")
+        return [dict(zip(keys, r), accepted=bool(r[9])) for r in rows]
+
+    # -- aggregates ------------------------------------------------------------------------
+    def summary(self, project: Optional[str] = None) -> Dict:
+        """Per project, label and arm: objects, acceptance rate, IoU mean and histogram (10 bins
+        over [0, 1]), clicks per object (of the matched suggestion; 0 for a pre-label), seconds per
+        object (Label Studio's lead time over the annotation's regions); plus suggestions served."""
+        groups: Dict[Tuple[str, str, str], List[Dict]] = {}
+        for o in self.outcomes(project):
+            groups.setdefault((o["project"], o["label"], o["arm"] or "unmatched"), []).append(o)
+        rows = []
+        for (proj, label, arm), os_ in sorted(groups.items()):
+            ious = [o["iou"] for o in os_ if o["iou"] is not None]
+            clicks = [o["clicks"] for o in os_ if o["clicks"] is not None]
+            secs = [o["seconds"] for o in os_ if o["seconds"] is not None]
+            hist = np.histogram(ious, bins=10, range=(0.0, 1.0))[0].tolist() if ious else [0] * 10
+            rows.append({"project": proj, "label": label, "arm": arm, "objects": len(os_),
+                         "accepted": sum(o["accepted"] for o in os_),
+                         "acceptance_rate": round(sum(o["accepted"] for o in os_) / len(os_), 4),
+                         "iou_mean": round(float(np.mean(ious)), 4) if ious else None, "iou_histogram": hist,
+                         "clicks_per_object": round(float(np.mean(clicks)), 3) if clicks else None,
+                         "seconds_per_object": round(float(np.mean(secs)), 2) if secs else None})
+        q = "SELECT project, arm, mode, COUNT(*) FROM suggestions" + (" WHERE project=?" if project else "") + \
+            " GROUP BY project, arm, mode ORDER BY project, arm, mode"
+        served = [{"project": r[0], "arm": r[1], "mode": r[2], "suggestions": r[3]}
+                  for r in self._conn().execute(q, (str(project),) if project else ())]
+        return {"objects": rows, "served": served}
+
+
+def table(summary: Dict) -> str:
+    """The summary's per-arm rows as a Markdown table (the CLI prints it)."""
+    lines = ["| project | label | arm | objects | accepted | acceptance | IoU mean | clicks/object | s/object |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["objects"]:
+        f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
+        lines.append(f"| {r['project']} | {r['label']} | {r['arm']} | {r['objects']} | {r['accepted']} | "
+                     f"{f(r['acceptance_rate'], 2)} | {f(r['iou_mean'])} | {f(r['clicks_per_object'], 2)} | "
+                     f"{f(r['seconds_per_object'], 1)} |")
+    return "\n".join(lines)
+
+
+def plot_png(summary: Dict) -> bytes:
+    """Acceptance and mean IoU per arm, and clicks per object (matplotlib, PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["objects"]
+    names = [f"{r['label']}\n{r['arm']}" for r in rows] or ["(no data)"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    x = np.arange(len(rows))
+    if rows:
+        axes[0].bar(x - 0.2, [r["acceptance_rate"] for r in rows], 0.4, label="accepted unchanged")
+        axes[0].bar(x + 0.2, [r["iou_mean"] or 0 for r in rows], 0.4, label="mean IoU")
+        axes[1].bar(x, [r["clicks_per_object"] or 0 for r in rows], 0.5, color="tab:green")
+    for ax, title in zip(axes, ("acceptance and IoU (0-1)", "clicks per object")):
+        ax.set_xticks(np.arange(len(names)))
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylim(0, 1.05)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    b = io.BytesIO()
+    fig.savefig(b, format="png")
+    plt.close(fig)
+    return b.getvalue()

@@ -1,0 +1,66 @@
+"""Field statistics on real masks: matching, acceptance, clicks, aggregates, the comparison draw."""
+
+import numpy as np
+import pytest
+
+from backend.field_stats import FieldStats, compare_share, draw_plain, plot_png, table
+
+
+@pytest.fixture
+def gt(datasets):
+    from smartsam.eval.datasets import load_dataset, load_gt
+
+    s = load_dataset(datasets / "GrabCut")[0]
+    return load_gt(s)[0]
+
+
+def test_accepted_edited_and_unmatched_objects(tmp_path, gt):
+    st = FieldStats(tmp_path)
+    other = np.zeros_like(gt)
+    other[:20, :20] = True
+    a = st.record("3", 7, "Object", "pure-is", "smartsam", 1, 2.5, gt)
+    st.record("3", 7, "Object", "plain", "plain", 1, 0.4, other)
+    edited = gt.copy()
+    edited[gt.shape[0] // 2:] = False  # the annotator erased the lower half
+    b = st.record("3", 8, "Object", "refine", "smartsam", 3, 1.0, gt)
+    out = st.observe("3", 7, 100, [("r1", "Object", gt.copy())], lead_time=12.0)
+    assert out == [dict(region="r1", label="Object", suggestion=a, mode="pure-is", arm="smartsam", iou=1.0,
+                        accepted=True, clicks=1, extra_clicks=0)]
+    out = st.observe("3", 8, 101, [("r1", "Object", edited), ("r2", "Other", gt)], lead_time=30.0)
+    assert out[0]["suggestion"] == b and not out[0]["accepted"] and out[0]["extra_clicks"] == 2
+    assert out[0]["iou"] == pytest.approx(edited.sum() / gt.sum(), abs=1e-6) and out[0]["iou"] < 1
+    assert out[1]["suggestion"] is None  # no suggestion for that label: counted as unmatched
+    # the same annotation seen again replaces its outcomes; a deleted one is forgotten
+    st.observe("3", 8, 101, [("r1", "Object", edited)], lead_time=30.0)
+    assert len(st.outcomes("3")) == 2
+    s = st.summary("3")
+    row = next(r for r in s["objects"] if r["arm"] == "smartsam")
+    assert (row["objects"], row["accepted"], row["acceptance_rate"]) == (2, 1, 0.5)
+    assert row["iou_mean"] == pytest.approx((1 + edited.sum() / gt.sum()) / 2, abs=1e-4)
+    assert row["clicks_per_object"] == 2.0 and row["seconds_per_object"] == 21.0
+    assert sum(row["iou_histogram"]) == 2 and row["iou_histogram"][-1] == 1
+    assert {(x["arm"], x["suggestions"]) for x in s["served"]} >= {("plain", 1)}
+    assert "| 3 | Object | smartsam | 2 | 1 | 0.50 |" in table(s)
+    assert plot_png(s)[:4] == b"\x89PNG"
+    st.forget(101)
+    assert len(st.outcomes("3")) == 1
+
+
+def test_suggestions_are_bounded(tmp_path, gt):
+    st = FieldStats(tmp_path, max_suggestions=5)
+    ids = [st.record("1", k, "L", "pure-is", "smartsam", 1, 0.1, gt) for k in range(12)]
+    n = st._conn().execute("SELECT COUNT(*), MIN(id) FROM suggestions").fetchone()
+    assert n == (5, ids[-5])
+
+
+def test_compare_setting_and_seeded_draw():
+    assert compare_share(None) == 0 and compare_share("plain:0.2") == 0.2
+    for bad in ("plain", "sam:0.2", "plain:2", "plain:x"):
+        with pytest.raises(ValueError):
+            compare_share(bad)
+    clicks = [(x * 3.0, y * 5.0) for x in range(20) for y in range(20)]
+    draws = [draw_plain(0, 0.2, "1", 5, "Object", c) for c in clicks]
+    assert 0.15 < np.mean(draws) < 0.25  # the configured share, over 400 first clicks
+    assert draws == [draw_plain(0, 0.2, "1", 5, "Object", c) for c in clicks]  # seeded: the same again
+    assert draws != [draw_plain(1, 0.2, "1", 5, "Object", c) for c in clicks]  # another seed, another split
+    assert not any(draw_plain(0, 0.0, "1", 5, "Object", c) for c in clicks)

@@ -732,6 +732,7 @@ def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio,
         p = subprocess.run([sys.executable, "-m", "backend.admin", "stats", "--project", str(pid)], env=env,
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert p.returncode == 0 and f"| {pid} | Object | plain | 1 | 1 | 1.00 | 1.000 | 1.00 | 8.0 |" in p.stdout, p.stdout
+        print(p.stdout)  # quoted in the README (pytest -s)
         # the admin page shows the plot and the table
         s, page = b.request("GET", "/admin", headers=ADMIN)
         assert s == 200 and b"/admin/stats.png" in page and b"stats-table" in page
@@ -744,3 +745,42 @@ def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio,
         assert [r["arm"] for r in b.get(f"/admin/stats?project={pid}", headers=ADMIN)[1]["objects"]] == ["smartsam"]
     finally:
         b.stop()
+
+
+def test_project_evaluation_gives_smartsam_evals_numbers(label_studio, datasets, tmp_path):
+    """Known answer: a project of dataset images with their ground-truth masks submitted as
+    annotations, evaluated through Label Studio, gives exactly the numbers `smartsam eval` gives
+    on the same images with the same segmenter and seed (pure-IS and plain backbone)."""
+    from smartsam.eval.datasets import load_dataset, load_gt
+
+    ls = label_studio
+    samples = load_dataset(datasets / "COCO_MVal-dev")[:4]
+    regex = "(" + "|".join(s.image_path.name.replace(".", r"\.") for s in samples) + ")"
+    pid, _, tasks = ls.project("SmartSAM evaluation", regex, None, folder="COCO_MVal-dev")
+    assert len(tasks) == 4
+    by_file = {s.image_path.name: s for s in samples}
+    for t in tasks:
+        gt = load_gt(by_file[t["data"]["image"].rsplit("/", 1)[-1]])[0]
+        s, a = ls.api("POST", f"/api/tasks/{t['id']}/annotations?project={pid}", {"result": [brush_region(gt)]})
+        assert s == 201, a
+    common = ["--mode", "{mode}", "--trials", "2", "--max-clicks", "3", "--backbone", "sam2.1_hiera_tiny-random",
+              "--seed", "3", "--no-progress"]
+    env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONPATH=str(ROOT))
+    for mode in ("pure-is", "backbone"):
+        args = [a.format(mode=mode) for a in common]
+        p = subprocess.run([sys.executable, "-m", "smartsam", "eval", "--dataset", str(datasets / "COCO_MVal-dev"),
+                            "--limit", "4", *args, "--out", str(tmp_path / "files")],
+                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert p.returncode == 0, p.stderr
+        q = subprocess.run([sys.executable, "-m", "backend.evaluate", "--project", str(pid), *args,
+                            "--out", str(tmp_path / "project")], env=env, capture_output=True, text=True, timeout=900,
+                           cwd=ROOT)
+        assert q.returncode == 0, q.stderr
+        a = json.loads((tmp_path / "files" / f"{mode}.json").read_text())
+        b = json.loads((tmp_path / "project" / f"{mode}.json").read_text())
+        assert b["dataset"] == f"project-{pid}" and a["n"] == b["n"] == 4
+        timing = ("sec_first_click", "sec_first_click_std", "dataset")
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+        assert (tmp_path / "project" / "miou_vs_clicks.png").stat().st_size > 1000
+        assert f"| project-{pid} | {mode} |" in q.stdout
+        print(q.stdout)  # quoted in the README (pytest -s)

@@ -30,19 +30,28 @@ def add_eval_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..cli import UsageError, cli_agent_options
-    from .datasets import load_dataset, load_gt, references_for
-    from .runner import evaluate
-    from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter
+    from ..cli import UsageError
+    from .datasets import load_dataset, load_sample
 
     try:
         all_samples = load_dataset(Path(args.dataset))  # references may come from past --limit
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
+    return run_eval(args, all_samples, Path(args.dataset).resolve().name, load_sample)
+
+
+def run_eval(args, all_samples, dataset: str, loader) -> int:
+    """The protocol for ``args.mode`` on ``all_samples`` (first ``--limit``), read by ``loader``
+    (sample -> image, ground truth, ignore mask); prints the table, writes the outputs. Shared by
+    ``smartsam eval`` and the backend's project evaluation."""
+    from ..cli import UsageError, cli_agent_options
+    from .datasets import references_for
+    from .runner import evaluate
+    from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter
+
     samples = all_samples[: args.limit] if args.limit else all_samples
     if args.max_clicks < 1:
         raise UsageError("--max-clicks must be at least 1")
-    dataset = Path(args.dataset).resolve().name
     if args.trials < 1:
         raise UsageError("--trials must be at least 1")
     if args.exemplars < 1:
@@ -63,14 +72,13 @@ def cmd_eval(args) -> int:
                 raise UsageError(f"{args.out} holds {args.mode} results of {flag} {old[k]}: resume with that {flag}, or "
                                  f"use another --out")
     if args.mode == "oracle":
-        make = lambda t: OracleSegmenter(lambda s: load_gt(s)[0])  # noqa: E731
+        make = lambda t: OracleSegmenter(lambda s: loader(s)[1])  # noqa: E731
     elif args.mode == "empty":
         make = lambda t: EmptySegmenter()  # noqa: E731
     else:
         import numpy as np
 
         from ..agent import SmartSAMAgent
-        from ..io import load_image
         from ..selector import Reference
         from ..models import default_features, load_backbone, load_features
 
@@ -89,7 +97,8 @@ def cmd_eval(args) -> int:
 
                 def one(r):
                     if r.name not in cache:
-                        cache[r.name] = refs.reference_from_mask(load_image(r.image_path), load_gt(r)[0])
+                        image, gt, _ = loader(r)
+                        cache[r.name] = refs.reference_from_mask(image, gt)
                     return cache[r.name]
 
                 def reference(sample):
@@ -105,7 +114,7 @@ def cmd_eval(args) -> int:
                 return AgentSegmenter(agent, ref_fn)
 
     summary = evaluate(samples, make, Path(args.out), args.mode, dataset, args.max_clicks, args.trials, args.stop_iou,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, loader=loader)
     summary.update({"seed": args.seed, "seeds": list(range(args.seed, args.seed + args.trials))})
     if args.mode in ("pure-is", "reference"):
         probe = make(0).agent

@@ -62,13 +62,15 @@ def _done_rows(csv_path: Path) -> Dict[tuple, dict]:
 
 
 def evaluate(samples: Sequence[Sample], make_segmenter: Callable[[int], Segmenter], out_dir: Path, mode: str,
-             dataset: str, max_clicks: int = 20, trials: int = 1, stop_iou: float = 1.01, progress: bool = True) -> Dict[str, object]:
+             dataset: str, max_clicks: int = 20, trials: int = 1, stop_iou: float = 1.01, progress: bool = True,
+             loader: Callable = load_sample) -> Dict[str, object]:
     """Evaluate and write ``<mode>.csv``, ``<mode>.json`` and ``miou_vs_clicks.png`` in ``out_dir``.
 
     Args:
         make_segmenter: trial index -> segmenter (a new seed per trial).
         stop_iou: stop clicking a sample once reached (default never: the mIoU-per-click curve
             needs every click; 0.9 is enough for NoC@90 and much faster).
+        loader: sample -> ``(image, ground truth, ignore mask or None)`` (default: files).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,7 @@ def evaluate(samples: Sequence[Sample], make_segmenter: Callable[[int], Segmente
             seg_name, random_weights = seg.name, seg.random_weights
             for s in samples:
                 if (s.name, trial) not in done:
-                    image, gt, ignore = load_sample(s)
+                    image, gt, ignore = loader(s)
                     r = run_sample(seg, image, gt, ignore, s, max_clicks, stop_iou)
                     row = {"sample": s.name, "trial": trial, "ious": " ".join(f"{v:.5f}" for v in r["ious"]),
                            "iou_best": "" if r["iou_best"] is None else f"{r['iou_best']:.5f}",

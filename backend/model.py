@@ -604,7 +604,8 @@ class SmartSAMBackend(LabelStudioMLBase):
         - each label's mask is its first brush region in the annotation (:func:`first_regions`,
           the same rule on every path);
         - a label with a free exemplar slot takes the mask (the first K submitted, K = 1 by default);
-        - the annotation a reference came from updates it when edited;
+        - the annotation a reference came from updates it when edited (and withdraws it when the
+          label's mask is removed from it);
         - "Use as reference" acts when it becomes ticked (the transition), replacing the label's
           references; an annotation that stays ticked changes nothing on later edits.
         """
@@ -637,6 +638,11 @@ class SmartSAMBackend(LabelStudioMLBase):
             if store.put(proj, label, ref, source, mask=mask, image=image, annotation=aid, how=how,
                          policy="replace" if force else "auto") is not None:
                 done.append(label)
+        for m in store.list(proj):
+            if m.annotation == aid and m.label not in first:
+                # the annotator removed this label's mask from the annotation the reference came from
+                store.withdraw_annotation(aid, "mask removed from the annotation in Label Studio", proj, m.label)
+                done.append(m.label)
         store.set_annotation_forced(aid, proj, ticked)
         if not first:
             return {"reference": done, "reason": "no brush region in the annotation"}

@@ -420,15 +420,20 @@ class ReferenceStore:
         log.info("reference restored: project %s label %r version %d -> %d", m.project, m.label, m.id, vid)
         return vid
 
-    def withdraw_annotation(self, annotation: int, reason: str) -> List[StoredReference]:
-        """The annotation is gone from Label Studio: withdraw every version it made (each slot falls
-        back to its version before them). Returns the withdrawn versions."""
+    def withdraw_annotation(self, annotation: int, reason: str, project: Optional[str] = None,
+                            label: Optional[str] = None) -> List[StoredReference]:
+        """The annotation is gone from Label Studio (or, with ``project`` and ``label``, no longer
+        has a mask of that label): withdraw the versions it made there, so each slot falls back
+        to its version before them. Returns the withdrawn versions."""
+        where, args = "annotation=? AND withdrawn_at IS NULL", [int(annotation)]
+        if label is not None:
+            where += " AND project=? AND label=?"
+            args += [str(project), label]
         with self._write() as c:
-            rows = [self._row(r) for r in c.execute(
-                f"SELECT {_COLUMNS} FROM versions WHERE annotation=? AND withdrawn_at IS NULL", (int(annotation),))]
-            c.execute("UPDATE versions SET withdrawn_at=?, withdrawn_reason=? WHERE annotation=? AND withdrawn_at IS NULL",
-                      (time.time(), reason, int(annotation)))
-            c.execute("DELETE FROM annotation_state WHERE annotation=?", (int(annotation),))
+            rows = [self._row(r) for r in c.execute(f"SELECT {_COLUMNS} FROM versions WHERE {where}", args)]
+            c.execute(f"UPDATE versions SET withdrawn_at=?, withdrawn_reason=? WHERE {where}", [time.time(), reason, *args])
+            if label is None:
+                c.execute("DELETE FROM annotation_state WHERE annotation=?", (int(annotation),))
         return rows
 
     # -- "Use as reference" as a transition ---------------------------------------------------

@@ -627,6 +627,13 @@ def test_reference_rules_follow_the_annotators(label_studio, backend):
     assert [(v["how"], v["annotation"]) for v in reversed(hist["versions"])] == [
         ("first", a1), ("edited", a1), ("forced", a2), ("forced", a3)]
     assert all(v["withdrawn_reason"] for v in hist["versions"])
+    # removing the label's mask from the annotation the reference came from withdraws it too
+    a4 = annotate(t1, [brush_region(m["a1"])])
+    assert source()["annotation"] == a4
+    edit(a4, [])
+    assert current_mask(backend, pid) is None
+    assert backend.get(f"/admin/references/{pid}/Object/versions", headers=ADMIN)[1]["versions"][0]["withdrawn_reason"] == \
+        "mask removed from the annotation in Label Studio"
 
     # the admin page: thumbnails, history, restore (headless Chromium, basic auth with the admin token)
     from playwright.sync_api import sync_playwright

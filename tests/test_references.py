@@ -140,6 +140,13 @@ def test_admin_cli_sets_lists_shows_and_clears(tmp_path, datasets):
     assert cli("clear", "4", "Other").stdout.strip() == "deleted 1"
     p = cli("set", "4", "Object", "--image", str(tmp_path / "missing.jpg"))
     assert p.returncode == 2 and "not found" in p.stderr
+    # history and restore: the text reference comes back after the clear
+    hist = [json.loads(line) for line in cli("history", "4", "Other").stdout.splitlines()]
+    assert [(h["kind"], h["how"], h["current"]) for h in hist] == [("none", "clear", False), ("text", "admin", False)]
+    assert cli("restore", str(hist[1]["version"])).returncode == 0
+    assert [r["label"] for r in map(json.loads, cli("list", "--project", "4").stdout.splitlines())] == ["Object", "Other"]
+    assert cli("restore", "999999").returncode == 2
+    assert cli("gc").stdout.startswith("removed ")
 
 
 def _ref(v, d=8):

@@ -66,6 +66,19 @@ def _reason_phrase(text: str) -> str:
     return " ".join(text.encode("ascii", "replace").decode().split())[:300]
 
 
+def _basic_credentials(environ) -> Optional[Tuple[str, str]]:
+    """(user, password) of a Basic Authorization header; None when there is none or it is not
+    base64 of UTF-8 (then it is not the credentials)."""
+    h = environ.get("HTTP_AUTHORIZATION", "")
+    if not h.startswith("Basic "):
+        return None
+    try:
+        user, _, pw = base64.b64decode(h[6:].encode("latin-1"), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeError):
+        return None
+    return user, pw
+
+
 def _same(a: str, b: str) -> bool:
     """Constant-time comparison of two texts, any characters."""
     return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))
@@ -160,15 +173,8 @@ class App:
         s = self.engine.settings
         if not s.basic_auth_user:
             return
-        h = environ.get("HTTP_AUTHORIZATION", "")
-        ok = False
-        if h.startswith("Basic "):
-            try:
-                user, _, pw = base64.b64decode(h[6:].encode("latin-1"), validate=True).decode("utf-8").partition(":")
-                ok = _same(user, s.basic_auth_user) & _same(pw, s.basic_auth_pass or "")
-            except (ValueError, UnicodeError):  # not base64, not UTF-8, not latin-1: not the credentials
-                ok = False
-        if not ok:
+        cred = _basic_credentials(environ)
+        if not (cred and _same(cred[0], s.basic_auth_user) & _same(cred[1], s.basic_auth_pass or "")):
             raise HttpError(401, "basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
 
     def _check_admin(self, environ, method: str) -> None:
@@ -178,17 +184,13 @@ class App:
         h = environ.get("HTTP_AUTHORIZATION", "")
         if h.startswith("Bearer ") and _same(h[7:], token):
             return
-        if h.startswith("Basic "):
-            try:
-                _, _, pw = base64.b64decode(h[6:].encode("latin-1"), validate=True).decode("utf-8").partition(":")
-            except (ValueError, UnicodeError):
-                pw = None
-            if pw is not None and _same(pw, token):
-                # a browser resends basic credentials with any site's form: changes need a header
-                # that only a same-origin script can add (the admin page's)
-                if method not in ("GET", "HEAD") and environ.get("HTTP_X_SMARTSAM_ADMIN") != "1":
-                    raise HttpError(403, "changes from a browser need the X-SmartSAM-Admin: 1 header (the admin page sends it)")
-                return
+        cred = _basic_credentials(environ)
+        if cred is not None and _same(cred[1], token):
+            # a browser resends basic credentials with any site's form: changes need a header
+            # that only a same-origin script can add (the admin page's)
+            if method not in ("GET", "HEAD") and environ.get("HTTP_X_SMARTSAM_ADMIN") != "1":
+                raise HttpError(403, "changes from a browser need the X-SmartSAM-Admin: 1 header (the admin page sends it)")
+            return
         raise HttpError(401, "admin token required: Authorization: Bearer <SMARTSAM_ADMIN_TOKEN> (or basic auth with it "
                              "as the password)")
 

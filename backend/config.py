@@ -70,7 +70,9 @@ class Settings:
                                 "to the folder that holds the images")
         if self.exemplars < 1:
             raise SettingsError("SMARTSAM_EXEMPLARS must be at least 1")
-        if self.reference_prep not in ("paper", "none"):
+        from smartsam.masks import REFERENCE_PREPS
+
+        if self.reference_prep not in REFERENCE_PREPS:
             raise SettingsError("SMARTSAM_REFERENCE_PREP must be paper or none")
         from .field_stats import compare_share
 

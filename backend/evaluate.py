@@ -56,19 +56,8 @@ def ground_truth(task: Dict) -> Optional[Dict]:
     return max(marked or anns, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
 
 
-def brush_regions(ann: Dict) -> List[Tuple[int, str, Dict]]:
-    """``(index, label, region)`` of each brush region with an RLE, in the annotation's order."""
-    out = []
-    for k, r in enumerate(ann.get("result") or []):
-        v = r.get("value") if isinstance(r, dict) and isinstance(r.get("value"), dict) else {}
-        labels = v.get("brushlabels") if isinstance(v.get("brushlabels"), list) else []
-        if r.get("type") == "brushlabels" and v.get("rle") and labels and isinstance(labels[0], str):
-            out.append((k, labels[0], r))
-    return out
-
-
 class ProjectDataset:
-    """A project's tasks and ground truth, read through the backend's fetcher (cached per task)."""
+    """A project's tasks and ground truth, read through the backend's fetcher (the current image kept)."""
 
     def __init__(self, fetcher, project: int) -> None:
         self.fetcher = fetcher
@@ -79,6 +68,8 @@ class ProjectDataset:
         self._images: Dict[int, np.ndarray] = {}
 
     def samples(self) -> List[ProjectSample]:
+        from .model import brush_regions
+
         out: List[ProjectSample] = []
         for tid in self._task_ids():
             task = self.fetcher.get_json(f"/api/tasks/{tid}")
@@ -87,16 +78,16 @@ class ProjectDataset:
                 continue
             self.tasks[tid] = dict(task, _gt=ann)
             counts: Dict[str, int] = {}
-            for k, label, _ in brush_regions(ann):
+            for k, label, _ in brush_regions(ann.get("result") or []):
                 n = counts[label] = counts.get(label, -1) + 1
                 out.append(ProjectSample(f"{label}{n:02d}_{tid}", label, tid, k))
         return out
 
     def _task_ids(self) -> List[int]:
+        from .images import ImageFetchError
+
         ids, page = [], 1
         while True:
-            from .images import ImageFetchError
-
             try:
                 d = self.fetcher.get_json(f"/api/tasks?project={self.project}&page={page}&page_size=100")
             except ImageFetchError as e:

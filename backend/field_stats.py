@@ -28,6 +28,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from smartsam.masks import mask_iou
+
 from .db import Database
 
 ARMS = ("smartsam", "plain", "prelabel")
@@ -68,13 +70,6 @@ def _png(mask: np.ndarray) -> bytes:
 
 def _unpng(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data))).astype(bool)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two boolean masks of one size (1.0 when both are empty)."""
-    inter = np.logical_and(a, b).sum()
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(inter) / float(union)
 
 
 class FieldStats:
@@ -124,13 +119,6 @@ class FieldStats:
             c.execute("DELETE FROM suggestions WHERE id <= ?", (sid - self.max_suggestions,))
         return sid
 
-    def arm_of_first(self, project: str, task, label: str) -> Optional[str]:
-        """The arm of the newest first-click suggestion for this task and label (refinement
-        clicks inherit it)."""
-        r = self._conn().execute("SELECT arm FROM suggestions WHERE project=? AND task IS ? AND label=? AND clicks=1 "
-                                 "ORDER BY id DESC LIMIT 1", (str(project), task, label)).fetchone()
-        return r[0] if r else None
-
     def _suggestions(self, project: str, task, label: str) -> Iterator[Tuple]:
         yield from self._conn().execute(
             "SELECT id, mode, arm, clicks, width, height, mask FROM suggestions WHERE project=? AND task IS ? AND label=? "
@@ -150,7 +138,7 @@ class FieldStats:
             for sid, mode, arm, clicks, w, h, blob in self._suggestions(project, task, label):
                 if (h, w) != mask.shape:
                     continue
-                v = iou(_unpng(blob), mask)
+                v = mask_iou(_unpng(blob), mask)
                 # ties go to the newest: the annotator's last request for this object
                 if best is None or v >= best[0]:
                     best = (v, sid, mode, arm, clicks)

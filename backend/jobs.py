@@ -141,7 +141,6 @@ class Jobs:
     def _apply_deletion(self, aid: int) -> str:
         """A deletion counts only when Label Studio answers 404 for the annotation."""
         from .images import ImageFetchError
-        from .model import SmartSAMBackend
 
         if not (self.engine.settings.label_studio_url and self.engine.settings.label_studio_api_key):
             self._error(f"annotation {aid}: cannot confirm the deletion with Label Studio (set LABEL_STUDIO_URL and "
@@ -158,9 +157,11 @@ class Jobs:
             log.warning("webhook says annotation %s was deleted, Label Studio still has it: nothing changed", aid)
             self._error(f"annotation {aid}: deletion not confirmed (Label Studio still has it)")
             return "rejected"
-        out = SmartSAMBackend.remove_annotation_from(self.engine, aid)
+        # each reference it set falls back to the version before it (or none)
+        gone = self.engine.store.withdraw_annotation(aid, "annotation deleted in Label Studio")
         self.engine.stats.forget(aid)
-        log.info("annotation %s deleted in Label Studio: references withdrawn %s", aid, out["withdrawn"])
+        log.info("annotation %s deleted in Label Studio: references withdrawn %s", aid,
+                 sorted({(m.project, m.label) for m in gone}))
         return "applied"
 
     # -- background pre-labeling -----------------------------------------------------------

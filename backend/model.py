@@ -511,24 +511,25 @@ class SmartSAMBackend(LabelStudioMLBase):
                     res = agent.refine(points[: k + 1], labels[: k + 1], res)
         log.info("project %s task %s label %r: %s, %d clicks, score %.3f, %.2f s%s", proj, task.get("id"), label,
                  res.mode, len(points), res.score, res.timings.get("total", 0), " (cut at the deadline)" if res.partial else "")
-        pred = self._prediction(res, cfg, label, w, h, note, proj, shown)
+        pred, shown_mask = self._prediction(res, cfg, label, w, h, note, proj, shown)
         if plain:
             pred["arm"] = "plain"  # the first answer came from plain SAM (SMARTSAM_COMPARE)
         self._record(proj, task, label, res.mode, "plain" if plain else "smartsam",
-                     len(points) + (box is not None), time.monotonic() - t0, pred)
+                     len(points) + (box is not None), time.monotonic() - t0, shown_mask)
         return pred
 
-    def _record(self, proj: str, task, label: str, mode: str, arm: str, clicks: int, seconds: float, pred: Dict) -> None:
-        """Field statistics: one suggestion served (never fails the request)."""
+    def _record(self, proj: str, task, label: str, mode: str, arm: str, clicks: int, seconds: float,
+                mask: np.ndarray) -> None:
+        """Field statistics: one suggestion served, ``mask`` as Label Studio shows it (never fails
+        the request)."""
         try:
-            r = pred["result"][0]
-            mask = brush_mask(r, (r["original_height"], r["original_width"]))
             self.engine.stats.record(proj, task.get("id"), label, mode, arm, clicks, seconds, mask, self.version)
         except Exception as e:  # statistics must not cost an annotator an answer
             log.warning("field statistics: suggestion not recorded (%s)", e)
 
     def _prediction(self, res: AgentResult, cfg: LabelConfig, label: str, w: int, h: int, note: Optional[str], proj: str,
-                    shown: Optional[Tuple[int, int]] = None) -> Dict:
+                    shown: Optional[Tuple[int, int]] = None) -> Tuple[Dict, np.ndarray]:
+        """The prediction Label Studio stores, and its mask at the displayed size (what the RLE says)."""
         mask = res.mask
         if shown is not None and shown != (w, h):
             # the RLE must be at the size Label Studio displays, or the brush comes out garbled
@@ -560,7 +561,7 @@ class SmartSAMBackend(LabelStudioMLBase):
             pred["note"] = "RANDOM weights (test configuration)"
         if note:
             pred["errors"] = [note]
-        return pred
+        return pred, mask
 
     def _prelabel(self, task, cfg: LabelConfig, proj: str, deadline: Optional[float] = None) -> Dict:
         """No click: for each label with a reference, find the object and segment it."""
@@ -584,8 +585,8 @@ class SmartSAMBackend(LabelStudioMLBase):
                 click = locate(extractor, image, ref, key)
                 t0 = time.monotonic()
                 res = agent.predict(click, ref, deadline=deadline)
-            pred = self._prediction(res, cfg, label, w, h, None, proj)
-            self._record(proj, task, label, "prelabel", "prelabel", 0, time.monotonic() - t0, pred)
+            pred, shown_mask = self._prediction(res, cfg, label, w, h, None, proj)
+            self._record(proj, task, label, "prelabel", "prelabel", 0, time.monotonic() - t0, shown_mask)
             results.extend(pred["result"])
             scores.append(res.score)
         out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": self.version,
@@ -656,45 +657,43 @@ class SmartSAMBackend(LabelStudioMLBase):
             self.engine.stats.forget(aid)
             return []
         regions = []
-        for k, r in enumerate(x for x in (ann.get("result") or []) if isinstance(x, dict)):
-            v = r.get("value") if isinstance(r.get("value"), dict) else {}
-            labels = v.get("brushlabels") if isinstance(v.get("brushlabels"), list) else []
-            if r.get("type") != "brushlabels" or not v.get("rle") or not labels or not isinstance(labels[0], str):
-                continue
+        for k, label, r in brush_regions(ann.get("result") or []):
             try:
                 hw = (_size(r.get("original_height"), "original_height"), _size(r.get("original_width"), "original_width"))
                 mask = brush_mask(r, hw)  # bounded by SMARTSAM_MAX_PIXELS before decoding
             except (RequestError, ValueError) as e:
                 log.warning("annotation %s region %s: not counted in the statistics (%s)", aid, r.get("id"), e)
                 continue
-            regions.append((str(r.get("id") or k), labels[0], mask))
+            regions.append((str(r.get("id") or k), label, mask))
         lead = ann.get("lead_time")
         return self.engine.stats.observe(proj, task.get("id"), aid, regions,
                                          lead_time=lead if isinstance(lead, (int, float)) and lead > 0 else None,
                                          user=ann.get("completed_by"))
 
-    @staticmethod
-    def remove_annotation_from(engine: "Engine", aid: int) -> Dict:
-        """Label Studio confirmed annotation ``aid`` is gone: each reference it set falls back to
-        the version before it (or none)."""
-        gone = engine.store.withdraw_annotation(aid, "annotation deleted in Label Studio")
-        return {"withdrawn": sorted({(m.project, m.label) for m in gone})}
-
     def fit(self, tasks, workdir=None, **kwargs):
         return {}
+
+
+def brush_regions(results: List[Dict]) -> List[Tuple[int, str, Dict]]:
+    """``(index in result, label, region)`` of each brush region with an RLE and a label, in Label
+    Studio's order: what every reader of an annotation (references, statistics, evaluation) counts."""
+    out = []
+    for k, r in enumerate(results):
+        if not isinstance(r, dict):
+            continue
+        v = r.get("value") if isinstance(r.get("value"), dict) else {}
+        labels = v.get("brushlabels") if isinstance(v.get("brushlabels"), list) else []
+        if r.get("type") == "brushlabels" and v.get("rle") and labels and isinstance(labels[0], str):
+            out.append((k, labels[0], r))
+    return out
 
 
 def first_regions(results: List[Dict]) -> Dict[str, Dict]:
     """Label -> its first brush region in an annotation's result (Label Studio's order). One rule
     for several regions of one label, on every path (webhooks, the admin's "from task")."""
     first: Dict[str, Dict] = {}
-    for r in results:
-        if not isinstance(r, dict):
-            continue
-        v = r.get("value") if isinstance(r.get("value"), dict) else {}
-        labels = v.get("brushlabels") if isinstance(v.get("brushlabels"), list) else []
-        if r.get("type") == "brushlabels" and v.get("rle") and labels and isinstance(labels[0], str):
-            first.setdefault(labels[0], r)
+    for _, label, r in brush_regions(results):
+        first.setdefault(label, r)
     return first
 
 

@@ -239,9 +239,7 @@ class ReferenceStore:
 
     def current(self, project: str, label: str) -> List[StoredReference]:
         """The label's live exemplars, by slot (at most ``exemplars``; empty when unset)."""
-        q = (f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND project=? AND label=? AND kind != 'none' "
-             f"AND slot < ? ORDER BY slot")
-        return [self._row(r) for r in self._conn().execute(q, (str(project), label, self.exemplars))]
+        return self._current_in(self._conn(), project, label)
 
     def list(self, project: Optional[str] = None) -> List[StoredReference]:
         """Every live exemplar (of one project), ordered by project, label and slot."""
@@ -318,7 +316,7 @@ class ReferenceStore:
     # -- writing ---------------------------------------------------------------------------
     def put(self, project: str, label: str, reference: Reference, source: Dict, mask: Optional[np.ndarray] = None,
             image: Optional[np.ndarray] = None, annotation: Optional[int] = None, how: str = "admin",
-            policy: str = "replace", only_if_absent: bool = False) -> Optional[int]:
+            policy: str = "replace") -> Optional[int]:
         """Append a version for (project, label); returns its id, or None when the policy keeps the
         current one.
 
@@ -332,7 +330,6 @@ class ReferenceStore:
             policy: "replace": this becomes the label's only exemplar (the other slots are cleared);
                 "auto" (annotations): the annotation's own slot is updated (skipped when unchanged),
                 else a free slot is taken, else nothing changes.
-            only_if_absent: the old "first confirmed" rule: do nothing when the label has one.
         """
         if policy not in ("replace", "auto"):
             raise ValueError(f"unknown policy {policy!r}")
@@ -355,8 +352,6 @@ class ReferenceStore:
                        mask_file=mask_file, image_file=image_file, thumb_file=thumb_file)
             with self._write() as c:
                 cur = self._current_in(c, project, label)
-                if only_if_absent and cur:
-                    return None
                 if policy == "replace":
                     slot = 0
                     for other in cur:

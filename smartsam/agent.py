@@ -22,7 +22,7 @@ import numpy as np
 from .backbones.base import Backbone, Prompt
 from .clickers import NextChainClicker
 from .features import ClipFeatures, DinoV2Features
-from .masks import LowResFrame, batch_iou, prepare_reference
+from .masks import REFERENCE_PREPS, LowResFrame, batch_iou, prepare_reference
 from .sampler import PrioriInitialSampler
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
 
@@ -57,7 +57,7 @@ def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool]
     if require_click is None:
         require_click = (os.environ.get("SMARTSAM_REQUIRE_CLICK") or "true").strip().lower() not in ("0", "false", "no", "off")
     prep = (reference_prep or os.environ.get("SMARTSAM_REFERENCE_PREP") or "paper").strip().lower()
-    if prep not in ("paper", "none"):
+    if prep not in REFERENCE_PREPS:
         raise ValueError(f"SMARTSAM_REFERENCE_PREP / --reference-prep must be paper or none, not {prep!r}")
     return {"dedupe_iou": {"auto": "auto", "on": FAST_PATH_IOU, "off": None}[fp], "require_click": bool(require_click),
             "reference_prep": prep}
@@ -170,7 +170,7 @@ class SmartSAMAgent:
             dedupe_iou = FAST_PATH_IOU if dev == "cpu" else None
         self.dedupe_iou = dedupe_iou
         self.require_click = bool(require_click)
-        if reference_prep not in ("paper", "none"):
+        if reference_prep not in REFERENCE_PREPS:
             raise ValueError(f"reference_prep is 'paper' or 'none', got {reference_prep!r}")
         self.reference_prep = reference_prep
         self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()

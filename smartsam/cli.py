@@ -44,7 +44,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--literal", action="store_true", help="the same as --fast-path off")
     p.add_argument("--allow-anywhere", action="store_true", help="reference mode: candidates that do not contain the "
                    "click may win too (Eq. 2's plain argmax; default: $SMARTSAM_REQUIRE_CLICK, on)")
-    p.add_argument("--reference-prep", choices=["paper", "none"], help="image + mask references: paper (default, "
+    from .masks import REFERENCE_PREPS
+
+    p.add_argument("--reference-prep", choices=REFERENCE_PREPS, help="image + mask references: paper (default, "
                    "$SMARTSAM_REFERENCE_PREP) = background removed, object cropped to ~70 %% of the image, as the "
                    "paper's section 4.1; none = the raw image and mask")
 

@@ -136,6 +136,9 @@ def box_xyxy(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
 
 
+# How image + mask references are prepared before pooling: the paper's section 4.1, or not at all.
+REFERENCE_PREPS = ("paper", "none")
+
 # ImageNet mean in RGB: a background filled with it becomes ~0 after the feature models' normalisation
 BACKGROUND_FILL = (124, 116, 104)
 

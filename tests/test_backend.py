@@ -158,6 +158,8 @@ BAD_INPUTS = [
     ("webhook without action", lambda b: b.post("/webhook", {"annotation": {}}), 400, "without action"),
     ("webhook without payload", lambda b: b.post("/webhook", {"action": "ANNOTATION_CREATED", "project": {"label_config": LABEL_CONFIG, "id": 1}}), 200, "send payload"),
     ("webhook with a bad annotation id", lambda b: b.post("/webhook", {"action": "ANNOTATION_UPDATED", "annotation": {"id": "7; drop"}}), 200, "no annotation id"),
+    ("deletion webhook without a list", lambda b: b.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": "1,2"}), 200, '"annotations": []'),
+    ("deletion webhook with ids that are not integers", lambda b: b.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": "1"}, {"id": True}, 5, None]}), 200, '"annotations": []'),
     ("setup with a config SmartSAM cannot use", lambda b: b.post("/setup", {"project": "1.1", "schema": '<View><Image name="image" value="$image"/></View>'}), 400, "no <BrushLabels>"),
     ("admin without token", lambda b: b.get("/admin/references"), 401, "admin token required"),
     ("admin with a wrong token", lambda b: b.get("/admin/references", headers={"Authorization": "Bearer nope"}), 401, "admin token required"),

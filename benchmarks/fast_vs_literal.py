@@ -39,7 +39,9 @@ def main() -> None:
     args = ap.parse_args()
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
     weights = "RANDOM weights: agreement here says nothing about real checkpoints" if bb.random_weights else (args.checkpoint or "registry checkpoint")
-    print(f"# fast path vs literal path: {bb.name} ({weights}) on {args.device}\nmachine: {machine()}\n")
+    arith = "bf16" if args.device.startswith("cuda") or bb.cpu_bf16 else "fp32"
+    dec = {True: "shared decoder", False: "library decoder"}.get(getattr(bb, "shared_decoder", None), "library decoder")
+    print(f"# fast path vs literal path: {bb.name} ({weights}) on {args.device}, {arith}, {dec}\nmachine: {machine()}\n")
     rows = []
     for ds in args.datasets:
         samples = load_dataset(Path(ds))[: args.limit]

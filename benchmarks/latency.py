@@ -59,6 +59,11 @@ def main() -> None:
     weights = "RANDOM weights (timing only)" if bb.random_weights else (args.checkpoint or "registry checkpoint")
     print(f"# SmartSAM latency: {bb.name} ({weights}) on {args.device}; image {w}x{h}")
     print(f"machine: {machine()}\n")
+    # A served process is warm: one untimed click on another image first (kernel selection, allocator).
+    warm = SmartSAMAgent(bb)
+    warm.set_image(np.ascontiguousarray(image[::-1]))
+    warm.predict((w * 0.5, h * 0.5))
+    bb._cache.clear()
 
     rows = []
 
@@ -147,46 +152,92 @@ def main() -> None:
 
 
 def levers(bb, image, click, args) -> None:
-    """Each CPU lever against the default (fp32, chunks of 4, all threads): seconds per cached
-    fast-path click and whether the answer is the same (mask IoU with the default's answer)."""
+    """Each lever against the first release's configuration: seconds per cached click of the literal
+    agent (its work does not depend on the weights, unlike the fast path's pruning) and whether the
+    answer is the same (mask IoU with the first row's answer); then where the default's time goes."""
     from smartsam.backbones.base import cpu_has_fast_bf16
     from smartsam.masks import mask_iou
 
-    if not str(args.device).startswith("cpu"):
-        return
-    threads0, chunk0, bf0 = torch.get_num_threads(), bb.decode_chunk, bb.cpu_bf16
+    cpu = str(args.device).startswith("cpu")
+    has_shared = hasattr(bb, "shared_decoder")
+    threads0, chunk0, bf0, shared0 = torch.get_num_threads(), bb.decode_chunk, bb.cpu_bf16, getattr(bb, "shared_decoder", False)
     clicks = [(click[0] + dx, click[1] + dy) for dx, dy in ((0, 0), (-40, 20), (35, -25))]
 
     def run():
-        agent = SmartSAMAgent(bb, dedupe_iou=FAST_PATH_IOU)
+        agent = SmartSAMAgent(bb, dedupe_iou=None)
         agent.set_image(image)
         ts, masks = [], []
         for c in clicks:
+            sync(args.device)
             t = time.perf_counter()
             r = agent.predict(c)
+            sync(args.device)
             ts.append(time.perf_counter() - t)
             masks.append(r.mask)
-        return float(np.median(ts)), masks
+        return float(np.median(ts)), masks, agent.path
 
-    configs = [("fp32, chunk 4, all threads (the old default)", {"chunk": 4}), ("bf16 autocast", {"bf16": True, "chunk": 4}),
-               ("chunk 2", {"chunk": 2}), ("chunk 8", {"chunk": 8}), ("1 thread", {"threads": 1, "chunk": 4}),
-               ("bf16 + chunk 2 (the default where the CPU has bf16)", {"bf16": True, "chunk": 2})]
-    rows, base = [], None
+    if cpu:
+        configs = [("fp32, chunk 4, all threads, library decoder (the first release)", {"chunk": 4}),
+                   ("bf16 autocast", {"bf16": True, "chunk": 4}), ("chunk 2", {"chunk": 2}), ("chunk 8", {"chunk": 8}),
+                   ("1 thread", {"threads": 1, "chunk": 4}), ("bf16 + chunk 2 (the second release)", {"bf16": True, "chunk": 2})]
+        if has_shared:
+            configs += [("shared decoder, fp32, chunk 2", {"shared": True, "chunk": 2}),
+                        ("shared decoder + bf16 + chunk 2 (the default where the CPU has bf16)", {"shared": True, "bf16": True, "chunk": 2})]
+    else:
+        configs = [("library decoder, bf16 autocast", {"chunk": chunk0})]
+        if has_shared:
+            configs += [("shared decoder, bf16", {"shared": True, "chunk": chunk0})]
+    rows, base, path = [], None, None
     for label, cfg in configs:
         bb.cpu_bf16, bb.decode_chunk = cfg.get("bf16", False), cfg.get("chunk", chunk0)
+        if has_shared:
+            bb.shared_decoder = cfg.get("shared", False)
         torch.set_num_threads(cfg.get("threads", threads0))
         bb._cache.clear()
         bb.set_image(image)  # the encoder runs under the same lever (bf16 changes the embedding)
-        t, masks = run()
+        t, masks, path = run()
         if base is None:
             base = masks
         ious = [mask_iou(a, b) for a, b in zip(masks, base)]
         rows.append([label, t, float(np.mean(ious)), f"{sum(i >= 0.95 for i in ious)}/{len(ious)}"])
     bb.cpu_bf16, bb.decode_chunk = bf0, chunk0
+    if has_shared:
+        bb.shared_decoder = shared0
     torch.set_num_threads(threads0)
-    print(f"\n## CPU levers (fast path, cached embedding, median of {len(clicks)} clicks; CPU bf16 hardware (AMX or AVX512-BF16): "
-          f"{'yes' if cpu_has_fast_bf16() else 'no'})\n")
-    print(table(["lever", "agent s per click", "mean mask IoU vs default", "same mask (IoU >= 0.95)"], rows))
+    hw = f"CPU bf16 hardware (AMX or AVX512-BF16): {'yes' if cpu_has_fast_bf16() else 'no'}" if cpu else torch.cuda.get_device_name(0)
+    print(f"\n## Levers ({path} path, cached embedding, median of {len(clicks)} clicks; {hw})\n")
+    print(table(["lever", "agent s per click", "mean mask IoU vs first row", "same mask (IoU >= 0.95)"], rows))
+
+    # Where the default configuration's cached click spends its time (operator self time).
+    from torch.profiler import ProfilerActivity, profile
+
+    bb._cache.clear()
+    bb.set_image(image)
+    agent = SmartSAMAgent(bb)
+    agent.set_image(image)
+    agent.predict(clicks[0])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if not cpu else [])
+    with profile(activities=acts) as prof:
+        sync(args.device)
+        t = time.perf_counter()
+        r = agent.predict((clicks[0][0] + 1.0, clicks[0][1]))
+        sync(args.device)
+        wall = time.perf_counter() - t
+
+    ev_all = prof.key_averages()
+    for device_side in ([False] if cpu else [True, False]):
+        def self_time(e, d=device_side):
+            return e.self_device_time_total if d else e.self_cpu_time_total
+
+        ev = sorted(ev_all, key=lambda e: -self_time(e))
+        total = sum(self_time(e) for e in ev) or 1.0
+        rows = [[e.key[:80], e.count, self_time(e) / 1e6, f"{100 * self_time(e) / total:.0f}%"] for e in ev[:8]]
+        kind = "CUDA kernel" if device_side else "CPU operator"
+        print(f"\n## Where a cached click's time goes ({agent.path} path, default configuration, torch.profiler, {kind} self time)\n")
+        print(table(["operator", "calls", "seconds", "share"], rows))
+        print(f"\n{kind} time in all {total / 1e6:.3f} s")
+    split = ", ".join(f"{k} {v:.3f} s" for k, v in r.timings.items() if k != "total")
+    print(f"wall {wall:.3f} s under the profiler; the agent's own split: {split}")
 
 
 if __name__ == "__main__":

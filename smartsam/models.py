@@ -93,6 +93,7 @@ REGISTRY: Dict[str, ModelSpec] = {
         # Real architectures, random weights: tests and offline demos only.
         ModelSpec("sam2.1_hiera_tiny-random", "sam2", "hiera_t", "SAM 2.1 tiny architecture, RANDOM weights (tests only)", random=True),
         ModelSpec("sam2.1_hiera_small-random", "sam2", "hiera_s", "SAM 2.1 small architecture, RANDOM weights (timing only)", random=True),
+        ModelSpec("sam2.1_hiera_large-random", "sam2", "hiera_l", "SAM 2.1 large architecture, RANDOM weights (timing only)", random=True),
         ModelSpec("sam_vit_tiny-random", "sam", "vit_tiny", "SAM design with a 2-block ViT, RANDOM weights (tests only)", random=True),
         ModelSpec("sam_vit_b-random", "sam", "vit_b", "SAM ViT-B architecture, RANDOM weights (tests only)", random=True),
         ModelSpec("dinov2-tiny-random", "dinov2", "tiny", "DINOv2 architecture, 2 layers of width 32, RANDOM weights", random=True),

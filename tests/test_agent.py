@@ -42,6 +42,54 @@ def test_adapter_decodes_batches_and_caches_embeddings(which, request, grabcut_i
         bb.cpu_bf16 = bf16
 
 
+def test_sam2_shared_decoder_gives_the_library_decoders_outputs(sam2_backbone, grabcut_image, monkeypatch):
+    """The shared decoder (image work done once per image) against sam2's own MaskDecoder: the same
+    numbers in fp32 for every prompt kind, the same masks in bf16; SMARTSAM_SHARED_DECODER picks it."""
+    from smartsam.backbones.sam2 import shared_decoder_setting
+
+    bb = sam2_backbone
+    bb.set_image(grabcut_image)
+    rng = np.random.default_rng(5)
+    h, w = grabcut_image.shape[:2]
+    calls = []
+    hook = bb.model.sam_mask_decoder.register_forward_hook(lambda *a: calls.append(1))
+    shared0, bf0 = bb.shared_decoder, bb.cpu_bf16
+    try:
+        for box, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
+            prompts = []
+            for i in range(3):
+                pts = rng.uniform([0, 0], [w - 1, h - 1], size=(1 + i, 2))
+                prompts.append(Prompt(pts, [1] + [0] * i, box=[40 + i, 30, 300, 260] if box else None,
+                                      mask_input=rng.normal(0, 8, (256, 256)).astype(np.float32) if with_mask else None))
+            for multimask in (True, False):
+                out = {}
+                for shared, bf16 in [(False, False), (True, False), (True, True)]:
+                    bb.shared_decoder, bb.cpu_bf16 = shared, bf16
+                    n = len(calls)
+                    out[shared, bf16] = bb.predict(prompts, multimask)
+                    assert (len(calls) > n) == (not shared)  # the library module runs only when off
+                ref = out[False, False]
+                assert out[True, False].low_res_logits.shape == ref.low_res_logits.shape
+                assert np.allclose(out[True, False].low_res_logits, ref.low_res_logits, atol=1e-3)
+                assert np.allclose(out[True, False].scores, ref.scores, atol=1e-4)
+                assert ((out[True, True].low_res_logits > 0) == (ref.low_res_logits > 0)).mean() > 0.98
+    finally:
+        hook.remove()
+        bb.shared_decoder, bb.cpu_bf16 = shared0, bf0
+    for value, expected in [(None, True), ("on", True), ("OFF", False)]:
+        if value is None:
+            monkeypatch.delenv("SMARTSAM_SHARED_DECODER", raising=False)
+        else:
+            monkeypatch.setenv("SMARTSAM_SHARED_DECODER", value)
+        assert shared_decoder_setting() is expected
+    from smartsam.models import load_backbone
+
+    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu").shared_decoder is False  # read at construction
+    monkeypatch.setenv("SMARTSAM_SHARED_DECODER", "auto")
+    with pytest.raises(ValueError, match="SMARTSAM_SHARED_DECODER"):
+        shared_decoder_setting()
+
+
 @pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
 def test_agent_one_click_end_to_end(which, request, grabcut_image):
     bb = request.getfixturevalue(which)
@@ -78,6 +126,18 @@ def test_agent_is_reproducible_and_seeded(sam2_backbone, grabcut_image):
     r2 = b.predict((200, 150), return_candidates=True)
     assert np.array_equal(r1.mask, r2.mask)
     assert [c.clicks for c in r1.candidates] == [c.clicks for c in r2.candidates]
+
+
+def test_default_path_is_literal_unless_the_cpu_decodes_in_fp32(sam2_backbone):
+    bb, bf0 = sam2_backbone, sam2_backbone.cpu_bf16
+    try:
+        bb.cpu_bf16 = True
+        assert SmartSAMAgent(bb).path == "literal"
+        bb.cpu_bf16 = False
+        assert SmartSAMAgent(bb).path == "fast"
+        assert SmartSAMAgent(bb, dedupe_iou=None).path == "literal"
+    finally:
+        bb.cpu_bf16 = bf0
 
 
 def test_fast_path_skips_duplicate_chains(sam2_backbone, grabcut_image):

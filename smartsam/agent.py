@@ -37,8 +37,9 @@ def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool]
     """The agent choices every entry point (CLI, backend, eval) takes from one place.
 
     Args:
-        fast_path: "auto" (the paper's literal path, except on a CPU that decodes in fp32, see
-            :func:`fp32_cpu`), "on" or "off"; None reads ``$SMARTSAM_FAST_PATH`` (default "auto").
+        fast_path: "auto" (the paper's literal path, except on a CPU where it was measured over
+            target, see :func:`fast_path_by_default`), "on" or "off"; None reads
+            ``$SMARTSAM_FAST_PATH`` (default "auto").
         require_click: reference mode only lets candidates that contain the click win; None reads
             ``$SMARTSAM_REQUIRE_CLICK`` (default on: an annotator's click then always lies on the
             answer, as in pure-IS mode; Eq. 2 of the paper takes the argmax over all candidates,
@@ -63,11 +64,14 @@ def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool]
             "reference_prep": prep}
 
 
-def fp32_cpu(backbone: Backbone) -> bool:
-    """True when ``backbone`` decodes on a CPU in fp32, the one place the fast path is the default:
-    with bf16 (AMX / AVX512-BF16) or on CUDA the literal agent's cached click is within target."""
+def fast_path_by_default(backbone: Backbone) -> bool:
+    """Where ``auto`` takes the fast path: on a CPU, unless it decodes with what was measured to
+    keep the paper's literal agent within the 2.5 s target there (bf16 hardware, AMX or AVX512-BF16,
+    and SAM 2.1's shared decoder; README "Results"). On CUDA the literal agent is cheap."""
     dev = getattr(getattr(backbone, "device", None), "type", "cpu")
-    return dev == "cpu" and not getattr(backbone, "cpu_bf16", False)
+    if dev != "cpu":
+        return False
+    return not (getattr(backbone, "cpu_bf16", False) and getattr(backbone, "shared_decoder", False))
 
 
 class InvalidClick(ValueError):
@@ -145,8 +149,8 @@ class SmartSAMAgent:
         dedupe_iou: fast path. Chains whose initial mask overlaps an earlier, better-scored one
             by at least this IoU (on the low-res grid) are not refined: they would mostly
             repeat it. None runs every chain (the paper's literal path); "auto" (the default) is
-            the literal path, except on a CPU that decodes in fp32 (no AMX / AVX512-BF16, or
-            ``SMARTSAM_CPU_BF16=off``): there the literal click measured over the 2.5 s target.
+            the literal path, except on a CPU without bf16 hardware or without SAM 2.1's shared
+            decoder (:func:`fast_path_by_default`), where the literal click measured over target.
         require_click: in reference mode, only candidates that contain the click may win.
         result_cache: how many recent answers to keep for outer interactions.
         reference_prep: "paper" (default): image + mask references are prepared as in the
@@ -174,7 +178,7 @@ class SmartSAMAgent:
         self.text_features = text_features
         self.seed = int(seed)
         if dedupe_iou == "auto":
-            dedupe_iou = FAST_PATH_IOU if fp32_cpu(backbone) else None
+            dedupe_iou = FAST_PATH_IOU if fast_path_by_default(backbone) else None
         self.dedupe_iou = dedupe_iou
         self.require_click = bool(require_click)
         if reference_prep not in REFERENCE_PREPS:

@@ -33,11 +33,8 @@ def test_segment_with_references(datasets, tmp_path):
             "--reference-mask", str(ref_mask), "--out", str(tmp_path / "m.png"), "--backbone", "sam_vit_tiny-random", "--json")
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout.strip().splitlines()[-1])
-    from smartsam.backbones.base import cpu_bf16_setting
-
-    # default: the paper's literal path, the fast path only where a CPU decodes in fp32
-    assert info["mode"] == "reference-mask" and info["require_click"] is True
-    assert info["path"] == ("literal" if cpu_bf16_setting() else "fast")
+    # auto on a CPU with SAM's library decoder: the fast path, and the output says so
+    assert info["mode"] == "reference-mask" and info["path"] == "fast" and info["require_click"] is True
     # the same two settings as the backend and eval: flags, else SMARTSAM_FAST_PATH / SMARTSAM_REQUIRE_CLICK
     p = run("segment", str(datasets / IMG), "--click", "240,160", "--out", str(tmp_path / "m.png"), "--backbone", "disk-test",
             "--json", "--fast-path", "off", "--allow-anywhere")

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smartsam.backbones.base import cpu_bf16_setting
-
 from smartsam.eval.clicker import Clicker
 from smartsam.eval.datasets import Sample, category_of, load_dataset, load_gt, reference_for
 from smartsam.eval.metrics import mask_iou, noc, summarize
@@ -177,8 +175,8 @@ def test_backbone_and_agent_modes_run_end_to_end(datasets, tmp_path):
         rows = [r for r in csv.DictReader((tmp_path / ds / f"{mode}.csv").open())]
         assert len(rows) == s["n"] == 1 and s["seeds"] == [0]
         if mode != "backbone":
-            # the default path (literal where this CPU decodes in bf16), and the click restriction
-            assert s["path"] == ("literal" if cpu_bf16_setting() else "fast") and s["require_click"] is True
+            # auto with SAM's library decoder on a CPU is the fast path; and the click restriction
+            assert s["path"] == "fast" and s["require_click"] is True
         ious = [[float(v) for v in r["ious"].split()] for r in rows]
         assert s["NoC@90"] == pytest.approx(np.mean([noc(i, 0.9, 2) for i in ious]))
         assert s["mIoU@1"] == pytest.approx(100 * np.mean([i[0] for i in ious]))

@@ -39,8 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
     weights = "RANDOM weights: agreement here says nothing about real checkpoints" if bb.random_weights else (args.checkpoint or "registry checkpoint")
-    arith = "bf16" if args.device.startswith("cuda") or bb.cpu_bf16 else "fp32"
-    dec = {True: "shared decoder", False: "library decoder"}.get(getattr(bb, "shared_decoder", None), "library decoder")
+    arith = "bf16" if bb.compute_dtype == torch.bfloat16 else "fp32"
+    dec = "shared decoder" if getattr(bb, "shared_decoder", False) else "library decoder"
     print(f"# fast path vs literal path: {bb.name} ({weights}) on {args.device}, {arith}, {dec}\nmachine: {machine()}\n")
     rows = []
     for ds in args.datasets:

@@ -241,10 +241,13 @@ class Backbone:
             labels[i, :k] = p.labels
         return coords, labels
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 on CUDA and on a CPU with bf16 arithmetic (``cpu_bf16``), else float32."""
+        return torch.bfloat16 if self.device.type == "cuda" or self.cpu_bf16 else torch.float32
+
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
     # hooks
     def _encode(self, image: np.ndarray) -> Any:  # pragma: no cover - abstract

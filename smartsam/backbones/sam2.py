@@ -33,8 +33,9 @@ def build_sam2_model(arch: str, checkpoint: Optional[str] = None, device: str = 
 def shared_decoder_setting() -> bool:
     """``SMARTSAM_SHARED_DECODER``: "on" (default) or "off" (sam2's own MaskDecoder module).
 
-    Measured with ``benchmarks/latency.py``: the literal agent's cached click 1.7 s instead of 2.9 s
-    on 2 CPU cores (bf16), 0.164 s instead of 0.204 s on an H100 (SAM 2.1 large), same masks."""
+    Measured with ``benchmarks/latency.py`` (README "Results"): the literal agent's cached click
+    1.51 s instead of 2.79 s on 2 CPU cores (bf16), 0.161 s instead of 0.185 s on an H100 (SAM 2.1
+    large), same masks."""
     v = (os.environ.get("SMARTSAM_SHARED_DECODER") or "on").strip().lower()
     if v not in ("on", "off"):
         raise ValueError(f"SMARTSAM_SHARED_DECODER must be on or off, not {v!r}")
@@ -62,7 +63,7 @@ class Sam2Backbone(Backbone):
         self._shared: dict = {}  # compute dtype -> Sam2SharedDecoder, built on first use
         self._shares: "OrderedDict[Tuple[str, torch.dtype], ImageShare]" = OrderedDict()
         if self.shared_decoder:  # built now, so the first click does not pay for it
-            self._shared_for(self._shared_dtype())
+            self._shared_for(self.compute_dtype)
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray) -> Any:
@@ -101,7 +102,12 @@ class Sam2Backbone(Backbone):
         state = self.predictor._features
         if self.shared_decoder:
             low_res, iou = self._decode_shared(state, c, lab, masks, multimask)
-            return torch.clamp(low_res, -32.0, 32.0), iou
+        else:
+            low_res, iou = self._decode_library(state, c, lab, masks, multimask)
+        # As SAM2ImagePredictor does: logits fed back as mask_input stay in a sane range.
+        return torch.clamp(low_res, -32.0, 32.0), iou
+
+    def _decode_library(self, state, c, lab, masks, multimask):
         with self._autocast():
             sparse, dense = self.model.sam_prompt_encoder(points=(c, lab), boxes=None, masks=masks)
             low_res, iou, _, _ = self.model.sam_mask_decoder(
@@ -110,15 +116,10 @@ class Sam2Backbone(Backbone):
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
-                repeat_image=len(prompts) > 1,
+                repeat_image=c.shape[0] > 1,
                 high_res_features=state["high_res_feats"],
             )
-        # As SAM2ImagePredictor does: logits fed back as mask_input stay in a sane range.
-        return torch.clamp(low_res, -32.0, 32.0), iou
-
-    def _shared_dtype(self) -> torch.dtype:
-        # bf16 where the module path would autocast to bf16 (CUDA, or a CPU with bf16 hardware)
-        return torch.bfloat16 if self.device.type == "cuda" or self.cpu_bf16 else torch.float32
+        return low_res, iou
 
     def _shared_for(self, dtype: torch.dtype) -> Sam2SharedDecoder:
         dec = self._shared.get(dtype)
@@ -127,7 +128,7 @@ class Sam2Backbone(Backbone):
         return dec
 
     def _decode_shared(self, state, coords, labels, masks, multimask):
-        dtype = self._shared_dtype()
+        dtype = self.compute_dtype  # bf16 exactly where the library path would autocast to it
         dec = self._shared_for(dtype)
         # an image's share lives no longer than its embedding, and at most 2 are kept (16-32 MB each)
         for k in [k for k in self._shares if k[0] not in self._cache]:

@@ -9,4 +9,4 @@ case "$backbone" in
   *-random) ;;  # test configuration: nothing to download
   *) python -m smartsam models download "$backbone" ;;
 esac
-exec python -m backend._wsgi --port "${PORT:-9090}"
+exec python -m backend.server

@@ -23,27 +23,39 @@ import sys
 from pathlib import Path
 
 from .config import Settings
+from .errors import SettingsError
+from .project_settings import ProjectSettings
 from .references import ReferenceStore, ReferenceStoreError
+
+
+def reference_builder(s: Settings):
+    """A :class:`~smartsam.reference.ReferenceBuilder` with the server's feature models (loaded on
+    first need) and its preparation."""
+    from smartsam.features import FeatureSet
+    from smartsam.models import default_features, load_features
+    from smartsam.reference import ReferenceBuilder
+
+    random = s.backbone_name.endswith("-random") or s.backbone_name == "disk-test"
+
+    def load(kind):
+        name = (s.features if kind == "image" else s.text_features) or default_features(kind, random)
+        return load_features(name, s.device, s.dinov2_path if kind == "image" else s.clip_path)
+
+    return ReferenceBuilder(FeatureSet(loader=load), s.reference_prep)
 
 
 def reference_from_files(s: Settings, image_path=None, mask_path=None, text=None):
     """A reference from an image file (+ mask file) or a text, with the server's feature models.
 
     Returns ``(reference, mask or None, image or None)``; raises ImageError / ValueError."""
-    from smartsam.agent import SmartSAMAgent
     from smartsam.io import load_image, load_mask
-    from smartsam.models import default_features, load_features
 
-    random = (s.backbone or "").endswith("-random")
+    builder = reference_builder(s)
     if text is not None:
-        f = load_features(s.text_features or default_features("text", random), s.device)
-        return SmartSAMAgent(backbone=None, text_features=f).reference_from_text(text), None, None
-    f = load_features(s.features or default_features("image", random), s.device)
-    # features only (no segmentation needed), prepared as the server prepares them
-    agent = SmartSAMAgent(backbone=None, image_features=f, reference_prep=s.reference_prep)
-    image = load_image(image_path)
-    mask = load_mask(mask_path) if mask_path else None
-    ref = agent.reference_from_mask(image, mask) if mask is not None else agent.reference_from_image(image)
+        return builder.from_text(text), None, None
+    image = load_image(image_path, s.max_pixels)
+    mask = load_mask(mask_path, s.max_pixels) if mask_path else None
+    ref = builder.from_mask(image, mask) if mask is not None else builder.from_image(image)
     return ref, mask, image
 
 
@@ -76,9 +88,15 @@ def main(argv=None) -> int:
     p.add_argument("--project")
     p.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    s = Settings()
+    try:
+        s = Settings.from_env()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         store = ReferenceStore(s.data_dir, exemplars=s.exemplars)
+        projects = ProjectSettings(s.data_dir)
+        store.exemplars_for = lambda p: projects.agent(s.agent, p).exemplars  # a project's own K, as the server
     except ReferenceStoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

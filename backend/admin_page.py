@@ -3,7 +3,7 @@ history with a restore button, the store's integrity report, and the field stati
 
 Server-rendered HTML, no assets of its own: thumbnails come from ``/admin/versions/<id>/thumb.jpg``
 and the restore button posts to ``/admin/versions/<id>/restore`` with the ``X-SmartSAM-Admin``
-header, which a page of another site cannot add (see ``_wsgi._check_admin``). Everything shown is
+header, which a page of another site cannot add (see ``backend.admin_api.check_admin``). Everything shown is
 escaped: labels, texts and sources come from annotations.
 """
 

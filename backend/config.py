@@ -1,68 +1,199 @@
-"""Every setting is an environment variable (listed in the README, "Operating it")."""
+"""The backend's settings: read from the environment once, then passed down as one object.
+
+:meth:`Settings.from_env` is the only reader of the backend's environment variables (listed in the
+README, "Operating it"). The launcher, the gunicorn configuration, the app, the jobs and
+pre-labeling take the same object; Ray workers get the driver's, pickled. ``smartsam`` (the
+library) reads none of them: :meth:`Settings.backbone_kwargs` and :meth:`agent` turn them into
+its constructor arguments. Only the model registry's checkpoint home and mirror
+(``SMARTSAM_HOME``, ``SMARTSAM_MIRROR``) stay where the registry is, as ``TORCH_HOME`` does.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 from urllib.parse import urlparse
 
+from .errors import SettingsError
 
-class SettingsError(ValueError):
-    """A setting that cannot be used; the message names it."""
-
-
-def _flag(name: str, default: bool = False) -> bool:
-    v = _env(name)
-    return default if v is None else v.strip().lower() in ("1", "true", "yes", "on")
+FAST_PATHS = ("auto", "on", "off")
+REFERENCE_PREPS = ("paper", "none")
+ON_OFF_AUTO = ("auto", "on", "off")
 
 
-def _env(name: str, default: Optional[str] = None) -> Optional[str]:
-    v = os.environ.get(name)
-    return default if v is None or v == "" else v
+@dataclass(frozen=True)
+class AgentSettings:
+    """The agent's knobs a project may set for itself (Label Studio's Connect form, "Extra params").
+
+    Attributes:
+        chain_length: clicks per chain (paper: 3; 0: no chains).
+        exemplars: K, references kept per label at once (paper: 1).
+        fast_path: "auto", "on" or "off" (see :func:`smartsam.agent.agent_options`).
+        require_click: reference mode only lets candidates containing the click win.
+    """
+
+    chain_length: int = 3
+    exemplars: int = 1
+    fast_path: str = "auto"
+    require_click: bool = True
+
+    KEYS = ("chain_length", "exemplars", "fast_path", "require_click")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chain_length, bool) or not isinstance(self.chain_length, int) or not 0 <= self.chain_length <= 10:
+            raise SettingsError(f"chain_length must be a whole number from 0 to 10, not {self.chain_length!r}")
+        if isinstance(self.exemplars, bool) or not isinstance(self.exemplars, int) or not 1 <= self.exemplars <= 16:
+            raise SettingsError(f"exemplars must be a whole number from 1 to 16, not {self.exemplars!r}")
+        if self.fast_path not in FAST_PATHS:
+            raise SettingsError(f"fast_path must be auto, on or off, not {self.fast_path!r}")
+        if not isinstance(self.require_click, bool):
+            raise SettingsError(f"require_click must be true or false, not {self.require_click!r}")
+
+    def with_extra_params(self, extra: Optional[Mapping]) -> "AgentSettings":
+        """These settings with a project's ``extra_params`` applied (validated; unknown keys and bad
+        values raise SettingsError naming them)."""
+        if not extra:
+            return self
+        if not isinstance(extra, Mapping):
+            raise SettingsError("extra params must be a JSON object, e.g. {\"chain_length\": 1}")
+        unknown = sorted(set(extra) - set(self.KEYS))
+        if unknown:
+            raise SettingsError(f"unknown extra params {unknown}: SmartSAM takes {list(self.KEYS)}")
+        values = dict(extra)
+        if isinstance(values.get("fast_path"), str):
+            values["fast_path"] = values["fast_path"].strip().lower()
+        return dataclasses.replace(self, **values)
+
+    def overrides(self, base: "AgentSettings") -> Dict[str, object]:
+        """The settings that differ from ``base`` (what a project changed)."""
+        return {k: getattr(self, k) for k in self.KEYS if getattr(self, k) != getattr(base, k)}
+
+    def tag(self, base: "AgentSettings") -> str:
+        """A model-version suffix naming what differs from ``base`` ("" when nothing does)."""
+        short = {"chain_length": "chain", "exemplars": "k", "fast_path": "fast", "require_click": "click"}
+        parts = []
+        for k, v in self.overrides(base).items():
+            parts.append(f"{short[k]}{({True: 'on', False: 'off'}.get(v, v) if isinstance(v, bool) else v)}")
+        return "-".join(parts)
 
 
-@dataclass
+def _flag(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
 class Settings:
-    label_studio_url: Optional[str] = field(default_factory=lambda: _env("LABEL_STUDIO_URL"))
-    label_studio_api_key: Optional[str] = field(default_factory=lambda: _env("LABEL_STUDIO_API_KEY"))
-    data_dir: Path = field(default_factory=lambda: Path(_env("SMARTSAM_DATA_DIR", "./smartsam-data")))
-    backbone: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_BACKBONE"))
-    checkpoint: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_CHECKPOINT"))
-    features: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_FEATURES"))
-    text_features: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_TEXT_FEATURES"))
-    device: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_DEVICE"))
-    admin_token: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_ADMIN_TOKEN"))
-    basic_auth_user: Optional[str] = field(default_factory=lambda: _env("BASIC_AUTH_USER"))
-    basic_auth_pass: Optional[str] = field(default_factory=lambda: _env("BASIC_AUTH_PASS"))
-    allowed_hosts: Tuple[str, ...] = field(default_factory=lambda: tuple(
-        h.strip().lower() for h in (_env("SMARTSAM_ALLOWED_HOSTS", "") or "").split(",") if h.strip()))
-    local_files_root: Optional[str] = field(default_factory=lambda: _env("LOCAL_FILES_DOCUMENT_ROOT"))
-    max_request_bytes: int = field(default_factory=lambda: int(_env("SMARTSAM_MAX_REQUEST_BYTES", str(8 << 20))))
-    image_max_bytes: int = field(default_factory=lambda: int(_env("SMARTSAM_IMAGE_MAX_BYTES", str(50 << 20))))
-    image_timeout: float = field(default_factory=lambda: float(_env("SMARTSAM_IMAGE_TIMEOUT", "20")))
-    embedding_cache: int = field(default_factory=lambda: int(_env("SMARTSAM_EMBEDDING_CACHE", "8")))
-    image_cache: int = field(default_factory=lambda: int(_env("SMARTSAM_IMAGE_CACHE", "16")))
-    seed: int = field(default_factory=lambda: int(_env("SMARTSAM_SEED", "0")))
+    """Every setting of the backend, with its default. Build with :meth:`from_env` (the service)
+    or directly with keyword arguments (tests, tools)."""
+
+    label_studio_url: Optional[str] = None
+    label_studio_api_key: Optional[str] = None
+    data_dir: Path = Path("./smartsam-data")
+    backbone: Optional[str] = None  # None: the registry's default for this host
+    checkpoint: Optional[str] = None
+    features: Optional[str] = None
+    text_features: Optional[str] = None
+    dinov2_path: Optional[str] = None
+    clip_path: Optional[str] = None
+    device: Optional[str] = None
+    admin_token: Optional[str] = None
+    basic_auth_user: Optional[str] = None
+    basic_auth_pass: Optional[str] = None
+    allowed_hosts: Tuple[str, ...] = ()
+    local_files_root: Optional[str] = None
+    max_request_bytes: int = 8 << 20
+    image_max_bytes: int = 50 << 20
+    image_timeout: float = 20.0
+    max_pixels: int = 40_000_000
+    embedding_cache: int = 8
+    image_cache: int = 16
+    seed: int = 0
     # Clicks per chain (paper: 3). Fewer trades quality for speed on small CPUs; 0 = no chains.
-    chain_length: int = field(default_factory=lambda: int(_env("SMARTSAM_CHAIN_LENGTH", "3")))
-    # A task's image as a data: URL is anything the sender wants; off unless a deployment needs it.
-    allow_data_urls: bool = field(default_factory=lambda: _flag("SMARTSAM_ALLOW_DATA_URLS"))
-    # Every request (fetch, wait for the model, agent) ends by then; Label Studio gives up at 100 s.
-    request_timeout: float = field(default_factory=lambda: float(_env("SMARTSAM_REQUEST_TIMEOUT", "90")))
-    # A /predict with many tasks answers after this many seconds; the rest go on in the background.
-    predict_budget: float = field(default_factory=lambda: float(_env("SMARTSAM_PREDICT_BUDGET", "60")))
-    # Shared secret Label Studio sends with each webhook (a custom header); required when set.
-    webhook_secret: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_WEBHOOK_SECRET"))
-    threads: int = field(default_factory=lambda: int(_env("SMARTSAM_THREADS", "8")))
+    chain_length: int = 3
+    fast_path: str = "auto"
+    require_click: bool = True
     # K: references kept per label at once (the first K submitted masks); 1 is the paper
-    exemplars: int = field(default_factory=lambda: int(_env("SMARTSAM_EXEMPLARS", "1")))
-    # field statistics: "plain:0.2" answers that share of first clicks with the plain backbone
-    compare: Optional[str] = field(default_factory=lambda: _env("SMARTSAM_COMPARE"))
-    stats_max: int = field(default_factory=lambda: int(_env("SMARTSAM_STATS_MAX", "20000")))
+    exemplars: int = 1
     # "paper": image + mask references cropped (object ~70 %) with the background removed; "none": raw
-    reference_prep: str = field(default_factory=lambda: (_env("SMARTSAM_REFERENCE_PREP", "paper") or "").strip().lower())
+    reference_prep: str = "paper"
+    cpu_bf16: str = "auto"
+    shared_decoder: str = "on"
+    embed_cache_dir: Optional[str] = None
+    embed_cache_bytes: int = 10 << 30
+    # A task's image as a data: URL is anything the sender wants; off unless a deployment needs it.
+    allow_data_urls: bool = False
+    # Every request (fetch, wait for the model, agent) ends by then; Label Studio gives up at 100 s.
+    request_timeout: float = 90.0
+    # A /predict with many tasks answers after this many seconds; the rest go on in the background.
+    predict_budget: float = 60.0
+    # Shared secret Label Studio sends with each webhook (a custom header); required when set.
+    webhook_secret: Optional[str] = None
+    # gunicorn: worker processes (each holds a model) and threads per worker (model requests use
+    # at most threads - 1, so /health always has one)
+    workers: int = 1
+    threads: int = 8
+    host: str = "0.0.0.0"
+    port: int = 9090
+    log_level: str = "INFO"
+    # field statistics: "plain:0.2" answers that share of first clicks with the plain backbone
+    compare: Optional[str] = None
+    stats_max: int = 20000
+
+    # environment variable -> field (the README's table, in its order)
+    ENV = {
+        "LABEL_STUDIO_URL": "label_studio_url", "LABEL_STUDIO_API_KEY": "label_studio_api_key",
+        "SMARTSAM_BACKBONE": "backbone", "SMARTSAM_CHECKPOINT": "checkpoint", "SMARTSAM_DEVICE": "device",
+        "SMARTSAM_FEATURES": "features", "SMARTSAM_TEXT_FEATURES": "text_features",
+        "SMARTSAM_DINOV2_PATH": "dinov2_path", "SMARTSAM_CLIP_PATH": "clip_path", "SMARTSAM_DATA_DIR": "data_dir",
+        "SMARTSAM_ADMIN_TOKEN": "admin_token", "BASIC_AUTH_USER": "basic_auth_user", "BASIC_AUTH_PASS": "basic_auth_pass",
+        "SMARTSAM_WEBHOOK_SECRET": "webhook_secret", "SMARTSAM_ALLOW_DATA_URLS": "allow_data_urls",
+        "SMARTSAM_PREDICT_BUDGET": "predict_budget", "SMARTSAM_ALLOWED_HOSTS": "allowed_hosts",
+        "LOCAL_FILES_DOCUMENT_ROOT": "local_files_root", "SMARTSAM_MAX_REQUEST_BYTES": "max_request_bytes",
+        "SMARTSAM_IMAGE_MAX_BYTES": "image_max_bytes", "SMARTSAM_IMAGE_TIMEOUT": "image_timeout",
+        "SMARTSAM_MAX_PIXELS": "max_pixels", "SMARTSAM_EMBEDDING_CACHE": "embedding_cache",
+        "SMARTSAM_IMAGE_CACHE": "image_cache", "SMARTSAM_WORKERS": "workers", "SMARTSAM_THREADS": "threads",
+        "SMARTSAM_REQUEST_TIMEOUT": "request_timeout", "SMARTSAM_SEED": "seed", "SMARTSAM_CHAIN_LENGTH": "chain_length",
+        "SMARTSAM_FAST_PATH": "fast_path", "SMARTSAM_REQUIRE_CLICK": "require_click", "SMARTSAM_COMPARE": "compare",
+        "SMARTSAM_STATS_MAX": "stats_max", "SMARTSAM_EXEMPLARS": "exemplars", "SMARTSAM_REFERENCE_PREP": "reference_prep",
+        "SMARTSAM_CPU_BF16": "cpu_bf16", "SMARTSAM_SHARED_DECODER": "shared_decoder",
+        "SMARTSAM_EMBED_CACHE_DIR": "embed_cache_dir", "SMARTSAM_EMBED_CACHE_BYTES": "embed_cache_bytes",
+        "HOST": "host", "PORT": "port", "LOG_LEVEL": "log_level",
+    }
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":
+        """The settings the environment gives (unset or empty variables keep their defaults)."""
+        environ = os.environ if environ is None else environ
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: Dict[str, object] = {}
+        for var, name in cls.ENV.items():
+            raw = environ.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            kind = types[name]
+            try:
+                if name == "allowed_hosts":
+                    v: object = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+                elif name == "data_dir":
+                    v = Path(raw)
+                elif kind in ("int", int):
+                    v = int(raw)
+                elif kind in ("float", float):
+                    v = float(raw)
+                elif kind in ("bool", bool):
+                    v = _flag(raw)
+                elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder"):
+                    v = raw.strip().lower()
+                else:
+                    v = raw
+            except ValueError:
+                raise SettingsError(f"{var}={raw!r} is not a {'whole number' if kind in ('int', int) else 'number'}") from None
+            values[name] = v
+        values.update(overrides)
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.local_files_root is not None and Path(self.local_files_root).resolve() == Path("/"):
@@ -70,19 +201,70 @@ class Settings:
                                 "to the folder that holds the images")
         if self.exemplars < 1:
             raise SettingsError("SMARTSAM_EXEMPLARS must be at least 1")
-        from smartsam.masks import REFERENCE_PREPS
-
         if self.reference_prep not in REFERENCE_PREPS:
             raise SettingsError("SMARTSAM_REFERENCE_PREP must be paper or none")
+        if self.fast_path not in FAST_PATHS:
+            raise SettingsError(f"SMARTSAM_FAST_PATH must be auto, on or off, not {self.fast_path!r}")
+        if self.cpu_bf16 not in ON_OFF_AUTO:
+            raise SettingsError(f"SMARTSAM_CPU_BF16 must be auto, on or off, not {self.cpu_bf16!r}")
+        if self.shared_decoder not in ("on", "off"):
+            raise SettingsError(f"SMARTSAM_SHARED_DECODER must be on or off, not {self.shared_decoder!r}")
+        if self.chain_length < 0:
+            raise SettingsError("SMARTSAM_CHAIN_LENGTH must be 0 or more")
+        if self.request_timeout <= 0 or self.predict_budget <= 0:
+            raise SettingsError("SMARTSAM_REQUEST_TIMEOUT and SMARTSAM_PREDICT_BUDGET must be positive seconds")
+        if self.threads < 2:
+            raise SettingsError("SMARTSAM_THREADS must be at least 2 (one thread stays free for /health)")
+        if self.workers < 1:
+            raise SettingsError("SMARTSAM_WORKERS must be at least 1")
+        if self.max_pixels < 1:
+            raise SettingsError("SMARTSAM_MAX_PIXELS must be positive")
+        try:
+            self.agent  # the agent knobs' own ranges (the same checks as a project's extra params)
+        except SettingsError as e:
+            raise SettingsError(f"SMARTSAM_CHAIN_LENGTH / SMARTSAM_EXEMPLARS: {e}") from None
         from .field_stats import compare_share
 
         try:
-            self.compare_share = compare_share(self.compare)
+            compare_share(self.compare)
         except ValueError as e:
             raise SettingsError(str(e)) from None
-        if self.request_timeout <= 0 or self.predict_budget <= 0:
-            raise SettingsError("SMARTSAM_REQUEST_TIMEOUT and SMARTSAM_PREDICT_BUDGET must be positive seconds")
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def compare_share(self) -> float:
+        from .field_stats import compare_share
+
+        return compare_share(self.compare)
 
     @property
     def label_studio_host(self) -> Optional[str]:
         return urlparse(self.label_studio_url).netloc.lower() if self.label_studio_url else None
+
+    @property
+    def backbone_name(self) -> str:
+        """The backbone's registry name: the setting, else the registry's default for this host."""
+        if self.backbone:
+            return self.backbone
+        from smartsam.models import default_backbone
+
+        return default_backbone()
+
+    def resolved(self) -> "Settings":
+        """These settings with the backbone named (the launcher resolves it once, so every worker
+        and the model version agree)."""
+        return dataclasses.replace(self, backbone=self.backbone_name)
+
+    def backbone_kwargs(self) -> Dict[str, object]:
+        """Keyword arguments of :func:`smartsam.models.load_backbone`."""
+        return dict(name=self.backbone_name, checkpoint=self.checkpoint, device=self.device, cache_size=self.embedding_cache,
+                    cpu_bf16=self.cpu_bf16, shared_decoder=self.shared_decoder, embed_cache_dir=self.embed_cache_dir,
+                    embed_cache_bytes=self.embed_cache_bytes)
+
+    @property
+    def agent(self) -> AgentSettings:
+        """The agent settings every project starts from."""
+        return AgentSettings(self.chain_length, self.exemplars, self.fast_path, self.require_click)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from .label_config import LabelConfig
+from .regions import brush_mask, brush_regions
 
 
 @dataclass(frozen=True)
@@ -35,18 +37,6 @@ class ProjectSample:
     region: int  # index of the region in the annotation's result
 
 
-def image_key(label_config: str) -> str:
-    """The task data key of the image the BrushLabels paint on (``$image`` -> ``image``)."""
-    root = ET.fromstring(label_config)
-    brush = next((t for t in root.iter("BrushLabels")), None)
-    if brush is None:
-        raise ValueError("the project's labeling config has no BrushLabels: nothing to evaluate against")
-    img = next((t for t in root.iter("Image") if t.get("name") == brush.get("toName")), None)
-    if img is None or not (img.get("value") or "").startswith("$"):
-        raise ValueError("the BrushLabels' image takes no $value from the task data")
-    return img.get("value")[1:]
-
-
 def ground_truth(task: Dict) -> Optional[Dict]:
     """The task's ground-truth annotation: marked ``ground_truth``, else the newest not skipped."""
     anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
@@ -57,25 +47,32 @@ def ground_truth(task: Dict) -> Optional[Dict]:
 
 
 class ProjectDataset:
-    """A project's tasks and ground truth, read through the backend's fetcher (the current image kept)."""
+    """A project's tasks and ground truth, read through the backend's Label Studio client (task
+    lists that never make Label Studio predict) and its image fetcher (the current image kept).
 
-    def __init__(self, fetcher, project: int) -> None:
+    Args:
+        client: a :class:`~backend.ls_client.LabelStudioClient`.
+        fetcher: the :class:`~backend.images.ImageFetcher` over that client.
+        project: the project id.
+    """
+
+    def __init__(self, client, fetcher, project: int) -> None:
+        self.client = client
         self.fetcher = fetcher
         self.project = int(project)
-        self.info = fetcher.get_json(f"/api/projects/{self.project}")
-        self.key = image_key(self.info.get("label_config") or "")
+        self.info = client.project(self.project)
+        # the project's image key, by the backend's one parser (a brush project; smart tools optional)
+        self.cfg = LabelConfig.parse(self.info.get("label_config") or "", need_prompts=False)
         self.tasks: Dict[int, Dict] = {}
         self._images: Dict[int, np.ndarray] = {}
 
     def samples(self) -> List[ProjectSample]:
-        from .model import brush_regions
-
         out: List[ProjectSample] = []
-        for tid in self._task_ids():
-            task = self.fetcher.get_json(f"/api/tasks/{tid}")
+        for task in sorted(self.client.tasks(self.project), key=lambda t: t.get("id") or 0):
             ann = ground_truth(task)
             if ann is None:
                 continue
+            tid = int(task["id"])
             self.tasks[tid] = dict(task, _gt=ann)
             counts: Dict[str, int] = {}
             for k, label, _ in brush_regions(ann.get("result") or []):
@@ -83,37 +80,17 @@ class ProjectDataset:
                 out.append(ProjectSample(f"{label}{n:02d}_{tid}", label, tid, k))
         return out
 
-    def _task_ids(self) -> List[int]:
-        from .images import ImageFetchError
-
-        ids, page = [], 1
-        while True:
-            try:
-                d = self.fetcher.get_json(f"/api/tasks?project={self.project}&page={page}&page_size=100")
-            except ImageFetchError as e:
-                if e.status == 404 and page > 1:  # past the last page
-                    break
-                raise
-            items = d.get("tasks", []) if isinstance(d, dict) else d
-            ids += [int(t["id"]) for t in items]
-            if len(items) < 100:
-                break
-            page += 1
-        return sorted(ids)
-
     def load(self, s: ProjectSample) -> Tuple[np.ndarray, np.ndarray, None]:
         """``(image, ground-truth mask, None)`` like :func:`smartsam.eval.datasets.load_sample`."""
-        from .model import brush_mask
-
         task = self.tasks[s.task]
         if s.task not in self._images:
-            ref = (task.get("data") or {}).get(self.key)
+            ref = (task.get("data") or {}).get(self.cfg.image_key)
             if not isinstance(ref, str):
-                raise ValueError(f"task {s.task} has no image in data.{self.key}")
+                raise ValueError(f"task {s.task} has no image in data.{self.cfg.image_key}")
             self._images = {s.task: self.fetcher.fetch(ref, task_id=s.task)}  # one image at a time in memory
         image = self._images[s.task]
         region = task["_gt"]["result"][s.region]
-        return image, brush_mask(region, image.shape[:2]), None
+        return image, brush_mask(region, image.shape[:2], self.fetcher.s.max_pixels), None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,12 +113,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from smartsam.eval.cli import run_eval
     from smartsam.models import ModelError
 
-    from .config import Settings, SettingsError
-    from .images import ImageFetcher, ImageFetchError
+    from .config import Settings
+    from .errors import ImageFetchError, RequestError, SettingsError
+    from .images import ImageFetcher
 
     args = build_parser().parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
     try:
-        s = Settings()
+        s = Settings.from_env()
     except (SettingsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -149,12 +127,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a user who can read the project)", file=sys.stderr)
         return 2
     try:
-        ds = ProjectDataset(ImageFetcher(s), args.project)
+        fetcher = ImageFetcher(s)
+        ds = ProjectDataset(fetcher.client, fetcher, args.project)
         samples = ds.samples()
         if not samples:
             raise UsageError(f"project {args.project} has no submitted brush annotation to evaluate against")
         return run_eval(args, samples, f"project-{args.project}", ds.load)
-    except (UsageError, ImageFetchError, ValueError) as e:
+    except (UsageError, ImageFetchError, RequestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModelError as e:

@@ -13,14 +13,24 @@ arms are seen on the same annotators and images) or ``prelabel``. Refinement cli
 arm of the click they refine.
 
 Stored beside the references in ``stats.db`` (SQLite WAL, synchronous FULL, like the reference
-store), bounded: the oldest suggestions beyond ``max_suggestions`` are dropped.
+store), bounded: the oldest suggestions beyond ``max_suggestions`` are dropped. Suggestions are
+written by a background thread (:meth:`FieldStats.record` only queues: a PNG encode and a
+durable SQLite commit stay off the annotator's request); :meth:`FieldStats.close` writes what is
+queued before the process exits, and :meth:`FieldStats.observe` first waits for what was queued.
+
+A region is matched only to suggestions served *before its annotation was created* (Label
+Studio's ``created_at``): a pre-label made later for the same task (an import, a late "Retrieve
+predictions") is not what the annotator saw, and must not take the object from its arm.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import queue
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -31,6 +41,8 @@ from PIL import Image
 from smartsam.masks import mask_iou
 
 from .db import Database
+
+log = logging.getLogger("smartsam.stats")
 
 ARMS = ("smartsam", "plain", "prelabel")
 
@@ -85,6 +97,10 @@ class FieldStats:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_suggestions = int(max_suggestions)
         self._db = Database(self.path)
+        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._writer: Optional[threading.Thread] = None
+        self._writer_lock = threading.Lock()
+        self.lost = 0  # suggestions a write failed for (logged)
         with self._write() as c:
             c.execute("""CREATE TABLE IF NOT EXISTS suggestions (
                 id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, task INTEGER, label TEXT NOT NULL,
@@ -105,37 +121,87 @@ class FieldStats:
 
     # -- suggestions -----------------------------------------------------------------------
     def record(self, project: str, task, label: str, mode: str, arm: str, clicks: int, seconds: float,
-               mask: np.ndarray, model_version: Optional[str] = None) -> int:
-        """One suggestion served; ``mask`` ``(H, W)`` bool at the size Label Studio displays."""
+               mask: np.ndarray, model_version: Optional[str] = None) -> None:
+        """One suggestion served; ``mask`` ``(H, W)`` bool at the size Label Studio displays.
+        Queued: the background writer stores it (see :meth:`flush`, :meth:`close`)."""
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}")
+        self._start_writer()
+        self._queue.put((str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks),
+                         float(seconds), time.time(), np.array(mask, bool), model_version))
+
+    def record_now(self, *args, **kwargs) -> int:
+        """:meth:`record`, written before it returns; the suggestion's row id."""
+        self.record(*args, **kwargs)
+        self.flush()
+        return int(self._conn().execute("SELECT MAX(id) FROM suggestions").fetchone()[0])
+
+    def _start_writer(self) -> None:
+        with self._writer_lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write_loop, name="smartsam-stats", daemon=True)
+                self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._insert(item)
+            except Exception as e:  # statistics never take the server down
+                self.lost += 1
+                log.warning("field statistics: a suggestion was not recorded (%s)", e)
+            finally:
+                self._queue.task_done()
+
+    def _insert(self, item: tuple) -> None:
+        project, task, label, mode, arm, clicks, seconds, created, mask, version = item
         h, w = mask.shape
         with self._write() as c:
             cur = c.execute("INSERT INTO suggestions (project, task, label, mode, arm, clicks, seconds, created_at, width, "
                             "height, mask, model_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                            (str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks),
-                             float(seconds), time.time(), w, h, _png(mask), model_version))
+                            (project, task, label, mode, arm, clicks, seconds, created, w, h, _png(mask), version))
             sid = int(cur.lastrowid)
             c.execute("DELETE FROM suggestions WHERE id <= ?", (sid - self.max_suggestions,))
-        return sid
 
-    def _suggestions(self, project: str, task, label: str) -> Iterator[Tuple]:
+    def flush(self) -> None:
+        """Wait until every queued suggestion is written."""
+        if self._writer is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer (at shutdown: no row is lost)."""
+        with self._writer_lock:
+            w = self._writer
+            self._writer = None
+        if w is not None and w.is_alive():
+            self._queue.put(None)
+            w.join()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _suggestions(self, project: str, task, label: str, before: Optional[float]) -> Iterator[Tuple]:
         yield from self._conn().execute(
             "SELECT id, mode, arm, clicks, width, height, mask FROM suggestions WHERE project=? AND task IS ? AND label=? "
-            "ORDER BY id", (str(project), task, label))
+            "AND created_at <= ? ORDER BY id", (str(project), task, label, float("inf") if before is None else before))
 
     # -- outcomes --------------------------------------------------------------------------
     def observe(self, project: str, task, annotation: int, regions: List[Tuple[str, str, np.ndarray]],
-                lead_time: Optional[float] = None, user=None) -> List[Dict]:
+                lead_time: Optional[float] = None, user=None, created_at: Optional[float] = None) -> List[Dict]:
         """An annotation as Label Studio holds it: ``regions`` are ``(region id, label, mask at the
         displayed size)``. Each is matched to the most-overlapping suggestion of its task and label
-        (the newest of equals);
-        an annotation seen again replaces its earlier outcomes. Returns the outcomes recorded."""
+        (the newest of equals) served before ``created_at`` (the annotation's creation, seconds
+        since the epoch; None: any); an annotation seen again replaces its earlier outcomes.
+        Returns the outcomes recorded."""
+        self.flush()
         out = []
         per_object = (float(lead_time) / len(regions)) if lead_time and regions else None
         for rid, label, mask in regions:
             best = None
-            for sid, mode, arm, clicks, w, h, blob in self._suggestions(project, task, label):
+            for sid, mode, arm, clicks, w, h, blob in self._suggestions(project, task, label, created_at):
                 if (h, w) != mask.shape:
                     continue
                 v = mask_iou(_unpng(blob), mask)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import json
 import posixpath
 import logging
 import threading
@@ -34,78 +33,29 @@ import numpy as np
 from smartsam.io import ImageError, load_image
 
 from .config import Settings
+from .errors import ImageFetchError
+from .ls_client import WEB_SCHEMES as _WEB_SCHEMES, LabelStudioClient, read_bounded
 
 log = logging.getLogger("smartsam.images")
-
-
-class ImageFetchError(RuntimeError):
-    """The task's image (or a Label Studio resource) cannot be had; the message says why and what
-    to change. ``status`` is the HTTP status when the server answered with an error."""
-
-    def __init__(self, message: str, status: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _http_opener() -> urllib.request.OpenerDirector:
-    """An opener that speaks http and https only and never follows a redirect by itself
-    (``build_opener`` would add file, ftp and data handlers and an automatic redirect handler)."""
-    o = urllib.request.OpenerDirector()
-    for h in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
-              urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
-        o.add_handler(h)
-    return o
-
 
 # Label Studio's own resolver for cloud storage URIs: it answers with the bytes (presigned URLs
 # off) or a redirect to a presigned URL on the storage host (on).
 _RESOLVER = re.compile(r"^/tasks/\d+/(presign|resolve)/$")
-_WEB_SCHEMES = ("http", "https")
-
-
-def _looks_like_jwt(key: str) -> bool:
-    return key.count(".") == 2 and len(key) > 40
 
 
 class ImageFetcher:
     """Resolves a task's image reference to pixels, with a small LRU of decoded images.
 
     Args:
-        settings: backend settings (Label Studio URL and key, allowed hosts, limits).
+        settings: backend settings (allowed hosts, limits).
+        client: the Label Studio client (its URL, authentication and API).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: Optional[LabelStudioClient] = None) -> None:
         self.s = settings
-        self._opener = _http_opener()
-        self._access: Optional[Tuple[str, float]] = None
-        self._lock = threading.Lock()
+        self.client = client or LabelStudioClient(settings)
+        self._lock = threading.Lock()  # the image cache only
         self._cache: "OrderedDict[str, np.ndarray]" = OrderedDict()
-
-    # -- auth ------------------------------------------------------------------------------
-    def _auth_header(self, refresh: bool = False) -> Optional[str]:
-        key = self.s.label_studio_api_key
-        if not key:
-            return None
-        if not _looks_like_jwt(key):
-            return f"Token {key}"  # legacy token
-        # A personal access token is a JWT refresh token: exchange it for a short-lived access token.
-        with self._lock:
-            if self._access and not refresh and self._access[1] > time.time():
-                return f"Bearer {self._access[0]}"
-            url = self.s.label_studio_url.rstrip("/") + "/api/token/refresh"
-            req = urllib.request.Request(url, data=json.dumps({"refresh": key}).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-            try:
-                with self._opener.open(req, timeout=self.s.image_timeout) as r:
-                    access = json.loads(r.read(1 << 16))["access"]
-            except urllib.error.HTTPError as e:
-                raise ImageFetchError(f"Label Studio refused the personal access token (HTTP {e.code} from "
-                                      f"/api/token/refresh): check LABEL_STUDIO_API_KEY") from None
-            except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
-                raise ImageFetchError(f"cannot reach Label Studio at LABEL_STUDIO_URL to exchange the personal "
-                                      f"access token ({getattr(e, 'reason', e)})") from None
-            self._access = (access, time.time() + 240)  # access tokens live 5 minutes
-            return f"Bearer {access}"
 
     # -- resolving -------------------------------------------------------------------------
     def _resolve(self, ref: str, task_id: Optional[int] = None) -> Tuple[str, Optional[Path]]:
@@ -115,7 +65,7 @@ class ImageFetcher:
             if path is not None:
                 return ref, path
         if ref.startswith("/"):
-            return self._ls_url(ref), None
+            return self.client.url(ref), None
         p = urllib.parse.urlparse(ref)
         if p.scheme in _WEB_SCHEMES:
             return ref, None
@@ -125,15 +75,9 @@ class ImageFetcher:
                 raise ImageFetchError(f"{p.scheme}:// image without a task id: Label Studio resolves cloud storage "
                                       f"URIs per task")
             fileuri = base64.urlsafe_b64encode(ref.encode()).decode()
-            return self._ls_url(f"/tasks/{int(task_id)}/presign/?fileuri={fileuri}"), None
+            return self.client.url(f"/tasks/{int(task_id)}/presign/?fileuri={fileuri}"), None
         raise ImageFetchError(f"unsupported image URL scheme {p.scheme or '(none)'!r}: use http(s), a Label Studio "
                               f"path, or a cloud storage connected in Label Studio")
-
-    def _ls_url(self, path: str) -> str:
-        if not self.s.label_studio_url:
-            raise ImageFetchError(f"{path.split('?')[0]} must be read through Label Studio but LABEL_STUDIO_URL is not "
-                                  f"set: set it to the address this backend reaches Label Studio at")
-        return self.s.label_studio_url.rstrip("/") + path
 
     def _local_file(self, ref: str) -> Optional[Path]:
         """The file a ``/data/local-files/?d=...`` URL names under LOCAL_FILES_DOCUMENT_ROOT, parsed as
@@ -169,14 +113,14 @@ class ImageFetcher:
                                   f"SMARTSAM_ALLOWED_HOSTS are fetched from")
         headers = {"User-Agent": "smartsam-backend"}
         if is_ls:
-            auth = self._auth_header()
+            auth = self.client.auth_header()
             if auth:
                 headers["Authorization"] = auth
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ImageFetchError(self._late())
+            raise ImageFetchError(self.client.late())
         try:
-            resp = self._opener.open(urllib.request.Request(url, headers=headers), timeout=min(self.s.image_timeout, remaining))
+            resp = self.client.opener.open(urllib.request.Request(url, headers=headers), timeout=min(self.s.image_timeout, remaining))
         except urllib.error.HTTPError as e:
             if e.code in (301, 302, 303, 307, 308):
                 if hops >= 3:
@@ -199,72 +143,10 @@ class ImageFetcher:
             raise ImageFetchError(f"image download failed: HTTP {e.code} for {p.path}", status=e.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             if time.monotonic() >= deadline:
-                raise ImageFetchError(self._late()) from None
+                raise ImageFetchError(self.client.late()) from None
             raise ImageFetchError(f"image download failed: {getattr(e, 'reason', e)}") from None
         with resp:
-            length = resp.headers.get("Content-Length")
-            try:
-                announced = int(length) if length is not None else None
-            except ValueError:
-                announced = None
-            if announced is not None and announced > self.s.image_max_bytes:
-                raise ImageFetchError(f"image is {announced} bytes, over SMARTSAM_IMAGE_MAX_BYTES={self.s.image_max_bytes}")
-            chunks, total = [], 0
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ImageFetchError(self._late())
-                try:
-                    # read1 returns what has arrived, and each wait is bounded by what is left:
-                    # a server that drips bytes cannot hold the request past its deadline
-                    _set_timeout(resp, min(self.s.image_timeout, remaining))
-                    block = resp.read1(1 << 16)
-                except (OSError, http.client.HTTPException) as e:
-                    if time.monotonic() >= deadline:
-                        raise ImageFetchError(self._late()) from None
-                    raise ImageFetchError(f"image download failed: {e}") from None
-                if not block:
-                    break
-                total += len(block)
-                if total > self.s.image_max_bytes:
-                    raise ImageFetchError(f"image is over SMARTSAM_IMAGE_MAX_BYTES={self.s.image_max_bytes} bytes")
-                chunks.append(block)
-            return b"".join(chunks)
-
-    def _late(self) -> str:
-        return (f"image download failed: not done within its time limit (SMARTSAM_IMAGE_TIMEOUT="
-                f"{self.s.image_timeout:g} s, SMARTSAM_REQUEST_TIMEOUT={self.s.request_timeout:g} s)")
-
-    def get_json(self, path: str, deadline: Optional[float] = None):
-        """A Label Studio API resource (``path`` like ``/api/tasks/1``), authenticated and bounded
-        like an image download. Raises ImageFetchError (HTTP errors name the code)."""
-        url = self._ls_url(path)
-        deadline = deadline or time.monotonic() + self.s.image_timeout
-        try:
-            return json.loads(self._get(url, deadline))
-        except ValueError:
-            raise ImageFetchError(f"Label Studio answered {path.split('?')[0]} with something that is not JSON") from None
-
-    def post_json(self, path: str, body) -> object:
-        """POST JSON to Label Studio's API (``path`` like ``/api/projects/1/import/predictions``);
-        authenticated, time-bounded; the answer (bounded) as JSON or None."""
-        url = self._ls_url(path)
-        headers = {"User-Agent": "smartsam-backend", "Content-Type": "application/json"}
-        auth = self._auth_header()
-        if auth:
-            headers["Authorization"] = auth
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=max(self.s.image_timeout, 30)) as r:
-                raw = r.read(1 << 20)
-        except urllib.error.HTTPError as e:
-            raise ImageFetchError(f"Label Studio answered HTTP {e.code} to POST {path.split('?')[0]}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise ImageFetchError(f"cannot reach Label Studio for POST {path.split('?')[0]}: {getattr(e, 'reason', e)}") from None
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
-            return None
+            return read_bounded(resp, deadline, self.s.image_max_bytes, self.s.image_timeout, self.client.late)
 
     def fetch(self, ref: str, task_id: Optional[int] = None, deadline: Optional[float] = None) -> np.ndarray:
         """The image a task refers to, as ``(H, W, 3)`` uint8 RGB (EXIF orientation applied).
@@ -298,7 +180,7 @@ class ImageFetcher:
             else:
                 data = self._get(url, deadline)
         try:
-            image = load_image(data)
+            image = load_image(data, self.s.max_pixels)
         except ImageError as e:
             raise ImageFetchError(str(e)) from None
         with self._lock:
@@ -307,9 +189,3 @@ class ImageFetcher:
                 self._cache.popitem(last=False)
         return image
 
-
-def _set_timeout(resp, seconds: float) -> None:
-    """Bound the next socket wait of an open response (urllib sets the timeout once, at connect)."""
-    sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
-    if sock is not None:
-        sock.settimeout(max(0.05, seconds))

@@ -1,11 +1,13 @@
-"""Work that outlives a request: webhook events and the background part of pre-labeling.
+"""Work that outlives a request: webhook events, settings confirmations and background pre-labels.
 
 Webhooks. Label Studio waits 1 s for a webhook (``WEBHOOK_TIMEOUT``) and anyone who can reach the
 port can post one, so ``/webhook`` only queues a notice (action + annotation id) and answers. A
-worker thread then reads the annotation, its task and its project back from Label Studio's API
-with the backend's key and applies the reference rules to *that* copy; an annotation Label
-Studio does not confirm changes nothing and is logged. A second delivery of the same event finds
-the same annotation version and is skipped.
+worker thread then reads the annotation, its project and its task back from Label Studio's API
+with the backend's key (never in a way that makes Label Studio predict: :mod:`backend.ls_client`)
+and applies the reference rules to *that* copy; an annotation Label Studio does not confirm
+changes nothing and is logged. A second delivery of the same event finds the same annotation
+version and is skipped. A ``/setup``'s extra params are confirmed the same way, against the
+project's ML backends as Label Studio holds them.
 
 Pre-labeling. Label Studio's "Retrieve predictions" sends every selected task in one ``/predict``
 call and gives up after 100 s (``ML_TIMEOUT_PREDICT``). ``/predict`` answers what it finished
@@ -17,36 +19,59 @@ press of the button, is skipped). ``state()`` is shown by ``/health`` and ``/adm
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .config import AgentSettings
+from .engine import Engine
+from .errors import ImageFetchError, RequestError, SettingsError
+from .label_config import LabelConfig
+from .reference_rules import ReferenceRules
 
 log = logging.getLogger("smartsam.jobs")
 
-ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETED = "ANNOTATIONS_DELETED"
+SETUP = "SETUP"  # our own: confirm a /setup's extra params with Label Studio
+
+# (project, task, label_config) -> the task's prediction, or None when it cannot be pre-labeled
+PredictTask = Callable[[str, Dict, str], Tuple[Optional[Dict], List[str]]]
 
 
 class Jobs:
     """Two queues, one worker thread each (events never wait behind a long pre-labeling queue).
 
     Args:
-        engine: the process's :class:`backend.model.Engine` (models, fetcher, store).
+        engine: the process's :class:`~backend.engine.Engine` (models, client, stores).
+        rules: the reference rules applied to confirmed annotations.
+        predict_task: pre-labels one task (the protocol adapter's path, injected by the
+            composition root so that this module does not import it).
         max_events: queued notices beyond this are refused (the sender gets 503).
         write_batch: predictions per write to Label Studio.
+        settings_retry_s: a /setup's params not yet held by Label Studio are read again once
+            after this long (Label Studio checks /setup before it saves a new connection).
     """
 
-    def __init__(self, engine, max_events: int = 1000, write_batch: int = 10) -> None:
+    def __init__(self, engine: Engine, rules: ReferenceRules, predict_task: PredictTask, max_events: int = 1000,
+                 write_batch: int = 10, settings_retry_s: float = 1.0) -> None:
         self.engine = engine
+        self.client = engine.client
+        self.rules = rules
+        self.predict_task = predict_task
         self.write_batch = int(write_batch)
+        self.settings_retry_s = float(settings_retry_s)
         self._events: "queue.Queue[Tuple[str, int, Optional[str]]]" = queue.Queue(max_events)
         self._tasks: "queue.Queue[Tuple[str, Dict, str]]" = queue.Queue()
         self._lock = threading.Lock()
         self._pending: Dict[Tuple[str, int], float] = {}
         self._seen: "OrderedDict[Tuple[int, str], None]" = OrderedDict()
+        self._busy = {"events": 0, "prelabel": 0}  # items taken off a queue and not finished
+        self._idle = threading.Condition(self._lock)
         self.events = {"queued": 0, "applied": 0, "duplicates": 0, "rejected": 0, "failed": 0}
         self.prelabel = {"queued": 0, "done": 0, "failed": 0, "written": 0, "skipped_existing": 0}
         self._recent: "deque[float]" = deque(maxlen=50)
@@ -60,9 +85,21 @@ class Jobs:
             now = time.monotonic()
             recent = [t for t in self._recent if now - t < 120]
             rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-            return {"events": {**self.events, "waiting": self._events.qsize()},
+            return {"events": {**self.events, "waiting": self._events.qsize() + self._busy["events"]},
                     "prelabel": {**self.prelabel, "waiting": len(self._pending), "tasks_per_s": round(rate, 3)},
                     "last_errors": list(self.last_errors)}
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until no event is queued or being applied and no pre-label is pending (tests,
+        shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._events.qsize() or self._busy["events"] or self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+            return True
 
     # -- webhook events --------------------------------------------------------------------
     def notify(self, action: str, annotation_id: int, claimed_project: Optional[str] = None) -> bool:
@@ -75,9 +112,19 @@ class Jobs:
             self.events["queued"] += 1
         return True
 
+    def confirm_settings(self, project: str, claimed: Dict) -> bool:
+        """Queue the check of a /setup's extra params against Label Studio (nothing is queued when
+        they are the ones in force)."""
+        if self.engine.project_settings.get(project) == claimed:
+            return True
+        return self.notify(SETUP, int(project), json.dumps(claimed, sort_keys=True))
+
     def _event_loop(self) -> None:
         while True:
-            action, aid, claimed = self._events.get()
+            item = self._events.get()
+            with self._lock:
+                self._busy["events"] += 1
+            action, aid, claimed = item
             try:
                 outcome = self.apply_event(action, aid, claimed)
                 key = {"applied": "applied", "duplicate": "duplicates", "rejected": "rejected"}[outcome]
@@ -85,33 +132,37 @@ class Jobs:
                 log.exception("webhook %s annotation %s failed", action, aid)
                 self._error(f"webhook {action} annotation {aid}: {type(e).__name__}: {e}")
                 key = "failed"
-            with self._lock:
+            with self._idle:
                 self.events[key] += 1
+                self._busy["events"] -= 1
+                self._idle.notify_all()
             self._events.task_done()
 
     def apply_event(self, action: str, aid: int, claimed: Optional[str] = None) -> str:
         """Read annotation ``aid`` back from Label Studio and apply the reference rules to it.
         Returns "applied", "duplicate" or "rejected" (Label Studio does not confirm it)."""
-        from .images import ImageFetchError
-        from .model import RequestError, SmartSAMBackend
-
-        f = self.engine.fetcher
+        if not self.client.configured:
+            log.warning("webhook %s %s ignored: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to confirm it "
+                        "with Label Studio", action, aid)
+            self._error(f"{action} {aid}: cannot confirm with Label Studio (set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+            return "rejected"
         if action == DELETED:
             return self._apply_deletion(aid)
-        if not (self.engine.settings.label_studio_url and self.engine.settings.label_studio_api_key):
-            log.warning("webhook %s annotation %s ignored: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to "
-                        "confirm it with Label Studio", action, aid)
-            self._error(f"annotation {aid}: cannot confirm with Label Studio (set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
-            return "rejected"
+        if action == SETUP:
+            return self._apply_settings(str(aid), json.loads(claimed or "{}"))
+        c = self.client
         try:
-            ann = f.get_json(f"/api/annotations/{aid}")
-            task = f.get_json(f"/api/tasks/{int(ann['task'])}")
-            project = f.get_json(f"/api/projects/{int(task['project'])}")
+            ann = c.annotation(aid)
+            pid = ann.get("project")
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                raise ValueError("Label Studio's annotation names no project")
+            project = c.project(pid)
+            task = c.task(pid, int(ann["task"]))
         except (ImageFetchError, KeyError, TypeError, ValueError) as e:
             log.warning("webhook %s: annotation %s not confirmed by Label Studio (%s): nothing changed", action, aid, e)
             self._error(f"annotation {aid} not confirmed by Label Studio: {e}")
             return "rejected"
-        proj = str(task["project"])
+        proj = str(pid)
         if claimed is not None and claimed != proj:
             log.warning("webhook %s: the payload names project %s, Label Studio says annotation %s is in project %s; "
                         "using Label Studio's", action, claimed, aid, proj)
@@ -119,15 +170,15 @@ class Jobs:
         with self._lock:
             if version in self._seen:
                 return "duplicate"
-        model = SmartSAMBackend(label_config=project.get("label_config"), engine=self.engine)
         try:
-            out = model.apply_annotation(ann, task, proj, action)
+            cfg = LabelConfig.parse(project.get("label_config"))
+            out = self.rules.apply(ann, task, proj, action, cfg)
         except (RequestError, ImageFetchError, ValueError) as e:
             log.warning("webhook %s annotation %s: %s", action, aid, e)
             self._error(f"annotation {aid}: {e}")
             return "rejected"
         try:
-            out["statistics"] = len(model.observe_annotation(ann, task, proj))
+            out["statistics"] = len(self.rules.observe(ann, task, proj))
         except Exception as e:  # statistics never block the reference rules
             log.warning("annotation %s: field statistics not updated (%s)", aid, e)
         with self._lock:
@@ -140,14 +191,8 @@ class Jobs:
 
     def _apply_deletion(self, aid: int) -> str:
         """A deletion counts only when Label Studio answers 404 for the annotation."""
-        from .images import ImageFetchError
-
-        if not (self.engine.settings.label_studio_url and self.engine.settings.label_studio_api_key):
-            self._error(f"annotation {aid}: cannot confirm the deletion with Label Studio (set LABEL_STUDIO_URL and "
-                        f"LABEL_STUDIO_API_KEY)")
-            return "rejected"
         try:
-            self.engine.fetcher.get_json(f"/api/annotations/{aid}")
+            self.client.annotation(aid)
         except ImageFetchError as e:
             if e.status != 404:
                 log.warning("deletion of annotation %s not confirmed (%s): nothing changed", aid, e)
@@ -163,6 +208,30 @@ class Jobs:
         log.info("annotation %s deleted in Label Studio: references withdrawn %s", aid,
                  sorted({(m.project, m.label) for m in gone}))
         return "applied"
+
+    def _apply_settings(self, project: str, claimed: Dict) -> str:
+        """A /setup's extra params count once Label Studio holds them for one of the project's
+        ML backends."""
+        for attempt in range(2):
+            try:
+                held = [m.get("extra_params") or {} for m in self.client.ml_backends(int(project))]
+            except ImageFetchError as e:
+                self._error(f"project {project}: extra params not confirmed ({e})")
+                return "rejected"
+            if claimed in held:
+                try:
+                    AgentSettings().with_extra_params(claimed)
+                except SettingsError as e:
+                    self._error(f"project {project}: extra params refused ({e})")
+                    return "rejected"
+                if self.engine.project_settings.set(project, claimed):
+                    log.info("project %s: agent settings %s (confirmed with Label Studio)", project, claimed)
+                return "applied"
+            if attempt == 0:
+                time.sleep(self.settings_retry_s)  # a new connection: Label Studio saves it right after /setup
+        log.warning("project %s: /setup sent extra params %s that Label Studio does not hold: not used", project, claimed)
+        self._error(f"project {project}: extra params {claimed} not confirmed by Label Studio")
+        return "rejected"
 
     # -- background pre-labeling -----------------------------------------------------------
     def pending(self, project: str, task_id) -> bool:
@@ -209,18 +278,15 @@ class Jobs:
     def _done(self, project: str, task_id) -> None:
         # a task stays "pending" until its prediction is written: a second press of the button
         # meanwhile must not predict it again
-        with self._lock:
+        with self._idle:
             self._pending.pop((project, task_id), None)
+            self._idle.notify_all()
 
     def _predict(self, project: str, task: Dict, label_config: str) -> Optional[Dict]:
-        from .images import ImageFetchError
-        from .model import RequestError, SmartSAMBackend
-
-        model = SmartSAMBackend(label_config=label_config, engine=self.engine)
         try:
-            pred = model.predict([task], project=project)[0]
+            pred, errors = self.predict_task(project, task, label_config)
         except (RequestError, ImageFetchError, ValueError) as e:
-            pred, model.errors = [], [str(e)]
+            pred, errors = None, [str(e)]
         with self._lock:
             self._recent.append(time.monotonic())
             if pred:
@@ -228,22 +294,18 @@ class Jobs:
             else:
                 self.prelabel["failed"] += 1
         if not pred:
-            self._error(f"task {task.get('id')}: {'; '.join(model.errors) or 'no prediction'}")
+            self._error(f"task {task.get('id')}: {'; '.join(errors) or 'no prediction'}")
             return None
         return {"task": task["id"], "project": project, "result": pred["result"], "score": pred.get("score"),
                 "model_version": pred["model_version"]}
 
     def _flush(self, batch: List[Dict]) -> None:
         """Write predictions to Label Studio, skipping tasks that already have this model version's."""
-        from .images import ImageFetchError
-
-        f = self.engine.fetcher
         keys = [(p["project"], p["task"]) for p in batch]
         todo = []
         for p in batch:
             try:
-                have = f.get_json(f"/api/predictions?task={int(p['task'])}")
-                if any(isinstance(x, dict) and x.get("model_version") == p["model_version"] for x in have or []):
+                if any(x.get("model_version") == p["model_version"] for x in self.client.predictions(p["task"])):
                     with self._lock:
                         self.prelabel["skipped_existing"] += 1
                     continue
@@ -255,7 +317,7 @@ class Jobs:
             by_project.setdefault(p["project"], []).append({k: v for k, v in p.items() if k != "project"})
         for project, preds in by_project.items():
             try:
-                f.post_json(f"/api/projects/{int(project)}/import/predictions", preds)
+                self.client.import_predictions(int(project), preds)
                 with self._lock:
                     self.prelabel["written"] += len(preds)
             except (ImageFetchError, ValueError) as e:

@@ -4,15 +4,17 @@
                                [--label L (--reference-text T | --reference-image I --reference-mask M)]
     python -m backend.prelabel --project ID --embed-only     (precompute embeddings for the backend)
 
-Reads the project's tasks page by page through ``label-studio-sdk``, skips tasks that already
+Reads the project's tasks page by page through the backend's Label Studio client (task lists
+that never make Label Studio predict), skips tasks that already
 carry this model version's prediction (so re-runs are idempotent and resume), runs image fetch +
 encoder + agent + selection on Ray Data actors that each hold the models (one per GPU, or CPU
 actors), and writes the predictions back in batches from the driver alone, once per task. A task
 whose image fails is reported and the run goes on; a killed worker is restarted by Ray and its
 tasks retried. References come from the backend's store (``SMARTSAM_DATA_DIR``) and/or the
-command line. Settings are the backend's environment variables (``LABEL_STUDIO_URL``,
-``LABEL_STUDIO_API_KEY``, ``SMARTSAM_BACKBONE``, ...); ``SMARTSAM_EMBED_CACHE_DIR`` makes the
-workers fill the embedding cache the interactive backend reads.
+command line. Settings are the backend's (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
+``SMARTSAM_BACKBONE``, ...), read once by the driver and handed to every worker as one pickled
+``Settings``; ``SMARTSAM_EMBED_CACHE_DIR`` makes the workers fill the embedding cache the
+interactive backend reads.
 """
 
 from __future__ import annotations
@@ -23,34 +25,51 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
-log = logging.getLogger("smartsam.prelabel")
+from .config import Settings
 
-PASS_ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SMARTSAM_BACKBONE", "SMARTSAM_CHECKPOINT", "SMARTSAM_FEATURES",
-            "SMARTSAM_TEXT_FEATURES", "SMARTSAM_DEVICE", "SMARTSAM_DATA_DIR", "SMARTSAM_HOME", "SMARTSAM_EMBED_CACHE_DIR",
-            "SMARTSAM_EMBED_CACHE_BYTES", "SMARTSAM_ALLOWED_HOSTS", "LOCAL_FILES_DOCUMENT_ROOT", "SMARTSAM_SEED",
-            "SMARTSAM_IMAGE_TIMEOUT", "SMARTSAM_IMAGE_MAX_BYTES", "SMARTSAM_MAX_PIXELS", "HF_HOME", "HF_HUB_OFFLINE")
+log = logging.getLogger("smartsam.prelabel")
 
 
 class PrelabelWorker:
-    """A Ray Data actor: holds the models, turns a batch of tasks into predictions."""
+    """A Ray Data actor: holds the models, turns a batch of tasks into predictions.
 
-    def __init__(self, env: Dict[str, str], label_config: str, project: str, embed_only: bool = False) -> None:
-        os.environ.update(env)
+    Args:
+        settings: the driver's :class:`Settings`, pickled by Ray: every worker runs exactly the
+            driver's settings (agent, backbone, limits), whatever its own environment says.
+        label_config: the project's labeling config.
+        project: the project id.
+        embed_only: only fill the embedding cache.
+        threads: torch threads of this actor.
+    """
+
+    def __init__(self, settings: Settings, label_config: str, project: str, embed_only: bool = False,
+                 threads: int = 1) -> None:
         import torch
 
-        torch.set_num_threads(int(env.get("SMARTSAM_WORKER_THREADS", "1")))
-        from .config import Settings
-        from .model import Engine, SmartSAMBackend
+        torch.set_num_threads(int(threads))
+        from .server import Services
 
-        self.engine = Engine(Settings())
-        self.engine._load()  # synchronously: this actor exists to run the model
-        self.model = SmartSAMBackend(label_config=label_config, engine=self.engine)
+        self.services = Services(settings, load=False)
+        self.engine = self.services.engine
+        self.engine.load()  # synchronously: this actor exists to run the model
+        self.model = self.services.backend(label_config)
         self.project = project
         self.embed_only = embed_only
+
+    def effective(self) -> Dict[str, object]:
+        """What this worker runs with (the test that every setting reaches a worker reads it)."""
+        a = self.engine.agent(self.engine.agent_settings(self.project))
+        bb = self.engine.backbone
+        return {"settings": self.engine.settings, "agent_settings": self.engine.agent_settings(self.project),
+                "chain_length": a.clicker.chain_length, "dedupe_iou": a.dedupe_iou, "require_click": a.require_click,
+                "seed": a.seed, "reference_prep": a.references.reference_prep, "backbone": bb.name,
+                "cpu_bf16": bb.cpu_bf16, "shared_decoder": getattr(bb, "shared_decoder", None),
+                "embed_cache": str(bb.disk_cache.root) if bb.disk_cache is not None else None,
+                "model_version": self.engine.model_version(self.project)}
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List]:
         out = {"task_id": [], "prediction": [], "error": [], "seconds": []}
@@ -68,88 +87,61 @@ class PrelabelWorker:
             out["seconds"].append(time.perf_counter() - t)
         return out
 
-
     def _embed(self, task):
-        from .images import ImageFetchError
-        from .model import LabelConfig
+        from .errors import ImageFetchError
 
         try:
-            image = self.model._image(task, LabelConfig.parse(self.model.parsed_label_config))
+            self.services.answers.embed(task, self.model.cfg)
         except (ImageFetchError, ValueError) as e:
             return {}, [str(e)]
-        bb = self.engine.ready_agent().backbone
-        with self.engine.lock:
-            bb.set_image(image)
         return {"embedded": True}, []
 
 
-def iter_tasks(client, project: int, page_size: int = 100) -> Iterator[Dict]:
-    """Every task of the project with its predictions' model versions, page by page."""
-    page = 1
-    while True:
-        try:
-            resp = client.tasks.list(project=project, page=page, page_size=page_size, fields="all")
-        except Exception as e:  # the SDK raises ApiError on the last page's 404
-            if "404" in str(e) and page > 1:
-                return
-            raise
-        items = list(resp.items or [])
-        for t in items:
-            d = t if isinstance(t, dict) else t.dict()
-            yield {"id": d["id"], "data": d["data"],
-                   "versions": [p.get("model_version") for p in (d.get("predictions") or []) if isinstance(p, dict)]}
-        if len(items) < page_size:
-            return
-        page += 1
-
-
-def set_cli_reference(args, store) -> None:
+def set_cli_reference(args, settings: Settings, store) -> None:
     """--label with --reference-text / --reference-image [--reference-mask]: store it first."""
     from .admin import reference_from_files
-    from .config import Settings
 
-    ref, mask, image = reference_from_files(Settings(), args.reference_image, args.reference_mask, args.reference_text)
+    ref, mask, image = reference_from_files(settings, args.reference_image, args.reference_mask, args.reference_text)
     store.put(str(args.project), args.label, ref, {"prelabel": ref.kind, "image": args.reference_image}, mask=mask,
               image=image, how="admin")
 
 
-def run(args) -> Dict[str, object]:
+def run(args, settings: Optional[Settings] = None) -> Dict[str, object]:
     import ray
-    from label_studio_sdk import LabelStudio
     from tqdm import tqdm
 
-    from smartsam import __version__
-    from smartsam.models import default_backbone
+    from smartsam.models import REGISTRY_ENV
 
-    from .config import Settings
-    from .references import ReferenceStore
+    from .engine import Engine
+    from .errors import ImageFetchError
 
-    s = Settings()
+    s = (settings or Settings.from_env()).resolved()
+    if args.embed_only and not s.embed_cache_dir:
+        raise SystemExit("error: --embed-only needs SMARTSAM_EMBED_CACHE_DIR")
     if not s.label_studio_url or not s.label_studio_api_key:
         raise SystemExit("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    os.environ.setdefault("SMARTSAM_BACKBONE", s.backbone or default_backbone())
-    store = ReferenceStore(s.data_dir, exemplars=s.exemplars)
+    engine = Engine(s)  # the stores and the model version; the models load in the workers
+    store = engine.store
+    project = str(args.project)
     if args.label:
-        set_cli_reference(args, store)
-    if not args.embed_only and not store.list(str(args.project)):
+        set_cli_reference(args, s, store)
+    if not args.embed_only and not store.list(project):
         raise SystemExit(f"error: project {args.project} has no reference: set one (--label with --reference-text / "
                          f"--reference-image, the admin API, or an annotation) before pre-labeling")
-    from .model import checkpoint_tag, references_digest
-
-    # the backend's model_version for this project: weights and references included, so a new
-    # reference or checkpoint pre-labels again instead of skipping
-    version = f"smartsam-{__version__}-{os.environ['SMARTSAM_BACKBONE']}-{checkpoint_tag(Settings())}-" \
-              f"{references_digest(store, str(args.project))}"
-    client = LabelStudio(base_url=s.label_studio_url, api_key=s.label_studio_api_key)
+    # the backend's model_version for this project, computed the backend's way: weights,
+    # references and agent settings included, so a change pre-labels again instead of skipping
+    version = engine.model_version(project)
+    client = engine.client
     try:
-        label_config = client.projects.get(id=args.project).label_config
-    except Exception as e:  # ApiError: 404 unknown project, 401 bad key, or no connection
-        code = getattr(e, "status_code", None)
+        label_config = client.project(args.project).get("label_config")
+    except ImageFetchError as e:
         raise SystemExit(f"error: cannot read project {args.project} from {s.label_studio_url}"
-                         f"{f' (HTTP {code})' if code else ''}: {'no such project' if code == 404 else 'check LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY'}") from None
+                         f"{f' (HTTP {e.status})' if e.status else ''}: "
+                         f"{'no such project' if e.status == 404 else 'check LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY'}") from None
     todo, skipped = [], 0
-    for t in iter_tasks(client, args.project):
-        if version in t["versions"] and not args.embed_only:
+    for t in client.tasks(args.project):  # task lists that never make Label Studio predict
+        versions = [p.get("model_version") for p in (t.get("predictions") or []) if isinstance(p, dict)]
+        if version in versions and not args.embed_only:
             skipped += 1
             continue
         todo.append({"id": t["id"], "data": t["data"]})
@@ -159,18 +151,19 @@ def run(args) -> Dict[str, object]:
     if not todo:
         print(json.dumps(summary))
         return summary
+    # where the model registry finds weights (its own variables, as TORCH_HOME): a cluster's
+    # workers need them; every other setting travels in the pickled Settings
+    runtime_env = {"env_vars": {k: os.environ[k] for k in REGISTRY_ENV if os.environ.get(k)}}
     if args.ray_address:
-        ray.init(address=args.ray_address, log_to_driver=False)
+        ray.init(address=args.ray_address, log_to_driver=False, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    env = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)}
-    env["SMARTSAM_WORKER_THREADS"] = str(args.threads)
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     import torch
 
     gpus = 1 if torch.cuda.is_available() and not args.ray_address else 0
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in todo], override_num_blocks=len(todo))
-    out = ds.map_batches(PrelabelWorker, fn_constructor_kwargs={"env": env, "label_config": label_config, "project": str(args.project),
-                                                                  "embed_only": args.embed_only},
+    out = ds.map_batches(PrelabelWorker, fn_constructor_kwargs={"settings": s, "label_config": label_config, "project": project,
+                                                                  "embed_only": args.embed_only, "threads": args.threads},
                          batch_size=1, concurrency=args.workers, num_cpus=0 if gpus else 1, num_gpus=gpus, batch_format="numpy")
     written, pending = set(), []
     t0 = time.perf_counter()
@@ -178,7 +171,7 @@ def run(args) -> Dict[str, object]:
 
     def flush():
         if pending:
-            client.projects.import_predictions(id=args.project, request=pending)
+            client.import_predictions(args.project, pending)
             pending.clear()
 
     for row in out.iter_rows():
@@ -228,9 +221,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.label and not (args.reference_text or args.reference_image):
         ap.error("--label needs --reference-text or --reference-image")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.embed_only and not os.environ.get("SMARTSAM_EMBED_CACHE_DIR"):
+    from .errors import SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:
+        ap.error(str(e))
+    if args.embed_only and not settings.embed_cache_dir:
         ap.error("--embed-only needs SMARTSAM_EMBED_CACHE_DIR")
-    summary = run(args)
+    summary = run(args, settings)
     return 0 if not summary.get("failed") else 3
 
 

@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -145,6 +145,8 @@ class ReferenceStore:
         if int(exemplars) < 1:
             raise ValueError("exemplars (SMARTSAM_EXEMPLARS) must be at least 1")
         self.exemplars = int(exemplars)
+        # K per project (a project's extra params may set its own); the store-wide K by default
+        self.exemplars_for: Callable[[str], int] = lambda project: self.exemplars
         self._db = Database(self.db_path)
         self._migrate()
 
@@ -241,14 +243,19 @@ class ReferenceStore:
         """The label's live exemplars, by slot (at most ``exemplars``; empty when unset)."""
         return self._current_in(self._conn(), project, label)
 
+    def k(self, project: str) -> int:
+        """K, the exemplars a label of ``project`` keeps at once."""
+        return int(self.exemplars_for(str(project)))
+
     def list(self, project: Optional[str] = None) -> List[StoredReference]:
         """Every live exemplar (of one project), ordered by project, label and slot."""
-        q = f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND kind != 'none' AND slot < ?"
-        args: tuple = (self.exemplars,)
+        q = f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND kind != 'none'"
+        args: tuple = ()
         if project is not None:
-            q += " AND project=?"
-            args += (str(project),)
-        return [self._row(r) for r in self._conn().execute(q + " ORDER BY project, label, slot", args)]
+            q += " AND project=? AND slot < ?"
+            args += (str(project), self.k(project))
+        rows = [self._row(r) for r in self._conn().execute(q + " ORDER BY project, label, slot", args)]
+        return rows if project is not None else [m for m in rows if m.slot < self.k(m.project)]
 
     def projects(self) -> List[str]:
         return [r[0] for r in self._conn().execute("SELECT DISTINCT project FROM versions ORDER BY project")]
@@ -366,7 +373,7 @@ class ReferenceStore:
                         slot = m.slot
                     else:
                         used = {m.slot for m in cur}
-                        free = [s for s in range(self.exemplars) if s not in used]
+                        free = [s for s in range(self.k(project)) if s not in used]
                         if not free:
                             return None
                         slot = free[0]
@@ -378,7 +385,7 @@ class ReferenceStore:
     def _current_in(self, c: sqlite3.Connection, project: str, label: str) -> List[StoredReference]:
         q = (f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND project=? AND label=? AND kind != 'none' "
              f"AND slot < ? ORDER BY slot")
-        return [self._row(r) for r in c.execute(q, (str(project), label, self.exemplars))]
+        return [self._row(r) for r in c.execute(q, (str(project), label, self.k(project)))]
 
     def _insert(self, c: sqlite3.Connection, project: str, label: str, slot: int, row: Dict) -> int:
         cur = c.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL)",

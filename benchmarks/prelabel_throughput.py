@@ -40,20 +40,17 @@ class TimedWorker(PrelabelWorker):
     def __call__(self, batch):
         from smartsam.agent import locate
 
-        from backend.model import LabelConfig
-
         out = {k: [] for k in ("download", "encoder", "locate", "agent", "select")}
-        cfg = LabelConfig.parse(self.model.parsed_label_config)
-        agent = self.engine.ready_agent()
+        agent = self.engine.agent(self.engine.agent_settings(self.project))
         for raw in batch["task"]:
             task = json.loads(raw)
             t0 = time.perf_counter()
-            image = self.model._image(task, cfg)
+            image = self.services.answers.image(task, self.model.cfg)
             t1 = time.perf_counter()
             key = agent.set_image(image)
             t2 = time.perf_counter()
             ref, _ = self.engine.reference(self.project, "Object")
-            click = locate(self.engine.features("text"), image, ref, key)
+            click = locate(self.engine.features.get("text"), image, ref, key)
             t3 = time.perf_counter()
             r = agent.predict(click, ref)
             out["download"].append(t1 - t0)
@@ -82,8 +79,10 @@ def main() -> None:
     store = ReferenceStore(tmp / "data")
     clip = load_features("clip-tiny-random")
     store.put("1", "Object", Reference("text", clip.text_feature("a thing"), clip.name, text="a thing"), {})
-    env = {"LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_BACKBONE": args.backbone,
-           "SMARTSAM_DATA_DIR": str(tmp / "data"), "SMARTSAM_WORKER_THREADS": "1"}
+    from backend.config import Settings
+
+    settings = Settings(label_studio_url=server.url, label_studio_api_key=TOKEN, backbone=args.backbone,
+                        data_dir=tmp / "data")
     label_config = (ROOT / "label_config.xml").read_text()
     tasks = [json.dumps({"id": i, "data": {"image": f"/data/upload/{n}"}}) for i, n in enumerate(names)]
     rows = []
@@ -91,7 +90,7 @@ def main() -> None:
         ray.init(num_cpus=w, include_dashboard=False, log_to_driver=False)
         ds = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
         t0 = time.perf_counter()
-        res = ds.map_batches(TimedWorker, fn_constructor_kwargs={"env": env, "label_config": label_config, "project": "1"},
+        res = ds.map_batches(TimedWorker, fn_constructor_kwargs={"settings": settings, "label_config": label_config, "project": "1"},
                              batch_size=1, concurrency=w, num_cpus=1, batch_format="numpy").take_all()
         wall = time.perf_counter() - t0
         ray.shutdown()

@@ -21,8 +21,9 @@ import numpy as np
 
 from .backbones.base import Backbone, Prompt
 from .clickers import NextChainClicker
-from .features import ClipFeatures, DinoV2Features
-from .masks import REFERENCE_PREPS, LowResFrame, batch_iou, prepare_reference
+from .features import ClipFeatures, DinoV2Features, FeatureSet
+from .masks import REFERENCE_PREPS, LowResFrame, batch_iou
+from .reference import ReferenceBuilder
 from .sampler import PrioriInitialSampler
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
 
@@ -32,32 +33,25 @@ from .selector import Reference, Selection, contains_click, select_by_score, sel
 FAST_PATH_IOU = 0.95
 
 
-def agent_options(fast_path: Optional[str] = None, require_click: Optional[bool] = None,
-                  reference_prep: Optional[str] = None) -> Dict[str, object]:
-    """The agent choices every entry point (CLI, backend, eval) takes from one place.
+def agent_options(fast_path: str = "auto", require_click: bool = True, reference_prep: str = "paper") -> Dict[str, object]:
+    """The agent choices every entry point (CLI, backend, eval) names the same way, checked.
 
     Args:
         fast_path: "auto" (the paper's literal path, except on a CPU where it was measured over
-            target, see :func:`fast_path_by_default`), "on" or "off"; None reads
-            ``$SMARTSAM_FAST_PATH`` (default "auto").
-        require_click: reference mode only lets candidates that contain the click win; None reads
-            ``$SMARTSAM_REQUIRE_CLICK`` (default on: an annotator's click then always lies on the
-            answer, as in pure-IS mode; Eq. 2 of the paper takes the argmax over all candidates,
-            and ``smartsam eval --allow-anywhere`` measures the difference where real weights exist).
-        reference_prep: "paper" or "none" (see :class:`SmartSAMAgent`); None reads
-            ``$SMARTSAM_REFERENCE_PREP`` (default "paper").
+            target, see :func:`fast_path_by_default`), "on" or "off".
+        require_click: reference mode only lets candidates that contain the click win (an
+            annotator's click then always lies on the answer, as in pure-IS mode; Eq. 2 of the
+            paper takes the argmax over all candidates, and ``smartsam eval --allow-anywhere``
+            measures the difference where real weights exist).
+        reference_prep: "paper" or "none" (see :class:`~smartsam.reference.ReferenceBuilder`).
     Returns:
         keyword arguments for :class:`SmartSAMAgent` (``dedupe_iou``, ``require_click``,
         ``reference_prep``).
     """
-    import os
-
-    fp = (fast_path or os.environ.get("SMARTSAM_FAST_PATH") or "auto").strip().lower()
+    fp = (fast_path or "auto").strip().lower()
     if fp not in ("auto", "on", "off"):
         raise ValueError(f"SMARTSAM_FAST_PATH / --fast-path must be auto, on or off, not {fp!r}")
-    if require_click is None:
-        require_click = (os.environ.get("SMARTSAM_REQUIRE_CLICK") or "true").strip().lower() not in ("0", "false", "no", "off")
-    prep = (reference_prep or os.environ.get("SMARTSAM_REFERENCE_PREP") or "paper").strip().lower()
+    prep = (reference_prep or "paper").strip().lower()
     if prep not in REFERENCE_PREPS:
         raise ValueError(f"SMARTSAM_REFERENCE_PREP / --reference-prep must be paper or none, not {prep!r}")
     return {"dedupe_iou": {"auto": "auto", "on": FAST_PATH_IOU, "off": None}[fp], "require_click": bool(require_click),
@@ -136,8 +130,27 @@ class AgentResult:
     path: str = "literal"
 
 
+@dataclass
+class _Exploration:
+    """What one click's exploration has produced so far (the stages pass it on)."""
+
+    click: Tuple[float, float]
+    seed_key: List[int]
+    initial: list
+    cands: List[Candidate]
+    logits: List[np.ndarray]
+    scores: List[np.ndarray]
+    timings: Dict[str, float] = field(default_factory=dict)
+    partial: bool = False
+
+
 class SmartSAMAgent:
     """Explore-then-exploit segmentation from a single click.
+
+    Stages of :meth:`predict` (as segment-anything's ``generate -> _process_crop ->
+    _process_batch``): :meth:`_explore` (initial prompts, multimask), :meth:`_chains` (inner
+    clicks, one decoder batch per step), :meth:`_select` (pure-IS or reference), :meth:`_finish`
+    (upsample the chosen mask, provenance, timings).
 
     Args:
         backbone: a :class:`~smartsam.backbones.base.Backbone` (SAM or SAM 2.1).
@@ -145,6 +158,8 @@ class SmartSAMAgent:
         clicker: the Next Chain Clicker (default: chains of 3 clicks).
         image_features: DINOv2 extractor for image references (needed only for them).
         text_features: CLIP extractor for text references (needed only for them).
+        features: instead of the two above, a :class:`~smartsam.features.FeatureSet` (which may
+            load each extractor on first need).
         seed: the one seed; the same image, click and reference give the same mask.
         dedupe_iou: fast path. Chains whose initial mask overlaps an earlier, better-scored one
             by at least this IoU (on the low-res grid) are not refined: they would mostly
@@ -153,9 +168,8 @@ class SmartSAMAgent:
             decoder (:func:`fast_path_by_default`), where the literal click measured over target.
         require_click: in reference mode, only candidates that contain the click may win.
         result_cache: how many recent answers to keep for outer interactions.
-        reference_prep: "paper" (default): image + mask references are prepared as in the
-            paper's section 4.1 (background removed, object cropped to ~70 % of the image,
-            :func:`~smartsam.masks.prepare_reference`) before pooling; "none" pools the raw image.
+        reference_prep: how :meth:`reference_from_mask` prepares image + mask references
+            ("paper" or "none", see :class:`~smartsam.reference.ReferenceBuilder`).
     """
 
     def __init__(
@@ -170,19 +184,20 @@ class SmartSAMAgent:
         require_click: bool = True,
         result_cache: int = 32,
         reference_prep: str = "paper",
+        features: Optional[FeatureSet] = None,
     ) -> None:
+        if backbone is None:
+            raise ValueError("an agent needs a backbone (references alone: smartsam.reference.ReferenceBuilder)")
         self.backbone = backbone
         self.sampler = sampler or PrioriInitialSampler()
         self.clicker = clicker or NextChainClicker()
-        self.image_features = image_features
-        self.text_features = text_features
+        self.features = features or FeatureSet(image_features, text_features)
+        self.references = ReferenceBuilder(self.features, reference_prep)
         self.seed = int(seed)
         if dedupe_iou == "auto":
             dedupe_iou = FAST_PATH_IOU if fast_path_by_default(backbone) else None
         self.dedupe_iou = dedupe_iou
         self.require_click = bool(require_click)
-        if reference_prep not in REFERENCE_PREPS:
-            raise ValueError(f"reference_prep is 'paper' or 'none', got {reference_prep!r}")
         self.reference_prep = reference_prep
         self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()
         self._result_cache = int(result_cache)
@@ -193,6 +208,16 @@ class SmartSAMAgent:
     def path(self) -> str:
         """"fast" or "literal": which agent runs (say it in every output)."""
         return "literal" if self.dedupe_iou is None else "fast"
+
+    @property
+    def image_features(self):
+        """The DINOv2 extractor if loaded (None otherwise)."""
+        return self.features.loaded("image")
+
+    @property
+    def text_features(self):
+        """The CLIP extractor if loaded (None otherwise)."""
+        return self.features.loaded("text")
 
     # -- image -----------------------------------------------------------------------------
     def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
@@ -213,32 +238,18 @@ class SmartSAMAgent:
             raise InvalidClick(f"click ({x:g}, {y:g}) is outside the {w}x{h} image")
         return x, y
 
-    # -- references ------------------------------------------------------------------------
+    # -- references (built by :class:`ReferenceBuilder`, with this agent's extractors) --------
     def reference_from_mask(self, image: np.ndarray, mask: np.ndarray) -> Reference:
         """Reference from an example image and a boolean ``(H, W)`` mask of the object."""
-        if self.image_features is None:
-            raise RuntimeError("image references need a DINOv2 feature extractor")
-        mask = np.asarray(mask).astype(bool)
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"reference mask {mask.shape} does not match image {image.shape[:2]}")
-        if not mask.any():
-            raise ValueError("reference mask is empty")
-        if self.reference_prep == "paper":
-            image, mask = prepare_reference(image, mask)
-        feat = self.image_features.mask_features(image, mask[None])[0]
-        return Reference("mask", feat, self.image_features.name)
+        return self.references.from_mask(image, mask)
 
     def reference_from_image(self, image: np.ndarray) -> Reference:
         """Reference from an example image alone (its CLS token)."""
-        if self.image_features is None:
-            raise RuntimeError("image references need a DINOv2 feature extractor")
-        return Reference("image", self.image_features.image_feature(image), self.image_features.name)
+        return self.references.from_image(image)
 
     def reference_from_text(self, text: str) -> Reference:
         """Reference from a text (CLIP)."""
-        if self.text_features is None:
-            raise RuntimeError("text references need a CLIP feature extractor")
-        return Reference("text", self.text_features.text_feature(text), self.text_features.name, text=text)
+        return self.references.from_text(text)
 
     # -- the agent -------------------------------------------------------------------------
     def predict(
@@ -265,47 +276,65 @@ class SmartSAMAgent:
         if hit is not None and (hit.candidates is not None or not return_candidates):
             self._results.move_to_end(cache_key)
             return hit
-
         bb = self.backbone
         t0 = time.perf_counter()
         enc0, dec0 = bb.encoder_calls, bb.decoder_calls
-        # The rng is derived from the seed and the click, so answers do not depend on call order.
-        rng = np.random.default_rng([self.seed, int(round(x * 16)), int(round(y * 16))])
-        frame = bb.frame
+        run = self._explore((x, y))
+        self._chains(run, deadline)
+        all_logits, all_scores = np.concatenate(run.logits), np.concatenate(run.scores)
+        t2 = time.perf_counter()
+        sel, feat_calls = self._select(run.click, all_logits, all_scores, reference)
+        run.timings["select"] = time.perf_counter() - t2
+        result = self._finish(run, sel, all_logits, all_scores, return_candidates)
+        result.timings["total"] = time.perf_counter() - t0
+        result.calls = {"encoder": bb.encoder_calls - enc0, "decoder": bb.decoder_calls - dec0, "features": feat_calls}
+        if run.partial:
+            return result  # a cut-short answer is never served again from the cache
+        self._results[cache_key] = result
+        while len(self._results) > self._result_cache:
+            self._results.popitem(last=False)
+        return result
 
-        # Explore 1: initial prompts, multimask.
-        initial = self.sampler.sample((x, y), bb.image_hw, rng)
+    def _explore(self, click: Tuple[float, float]) -> _Exploration:
+        """Stage 1: the Priori Initial Sampler's prompts around the click, in multimask mode."""
+        t0 = time.perf_counter()
+        bb = self.backbone
+        x, y = click
+        # Every random stream derives from the seed and the click: answers do not depend on call order.
+        seed_key = [self.seed, int(round(x * 16)), int(round(y * 16))]
+        initial = self.sampler.sample((x, y), bb.image_hw, np.random.default_rng(seed_key))
         out = bb.predict([p.prompt for p in initial], multimask=True)
         n_prompts, n_masks = out.scores.shape
-        logits = [out.low_res_logits.reshape(-1, 256, 256)]
-        scores = [out.scores.reshape(-1)]
-        cands = [
-            Candidate(i, initial[i].kind, j, 0, (), float(out.scores[i, j]))
-            for i in range(n_prompts)
-            for j in range(n_masks)
-        ]
-        t1 = time.perf_counter()
+        cands = [Candidate(i, initial[i].kind, j, 0, (), float(out.scores[i, j]))
+                 for i in range(n_prompts) for j in range(n_masks)]
+        run = _Exploration((x, y), seed_key, initial, cands, [out.low_res_logits.reshape(-1, 256, 256)],
+                           [out.scores.reshape(-1)])
+        run.timings["initial"] = time.perf_counter() - t0
+        return run
 
-        # Explore 2: chains of inner clicks, all chains of one step in one batch.
-        band = self.clicker.band(logits[0], frame)
+    def _chains(self, run: _Exploration, deadline: Optional[float]) -> None:
+        """Stage 2: chains of inner clicks from every initial mask (or the distinct ones on the
+        fast path), all chains of one step in one decoder batch; appends to ``run``."""
+        t0 = time.perf_counter()
+        bb, frame = self.backbone, self.backbone.frame
+        cands, initial = run.cands, run.initial
+        band = self.clicker.band(run.logits[0], frame)
         chains = list(range(len(cands)))
         if self.dedupe_iou is not None and len(chains) > 1:
-            chains = self._distinct(logits[0], scores[0], frame)
-        state = {c: (logits[0][c], float(scores[0][c]), ()) for c in chains}
+            chains = self._distinct(run.logits[0], run.scores[0], frame)
+        state = {c: (run.logits[0][c], float(run.scores[0][c]), ()) for c in chains}
         # Each chain draws from its own stream (seed, click, chain): a chain's clicks do not depend
         # on which other chains run, so the fast path explores a subset of the literal path's
         # candidates, the same ones, instead of a reshuffled set.
-        seed_key = [self.seed, int(round(x * 16)), int(round(y * 16))]
-        chain_rng = {c: np.random.default_rng(seed_key + [c + 1]) for c in chains}
-        partial = False
+        chain_rng = {c: np.random.default_rng(run.seed_key + [c + 1]) for c in chains}
         for step in range(1, self.clicker.chain_length + 1):
             if deadline is not None and time.monotonic() >= deadline:
-                partial = True
+                run.partial = True
                 break
             prompts, owners, new_clicks = [], [], []
             for c in chains:
-                lg, sc, clicks = state[c]
-                click = self.clicker.next_click(lg, sc, band, frame, chain_rng[c])
+                lg, score, clicks = state[c]
+                click = self.clicker.next_click(lg, score, band, frame, chain_rng[c])
                 if click is None:
                     continue
                 clicks = clicks + ((click.xy, click.label),)
@@ -318,67 +347,56 @@ class SmartSAMAgent:
             if not prompts:
                 break
             res = bb.predict(prompts, multimask=False)
-            logits.append(res.low_res_logits[:, 0])
-            scores.append(res.scores[:, 0])
+            run.logits.append(res.low_res_logits[:, 0])
+            run.scores.append(res.scores[:, 0])
             chains = owners
             for k, c in enumerate(owners):
                 state[c] = (res.low_res_logits[k, 0], float(res.scores[k, 0]), new_clicks[k])
                 root = cands[c]
-                cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, step, new_clicks[k], float(res.scores[k, 0])))
+                cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, step, new_clicks[k],
+                                       float(res.scores[k, 0])))
             if self.dedupe_iou is not None and len(chains) > 1:
                 # Chains that converged onto the same mask would keep repeating each other.
                 keep = self._distinct(res.low_res_logits[:, 0], res.scores[:, 0], frame)
                 chains = [chains[k] for k in keep]
-        all_logits = np.concatenate(logits)
-        all_scores = np.concatenate(scores)
-        t2 = time.perf_counter()
+        run.timings["chains"] = time.perf_counter() - t0
 
-        # Exploit: select.
-        inside = contains_click(all_logits, frame, (x, y))
-        feat_calls = 0
+    def _select(self, click: Tuple[float, float], logits: np.ndarray, scores: np.ndarray,
+                reference: Optional[Reference]) -> Tuple[Selection, int]:
+        """Stage 3, exploit: the best-scored candidate containing the click (pure-IS), or the one
+        most similar to the reference. Returns the selection and the feature calls it made."""
+        frame = self.backbone.frame
+        inside = contains_click(logits, frame, click)
         if reference is None:
-            sel = Selection(select_by_score(all_scores, inside), "pure-is")
-        else:
-            extractor = self.text_features if reference.kind == "text" else self.image_features
-            if extractor is None:
-                raise RuntimeError(f"a {reference.kind} reference needs its feature extractor")
-            if reference.extractor != extractor.name:
-                raise ValueError(f"reference made with {reference.extractor!r}, agent uses {extractor.name!r}")
-            before = extractor.forward_calls
-            masks = frame.crop(all_logits) > 0
-            feats = extractor.mask_features(self._image, masks, self._key)
-            allowed = inside if self.require_click else np.ones(len(all_scores), bool)
-            idx, sims = select_by_similarity(feats, reference.feature, allowed)
-            sel = Selection(idx, f"reference-{reference.kind}", float(sims[idx]), sims)
-            feat_calls = extractor.forward_calls - before
-        t3 = time.perf_counter()
+            return Selection(select_by_score(scores, inside), "pure-is"), 0
+        try:
+            extractor = self.features.for_reference(reference.kind)
+        except RuntimeError:
+            raise RuntimeError(f"a {reference.kind} reference needs its feature extractor") from None
+        if reference.extractor != extractor.name:
+            raise ValueError(f"reference made with {reference.extractor!r}, agent uses {extractor.name!r}")
+        before = extractor.forward_calls
+        feats = extractor.mask_features(self._image, frame.crop(logits) > 0, self._key)
+        allowed = inside if self.require_click else np.ones(len(scores), bool)
+        idx, sims = select_by_similarity(feats, reference.feature, allowed)
+        return Selection(idx, f"reference-{reference.kind}", float(sims[idx]), sims), extractor.forward_calls - before
 
-        chosen = all_logits[sel.index]
-        mask = bb.upsample(chosen[None])[0] > 0
-        t4 = time.perf_counter()
-        result = AgentResult(
-            mask=mask,
-            score=float(all_scores[sel.index]),
-            similarity=sel.similarity,
-            mode=sel.mode,
-            candidate=cands[sel.index],
-            low_res_logits=chosen.copy(),
-            timings={"initial": t1 - t0, "chains": t2 - t1, "select": t3 - t2, "upsample": t4 - t3, "total": t4 - t0},
-            calls={"encoder": bb.encoder_calls - enc0, "decoder": bb.decoder_calls - dec0, "features": feat_calls},
-            partial=partial,
-            path=self.path,
-        )
+    def _finish(self, run: _Exploration, sel: Selection, logits: np.ndarray, scores: np.ndarray,
+                return_candidates: bool) -> AgentResult:
+        """Stage 4: only the chosen mask is upsampled to image size."""
+        t0 = time.perf_counter()
+        chosen = logits[sel.index]
+        mask = self.backbone.upsample(chosen[None])[0] > 0
+        run.timings["upsample"] = time.perf_counter() - t0
+        result = AgentResult(mask=mask, score=float(scores[sel.index]), similarity=sel.similarity, mode=sel.mode,
+                             candidate=run.cands[sel.index], low_res_logits=chosen.copy(), timings=dict(run.timings),
+                             partial=run.partial, path=self.path)
         if return_candidates:
-            result.candidates = cands
-            result.candidate_logits = all_logits
-            result.candidate_scores = all_scores
-            result.prompts = initial
-            result.frame = frame
-        if partial:
-            return result  # a cut-short answer is never served again from the cache
-        self._results[cache_key] = result
-        while len(self._results) > self._result_cache:
-            self._results.popitem(last=False)
+            result.candidates = run.cands
+            result.candidate_logits = logits
+            result.candidate_scores = scores
+            result.prompts = run.initial
+            result.frame = self.backbone.frame
         return result
 
     def _distinct(self, logits: np.ndarray, scores: np.ndarray, frame) -> List[int]:

@@ -2,6 +2,12 @@
 
 Errors a user can fix (a bad path, a click outside the image, an unreadable image or checkpoint)
 end with one line on stderr and exit code 2; a model that cannot be had exits 1 with the reason.
+
+The library takes every knob as an argument; this module is where the command line's flags and
+its documented environment variables (``SMARTSAM_BACKBONE``, ``SMARTSAM_FAST_PATH``,
+``SMARTSAM_REQUIRE_CLICK``, ``SMARTSAM_REFERENCE_PREP``, ``SMARTSAM_CPU_BF16``,
+``SMARTSAM_SHARED_DECODER``, ``SMARTSAM_EMBED_CACHE_DIR`` / ``_BYTES``, ``SMARTSAM_MAX_PIXELS``,
+``SMARTSAM_DINOV2_PATH``, ``SMARTSAM_CLIP_PATH``) become those arguments (a flag wins).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional, Sequence, Tuple
 
@@ -103,32 +110,69 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _env(name: str, default: Optional[str] = None) -> Optional[str]:
+    v = os.environ.get(name)
+    return default if v is None or v.strip() == "" else v
+
+
+def cli_load_backbone(args, **kwargs):
+    """The backbone the flags (else the environment) name, built with the CLI's backbone knobs."""
+    from .models import load_backbone
+
+    try:
+        cache_bytes = int(_env("SMARTSAM_EMBED_CACHE_BYTES", str(10 << 30)))
+    except ValueError:
+        raise UsageError("SMARTSAM_EMBED_CACHE_BYTES must be a whole number of bytes") from None
+    return load_backbone(getattr(args, "backbone", None) or _env("SMARTSAM_BACKBONE"), args.checkpoint, args.device,
+                         cpu_bf16=_env("SMARTSAM_CPU_BF16", "auto"), shared_decoder=_env("SMARTSAM_SHARED_DECODER", "on"),
+                         embed_cache_dir=getattr(args, "cache_dir", None) or _env("SMARTSAM_EMBED_CACHE_DIR"),
+                         embed_cache_bytes=cache_bytes, **kwargs)
+
+
+def cli_load_features(args, kind: str, random_backbone: bool):
+    """The image (DINOv2) or text (CLIP) extractor the flags name, else the default one."""
+    from .models import default_features, load_features
+
+    name = (args.features if kind == "image" else args.text_features) or default_features(kind, random_backbone)
+    return load_features(name, args.device, _env("SMARTSAM_DINOV2_PATH" if kind == "image" else "SMARTSAM_CLIP_PATH"))
+
+
 def _load_agent(args, need_image: bool = False, need_text: bool = False):
     from .agent import SmartSAMAgent
-    from .models import default_features, load_backbone, load_features
 
-    bb = load_backbone(args.backbone, args.checkpoint, args.device)
-    img_f = txt_f = None
-    if need_image:
-        img_f = load_features(args.features or default_features("image", bb.random_weights), args.device)
-    if need_text:
-        txt_f = load_features(args.text_features or default_features("text", bb.random_weights), args.device)
+    bb = cli_load_backbone(args)
+    img_f = cli_load_features(args, "image", bb.random_weights) if need_image else None
+    txt_f = cli_load_features(args, "text", bb.random_weights) if need_text else None
     return SmartSAMAgent(bb, image_features=img_f, text_features=txt_f, seed=args.seed, **cli_agent_options(args))
 
 
 def cli_agent_options(args) -> dict:
-    """Fast path and click restriction from the flags, else from the environment (one setting each)."""
+    """Fast path, click restriction and reference preparation: the flags, else the environment."""
     from .agent import agent_options
 
-    return agent_options("off" if args.literal else args.fast_path, False if args.allow_anywhere else None,
-                         getattr(args, "reference_prep", None))
+    require = _env("SMARTSAM_REQUIRE_CLICK", "true").strip().lower() not in ("0", "false", "no", "off")
+    try:
+        return agent_options("off" if args.literal else (args.fast_path or _env("SMARTSAM_FAST_PATH", "auto")),
+                             False if args.allow_anywhere else require,
+                             getattr(args, "reference_prep", None) or _env("SMARTSAM_REFERENCE_PREP", "paper"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def cli_max_pixels() -> int:
+    from .io import MAX_PIXELS
+
+    try:
+        return int(_env("SMARTSAM_MAX_PIXELS", str(MAX_PIXELS)))
+    except ValueError:
+        raise UsageError("SMARTSAM_MAX_PIXELS must be a whole number") from None
 
 
 def _read_image(path: str):
     from .io import ImageError, load_image
 
     try:
-        return load_image(path)
+        return load_image(path, cli_max_pixels())
     except ImageError as e:
         raise UsageError(str(e)) from None
 
@@ -147,7 +191,7 @@ def cmd_segment(args) -> int:
     try:
         reference = None
         if ref_image is not None and args.reference_mask:
-            reference = agent.reference_from_mask(ref_image, load_mask(args.reference_mask))
+            reference = agent.reference_from_mask(ref_image, load_mask(args.reference_mask, cli_max_pixels()))
         elif ref_image is not None:
             reference = agent.reference_from_image(ref_image)
         elif args.reference_text:
@@ -204,15 +248,11 @@ def cmd_explain(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    import os
     from pathlib import Path
 
     from .io import ImageError, load_image
-    from .models import load_backbone
 
-    if args.cache_dir:
-        os.environ["SMARTSAM_EMBED_CACHE_DIR"] = args.cache_dir
-    if not os.environ.get("SMARTSAM_EMBED_CACHE_DIR"):
+    if not (args.cache_dir or _env("SMARTSAM_EMBED_CACHE_DIR")):
         raise UsageError("give --cache-dir or set SMARTSAM_EMBED_CACHE_DIR")
     files = []
     for p in map(Path, args.paths):
@@ -222,13 +262,13 @@ def cmd_embed(args) -> int:
             files.append(p)
         else:
             raise UsageError(f"no such file or folder: {p}")
-    bb = load_backbone(args.backbone, args.checkpoint, args.device, cache_size=1)
+    bb = cli_load_backbone(args, cache_size=1)
     from tqdm import tqdm
 
     done = failed = 0
     for f in tqdm(files, desc="embedding", unit="image"):
         try:
-            bb.set_image(load_image(f))
+            bb.set_image(load_image(f, cli_max_pixels()))
             done += 1
         except ImageError as e:
             print(f"skipped {f}: {e}", file=sys.stderr)

@@ -190,3 +190,43 @@ class ClipFeatures(_PatchFeatureExtractor):
             out = self.model.get_text_features(**{k: v.to(self.device) for k, v in enc.items()})
         feat = out if isinstance(out, torch.Tensor) else out.pooler_output
         return feat[0].float().cpu().numpy()
+
+
+class FeatureSet:
+    """The feature extractors an agent or a reference builder may need, by kind, each loaded on
+    first use (pure-IS users never pay for DINOv2 or CLIP).
+
+    Args:
+        image: a DINOv2 extractor for image references, or None.
+        text: a CLIP extractor for text references, or None.
+        loader: ``kind -> extractor`` for a kind given as None ("image" or "text"), called once.
+    """
+
+    KINDS = ("image", "text")
+
+    def __init__(self, image=None, text=None, loader=None) -> None:
+        import threading
+
+        self._have = {"image": image, "text": text}
+        self._loader = loader
+        self._lock = threading.Lock()
+
+    def loaded(self, kind: str):
+        """The extractor of ``kind`` if it is loaded, else None (never loads)."""
+        return self._have[kind]
+
+    def get(self, kind: str):
+        """The extractor of ``kind`` ("image" or "text"), loading it if needed."""
+        if kind not in self.KINDS:
+            raise ValueError(f"feature kind is image or text, not {kind!r}")
+        with self._lock:
+            if self._have[kind] is None:
+                if self._loader is None:
+                    raise RuntimeError("image references need a DINOv2 feature extractor" if kind == "image"
+                                       else "text references need a CLIP feature extractor")
+                self._have[kind] = self._loader(kind)
+            return self._have[kind]
+
+    def for_reference(self, kind: str):
+        """The extractor a reference of ``kind`` ("mask", "image" or "text") is compared with."""
+        return self.get("text" if kind == "text" else "image")

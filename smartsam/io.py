@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 from typing import Union
@@ -11,9 +10,9 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-# Larger images are refused: a decompression bomb must not take the server's memory.
-# 40 MP covers every common camera; override with SMARTSAM_MAX_PIXELS.
-MAX_PIXELS = int(os.environ.get("SMARTSAM_MAX_PIXELS", 40_000_000))
+# Larger images are refused by default: a decompression bomb must not take the server's memory.
+# 40 MP covers every common camera; callers pass their own cap (the backend's SMARTSAM_MAX_PIXELS).
+MAX_PIXELS = 40_000_000
 
 
 class ImageError(ValueError):
@@ -40,47 +39,52 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_image(source: Union[str, Path, bytes]) -> np.ndarray:
-    """Read an image file (or its bytes) as ``(H, W, 3)`` uint8 RGB; ImageError if unusable."""
+def _open(source, max_pixels: int, what: str = "image") -> Image.Image:
+    """Open lazily (header only) and refuse more than ``max_pixels`` before any pixel is decoded.
+    Pillow's own bomb check (a process-wide setting) is left as it is: its warning is ours to
+    decide on, its error (over twice Pillow's limit) still refuses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(source)
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageError(f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (SMARTSAM_MAX_PIXELS)")
+    return img
+
+
+def load_image(source: Union[str, Path, bytes], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file (or its bytes) as ``(H, W, 3)`` uint8 RGB; ImageError if unusable or
+    larger than ``max_pixels``."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS} (SMARTSAM_MAX_PIXELS)")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = _open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, max_pixels)
             img.load()
             return to_rgb8(img)
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"image file not found: {source}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image refused: over the limit of {MAX_PIXELS} pixels (SMARTSAM_MAX_PIXELS): {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image refused: over the limit of {max_pixels} pixels (SMARTSAM_MAX_PIXELS): {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         name = "image data" if isinstance(source, (bytes, bytearray)) else str(source)
         raise ImageError(f"cannot read {name} as an image ({e})") from None
 
 
-def load_mask(path: Union[str, Path]) -> np.ndarray:
-    """Read a mask file: nonzero pixels (of the first channel) are the object -> ``(H, W)`` bool."""
+def load_mask(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read a mask file (or file object): nonzero pixels (of the first channel) are the object ->
+    ``(H, W)`` bool; ImageError if unusable or larger than ``max_pixels``."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            img = Image.open(path)
-        with img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:  # checked before any pixel is decoded
-                raise ImageError(f"mask is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS} (SMARTSAM_MAX_PIXELS)")
+        with _open(path, max_pixels, "mask") as img:
             a = np.asarray(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"mask file not found: {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"mask refused: over the limit of {MAX_PIXELS} pixels (SMARTSAM_MAX_PIXELS): {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"mask refused: over the limit of {max_pixels} pixels (SMARTSAM_MAX_PIXELS): {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         name = "mask data" if not isinstance(path, (str, Path)) else str(path)
         raise ImageError(f"cannot read {name} as a mask ({e})") from None

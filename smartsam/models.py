@@ -129,11 +129,15 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def default_backbone() -> str:
-    """``$SMARTSAM_BACKBONE``, else SAM 2.1 large on CUDA hosts and SAM 2.1 small on CPU hosts."""
-    env = os.environ.get("SMARTSAM_BACKBONE")
-    if env:
-        return env
+    """SAM 2.1 large on CUDA hosts, SAM 2.1 small on CPU hosts (callers map ``SMARTSAM_BACKBONE``
+    or ``--backbone`` onto ``name`` themselves)."""
     return DEFAULT_CUDA_BACKBONE if torch.cuda.is_available() else DEFAULT_CPU_BACKBONE
+
+
+# The only environment the registry reads: where checkpoints live and where they come from (as
+# TORCH_HOME for torch), plus the Hugging Face cache the feature models load from. A process that
+# runs models elsewhere (a Ray worker) needs these; every other knob is an argument.
+REGISTRY_ENV = ("SMARTSAM_HOME", "SMARTSAM_MIRROR", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE")
 
 
 def home() -> Path:
@@ -330,13 +334,22 @@ def is_downloaded(spec: ModelSpec) -> bool:
 
 # -- builders -----------------------------------------------------------------------------
 def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
-                  cache_size: int = 8, allow_download: bool = True):
+                  cache_size: int = 8, allow_download: bool = True, cpu_bf16: "str | bool" = "auto",
+                  shared_decoder: "str | bool" = "on", embed_cache_dir: "Optional[str | Path]" = None,
+                  embed_cache_bytes: int = 10 << 30):
     """Build a :class:`~smartsam.backbones.base.Backbone` by registry name.
 
     Args:
         name: registry name (default :func:`default_backbone`).
         checkpoint: a local checkpoint path (checked against the registry when it knows the hash
             of that model); None downloads or uses the cached one.
+        device: "cuda" or "cpu" (default: CUDA when present).
+        cache_size: image embeddings kept in memory.
+        cpu_bf16: bf16 on the CPU: "auto" (where the hardware has it), "on", "off".
+        shared_decoder: SAM 2.1 only: "on" decodes through
+            :class:`~smartsam.backbones.sam2_decoder.Sam2SharedDecoder`, "off" through sam2's module.
+        embed_cache_dir: a folder for the disk cache of embeddings (None: no disk cache).
+        embed_cache_bytes: the disk cache's size bound.
     """
     spec = name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())
     if spec.family not in ("sam", "sam2", "test"):
@@ -363,11 +376,13 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
         elif spec.family == "sam":
             from .backbones.sam import SamBackbone, build_sam_model
 
-            bb = SamBackbone(build_sam_model(spec.arch, str(path) if path else None), spec.name, cache_size, device)
+            bb = SamBackbone(build_sam_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
+                             cpu_bf16=cpu_bf16)
         else:
             from .backbones.sam2 import Sam2Backbone, build_sam2_model
 
-            bb = Sam2Backbone(build_sam2_model(spec.arch, str(path) if path else None), spec.name, cache_size, device)
+            bb = Sam2Backbone(build_sam2_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
+                              cpu_bf16=cpu_bf16, shared_decoder=shared_decoder)
     except ModelError:
         raise
     except Exception as e:  # a checkpoint fails to load in many ways (pickle, zip, shapes): say which file
@@ -377,11 +392,10 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
         # A checkpoint of our choosing under a registry name: its embeddings are its own.
         st = Path(checkpoint).stat()
         bb.cache_id = f"{spec.name}-{hashlib.sha1(f'{Path(checkpoint).resolve()}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:10]}"
-    cache_dir = os.environ.get("SMARTSAM_EMBED_CACHE_DIR")
-    if cache_dir:
+    if embed_cache_dir:
         from .embed_cache import EmbeddingDiskCache
 
-        bb.disk_cache = EmbeddingDiskCache(Path(cache_dir), int(os.environ.get("SMARTSAM_EMBED_CACHE_BYTES", 10 << 30)))
+        bb.disk_cache = EmbeddingDiskCache(Path(embed_cache_dir), int(embed_cache_bytes))
     return bb
 
 
@@ -400,7 +414,12 @@ def _tiny_clip_tokenizer():
 
 
 def load_features(name: str, device: Optional[str] = None, path: Optional[str] = None):
-    """Build a DINOv2 or CLIP feature extractor by registry name (``path``: a local directory)."""
+    """Build a DINOv2 or CLIP feature extractor by registry name.
+
+    Args:
+        path: a local directory holding the model (``SMARTSAM_DINOV2_PATH`` / ``SMARTSAM_CLIP_PATH``
+            of the CLI and the backend); None loads the registry's Hugging Face id.
+    """
     from .features import ClipFeatures, DinoV2Features
 
     spec = get_spec(name)
@@ -424,7 +443,7 @@ def load_features(name: str, device: Optional[str] = None, path: Optional[str] =
             return ClipFeatures(CLIPModel(cfg), tok, device=device, name=spec.name)
     if spec.family not in ("dinov2", "clip"):
         raise ModelError(f"{spec.name} is not a feature model")
-    source = path or os.environ.get(f"SMARTSAM_{spec.family.upper()}_PATH") or spec.hf_id
+    source = path or spec.hf_id
     try:
         if spec.family == "dinov2":
             return DinoV2Features(model_name_or_path=source, device=device, name=spec.name)

@@ -33,20 +33,28 @@ def free_port() -> int:
 
 
 class Backend:
-    """``python -m backend._wsgi`` in a subprocess, on a free port, with its own data dir."""
+    """``python -m backend.server`` (as run.sh starts it) in a subprocess, on a free port, with its own data dir."""
 
-    def __init__(self, data_dir: Path, env: Optional[Dict[str, str]] = None, backbone: str = "sam2.1_hiera_tiny-random") -> None:
+    def __init__(self, data_dir: Path, env: Optional[Dict[str, str]] = None, backbone: str = "sam2.1_hiera_tiny-random",
+                 run_sh: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"backend-{self.port}.log"
-        self.env = {**os.environ, "SMARTSAM_BACKBONE": backbone, "SMARTSAM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
-                    "SMARTSAM_THREADS": "8", **(env or {})}
+        # no tuning variables: the backend runs its defaults, as `make run` does
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("SMARTSAM_")},
+                    "SMARTSAM_BACKBONE": backbone, "SMARTSAM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc: Optional[subprocess.Popen] = None
+        # run_sh: exactly the README's launch (`make run` -> run.sh, venv first on PATH, PORT set)
+        self.run_sh = run_sh
+        if run_sh:
+            self.env.update(PORT=str(self.port), PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 
     def start(self, wait_loaded: bool = True, timeout: float = 120) -> "Backend":
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend._wsgi", "--host", "127.0.0.1", "--port", str(self.port)],
+        cmd = ([str(ROOT / "run.sh")] if self.run_sh else
+               [sys.executable, "-m", "backend.server", "--host", "127.0.0.1", "--port", str(self.port)])
+        self.proc = subprocess.Popen(cmd,
                                      cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.time()
         while time.time() - t0 < timeout:

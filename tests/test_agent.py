@@ -76,18 +76,16 @@ def test_sam2_shared_decoder_gives_the_library_decoders_outputs(sam2_backbone, g
     finally:
         hook.remove()
         bb.shared_decoder, bb.cpu_bf16 = shared0, bf0
-    for value, expected in [(None, True), ("on", True), ("OFF", False)]:
-        if value is None:
-            monkeypatch.delenv("SMARTSAM_SHARED_DECODER", raising=False)
-        else:
-            monkeypatch.setenv("SMARTSAM_SHARED_DECODER", value)
-        assert shared_decoder_setting() is expected
+    for value, expected in [(None, True), ("on", True), ("OFF", False), (False, False)]:
+        assert shared_decoder_setting(value) is expected
     from smartsam.models import load_backbone
 
-    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu").shared_decoder is False  # read at construction
-    monkeypatch.setenv("SMARTSAM_SHARED_DECODER", "auto")
+    # a constructor argument, never read from the environment by the library
+    monkeypatch.setenv("SMARTSAM_SHARED_DECODER", "off")
+    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu").shared_decoder is True
+    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu", shared_decoder="off").shared_decoder is False
     with pytest.raises(ValueError, match="SMARTSAM_SHARED_DECODER"):
-        shared_decoder_setting()
+        shared_decoder_setting("auto")
 
 
 @pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
@@ -246,11 +244,16 @@ def test_reference_preparation_crops_the_object_to_70_percent_without_background
     assert m.sum() == gt.sum()  # the whole object, nothing else
     assert (img[~m] == BACKGROUND_FILL).all()  # background removed
     assert (img[m] == coco_image[gt]).all()  # a crop is a shift: the object's pixels, in the same order
-    # the agent pools the prepared image by default (the paper), the raw one with "none"
-    paper = SmartSAMAgent(None, image_features=dino).reference_from_mask(coco_image, gt)
-    raw = SmartSAMAgent(None, image_features=dino, reference_prep="none").reference_from_mask(coco_image, gt)
+    # references pool the prepared image by default (the paper), the raw one with "none"
+    from smartsam.features import FeatureSet
+    from smartsam.reference import ReferenceBuilder
+
+    paper = ReferenceBuilder(FeatureSet(dino)).from_mask(coco_image, gt)
+    raw = ReferenceBuilder(FeatureSet(dino), reference_prep="none").from_mask(coco_image, gt)
     assert np.allclose(paper.feature, dino.mask_features(img, m[None])[0], atol=1e-5)
     assert np.allclose(raw.feature, dino.mask_features(coco_image, gt[None])[0], atol=1e-5)
     assert not np.allclose(paper.feature, raw.feature)
     with pytest.raises(ValueError):
-        SmartSAMAgent(None, image_features=dino, reference_prep="crop")
+        ReferenceBuilder(FeatureSet(dino), reference_prep="crop")
+    with pytest.raises(ValueError, match="backbone"):
+        SmartSAMAgent(None, image_features=dino)

@@ -18,11 +18,11 @@ def test_accepted_edited_and_unmatched_objects(tmp_path, gt):
     st = FieldStats(tmp_path)
     other = np.zeros_like(gt)
     other[:20, :20] = True
-    a = st.record("3", 7, "Object", "pure-is", "smartsam", 1, 2.5, gt)
+    a = st.record_now("3", 7, "Object", "pure-is", "smartsam", 1, 2.5, gt)
     st.record("3", 7, "Object", "plain", "plain", 1, 0.4, other)
     edited = gt.copy()
     edited[gt.shape[0] // 2:] = False  # the annotator erased the lower half
-    b = st.record("3", 8, "Object", "refine", "smartsam", 3, 1.0, gt)
+    b = st.record_now("3", 8, "Object", "refine", "smartsam", 3, 1.0, gt)
     out = st.observe("3", 7, 100, [("r1", "Object", gt.copy())], lead_time=12.0)
     assert out == [dict(region="r1", label="Object", suggestion=a, mode="pure-is", arm="smartsam", iou=1.0,
                         accepted=True, clicks=1, extra_clicks=0)]
@@ -46,9 +46,36 @@ def test_accepted_edited_and_unmatched_objects(tmp_path, gt):
     assert len(st.outcomes("3")) == 1
 
 
+def test_only_suggestions_served_before_the_annotation_count(tmp_path, gt):
+    """A pre-label made after the annotator submitted (a late Retrieve predictions, a read-back
+    that made Label Studio predict) is not what they saw: it never takes the object's arm."""
+    import time
+
+    st = FieldStats(tmp_path)
+    edited = gt.copy()
+    edited[: gt.shape[0] // 3] = False
+    seen = st.record_now("1", 5, "Object", "pure-is", "smartsam", 1, 1.0, edited)
+    created = time.time()
+    st.record_now("1", 5, "Object", "prelabel", "prelabel", 0, 1.0, gt)  # after the annotation, same object
+    out = st.observe("1", 5, 9, [("r", "Object", gt.copy())], created_at=created)
+    assert out[0]["suggestion"] == seen and out[0]["arm"] == "smartsam" and not out[0]["accepted"]
+    # without the annotation's time the later pre-label would have won (the defect this guards)
+    assert st.observe("1", 5, 9, [("r", "Object", gt.copy())])[0]["arm"] == "prelabel"
+
+
+def test_queued_suggestions_are_written_at_close(tmp_path, gt):
+    st = FieldStats(tmp_path)
+    for k in range(20):
+        st.record("2", k, "L", "pure-is", "smartsam", 1, 0.1, gt)  # queued, off the request path
+    st.close()
+    again = FieldStats(tmp_path)  # what a restarted process sees
+    assert again._conn().execute("SELECT COUNT(*) FROM suggestions WHERE project='2'").fetchone()[0] == 20
+    assert st.lost == 0
+
+
 def test_suggestions_are_bounded(tmp_path, gt):
     st = FieldStats(tmp_path, max_suggestions=5)
-    ids = [st.record("1", k, "L", "pure-is", "smartsam", 1, 0.1, gt) for k in range(12)]
+    ids = [st.record_now("1", k, "L", "pure-is", "smartsam", 1, 0.1, gt) for k in range(12)]
     n = st._conn().execute("SELECT COUNT(*), MIN(id) FROM suggestions").fetchone()
     assert n == (5, ids[-5])
 

@@ -80,7 +80,8 @@ class LabelStudio:
         self.proc.wait(30)
         self.log.close()
 
-    def project(self, title, regex, backend_url, label_config=LABEL_CONFIG, basic_auth=False, folder="GrabCut"):
+    def project(self, title, regex, backend_url, label_config=LABEL_CONFIG, basic_auth=False, folder="GrabCut",
+                extra_params=None):
         """A project over local files, connected to the backend the way the README says (which
         makes Label Studio create the backend's webhook itself)."""
         s, p = self.api("POST", "/api/projects", {"title": title, "label_config": label_config})
@@ -92,12 +93,14 @@ class LabelStudio:
         assert self.api("POST", f"/api/storages/localfiles/{st['id']}/sync")[0] == 200
         ml = {"id": None}
         if backend_url is not None:
-            ml = self.connect(pid, backend_url, basic_auth)
+            ml = self.connect(pid, backend_url, basic_auth, extra_params)
         tasks = self.tasks(pid)
         return pid, ml["id"], tasks
 
-    def connect(self, pid, backend_url, basic_auth=False):
+    def connect(self, pid, backend_url, basic_auth=False, extra_params=None):
         body = {"project": pid, "url": backend_url, "is_interactive": True, "title": "SmartSAM"}
+        if extra_params is not None:
+            body["extra_params"] = extra_params  # the "Extra params" field of the Connect form
         if basic_auth:
             body.update(auth_method="BASIC_AUTH", basic_auth_user=BASIC[0], basic_auth_pass=BASIC[1])
         s, ml = self.api("POST", "/api/ml", body)
@@ -202,11 +205,11 @@ def test_click_reference_restart_and_prelabel(label_studio, backend):
                                                        {"type": "choices", "value": {"choices": ["Use as reference"]}}]}}
     assert backend.post("/webhook", forged)[0] == 401
     rejected = events(backend)["rejected"]
-    assert backend.post("/webhook", {**forged, "annotation": {"id": 99999}}, headers=SECRET)[0] == 200
+    assert backend.post("/webhook", {**forged, "annotation": {"id": 99999}}, headers=SECRET)[0] == 201
     wait_for(lambda: events(backend)["rejected"] > rejected, what="the rejection")
-    assert backend.post("/webhook", forged, headers=SECRET)[0] == 200
+    assert backend.post("/webhook", forged, headers=SECRET)[0] == 201
+    # "waiting" counts the event being applied too: zero means it is done
     wait_for(lambda: events(backend)["waiting"] == 0, what="the queue")
-    time.sleep(0.5)
     after = backend.get(f"/admin/references/{pid}/Object", headers=ADMIN)[1]
     assert after["source"]["annotation"] == before["source"]["annotation"] and not after["source"]["forced"]
     assert backend.get(f"/admin/references/{pid}/Object/mask.png", headers=ADMIN)[1] == png_before  # Label Studio's mask
@@ -242,6 +245,92 @@ def test_a_config_smartsam_cannot_use_is_refused_at_connect(label_studio, backen
                                          "auth_method": "BASIC_AUTH", "basic_auth_user": BASIC[0], "basic_auth_pass": BASIC[1]})
     assert s == 400, body
     assert b"no <BrushLabels> on the image" in body, body  # what Label Studio shows at Connect
+
+
+CAPTION_CONFIG = LABEL_CONFIG.replace("<View>", '<View>\n  <Text name="caption" value="$caption"/>', 1)
+
+
+def predict_calls(backend):
+    return backend.get("/health")[1]["requests"]["predict"]
+
+
+def test_reads_never_make_label_studio_predict_and_extra_params_are_confirmed(label_studio, backend, tmp_path):
+    """Label Studio runs a project's ML backend on a task whenever the task is read through
+    ``GET /api/tasks/<id>`` and has no prediction (the project shows predictions to annotators, its
+    default). The backend's read-backs (webhooks, the admin's "from task", the project evaluation)
+    must not trigger that: counted here, zero /predict calls. Also: the Connect form's extra params
+    take effect once Label Studio holds them (a forged /setup does not), and the labeling config's
+    image key is used everywhere (a text field comes first in these tasks' data)."""
+    ls = label_studio
+    assert "<Text" in CAPTION_CONFIG
+    s, p = ls.api("POST", "/api/projects", {"title": "SmartSAM reads", "label_config": CAPTION_CONFIG})
+    assert s == 201, p
+    pid = p["id"]
+    assert p["show_collab_predictions"] is True  # Label Studio's default: the case that made reads predict
+    s, st = ls.api("POST", "/api/storages/localfiles", {"project": pid, "path": str(ls.documents / "GrabCut" / "img"),
+                                                          "regex_filter": r"^$", "use_blob_urls": True, "title": "images"})
+    assert s == 201, st
+    names = ["106024.jpg", "124080.jpg", "153077.jpg"]
+    root = ls.documents
+    tasks_in = [{"data": {"caption": f"photo {n}", "image": f"/data/local-files/?d={(root / 'GrabCut' / 'img' / n).relative_to(root)}"}}
+                for n in names]
+    s, r = ls.api("POST", f"/api/projects/{pid}/import", tasks_in)
+    assert s == 201, r
+    tasks = ls.tasks(pid)
+    assert [list(t["data"]) for t in tasks] == [["caption", "image"]] * 3  # the caption comes first
+    ml = ls.connect(pid, backend.url, basic_auth=True, extra_params={"chain_length": 1})["id"]
+    hook = [w for w in ls.api("GET", f"/api/webhooks?project={pid}")[1] if w["project"] == pid][0]
+    assert ls.api("PATCH", f"/api/webhooks/{hook['id']}", {"headers": SECRET})[0] == 200
+    # the extra params, confirmed with Label Studio, name the project's model version and answers
+    wait_for(lambda: backend.post("/setup", {"project": f"{pid}.1", "schema": CAPTION_CONFIG,
+                                             "extra_params": {"chain_length": 1}})[1]["model_version"].endswith("-chain1"),
+             what="the extra params to be confirmed")
+    rejected = events(backend)["rejected"]
+    forged = backend.post("/setup", {"project": f"{pid}.1", "schema": CAPTION_CONFIG, "extra_params": {"chain_length": 2}})
+    assert forged[0] == 200 and forged[1]["model_version"].endswith("-chain1")
+    wait_for(lambda: events(backend)["rejected"] > rejected, what="the forged params to be refused")
+    t0, t1, t2 = (t["id"] for t in tasks)
+    s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": t0, "context": {"result": [keypoint(481, 321)]}})
+    assert s == 200 and "errors" not in r, r
+    assert r["data"]["settings"]["chain_length"] == 1 and r["data"]["model_version"].endswith("-chain1")
+    res = r["data"]["result"][0]
+    calls = predict_calls(backend)
+
+    # webhooks read back (annotation, project, task): the reference is set, Label Studio predicted nothing
+    for task in (t0, t1):
+        ev = events(backend)
+        s, a = ls.api("POST", f"/api/tasks/{task}/annotations?project={pid}", {"result": [dict(res, id=f"r{task}")]})
+        assert s == 201, a
+        settled(backend, ev)
+    refs = backend.get(f"/admin/references/{pid}", headers=ADMIN)[1]["references"]
+    assert [(x["label"], x["source"]["task"]) for x in refs] == [("Object", t0)]  # the image came by the config's key
+    # the admin's "reference from a task" reads the task the same way
+    s, body = backend.request("PUT", f"/admin/references/{pid}/Object", json.dumps({"task": t1}).encode(),
+                              {**ADMIN, "Content-Type": "application/json"})
+    assert s == 200 and body["task"] == t1, body
+    s, body = backend.request("PUT", f"/admin/references/{pid}/Object", json.dumps({"task": 10 ** 6}).encode(),
+                              {**ADMIN, "Content-Type": "application/json"})
+    assert s == 400 and "not in project" in body["error"], body
+    # the project evaluation reads every task and its annotations
+    env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONPATH=str(ROOT))
+    q = subprocess.run([sys.executable, "-m", "backend.evaluate", "--project", str(pid), "--mode", "oracle", "--trials", "1",
+                        "--max-clicks", "1", "--no-progress", "--out", str(tmp_path / "eval")], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    assert q.returncode == 0, q.stderr
+    assert json.loads((tmp_path / "eval" / "oracle.json").read_text())["n"] == 2
+    assert predict_calls(backend) == calls  # not one /predict from Label Studio during any of these reads
+    assert all(ls.predictions(t) == [] for t in (t0, t1, t2))
+
+    # annotations made in bulk (Data Manager: predictions -> annotations) arrive as ANNOTATIONS_CREATED
+    s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+                  {"selectedItems": {"all": False, "included": [t2]}})
+    assert s == 200 and len(ls.predictions(t2)) == 1, r
+    applied = events(backend)["applied"]
+    s, r = ls.api("POST", f"/api/dm/actions?id=predictions_to_annotations&project={pid}",
+                  {"selectedItems": {"all": False, "included": [t2]}})
+    assert s == 200, r
+    wait_for(lambda: events(backend)["applied"] > applied, what="the bulk event")
+    assert "webhook ANNOTATIONS_CREATED annotation" in backend.log_path.read_text()
 
 
 def test_personal_access_token_works_too(label_studio, tmp_path):
@@ -381,9 +470,10 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
         first_call = time.time() - t0
         assert s == 200 and first_call < 90, (s, first_call)
         done_in_call = sum(len(ls.predictions(t["id"])) for t in tasks)
-        assert 0 < done_in_call < 40, done_in_call  # some within the budget, the rest in the background
         jobs = b.get("/health")[1]["jobs"]["prelabel"]
-        assert jobs["queued"] == 40 - done_in_call, jobs
+        # what the budget did not cover went to the background (on these 2 cores: most of it; a
+        # faster machine may finish more, or all, within the call)
+        assert done_in_call + jobs["queued"] == 40, (done_in_call, jobs)
         # the user presses the button again while the background runs: nothing is predicted twice
         s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
         assert s == 200
@@ -520,9 +610,7 @@ def settled(backend, before):
         e = events(backend)
         n = sum(e[k] for k in ("applied", "duplicates", "rejected", "failed"))
         return e if e["waiting"] == 0 and n > sum(before[k] for k in ("applied", "duplicates", "rejected", "failed")) else None
-    e = wait_for(done, what="the webhook to be handled")
-    time.sleep(0.3)
-    return e
+    return wait_for(done, what="the webhook to be handled")  # "waiting" counts the event being applied too
 
 
 def current_mask(backend, pid):
@@ -610,7 +698,7 @@ def test_reference_rules_follow_the_annotators(label_studio, backend):
     assert np.array_equal(current_mask(backend, pid), m["a3"]) and source()["annotation"] == a3
     # a forged deletion of an annotation Label Studio still has changes nothing
     rejected = events(backend)["rejected"]
-    assert backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": a3}]}, headers=SECRET)[0] == 200
+    assert backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": a3}]}, headers=SECRET)[0] == 201
     wait_for(lambda: events(backend)["rejected"] > rejected, what="the forged deletion's rejection")
     assert np.array_equal(current_mask(backend, pid), m["a3"])
     # deleting the source annotation restores the previous version, down to none
@@ -675,13 +763,16 @@ def test_reference_rules_follow_the_annotators(label_studio, backend):
 def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio, tmp_path):
     """Suggestions served through Label Studio, annotations submitted through its API: the
     statistics record an unchanged suggestion as accepted with IoU 1, an edited one with IoU < 1
-    and its extra clicks; SMARTSAM_COMPARE=plain:0.5 splits first clicks and both arms appear."""
+    and its extra clicks; SMARTSAM_COMPARE=plain:0.5 splits first clicks, and each object counts
+    under the arm its annotator saw: click -> accept or edit -> submit, for both arms (before, the
+    read-backs made Label Studio pre-label the tasks, and those later pre-labels took the objects)."""
 
     ls = label_studio
     b = Backend(tmp_path / "data", env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm",
                                         "SMARTSAM_COMPARE": "plain:0.5", "SMARTSAM_CHAIN_LENGTH": "1"}).start()
     try:
-        pid, ml, tasks = ls.project("SmartSAM statistics", r".*(106024|124080|153077)\.jpg", b.url)
+        pid, ml, tasks = ls.project("SmartSAM statistics", r".*(106024|124080|153077|153093)\.jpg", b.url)
+        assert len(tasks) == 4
         sizes = {}
         from PIL import Image
 
@@ -727,18 +818,49 @@ def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio,
         assert s == 201, a_edit
         settled(b, ev)
 
+        def first_click(task, arm):
+            """One first click that the backend's seeded draw gives to ``arm`` (found with the same
+            draw here, so the task gets exactly one suggestion)."""
+            from backend.field_stats import draw_plain
+            from backend.regions import pct_to_px
+
+            tw, th = sizes[task]
+            for k in range(40):
+                x, y = 20 + 5 * k, 30 + 4 * k
+                if draw_plain(0, 0.5, str(pid), task, "Object", (pct_to_px(x, tw), pct_to_px(y, th))) == (arm == "plain"):
+                    d = click(task, [keypoint(tw, th, x=x, y=y)])
+                    assert (d["mode"] == "plain") == (arm == "plain"), d["mode"]
+                    return d
+            raise AssertionError(f"no {arm} first click")
+
+        # a plain first click, edited before submitting; a SmartSAM first click, accepted as it came
+        t2, t3 = tasks[2]["id"], tasks[3]["id"]
+        m2 = rle_mask(first_click(t2, "plain")["result"][0])
+        m2[: m2.shape[0] // 3] = ~m2[: m2.shape[0] // 3]
+        ev = events(b)
+        assert ls.api("POST", f"/api/tasks/{t2}/annotations?project={pid}", {"result": [brush_region(m2, rid="e2")],
+                                                                             "lead_time": 10.0})[0] == 201
+        settled(b, ev)
+        sm3 = first_click(t3, "smartsam")["result"][0]
+        ev = events(b)
+        assert ls.api("POST", f"/api/tasks/{t3}/annotations?project={pid}", {"result": [dict(sm3, id="s3")],
+                                                                             "lead_time": 6.0})[0] == 201
+        settled(b, ev)
+
         stats = b.get(f"/admin/stats?project={pid}", headers=ADMIN)[1]
         rows = {r["arm"]: r for r in stats["objects"]}
-        assert rows["plain"]["objects"] == 1 and rows["plain"]["accepted"] == 1 and rows["plain"]["iou_mean"] == 1.0
-        assert rows["plain"]["clicks_per_object"] == 1 and rows["plain"]["seconds_per_object"] == 8.0
+        assert set(rows) == {"plain", "smartsam"}, rows  # nothing counted under a pre-label nobody saw
+        assert not any(x["arm"] == "prelabel" for x in stats["served"] if x["project"] == str(pid))
+        assert rows["plain"]["objects"] == 2 and rows["plain"]["accepted"] == 1 and 0 < rows["plain"]["iou_mean"] < 1
+        assert rows["plain"]["clicks_per_object"] == 1 and rows["plain"]["seconds_per_object"] == 9.0
         sm = rows["smartsam"]
-        assert sm["objects"] == 1 and sm["accepted"] == 0 and 0 < sm["iou_mean"] < 1
-        assert sm["clicks_per_object"] == 2  # one click after the agent's first answer
+        assert sm["objects"] == 2 and sm["accepted"] == 1 and 0 < sm["iou_mean"] < 1
+        assert sm["clicks_per_object"] == 1.5  # the refined object: one click after the agent's first answer
         # the CLI prints the same table from the same data directory
         env = dict(os.environ, SMARTSAM_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
         p = subprocess.run([sys.executable, "-m", "backend.admin", "stats", "--project", str(pid)], env=env,
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert p.returncode == 0 and f"| {pid} | Object | plain | 1 | 1 | 1.00 | 1.000 | 1.00 | 8.0 |" in p.stdout, p.stdout
+        assert p.returncode == 0 and f"| {pid} | Object | plain | 2 | 1 | 0.50 |" in p.stdout, p.stdout
         print(p.stdout)  # quoted in the README (pytest -s)
         # the admin page shows the plot and the table
         s, page = b.request("GET", "/admin", headers=ADMIN)
@@ -749,7 +871,8 @@ def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio,
         ev = events(b)
         assert ls.api("DELETE", f"/api/annotations/{a_plain['id']}")[0] == 204
         settled(b, ev)
-        assert [r["arm"] for r in b.get(f"/admin/stats?project={pid}", headers=ADMIN)[1]["objects"]] == ["smartsam"]
+        rows = {r["arm"]: r for r in b.get(f"/admin/stats?project={pid}", headers=ADMIN)[1]["objects"]}
+        assert rows["plain"]["objects"] == 1 and rows["smartsam"]["objects"] == 2
     finally:
         b.stop()
 

@@ -257,11 +257,14 @@ def test_garbage_collection_never_removes_a_file_a_writer_is_about_to_name(tmp_p
     errors = []
 
     def writer():
-        k = 0
-        while not stop.is_set():
-            k += 1
-            # files are reused by content (k % 3): the case where a file exists before its new row
-            store.put("1", "L", _ref(k % 3), {"k": k}, mask=_mask(k % 3), how="admin")
+        try:
+            for k in range(1, 151):
+                # files are reused by content (k % 3): the case where a file exists before its new row
+                store.put("1", "L", _ref(k % 3), {"k": k}, mask=_mask(k % 3), how="admin")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            stop.set()  # the collector races the writer for exactly its 150 versions
 
     def collector():
         other = ReferenceStore(tmp_path)  # another connection, as another process would have
@@ -274,16 +277,15 @@ def test_garbage_collection_never_removes_a_file_a_writer_is_about_to_name(tmp_p
     threads = [threading.Thread(target=writer), threading.Thread(target=collector)]
     for t in threads:
         t.start()
-    time.sleep(3)
-    stop.set()
     for t in threads:
-        t.join(30)
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
     assert not errors and store.check() == []
     # every version ever written still has its files (the history stays viewable)
     for v in store.history("1", "L"):
         for name in (v.feature_file, v.mask_file):
             assert (tmp_path / "refs" / name).exists(), (v.id, name)
-    assert len(store.history("1", "L")) > 10
+    assert len(store.history("1", "L")) == 150
     # a file no version names goes
     (tmp_path / "refs" / ("0" * 64 + ".npy")).write_bytes(b"orphan")
     assert store.collect_garbage(min_age_s=0) == 1

@@ -25,7 +25,8 @@ def _region(rle, w=64, h=48):
 
 
 def test_rle_bomb_is_refused_at_once_with_memory_flat():
-    from backend.model import RequestError, brush_mask, mask_to_rle
+    from backend.errors import RequestError
+    from backend.regions import brush_mask, mask_to_rle
 
     good = mask_to_rle(np.ones((48, 64), bool))
     brush_mask(_region(good), (48, 64))  # imports done before timing
@@ -74,7 +75,10 @@ def test_slow_drip_is_cut_at_the_request_deadline_and_health_answers(drip_server
 
         th = threading.Thread(target=drip)
         th.start()
-        time.sleep(0.5)
+        deadline = time.time() + 30
+        while not any(h[0].startswith("/drip/") for h in drip_server.hits) and time.time() < deadline:
+            time.sleep(0.02)  # until the backend is reading the dripping image
+        assert time.time() < deadline
         for _ in range(5):
             t = time.time()
             assert b.get("/health")[0] == 200
@@ -184,7 +188,7 @@ def test_local_files_root_slash_is_refused_at_start(tmp_path):
     import sys
 
     env = dict(os.environ, LOCAL_FILES_DOCUMENT_ROOT="/", SMARTSAM_BACKBONE="disk-test", SMARTSAM_DATA_DIR=str(tmp_path / "d"))
-    p = subprocess.run([sys.executable, "-m", "backend._wsgi", "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "backend.server", "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "LOCAL_FILES_DOCUMENT_ROOT=/" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
@@ -193,7 +197,7 @@ def test_model_version_follows_the_weights(tmp_path):
     import os
 
     from backend.config import Settings
-    from backend.model import checkpoint_tag
+    from backend.engine import checkpoint_tag
 
     ck = tmp_path / "mine.pt"
     ck.write_bytes(b"weights one")

@@ -10,11 +10,10 @@ and each group is one decoder call.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -101,9 +100,12 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
 
 
-def cpu_bf16_setting() -> bool:
-    """``SMARTSAM_CPU_BF16``: "auto" (default: on where the CPU has AMX), "on" or "off"."""
-    v = (os.environ.get("SMARTSAM_CPU_BF16") or "auto").strip().lower()
+def cpu_bf16_setting(value: Union[str, bool, None] = "auto") -> bool:
+    """Resolve the CPU bf16 choice (``SMARTSAM_CPU_BF16`` / ``--cpu-bf16``): "auto" (on where the
+    CPU has AMX or AVX512-BF16), "on"/"off" or a bool."""
+    if isinstance(value, bool):
+        return value
+    v = (value or "auto").strip().lower()
     if v not in ("auto", "on", "off"):
         raise ValueError(f"SMARTSAM_CPU_BF16 must be auto, on or off, not {v!r}")
     return cpu_has_fast_bf16() if v == "auto" else v == "on"
@@ -125,9 +127,11 @@ class Backbone:
             a CPU it runs in chunks: the decoder's (B, 256, 64, 64) intermediates then stay in cache
             (``benchmarks/latency.py`` prints the effect; on 2 cores chunks of 2-4 took about 60 % of
             one pass). Default: 2 on CPU (measured fastest, see README), everything at once on CUDA.
+        cpu_bf16: "auto" (bf16 autocast where the CPU has bf16 hardware), "on", "off" or a bool.
     """
 
-    def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None, decode_chunk: Optional[int] = None) -> None:
+    def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None, decode_chunk: Optional[int] = None,
+                 cpu_bf16: Union[str, bool] = "auto") -> None:
         self.name = name
         self.device = torch.device(device or default_device())
         self.cache_size = int(cache_size)
@@ -143,8 +147,8 @@ class Backbone:
         self.disk_cache = None  # an EmbeddingDiskCache: embeddings survive restarts and are shared
         self.disk_hits = 0
         self.cache_id = name  # which weights made an embedding (the disk cache's folder)
-        # bf16 autocast on the CPU where it has bf16 hardware (SMARTSAM_CPU_BF16=off to disable)
-        self.cpu_bf16 = self.device.type == "cpu" and cpu_bf16_setting()
+        # bf16 autocast on the CPU where it has bf16 hardware (cpu_bf16="off" to disable)
+        self.cpu_bf16 = self.device.type == "cpu" and cpu_bf16_setting(cpu_bf16)
 
     # -- image -----------------------------------------------------------------------------
     def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:

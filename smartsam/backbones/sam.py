@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,8 +49,9 @@ class SamBackbone(Backbone):
         cache_size, device: see :class:`Backbone`.
     """
 
-    def __init__(self, model, name: str = "sam", cache_size: int = 8, device: Optional[str] = None) -> None:
-        super().__init__(name, cache_size, device)
+    def __init__(self, model, name: str = "sam", cache_size: int = 8, device: Optional[str] = None,
+                 cpu_bf16: Union[str, bool] = "auto") -> None:
+        super().__init__(name, cache_size, device, cpu_bf16=cpu_bf16)
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.model = model.to(self.device).eval()

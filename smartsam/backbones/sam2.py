@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,13 +29,16 @@ def build_sam2_model(arch: str, checkpoint: Optional[str] = None, device: str = 
     return build_sam2(SAM2_CONFIGS[arch], checkpoint, device=device, mode="eval")
 
 
-def shared_decoder_setting() -> bool:
-    """``SMARTSAM_SHARED_DECODER``: "on" (default) or "off" (sam2's own MaskDecoder module).
+def shared_decoder_setting(value: Union[str, bool, None] = "on") -> bool:
+    """Resolve ``SMARTSAM_SHARED_DECODER`` / ``--shared-decoder``: "on" (default) or "off" (sam2's
+    own MaskDecoder module), or a bool.
 
     Measured with ``benchmarks/latency.py`` (README "Results"): the literal agent's cached click
     1.51 s instead of 2.79 s on 2 CPU cores (bf16), 0.161 s instead of 0.185 s on an H100 (SAM 2.1
     large), same masks."""
-    v = (os.environ.get("SMARTSAM_SHARED_DECODER") or "on").strip().lower()
+    if isinstance(value, bool):
+        return value
+    v = (value or "on").strip().lower()
     if v not in ("on", "off"):
         raise ValueError(f"SMARTSAM_SHARED_DECODER must be on or off, not {v!r}")
     return v == "on"
@@ -53,13 +55,14 @@ class Sam2Backbone(Backbone):
     on an image shares once.
     """
 
-    def __init__(self, model, name: str = "sam2", cache_size: int = 8, device: Optional[str] = None) -> None:
-        super().__init__(name, cache_size, device)
+    def __init__(self, model, name: str = "sam2", cache_size: int = 8, device: Optional[str] = None,
+                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on") -> None:
+        super().__init__(name, cache_size, device, cpu_bf16=cpu_bf16)
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         self.model = model.to(self.device).eval()
         self.predictor = SAM2ImagePredictor(self.model)
-        self.shared_decoder = shared_decoder_setting()
+        self.shared_decoder = shared_decoder_setting(shared_decoder)
         self._shared: dict = {}  # compute dtype -> Sam2SharedDecoder, built on first use
         self._shares: "OrderedDict[Tuple[str, torch.dtype], ImageShare]" = OrderedDict()
         if self.shared_decoder:  # built now, so the first click does not pay for it

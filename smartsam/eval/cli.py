@@ -44,7 +44,7 @@ def run_eval(args, all_samples, dataset: str, loader) -> int:
     """The protocol for ``args.mode`` on ``all_samples`` (first ``--limit``), read by ``loader``
     (sample -> image, ground truth, ignore mask); prints the table, writes the outputs. Shared by
     ``smartsam eval`` and the backend's project evaluation."""
-    from ..cli import UsageError, cli_agent_options
+    from ..cli import UsageError, cli_agent_options, cli_load_backbone, cli_load_features
     from .datasets import references_for
     from .runner import evaluate
     from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter
@@ -79,10 +79,11 @@ def run_eval(args, all_samples, dataset: str, loader) -> int:
         import numpy as np
 
         from ..agent import SmartSAMAgent
+        from ..features import FeatureSet
+        from ..reference import ReferenceBuilder
         from ..selector import Reference
-        from ..models import default_features, load_backbone, load_features
 
-        bb = load_backbone(args.backbone, args.checkpoint, args.device)
+        bb = cli_load_backbone(args)
         if args.mode == "backbone":
             make = lambda t: BackboneSegmenter(bb)  # noqa: E731
         else:
@@ -90,15 +91,15 @@ def run_eval(args, all_samples, dataset: str, loader) -> int:
             if args.mode == "reference":
                 if not any(s.category for s in samples):
                     raise UsageError(f"reference mode needs categories in the file names (COCO_MVal); {dataset} has none")
-                feats = load_features(args.features or default_features("image", bb.random_weights), args.device)
+                feats = cli_load_features(args, "image", bb.random_weights)
                 # makes references: same checks and preparation (--reference-prep) as everywhere
-                refs = SmartSAMAgent(bb, image_features=feats, **cli_agent_options(args))
+                refs = ReferenceBuilder(FeatureSet(feats), cli_agent_options(args)["reference_prep"])
                 cache = {}
 
                 def one(r):
                     if r.name not in cache:
                         image, gt, _ = loader(r)
-                        cache[r.name] = refs.reference_from_mask(image, gt)
+                        cache[r.name] = refs.from_mask(image, gt)
                     return cache[r.name]
 
                 def reference(sample):

@@ -1,0 +1,256 @@
+"""The engine: the models, their caches and locks, references and model versions, per process.
+
+Built once per process by the composition root (:mod:`backend.server`) from :class:`Settings`;
+the protocol adapter, the jobs, the admin API and pre-labeling all use the same one. The models
+load in a background thread so ``/setup`` and ``/health`` answer at once; requests wait for the
+model no longer than their deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from smartsam import __version__
+from smartsam.agent import SmartSAMAgent, agent_options
+from smartsam.clickers import NextChainClicker
+from smartsam.features import FeatureSet
+from smartsam.reference import ReferenceBuilder
+from smartsam.selector import Reference
+
+from .config import AgentSettings, Settings
+from .errors import Busy, RequestError
+from .field_stats import FieldStats
+from .images import ImageFetcher
+from .ls_client import LabelStudioClient
+from .project_settings import ProjectSettings
+from .references import CorruptReference, ReferenceStore
+
+log = logging.getLogger("smartsam.backend")
+
+
+def project_key(project) -> Optional[str]:
+    """Label Studio sends "<id>.<created-timestamp>"; references are kept per project id. None
+    when the request names no project (the SDK, scripts): pure-IS for that request."""
+    if project is None or project == "":
+        return None
+    key = str(project).split(".")[0]
+    if not key.isdigit():
+        raise RequestError(f"project must be a Label Studio project id, got {str(project)[:40]!r}")
+    return key
+
+
+class Engine:
+    """Per-process models and state.
+
+    Args:
+        settings: the backend's settings, read once by the caller.
+        client: the Label Studio client (built from the settings when not given).
+    """
+
+    def __init__(self, settings: Settings, client: Optional[LabelStudioClient] = None) -> None:
+        self.settings = settings
+        self.client = client or LabelStudioClient(settings)
+        self.fetcher = ImageFetcher(settings, self.client)
+        self.store = ReferenceStore(settings.data_dir, exemplars=settings.exemplars)
+        self.project_settings = ProjectSettings(settings.data_dir)
+        self.store.exemplars_for = lambda project: self.agent_settings(project).exemplars
+        self.stats = FieldStats(settings.data_dir, settings.stats_max)
+        self.features = FeatureSet(loader=self._load_features)
+        self.references = ReferenceBuilder(self.features, settings.reference_prep)
+        self.lock = threading.Lock()  # the models serve one request at a time
+        self.backbone = None
+        self.load_error: Optional[str] = None
+        self._loaded = threading.Event()
+        self._agents: Dict[AgentSettings, SmartSAMAgent] = {}
+        self._checkpoint_tag: Optional[str] = None
+
+    # -- loading ---------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        threading.Thread(target=self.load, name="smartsam-load", daemon=True).start()
+
+    def load(self) -> None:
+        """Load the backbone (synchronously; :meth:`start_loading` runs it in a thread)."""
+        from smartsam.models import ModelError, load_backbone
+
+        try:
+            # files left by a crash between a file and its row, or by a write that changed nothing
+            n = self.store.collect_garbage()
+            if n:
+                log.info("reference store: removed %d unused files", n)
+        except OSError as e:
+            log.warning("reference store garbage collection failed: %s", e)
+        try:
+            bb = load_backbone(**self.settings.backbone_kwargs())
+            self.backbone = bb
+            log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
+        except ModelError as e:
+            self.load_error = str(e)
+            log.error("model not loaded: %s", e)
+        except Exception as e:  # never leave the server hanging in "loading"
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("model not loaded")
+        finally:
+            self._loaded.set()
+
+    def _load_features(self, kind: str):
+        # features load on first need: pure-IS users never pay for DINOv2 / CLIP
+        from smartsam.models import default_features, load_features
+
+        s = self.settings
+        random = bool(self.backbone is not None and self.backbone.random_weights) or s.backbone_name.endswith("-random") \
+            or s.backbone_name == "disk-test"
+        name = (s.features if kind == "image" else s.text_features) or default_features(kind, random)
+        return load_features(name, s.device, s.dinov2_path if kind == "image" else s.clip_path)
+
+    def ready(self, timeout: float = 300.0):
+        """The loaded backbone (waits for loading up to ``timeout`` seconds)."""
+        if not self._loaded.wait(timeout):
+            raise RequestError("the model is still loading; try again in a moment")
+        if self.backbone is None:
+            raise RequestError(f"the model failed to load: {self.load_error}")
+        return self.backbone
+
+    # -- agents ----------------------------------------------------------------------------
+    def agent_settings(self, project: Optional[str]) -> AgentSettings:
+        """The agent settings of a project: the backend's, with the project's confirmed extra
+        params applied."""
+        return self.project_settings.agent(self.settings.agent, project)
+
+    def agent(self, agent_settings: Optional[AgentSettings] = None) -> SmartSAMAgent:
+        """The agent for these settings (one per distinct settings, sharing the backbone)."""
+        a = agent_settings or self.settings.agent
+        bb = self.ready()
+        agent = self._agents.get(a)
+        if agent is None:
+            s = self.settings
+            # SMARTSAM_FAST_PATH and SMARTSAM_REQUIRE_CLICK: the same settings as the CLI and eval
+            agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=a.chain_length), seed=s.seed,
+                                  features=self.features,
+                                  **agent_options(a.fast_path, a.require_click, s.reference_prep))
+            self._agents[a] = agent
+        return agent
+
+    @contextlib.contextmanager
+    def model(self, deadline: Optional[float] = None, agent_settings: Optional[AgentSettings] = None) -> Iterator[SmartSAMAgent]:
+        """The agent, held for one request; waits for it no longer than ``deadline``
+        (``time.monotonic()``), then raises Busy."""
+        self.ready(max(0.0, (deadline or time.monotonic() + 300) - time.monotonic()))
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.lock.acquire(timeout=wait):
+            raise Busy(f"the model stayed busy past this request's time limit (SMARTSAM_REQUEST_TIMEOUT="
+                       f"{self.settings.request_timeout:g} s); try again")
+        try:
+            yield self.agent(agent_settings)
+        finally:
+            self.lock.release()
+
+    def health(self) -> Dict:
+        """Never waits for the model: it answers at once even while clicks are running."""
+        bb = self.backbone
+        return {
+            "status": "ERROR" if self.load_error else "UP",
+            "model": bb.name if bb else self.settings.backbone_name,
+            "device": str(bb.device) if bb else None,
+            "weights_loaded": bb is not None,
+            "loading": not self._loaded.is_set(),
+            "random_weights": bool(bb and bb.random_weights),
+            "load_error": self.load_error,
+            "encoder_calls": bb.encoder_calls if bb else 0,
+            "decoder_calls": bb.decoder_calls if bb else 0,
+            "embedding_disk_hits": bb.disk_hits if bb else 0,
+            "version": __version__,
+        }
+
+    # -- versions --------------------------------------------------------------------------
+    def checkpoint_tag(self) -> str:
+        """Short digest of the weights in use, so a new checkpoint gives a new model version."""
+        if self._checkpoint_tag is None:
+            self._checkpoint_tag = checkpoint_tag(self.settings)
+        return self._checkpoint_tag
+
+    def model_version(self, project: Optional[str] = None, agent_settings: Optional[AgentSettings] = None) -> str:
+        """``smartsam-<version>-<backbone>-<weights digest>[-<references digest>][-<settings>]``:
+        changes when the checkpoint, the project's references or its agent settings change, so
+        Label Studio and the pre-labeler never keep predictions made for an old reference as
+        current. Compute it once per request (it reads the reference store)."""
+        v = f"smartsam-{__version__}-{self.settings.backbone_name}-{self.checkpoint_tag()}"
+        if project is not None:
+            v += f"-{references_digest(self.store, project)}"
+            tag = (agent_settings or self.agent_settings(project)).tag(self.settings.agent)
+            if tag:
+                v += f"-{tag}"
+        return v
+
+    # -- references ------------------------------------------------------------------------
+    def reference(self, project: str, label: str) -> Tuple[Optional[Reference], Optional[str]]:
+        """(reference or None, note): a damaged stored reference is reported, not used."""
+        try:
+            ref = self.store.get(project, label)
+        except CorruptReference as e:
+            log.error("project %s label %r: %s; answering without it", project, label, e)
+            return None, f"stored reference for {label!r} is damaged ({e}); set it again"
+        if ref is None:
+            return None, None
+        feats = self.features.for_reference(ref.kind)
+        if ref.extractor != feats.name:
+            return None, f"reference for {label!r} was made with {ref.extractor}, this backend uses {feats.name}; set it again"
+        return ref, None
+
+    def make_reference(self, image: Optional[np.ndarray], mask: Optional[np.ndarray] = None,
+                       text: Optional[str] = None) -> Reference:
+        """A reference from a text, an image + mask or an image (under the model lock: the
+        extractors are not thread-safe)."""
+        if text is not None:
+            self.features.get("text")
+            with self.model():
+                return self.references.from_text(text)
+        self.features.get("image")
+        with self.model():
+            return self.references.from_mask(image, mask) if mask is not None else self.references.from_image(image)
+
+
+_TAG_CACHE: Dict[tuple, str] = {}
+
+
+def checkpoint_tag(settings: Settings) -> str:
+    """8 hex digits naming the weights: the published or recorded SHA-256 of the checkpoint, the
+    hash of a local checkpoint file (computed once per file version), or "random"."""
+    from smartsam.models import ModelError, checkpoint_path, get_spec, sha256_file
+
+    try:
+        spec = get_spec(settings.backbone_name)
+    except ModelError:
+        return "unknown"
+    if spec.random:
+        return "random"
+    path = settings.checkpoint or str(checkpoint_path(spec))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (spec.sha256 or "missing")[:8]
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _TAG_CACHE:
+        if not settings.checkpoint and spec.sha256:
+            _TAG_CACHE[key] = spec.sha256[:8]  # verified against it before loading
+        else:
+            _TAG_CACHE[key] = sha256_file(path)[:8]
+    return _TAG_CACHE[key]
+
+
+def references_digest(store: ReferenceStore, project: str) -> str:
+    """8 hex digits over the project's references (labels and their stored features); "noref" when none."""
+    refs = store.list(project)
+    if not refs:
+        return "noref"
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(f"{r.label}\0{r.kind}\0{r.feature_sha}\0".encode())
+    return h.hexdigest()[:8]

@@ -1,0 +1,36 @@
+"""The backend's error types, at the bottom floor: every module may raise them, none imports upward."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+class RequestError(ValueError):
+    """Bad input in a request; the message goes back to Label Studio and into the log."""
+
+
+class Busy(RequestError):
+    """The model stayed busy past the request's deadline."""
+
+
+class ImageFetchError(RuntimeError):
+    """The task's image or a Label Studio resource cannot be had; the message says why and what to
+    change. ``status`` is the HTTP status when the server answered with an error."""
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HttpError(Exception):
+    """An HTTP error answer. ``reason`` replaces the status line's reason phrase: Label Studio's
+    Connect dialog shows only that line of a failed /health or /setup, never the body."""
+
+    def __init__(self, status: int, message: str, reason: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason

@@ -1,0 +1,65 @@
+"""Settings read once, checked, and documented; a project's extra params; the one config parser."""
+
+from pathlib import Path
+
+import pytest
+
+from backend.config import AgentSettings, Settings
+from backend.errors import SettingsError
+from backend.label_config import LabelConfig, check_label_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_settings_come_from_the_environment_once_and_bad_values_name_their_variable():
+    s = Settings.from_env({"SMARTSAM_THREADS": "6", "SMARTSAM_ALLOWED_HOSTS": "Img.Example:80, cdn", "SMARTSAM_REQUIRE_CLICK": "off",
+                           "SMARTSAM_DATA_DIR": "/tmp/d", "SMARTSAM_FAST_PATH": "ON", "SMARTSAM_IMAGE_TIMEOUT": "2.5",
+                           "SMARTSAM_CHAIN_LENGTH": ""})  # empty = unset
+    assert (s.threads, s.allowed_hosts, s.require_click, s.data_dir, s.fast_path) == (6, ("img.example:80", "cdn"), False,
+                                                                                        Path("/tmp/d"), "on")
+    assert s.image_timeout == 2.5 and s.chain_length == 3
+    assert Settings.from_env({}) == Settings()  # the documented defaults
+    for env, words in [({"SMARTSAM_THREADS": "many"}, "SMARTSAM_THREADS"), ({"SMARTSAM_THREADS": "1"}, "SMARTSAM_THREADS"),
+                       ({"SMARTSAM_CHAIN_LENGTH": "99"}, "chain_length"), ({"SMARTSAM_CPU_BF16": "yes"}, "SMARTSAM_CPU_BF16"),
+                       ({"SMARTSAM_COMPARE": "plain:2"}, "SMARTSAM_COMPARE"), ({"LOCAL_FILES_DOCUMENT_ROOT": "/"}, "LOCAL_FILES"),
+                       ({"SMARTSAM_REQUEST_TIMEOUT": "0"}, "SMARTSAM_REQUEST_TIMEOUT")]:
+        with pytest.raises(SettingsError, match=words):
+            Settings.from_env(env)
+
+
+def test_every_setting_is_in_the_readme_table():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Operating it"):readme.index("- **Serving**")]
+    missing = [v for v in Settings.ENV if f"`{v}`" not in table]
+    assert not missing, missing
+
+
+def test_extra_params_are_validated_and_named():
+    base = AgentSettings()
+    a = base.with_extra_params({"chain_length": 1, "fast_path": "On", "require_click": False})
+    assert (a.chain_length, a.fast_path, a.require_click, a.exemplars) == (1, "on", False, 1)
+    assert a.tag(base) == "chain1-faston-clickoff" and base.tag(base) == ""
+    assert base.with_extra_params(None) == base and base.with_extra_params({}) == base
+    for bad, words in [({"chains": 2}, "unknown extra params"), ({"chain_length": "2"}, "chain_length"),
+                       ({"chain_length": True}, "chain_length"), ({"exemplars": 0}, "exemplars"),
+                       ({"fast_path": "fast"}, "fast_path"), ({"require_click": "no"}, "require_click"), ([1], "JSON object")]:
+        with pytest.raises(SettingsError, match=words):
+            base.with_extra_params(bad)
+
+
+def test_one_parser_for_the_labeling_config():
+    cfg = LabelConfig.parse((ROOT / "label_config.xml").read_text())
+    assert (cfg.image_name, cfg.image_key, cfg.brush_name) == ("image", "image", "mask")
+    assert cfg.brush_labels == ("Object", "Background object") and [p.tag for p in cfg.prompts] == ["KeyPointLabels", "RectangleLabels"]
+    text_first = ('<View><Text name="caption" value="$caption"/><Image name="photo" value="$img"/>'
+                  '<KeyPointLabels name="kp" toName="photo" smart="true"><Label value="Car"/></KeyPointLabels>'
+                  '<BrushLabels name="paint" toName="photo"><Label value="Car"/></BrushLabels></View>')
+    cfg = LabelConfig.parse(text_first)
+    assert (cfg.image_key, cfg.image_name, cfg.brush_name) == ("img", "photo", "paint")
+    assert check_label_config(text_first) == []
+    no_smart = text_first.replace(' smart="true"', "")
+    assert "smart" in check_label_config(no_smart)[0]
+    assert LabelConfig.parse(no_smart, need_prompts=False).image_key == "img"  # a brush project, for evaluation
+    uncovered = text_first.replace('<Label value="Car"/></KeyPointLabels>', '<Label value="Bus"/></KeyPointLabels>')
+    assert "['Bus']" in check_label_config(uncovered)[0]
+    assert "not valid XML" in check_label_config("<View")[0]

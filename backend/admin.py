@@ -134,10 +134,14 @@ def main(argv=None) -> int:
         print(f"restored version {args.version} as version {vid}")
         return 0
     if args.cmd == "stats":
-        from .field_stats import FieldStats, table
+        from .engine import instance_report
+        from .field_stats import FieldStats, instance_table, table
 
-        summary = FieldStats(s.data_dir, s.stats_max).summary(args.project)
-        print(json.dumps(summary, indent=2) if args.json else table(summary))
+        stats = FieldStats(s.data_dir, s.stats_max)
+        summary = stats.summary(args.project)
+        instances = instance_report(stats, store, s, args.project)
+        print(json.dumps(dict(summary, instances=instances), indent=2) if args.json else
+              table(summary) + "\n\n" + instance_table(instances))
         return 0
     if args.cmd == "gc":
         print(f"removed {store.collect_garbage()} unused files")

@@ -79,11 +79,18 @@ class AdminApi:
     def page(self, req: Request):
         from .admin_page import render
 
-        return 200, render(self.engine.store, self.jobs_state(), self.engine.settings.label_studio_url,
-                           self.engine.stats.summary())
+        from .engine import instance_report
+
+        e = self.engine
+        return 200, render(e.store, self.jobs_state(), e.settings.label_studio_url, e.stats.summary(),
+                           instance_report(e.stats, e.store, e.settings))
 
     def stats(self, req: Request):
-        return 200, self.engine.stats.summary((req.query.get("project") or [None])[0])
+        from .engine import instance_report
+
+        project = (req.query.get("project") or [None])[0]
+        e = self.engine
+        return 200, dict(e.stats.summary(project), instances=instance_report(e.stats, e.store, e.settings, project))
 
     def stats_png(self, req: Request):
         from .field_stats import plot_png

@@ -80,8 +80,25 @@ def _stats(summary: Dict) -> str:
             "</tr>" + "".join(f"<tr>{cells(b, 'td')}</tr>" for b in body) + "</table>")
 
 
+def _instances(report: List[Dict]) -> str:
+    """The "all like this one" thresholds: decisions, threshold in force, precision / recall."""
+    e = html.escape
+    if not report:
+        return ""
+    rows = []
+    for r in report:
+        curve = ", ".join(f"{c['threshold']:.2f}: P {c['precision']:.2f} R {c['recall']:.2f}" for c in r["curve"][-6:])
+        rows.append(f"<tr><td>{e(r['project'])}</td><td>{e(r['label'])}</td><td>{r['decisions']}</td><td>{r['kept']}</td>"
+                    f"<td>{r['threshold']:.3f}</td><td>{e(r['how'])}</td><td class='muted'>{e(curve) or '-'}</td></tr>")
+    return ("<h2 id='instances'>All like this one: thresholds</h2><p class='muted'>Pre-labeled instances the "
+            "annotators kept or deleted, the threshold in force (learned at SMARTSAM_INSTANCE_PRECISION once 30 are "
+            "decided) and the precision / recall at the highest thresholds. JSON: /admin/stats.</p>"
+            "<table id='instances-table'><tr><th>project</th><th>label</th><th>decided</th><th>kept</th><th>threshold</th>"
+            "<th>from</th><th>precision / recall</th></tr>" + "".join(rows) + "</table>")
+
+
 def render(store: ReferenceStore, jobs: Dict, label_studio_url: Optional[str] = None,
-           stats: Optional[Dict] = None) -> str:
+           stats: Optional[Dict] = None, instances: Optional[List[Dict]] = None) -> str:
     e = html.escape
     problems = store.check()
     out: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>SmartSAM references</title>"
@@ -135,5 +152,7 @@ def render(store: ReferenceStore, jobs: Dict, label_studio_url: Optional[str] = 
             out.append("</table>")
     if stats is not None:
         out.append(_stats(stats))
+    if instances:
+        out.append(_instances(instances))
     out.append("</body></html>")
     return "\n".join(out)

@@ -16,14 +16,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from smartsam.agent import AgentResult, locate
+from smartsam.agent import AgentResult
+from smartsam.instances import InstanceFinder
 
 from .config import AgentSettings
 from .engine import Engine
 from .errors import RequestError
 from .field_stats import draw_plain
-from .label_config import LabelConfig
-from .regions import brush_result, parse_prompt
+from .label_config import ALL_LIKE_THIS, LabelConfig
+from .regions import PolygonOptions, answer_results, ls_score, parse_prompt
 
 log = logging.getLogger("smartsam.backend")
 
@@ -94,6 +95,8 @@ class Answers:
         # the first click only, so the chain's later requests stay in the same arm
         plain = first is not None and ctx.project is not None and draw_plain(
             s.seed, s.compare_share, ctx.project, task.get("id"), prompt.label, prompt.points[first])
+        if prompt.tool == ALL_LIKE_THIS and prompt.box is None:
+            return self.all_like_this(task, image, prompt, ref, note, ctx)
         t0 = time.monotonic()
         with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
             agent.set_image(image)
@@ -117,25 +120,62 @@ class Answers:
         if plain:
             pred["arm"] = "plain"  # the first answer came from plain SAM (SMARTSAM_COMPARE)
         self.record(ctx, task, prompt.label, res.mode, "plain" if plain else "smartsam",
-                    len(prompt.points) + (prompt.box is not None), time.monotonic() - t0, shown_mask)
+                    len(prompt.points) + (prompt.box is not None), time.monotonic() - t0, shown_mask, pred["result"])
+        return pred
+
+    def all_like_this(self, task, image: np.ndarray, prompt, ref, note: Optional[str], ctx: RequestContext) -> Dict:
+        """The ``all_like_this`` tool: the clicked object (the agent, as for any click) and every
+        instance like it in the image, the clicked object's mask being the reference of that
+        query; a negative (Alt) click removes the instances that contain it."""
+        first = prompt.first_positive
+        s = self.engine.settings
+        threshold, how = (self.engine.instance_threshold(ctx.project, prompt.label, "mask") if ctx.project is not None
+                          else (float(s.instance_threshold) if s.instance_threshold != "auto" else 0.6, "default"))
+        t0 = time.monotonic()
+        with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
+            key = agent.set_image(image)
+            res = agent.predict(prompt.points[first], ref, deadline=ctx.deadline)
+            query = self.engine.references.from_mask(image, res.mask)
+            found = InstanceFinder(agent, s.max_instances, threshold).find(image, query, key, exclude=[res.mask],
+                                                                          deadline=ctx.deadline)
+        negatives = [p for p, lab in zip(prompt.points, prompt.labels) if lab == 0]
+        found = [i for i in found if not any(i.mask[min(int(y), i.mask.shape[0] - 1), min(int(x), i.mask.shape[1] - 1)]
+                                             for x, y in negatives)]
+        pred, shown_mask = self.prediction(res, ctx, prompt.label, note, prompt.shown)
+        clicked = list(pred["result"])
+        for k, inst in enumerate(found, start=1):
+            regions, _ = self.regions(inst.mask, ctx, prompt.label, inst.similarity, prompt.shown, instance=k)
+            pred["result"].extend(regions)
+        pred.update(mode="all-like-this", instances=len(found), threshold=round(threshold, 4), first_mode=res.mode)
+        log.info("project %s task %s label %r: all like this, %d instances (threshold %.3f, %s), %.2f s", ctx.project,
+                 task.get("id"), prompt.label, len(found), threshold, how, time.monotonic() - t0)
+        self.record(ctx, task, prompt.label, "all-like-this", "smartsam", len(prompt.points), time.monotonic() - t0,
+                    shown_mask, clicked)
         return pred
 
     def record(self, ctx: RequestContext, task, label: str, mode: str, arm: str, clicks: int, seconds: float,
-               mask: np.ndarray) -> None:
+               mask: np.ndarray, regions: List[Dict], similarity: Optional[float] = None) -> None:
         """Field statistics: one suggestion served, ``mask`` as Label Studio shows it (queued, and
         never fails the request)."""
         if ctx.project is None:
             return
         try:
-            self.engine.stats.record(ctx.project, task.get("id"), label, mode, arm, clicks, seconds, mask, ctx.version)
+            self.engine.stats.record(ctx.project, task.get("id"), label, mode, arm, clicks, seconds, mask, ctx.version,
+                                     regions, similarity)
         except Exception as e:  # statistics must not cost an annotator an answer
             log.warning("field statistics: suggestion not recorded (%s)", e)
+
+    def regions(self, mask: np.ndarray, ctx: RequestContext, label: str, score: float, shown=None, instance: int = 0):
+        """The answer regions of one mask in the project's answer tags, and the displayed mask."""
+        s = self.engine.settings
+        return answer_results(mask, ctx.cfg, label, score, shown, s.max_pixels,
+                              PolygonOptions(s.polygon_parts, s.polygon_min_area), instance)
 
     def prediction(self, res: AgentResult, ctx: RequestContext, label: str, note: Optional[str],
                    shown=None) -> tuple:
         """The prediction Label Studio stores, and its mask at the displayed size."""
-        result, mask = brush_result(res.mask, ctx.cfg, label, res.score, shown, self.engine.settings.max_pixels)
-        pred = {"result": [result], "score": round(float(res.score), 4), "model_version": ctx.version,
+        results, mask = self.regions(res.mask, ctx, label, res.score, shown)
+        pred = {"result": results, "score": ls_score(res.score), "model_version": ctx.version,
                 "mode": res.mode, "path": res.path, "settings": ctx.settings_named()}
         if res.similarity is not None:
             pred["similarity"] = round(float(res.similarity), 4)
@@ -150,11 +190,14 @@ class Answers:
 
     # -- pre-labeling ----------------------------------------------------------------------
     def prelabel(self, task, ctx: RequestContext) -> Dict:
-        """No click: for each label with a reference, find the object and segment it."""
+        """No click: for each label with a reference, every instance like it ("all like this
+        one", :class:`~smartsam.instances.InstanceFinder`). One prediction holds every kept
+        region; each region's score is its similarity to the reference, the prediction's the
+        lowest of them (Label Studio's Data Manager then sorts the doubtful tasks first)."""
         if ctx.project is None:
             raise RequestError("pre-labeling needs the project (its references): Label Studio sends it")
         refs, reasons = {}, []
-        for label in ctx.cfg.brush_labels:
+        for label in ctx.cfg.labels:
             ref, note = self.engine.reference(ctx.project, label)
             if ref is not None:
                 refs[label] = ref
@@ -163,20 +206,27 @@ class Answers:
         if not refs:
             raise RequestError("; ".join(reasons))
         image = self.image(task, ctx.cfg, ctx.deadline)
-        results, scores = [], []
+        s = self.engine.settings
+        results, sims, counts = [], [], {}
         for label, ref in refs.items():
-            extractor = self.engine.features.for_reference(ref.kind)
+            threshold, how = self.engine.instance_threshold(ctx.project, label, ref.kind)
+            t0 = time.monotonic()
             with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
                 key = agent.set_image(image)
-                click = locate(extractor, image, ref, key)
-                t0 = time.monotonic()
-                res = agent.predict(click, ref, deadline=ctx.deadline)
-            pred, shown_mask = self.prediction(res, ctx, label, None)
-            self.record(ctx, task, label, "prelabel", "prelabel", 0, time.monotonic() - t0, shown_mask)
-            results.extend(pred["result"])
-            scores.append(res.score)
-        out = {"result": results, "score": round(float(np.mean(scores)), 4), "model_version": ctx.version,
-               "mode": "prelabel", "settings": ctx.settings_named()}
+                found = InstanceFinder(agent, s.max_instances, threshold).find(image, ref, key, deadline=ctx.deadline)
+            seconds = (time.monotonic() - t0) / max(len(found), 1)
+            counts[label] = len(found)
+            if not found:
+                reasons.append(f"no instance like the reference of {label!r} at similarity >= {threshold:.3f} ({how})")
+            for k, inst in enumerate(found):
+                regions, shown_mask = self.regions(inst.mask, ctx, label, inst.similarity, instance=k)
+                self.record(ctx, task, label, "prelabel", "prelabel", 0, seconds, shown_mask, regions, inst.similarity)
+                results.extend(regions)
+                sims.append(inst.similarity)
+        if not results:
+            raise RequestError("; ".join(reasons))
+        out = {"result": results, "score": ls_score(min(sims)), "model_version": ctx.version,
+               "mode": "prelabel", "instances": counts, "settings": ctx.settings_named()}
         if reasons:
             out["errors"] = reasons
             log.info("project %s task %s: %s", ctx.project, task.get("id"), "; ".join(reasons))

@@ -138,6 +138,15 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 9090
     log_level: str = "INFO"
+    # polygon answers: every connected component of at least this many pixels ("all"), or the largest
+    polygon_parts: str = "all"
+    polygon_min_area: int = 16
+    # pre-labels: every instance like the reference, at most this many per label per task
+    max_instances: int = 20
+    # "auto" (learned from the annotators' keep / delete decisions) or a similarity in [-1, 1]
+    instance_threshold: str = "auto"
+    # "auto" picks the threshold that keeps this precision with the most recall
+    instance_precision: float = 0.9
     # field statistics: "plain:0.2" answers that share of first clicks with the plain backbone
     compare: Optional[str] = None
     stats_max: int = 20000
@@ -160,6 +169,9 @@ class Settings:
         "SMARTSAM_STATS_MAX": "stats_max", "SMARTSAM_EXEMPLARS": "exemplars", "SMARTSAM_REFERENCE_PREP": "reference_prep",
         "SMARTSAM_CPU_BF16": "cpu_bf16", "SMARTSAM_SHARED_DECODER": "shared_decoder",
         "SMARTSAM_EMBED_CACHE_DIR": "embed_cache_dir", "SMARTSAM_EMBED_CACHE_BYTES": "embed_cache_bytes",
+        "SMARTSAM_POLYGON_PARTS": "polygon_parts", "SMARTSAM_POLYGON_MIN_AREA": "polygon_min_area",
+        "SMARTSAM_MAX_INSTANCES": "max_instances", "SMARTSAM_INSTANCE_THRESHOLD": "instance_threshold",
+        "SMARTSAM_INSTANCE_PRECISION": "instance_precision",
         "HOST": "host", "PORT": "port", "LOG_LEVEL": "log_level",
     }
 
@@ -185,7 +197,7 @@ class Settings:
                     v = float(raw)
                 elif kind in ("bool", bool):
                     v = _flag(raw)
-                elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder"):
+                elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder", "polygon_parts", "instance_threshold"):
                     v = raw.strip().lower()
                 else:
                     v = raw
@@ -217,6 +229,22 @@ class Settings:
             raise SettingsError("SMARTSAM_THREADS must be at least 2 (one thread stays free for /health)")
         if self.workers < 1:
             raise SettingsError("SMARTSAM_WORKERS must be at least 1")
+        if self.polygon_parts not in ("all", "largest"):
+            raise SettingsError(f"SMARTSAM_POLYGON_PARTS must be all or largest, not {self.polygon_parts!r}")
+        if self.polygon_min_area < 1:
+            raise SettingsError("SMARTSAM_POLYGON_MIN_AREA must be at least 1 pixel")
+        if not 1 <= self.max_instances <= 1000:
+            raise SettingsError(f"SMARTSAM_MAX_INSTANCES must be from 1 to 1000, not {self.max_instances}")
+        if self.instance_threshold != "auto":
+            try:
+                t = float(self.instance_threshold)
+            except ValueError:
+                t = float("nan")
+            if not -1.0 <= t <= 1.0:
+                raise SettingsError(f"SMARTSAM_INSTANCE_THRESHOLD must be auto or a similarity in [-1, 1], not "
+                                    f"{self.instance_threshold!r}")
+        if not 0.0 < self.instance_precision <= 1.0:
+            raise SettingsError("SMARTSAM_INSTANCE_PRECISION must be in (0, 1]")
         if self.max_pixels < 1:
             raise SettingsError("SMARTSAM_MAX_PIXELS must be positive")
         try:

@@ -35,6 +35,13 @@ from .references import CorruptReference, ReferenceStore
 
 log = logging.getLogger("smartsam.backend")
 
+# Instance thresholds before a project's annotators have decided on 30 pre-labeled instances of a
+# label (SMARTSAM_INSTANCE_THRESHOLD=auto). Starting points, not measured with real weights here:
+# DINOv2 mask-pooled features of one category score high against each other; CLIP text
+# similarities live on a much lower scale.
+DEFAULT_INSTANCE_THRESHOLD = {"mask": 0.6, "image": 0.6, "text": 0.2}
+MIN_DECISIONS = 30
+
 
 def project_key(project) -> Optional[str]:
     """Label Studio sends "<id>.<created-timestamp>"; references are kept per project id. None
@@ -183,11 +190,22 @@ class Engine:
         current. Compute it once per request (it reads the reference store)."""
         v = f"smartsam-{__version__}-{self.settings.backbone_name}-{self.checkpoint_tag()}"
         if project is not None:
-            v += f"-{references_digest(self.store, project)}"
+            refs = self.store.list(project)
+            v += f"-{references_digest(self.store, project, refs)}"
             tag = (agent_settings or self.agent_settings(project)).tag(self.settings.agent)
             if tag:
                 v += f"-{tag}"
+            learned = [(m.label, self.instance_threshold(project, m.label, m.kind)) for m in refs]
+            learned = [(label, t) for label, (t, how) in sorted(set(learned)) if how == "learned"]
+            if learned:  # a new threshold pre-labels again
+                v += "-thr" + hashlib.sha256(repr(learned).encode()).hexdigest()[:6]
         return v
+
+    def instance_threshold(self, project: str, label: str, kind: str = "mask") -> Tuple[float, str]:
+        """``(similarity threshold, how)`` for "all like this one" on a project's label: the
+        setting ("fixed"), the one learned from the annotators' keep / delete decisions once there
+        are 30 ("learned", at SMARTSAM_INSTANCE_PRECISION), else the default ("default")."""
+        return instance_threshold(self.stats, self.settings, project, label, kind)[:2]
 
     # -- references ------------------------------------------------------------------------
     def reference(self, project: str, label: str) -> Tuple[Optional[Reference], Optional[str]]:
@@ -215,6 +233,28 @@ class Engine:
         self.features.get("image")
         with self.model():
             return self.references.from_mask(image, mask) if mask is not None else self.references.from_image(image)
+
+
+def instance_threshold(stats: FieldStats, settings: Settings, project: str, label: str, kind: str = "mask"):
+    """``(threshold, how, calibration)``: see :meth:`Engine.instance_threshold`."""
+    cal = stats.calibrate(project, label, settings.instance_precision, MIN_DECISIONS)
+    if settings.instance_threshold != "auto":
+        return float(settings.instance_threshold), "fixed", cal
+    if cal["threshold"] is not None:
+        return float(cal["threshold"]), "learned", cal
+    return DEFAULT_INSTANCE_THRESHOLD.get(kind, 0.6), "default", cal
+
+
+def instance_report(stats: FieldStats, store: ReferenceStore, settings: Settings, project: Optional[str] = None):
+    """Per project and label with a reference: the pre-labeled instances decided (kept / deleted),
+    the precision / recall curve over them and the threshold in force (the admin page and
+    ``python -m backend.admin stats`` show it)."""
+    out = []
+    for m in sorted({(m.project, m.label, m.kind) for m in store.list(project)}):
+        t, how, cal = instance_threshold(stats, settings, m[0], m[1], m[2])
+        out.append({"project": m[0], "label": m[1], "threshold": round(t, 4), "how": how, "decisions": cal["decisions"],
+                    "kept": cal["kept"], "curve": cal["curve"]})
+    return out
 
 
 _TAG_CACHE: Dict[tuple, str] = {}
@@ -245,9 +285,9 @@ def checkpoint_tag(settings: Settings) -> str:
     return _TAG_CACHE[key]
 
 
-def references_digest(store: ReferenceStore, project: str) -> str:
+def references_digest(store: ReferenceStore, project: str, refs=None) -> str:
     """8 hex digits over the project's references (labels and their stored features); "noref" when none."""
-    refs = store.list(project)
+    refs = store.list(project) if refs is None else refs
     if not refs:
         return "noref"
     h = hashlib.sha256()

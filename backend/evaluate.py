@@ -4,7 +4,8 @@
     smartsam-evaluate --project 12 --mode reference --exemplars 3 --out runs/p12
 
 Each task's submitted annotation (the one marked ground truth, else the newest not skipped) is
-the ground truth: every brush region is one object (its label is its category, so reference mode
+the ground truth: every region of its answer tag (brush, polygon or bitmask; the first of the
+config's answer tags the annotation uses) is one object (its label is its category, so reference mode
 takes the next instance of the same label from another task as the reference, like COCO_MVal's
 categories). Images come through the backend's fetcher (the same URL rules, storage resolver and
 limits as a click). The click simulator, metrics and outputs (``<mode>.csv``, ``<mode>.json``,
@@ -23,13 +24,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .errors import RequestError
 from .label_config import LabelConfig
-from .regions import brush_mask, brush_regions
+from .regions import primary_regions, region_mask, region_shown_mask
 
 
 @dataclass(frozen=True)
 class ProjectSample:
-    """One object of a project: a brush region of a task's ground-truth annotation."""
+    """One object of a project: an answer region of a task's ground-truth annotation."""
 
     name: str  # "<label><k>_<task>": the harness's naming (category, instance, image)
     category: str
@@ -61,7 +63,7 @@ class ProjectDataset:
         self.fetcher = fetcher
         self.project = int(project)
         self.info = client.project(self.project)
-        # the project's image key, by the backend's one parser (a brush project; smart tools optional)
+        # the project's image key and answer tags, by the backend's one parser (smart tools optional)
         self.cfg = LabelConfig.parse(self.info.get("label_config") or "", need_prompts=False)
         self.tasks: Dict[int, Dict] = {}
         self._images: Dict[int, np.ndarray] = {}
@@ -75,7 +77,12 @@ class ProjectDataset:
             tid = int(task["id"])
             self.tasks[tid] = dict(task, _gt=ann)
             counts: Dict[str, int] = {}
-            for k, label, _ in brush_regions(ann.get("result") or []):
+            for k, label, region in primary_regions(ann.get("result") or [], self.cfg):
+                try:
+                    region_shown_mask(region, self.fetcher.s.max_pixels)  # a region that cannot be read is no object
+                except RequestError as e:
+                    print(f"task {tid}: region {region.get('id') or k} left out ({e})", file=sys.stderr)
+                    continue
                 n = counts[label] = counts.get(label, -1) + 1
                 out.append(ProjectSample(f"{label}{n:02d}_{tid}", label, tid, k))
         return out
@@ -90,7 +97,63 @@ class ProjectDataset:
             self._images = {s.task: self.fetcher.fetch(ref, task_id=s.task)}  # one image at a time in memory
         image = self._images[s.task]
         region = task["_gt"]["result"][s.region]
-        return image, brush_mask(region, image.shape[:2], self.fetcher.s.max_pixels), None
+        return image, region_mask(region, image.shape[:2], self.fetcher.s.max_pixels), None
+
+
+def match_instances(predicted: List[np.ndarray], truth: List[np.ndarray], min_iou: float = 0.5) -> List[Tuple[int, int, float]]:
+    """Greedy one-to-one matching of predicted to ground-truth instance masks, best IoU first;
+    pairs under ``min_iou`` are no match. Returns ``(predicted index, truth index, IoU)``."""
+    pairs = []
+    for i, p in enumerate(predicted):
+        for j, t in enumerate(truth):
+            if p.shape != t.shape:
+                continue
+            u = np.logical_or(p, t).sum()
+            v = float(np.logical_and(p, t).sum() / u) if u else 0.0
+            if v >= min_iou:
+                pairs.append((v, i, j))
+    used_p, used_t, out = set(), set(), []
+    for v, i, j in sorted(pairs, reverse=True):
+        if i not in used_p and j not in used_t:
+            used_p.add(i)
+            used_t.add(j)
+            out.append((i, j, v))
+    return out
+
+
+def evaluate_instances(ds: "ProjectDataset") -> Dict:
+    """A project's SmartSAM pre-labels (its newest ``smartsam-`` prediction per task) against its
+    submitted annotations: instance precision, recall and the mean IoU of matched pairs (IoU >= 0.5)."""
+    cap = ds.fetcher.s.max_pixels
+    n_pred = n_true = 0
+    ious: List[float] = []
+    tasks = 0
+    for task in sorted(ds.client.tasks(ds.project), key=lambda t: t.get("id") or 0):
+        ann = ground_truth(task)
+        preds = [p for p in task.get("predictions") or [] if str(p.get("model_version") or "").startswith("smartsam-")]
+        if ann is None or not preds:
+            continue
+        pred = max(preds, key=lambda p: (str(p.get("created_at") or ""), p.get("id") or 0))
+
+        def masks(result):
+            out = []
+            for _, label, r in primary_regions(result or [], ds.cfg):
+                try:
+                    out.append((label, region_shown_mask(r, cap)))
+                except RequestError as e:
+                    print(f"task {task.get('id')}: region {r.get('id')} left out ({e})", file=sys.stderr)
+            return out
+
+        p, t = masks(pred.get("result")), masks(ann.get("result"))
+        tasks += 1
+        n_pred += len(p)
+        n_true += len(t)
+        for label in {lb for lb, _ in p} | {lb for lb, _ in t}:
+            ious += [v for _, _, v in match_instances([m for lb, m in p if lb == label], [m for lb, m in t if lb == label])]
+    return {"mode": "instances", "tasks": tasks, "predicted": n_pred, "annotated": n_true, "matched": len(ious),
+            "precision": round(len(ious) / n_pred, 4) if n_pred else None,
+            "recall": round(len(ious) / n_true, 4) if n_true else None,
+            "iou_matched": round(float(np.mean(ious)), 4) if ious else None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         if a.dest == "dataset":
             a.required, a.help = False, argparse.SUPPRESS
     e.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    for a in e._actions:
+        if a.dest == "mode":  # instances: the project's pre-labels against its annotations (no model run)
+            a.choices = [*a.choices, "instances"]
     return ap
 
 
@@ -114,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from smartsam.models import ModelError
 
     from .config import Settings
-    from .errors import ImageFetchError, RequestError, SettingsError
+    from .errors import ImageFetchError, SettingsError
     from .images import ImageFetcher
 
     args = build_parser().parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
@@ -129,9 +195,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         fetcher = ImageFetcher(s)
         ds = ProjectDataset(fetcher.client, fetcher, args.project)
+        if args.mode == "instances":
+            import json
+            from pathlib import Path
+
+            out = evaluate_instances(ds)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "instances.json").write_text(json.dumps(out, indent=2))
+            f = lambda v: "-" if v is None else str(v)  # noqa: E731
+            print("| project | tasks | predicted | annotated | matched | precision | recall | IoU of matched |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            print(f"| {args.project} | {out['tasks']} | {out['predicted']} | {out['annotated']} | {out['matched']} | "
+                  f"{f(out['precision'])} | {f(out['recall'])} | {f(out['iou_matched'])} |")
+            return 0
         samples = ds.samples()
         if not samples:
-            raise UsageError(f"project {args.project} has no submitted brush annotation to evaluate against")
+            raise UsageError(f"project {args.project} has no submitted annotation with a mask to evaluate against")
         return run_eval(args, samples, f"project-{args.project}", ds.load)
     except (UsageError, ImageFetchError, RequestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import queue
 import sqlite3
@@ -41,6 +42,7 @@ from PIL import Image
 from smartsam.masks import mask_iou
 
 from .db import Database
+from .regions import region_shown_mask
 
 log = logging.getLogger("smartsam.stats")
 
@@ -72,6 +74,12 @@ def draw_plain(seed: int, share: float, project: str, task, label: str, click_xy
     key = f"{seed}\0{project}\0{task}\0{label}\0{click_xy[0]:.2f}\0{click_xy[1]:.2f}".encode()
     u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2.0**64
     return u < share
+
+
+def raster_fingerprint(mask: np.ndarray) -> str:
+    """A digest of a mask's pixels (with its size): two regions that rasterise the same match."""
+    m = np.asarray(mask, bool)
+    return hashlib.sha1(f"{m.shape}".encode() + np.packbits(m).tobytes()).hexdigest()[:16]
 
 
 def _png(mask: np.ndarray) -> bytes:
@@ -107,6 +115,15 @@ class FieldStats:
                 mode TEXT NOT NULL, arm TEXT NOT NULL, clicks INTEGER NOT NULL, seconds REAL NOT NULL,
                 created_at REAL NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, mask BLOB NOT NULL,
                 model_version TEXT)""")
+            cols = {r[1] for r in c.execute("PRAGMA table_info(suggestions)")}
+            for col, kind in (("regions", "TEXT"), ("similarity", "REAL")):
+                if col not in cols:  # stats.db of an earlier release: one more column, rows kept
+                    c.execute(f"ALTER TABLE suggestions ADD COLUMN {col} {kind}")
+            # a pre-labeled instance the annotator kept (matched by a submitted region) or deleted
+            c.execute("""CREATE TABLE IF NOT EXISTS decisions (
+                annotation INTEGER NOT NULL, suggestion INTEGER NOT NULL, project TEXT NOT NULL, label TEXT NOT NULL,
+                similarity REAL NOT NULL, kept INTEGER NOT NULL, PRIMARY KEY (annotation, suggestion))""")
+            c.execute("CREATE INDEX IF NOT EXISTS decisions_label ON decisions (project, label)")
             c.execute("CREATE INDEX IF NOT EXISTS suggestions_task ON suggestions (project, task, label, id)")
             c.execute("""CREATE TABLE IF NOT EXISTS outcomes (
                 annotation INTEGER NOT NULL, region TEXT NOT NULL, project TEXT NOT NULL, task INTEGER, label TEXT NOT NULL,
@@ -121,14 +138,18 @@ class FieldStats:
 
     # -- suggestions -----------------------------------------------------------------------
     def record(self, project: str, task, label: str, mode: str, arm: str, clicks: int, seconds: float,
-               mask: np.ndarray, model_version: Optional[str] = None) -> None:
-        """One suggestion served; ``mask`` ``(H, W)`` bool at the size Label Studio displays.
-        Queued: the background writer stores it (see :meth:`flush`, :meth:`close`)."""
+               mask: np.ndarray, model_version: Optional[str] = None, regions: Optional[List[Dict]] = None,
+               similarity: Optional[float] = None) -> None:
+        """One suggestion served; ``mask`` ``(H, W)`` bool at the size Label Studio displays, and
+        the ``regions`` it was served as (brush, polygons, bitmask, box: a submitted region that
+        rasterises like one of them was accepted unchanged). Queued: the background writer stores
+        it (see :meth:`flush`, :meth:`close`)."""
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}")
         self._start_writer()
         self._queue.put((str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks),
-                         float(seconds), time.time(), np.array(mask, bool), model_version))
+                         float(seconds), time.time(), np.array(mask, bool), model_version, list(regions or []),
+                         None if similarity is None else float(similarity)))
 
     def record_now(self, *args, **kwargs) -> int:
         """:meth:`record`, written before it returns; the suggestion's row id."""
@@ -156,12 +177,19 @@ class FieldStats:
                 self._queue.task_done()
 
     def _insert(self, item: tuple) -> None:
-        project, task, label, mode, arm, clicks, seconds, created, mask, version = item
+        project, task, label, mode, arm, clicks, seconds, created, mask, version, regions, similarity = item
         h, w = mask.shape
+        prints = []
+        for r in regions:
+            try:
+                prints.append(raster_fingerprint(region_shown_mask(r)))
+            except ValueError:  # a region we made is always readable; never lose the row for it
+                pass
         with self._write() as c:
             cur = c.execute("INSERT INTO suggestions (project, task, label, mode, arm, clicks, seconds, created_at, width, "
-                            "height, mask, model_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                            (project, task, label, mode, arm, clicks, seconds, created, w, h, _png(mask), version))
+                            "height, mask, model_version, regions, similarity) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (project, task, label, mode, arm, clicks, seconds, created, w, h, _png(mask), version,
+                             json.dumps(prints), similarity))
             sid = int(cur.lastrowid)
             c.execute("DELETE FROM suggestions WHERE id <= ?", (sid - self.max_suggestions,))
 
@@ -185,40 +213,51 @@ class FieldStats:
 
     def _suggestions(self, project: str, task, label: str, before: Optional[float]) -> Iterator[Tuple]:
         yield from self._conn().execute(
-            "SELECT id, mode, arm, clicks, width, height, mask FROM suggestions WHERE project=? AND task IS ? AND label=? "
+            "SELECT id, mode, arm, clicks, width, height, mask, regions FROM suggestions WHERE project=? AND task IS ? AND label=? "
             "AND created_at <= ? ORDER BY id", (str(project), task, label, float("inf") if before is None else before))
 
     # -- outcomes --------------------------------------------------------------------------
-    def observe(self, project: str, task, annotation: int, regions: List[Tuple[str, str, np.ndarray]],
+    def observe(self, project: str, task, annotation: int, regions: List[Tuple],
                 lead_time: Optional[float] = None, user=None, created_at: Optional[float] = None) -> List[Dict]:
         """An annotation as Label Studio holds it: ``regions`` are ``(region id, label, mask at the
-        displayed size)``. Each is matched to the most-overlapping suggestion of its task and label
-        (the newest of equals) served before ``created_at`` (the annotation's creation, seconds
-        since the epoch; None: any); an annotation seen again replaces its earlier outcomes.
+        displayed size[, its raster_fingerprint])``. Each is matched to the most-overlapping
+        suggestion of its task and label (the newest of equals) served before ``created_at`` (the
+        annotation's creation, seconds since the epoch; None: any); it was accepted unchanged when
+        its pixels are the suggestion's (IoU 1) or it rasterises like a region the suggestion was
+        served as (a polygon, a box). An annotation seen again replaces its earlier outcomes.
         Returns the outcomes recorded."""
         self.flush()
         out = []
         per_object = (float(lead_time) / len(regions)) if lead_time and regions else None
-        for rid, label, mask in regions:
+        for region in regions:
+            rid, label, mask = region[:3]
+            fingerprint = region[3] if len(region) > 3 else None
             best = None
-            for sid, mode, arm, clicks, w, h, blob in self._suggestions(project, task, label, created_at):
+            for sid, mode, arm, clicks, w, h, blob, served in self._suggestions(project, task, label, created_at):
                 if (h, w) != mask.shape:
                     continue
+                same = fingerprint is not None and fingerprint in json.loads(served or "[]")
                 v = mask_iou(_unpng(blob), mask)
-                # ties go to the newest: the annotator's last request for this object
-                if best is None or v >= best[0]:
-                    best = (v, sid, mode, arm, clicks)
+                # the region served as it is wins, then the most overlap; ties go to the newest
+                # (the annotator's last request for this object)
+                if best is None or (same, v) >= (best[5], best[0]):
+                    best = (v, sid, mode, arm, clicks, same)
             if best is None:
                 rec = dict(region=rid, label=label, suggestion=None, mode=None, arm=None, iou=None, accepted=False,
                            clicks=None, extra_clicks=None)
             else:
-                v, sid, mode, arm, clicks = best
+                v, sid, mode, arm, clicks, same = best
                 # clicks: what the annotator spent on the object (0 for an accepted pre-label)
                 rec = dict(region=rid, label=label, suggestion=sid, mode=mode, arm=arm, iou=round(v, 6),
-                           accepted=v == 1.0, clicks=clicks, extra_clicks=max(0, clicks - 1))
+                           accepted=v == 1.0 or same, clicks=clicks, extra_clicks=max(0, clicks - 1))
             out.append(rec)
+        decided = self._decisions(project, task, created_at, {r["suggestion"] for r in out
+                                                              if r["suggestion"] is not None and (r["iou"] or 0) >= 0.5})
         with self._write() as c:
             c.execute("DELETE FROM outcomes WHERE annotation=?", (int(annotation),))
+            c.execute("DELETE FROM decisions WHERE annotation=?", (int(annotation),))
+            for sid, label, sim, kept in decided:
+                c.execute("INSERT INTO decisions VALUES (?,?,?,?,?,?)", (int(annotation), sid, str(project), label, sim, int(kept)))
             for rec in out:
                 c.execute("INSERT INTO outcomes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (int(annotation), rec["region"], str(project), task if isinstance(task, int) else None,
@@ -227,12 +266,32 @@ class FieldStats:
                            time.time()))
         return out
 
+    def _decisions(self, project: str, task, before: Optional[float], kept_ids) -> List[Tuple[int, str, float, bool]]:
+        """The pre-labeled instances of a task the annotator decided on: each kept when a submitted
+        region matches it (IoU >= 0.5), deleted otherwise."""
+        rows = self._conn().execute(
+            "SELECT id, label, similarity FROM suggestions WHERE project=? AND task IS ? AND arm='prelabel' AND "
+            "similarity IS NOT NULL AND created_at <= ?", (str(project), task, float("inf") if before is None else before))
+        return [(int(sid), label, float(sim), sid in kept_ids) for sid, label, sim in rows]
+
+    def decisions(self, project: str, label: str) -> List[Tuple[float, bool]]:
+        """``(similarity, kept)`` of every decided pre-labeled instance of a project's label."""
+        return [(float(s), bool(k)) for s, k in self._conn().execute(
+            "SELECT similarity, kept FROM decisions WHERE project=? AND label=? ORDER BY similarity", (str(project), label))]
+
+    def calibrate(self, project: str, label: str, precision: float = 0.9, min_decisions: int = 30) -> Dict:
+        """The instance threshold learned from the team's decisions: ``{"threshold", "decisions",
+        "kept", "curve"}``; ``threshold`` is None below ``min_decisions`` (the default applies)."""
+        return calibrate_threshold(self.decisions(project, label), precision, min_decisions)
+
     def forget(self, annotation: int) -> None:
         """The annotation was deleted in Label Studio."""
         with self._write() as c:
             c.execute("DELETE FROM outcomes WHERE annotation=?", (int(annotation),))
+            c.execute("DELETE FROM decisions WHERE annotation=?", (int(annotation),))
 
     def outcomes(self, project: Optional[str] = None) -> List[Dict]:
+        self.flush()  # what was served is counted, even when read right after it was served
         q = ("SELECT annotation, region, project, task, label, suggestion, mode, arm, iou, accepted, clicks, extra_clicks, "
              "seconds FROM outcomes")
         rows = self._conn().execute(q + (" WHERE project=?" if project else "") + " ORDER BY annotation, region",
@@ -268,6 +327,28 @@ class FieldStats:
         return {"objects": rows, "served": served}
 
 
+def calibrate_threshold(decisions: List[Tuple[float, bool]], precision: float = 0.9, min_decisions: int = 30) -> Dict:
+    """The similarity threshold that keeps ``precision`` with the most recall on ``(similarity,
+    kept)`` decisions, and the precision / recall curve (one point per distinct similarity).
+    ``threshold`` is None with fewer than ``min_decisions`` decisions or no kept instance; of equal
+    recall the higher threshold (more precise); when none reaches ``precision``, the most precise
+    one (ties: the higher)."""
+    n, kept = len(decisions), sum(k for _, k in decisions)
+    curve = []
+    for t in sorted({s for s, _ in decisions}):
+        sel = [k for s, k in decisions if s >= t]
+        tp = sum(sel)
+        curve.append({"threshold": round(t, 6), "precision": round(tp / len(sel), 4) if sel else 1.0,
+                      "recall": round(tp / kept, 4) if kept else 0.0})
+    out = {"threshold": None, "decisions": n, "kept": kept, "curve": curve}
+    if n < min_decisions or not kept:
+        return out
+    ok = [c for c in curve if c["precision"] >= precision]
+    best = max(ok, key=lambda c: (c["recall"], c["threshold"])) if ok else max(curve, key=lambda c: (c["precision"], c["threshold"]))
+    out["threshold"] = best["threshold"]
+    return out
+
+
 def table(summary: Dict) -> str:
     """The summary's per-arm rows as a Markdown table (the CLI prints it)."""
     lines = ["| project | label | arm | objects | accepted | acceptance | IoU mean | clicks/object | s/object |",
@@ -277,6 +358,14 @@ def table(summary: Dict) -> str:
         lines.append(f"| {r['project']} | {r['label']} | {r['arm']} | {r['objects']} | {r['accepted']} | "
                      f"{f(r['acceptance_rate'], 2)} | {f(r['iou_mean'])} | {f(r['clicks_per_object'], 2)} | "
                      f"{f(r['seconds_per_object'], 1)} |")
+    return "\n".join(lines)
+
+
+def instance_table(report: List[Dict]) -> str:
+    """The instance thresholds as a Markdown table: decisions, kept, threshold in force and how."""
+    lines = ["| project | label | decided | kept | threshold | from |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in report:
+        lines.append(f"| {r['project']} | {r['label']} | {r['decisions']} | {r['kept']} | {r['threshold']:.3f} | {r['how']} |")
     return "\n".join(lines)
 
 

@@ -178,7 +178,7 @@ class Jobs:
             self._error(f"annotation {aid}: {e}")
             return "rejected"
         try:
-            out["statistics"] = len(self.rules.observe(ann, task, proj))
+            out["statistics"] = len(self.rules.observe(ann, task, proj, cfg))
         except Exception as e:  # statistics never block the reference rules
             log.warning("annotation %s: field statistics not updated (%s)", aid, e)
         with self._lock:

@@ -4,7 +4,9 @@
 Parsed with ``label_studio_sdk.label_interface.LabelInterface`` (it knows every tag, its
 ``toName`` and its labels). SmartSAM needs an ``<Image>`` with a ``$key`` into the task data,
 a smart ``KeyPointLabels`` or ``RectangleLabels`` on it (the prompts: only smart tools reach the
-backend), and a ``BrushLabels`` on it whose labels cover the prompt labels (the answers).
+backend), and answer tags on it whose labels cover the prompt labels: any of ``BrushLabels``
+(RLE), ``PolygonLabels``, ``BitmaskLabels`` (a PNG) and a non-smart ``RectangleLabels`` (the
+answer's box). Every answer carries one region per answer tag that has its label.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from typing import List, Optional, Tuple
 from .errors import RequestError
 
 REFERENCE_CHOICE = "Use as reference"
+# A smart KeyPointLabels of this name answers with the clicked object and every instance like it
+ALL_LIKE_THIS = "all_like_this"
 PROMPT_TAGS = ("KeyPointLabels", "RectangleLabels")
+ANSWER_TAGS = ("BrushLabels", "PolygonLabels", "BitmaskLabels", "RectangleLabels")  # RectangleLabels: non-smart
+# the region ``type`` of each answer tag, as Label Studio writes it
+REGION_TYPES = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels", "BitmaskLabels": "bitmasklabels",
+                "RectangleLabels": "rectanglelabels"}
 
 
 @dataclass(frozen=True)
@@ -29,22 +37,48 @@ class PromptTool:
 
 
 @dataclass(frozen=True)
+class AnswerTag:
+    """An answer tag of the config: its name (``from_name``), tag and labels."""
+
+    name: str
+    tag: str
+    labels: Tuple[str, ...]
+
+    @property
+    def type(self) -> str:
+        return REGION_TYPES[self.tag]
+
+
+@dataclass(frozen=True)
 class LabelConfig:
     """What the backend needs from a project's labeling config.
 
     Attributes:
         image_name: the ``<Image name>`` the answers are drawn on (``to_name``).
         image_key: the task data key holding the image (``$image`` -> ``image``).
-        brush_name: the ``<BrushLabels name>`` the answers are given in (``from_name``).
-        brush_labels: its labels, in the config's order.
+        answers: the answer tags on that image, in the config's order.
         prompts: the smart prompt tools on that image.
     """
 
     image_name: str
     image_key: str
-    brush_name: str
-    brush_labels: Tuple[str, ...]
+    answers: Tuple[AnswerTag, ...]
     prompts: Tuple[PromptTool, ...] = ()
+
+    @property
+    def labels(self) -> Tuple[str, ...]:
+        """Every answer label, in the config's order (a label in several tags once)."""
+        out: List[str] = []
+        for a in self.answers:
+            out += [lb for lb in a.labels if lb not in out]
+        return tuple(out)
+
+    def answers_for(self, label: str) -> Tuple[AnswerTag, ...]:
+        """The answer tags a region of ``label`` is given in."""
+        return tuple(a for a in self.answers if label in a.labels)
+
+    def answer_tag(self, from_name: str) -> Optional[AnswerTag]:
+        return next((a for a in self.answers if a.name == from_name), None)
 
     @classmethod
     def parse(cls, xml, need_prompts: bool = True) -> "LabelConfig":
@@ -81,31 +115,35 @@ def _parse(xml: str, need_prompts: bool = True) -> Tuple[Optional[LabelConfig], 
     def smart(c) -> bool:
         return any((c.attr.get(k) or "").lower() == "true" for k in ("smart", "smartOnly"))
 
+    def answer(c) -> bool:  # a smart RectangleLabels is a prompt, a plain one an answer
+        return c.tag in ANSWER_TAGS and not (c.tag == "RectangleLabels" and smart(c))
+
     problems: List[str] = []
     best = None
     for image in images:
-        brushes = [c for c in li.controls if c.tag == "BrushLabels" and on(c, image)]
+        answers = [c for c in li.controls if answer(c) and on(c, image)]
         prompts = [c for c in li.controls if c.tag in PROMPT_TAGS and on(c, image) and smart(c)]
-        if brushes and (prompts or not need_prompts):
-            best = (image, brushes, prompts)
+        if answers and (prompts or not need_prompts):
+            best = (image, answers, prompts)
             break
     if best is None:
         image = images[0]
-        if not any(c.tag == "BrushLabels" and on(c, image) for c in li.controls):
-            problems.append("no <BrushLabels> on the image: SmartSAM answers with brush masks")
+        if not any(answer(c) and on(c, image) for c in li.controls):
+            problems.append("no answer tag on the image: SmartSAM answers in <BrushLabels>, <PolygonLabels>, "
+                            "<BitmaskLabels> or a non-smart <RectangleLabels>; add one with the prompt labels")
         if need_prompts and not any(c.tag in PROMPT_TAGS and on(c, image) and smart(c) for c in li.controls):
             problems.append('no smart <KeyPointLabels> or <RectangleLabels> (smart="true") on the image: the clicks that '
                             "reach the backend come from smart tools")
         return None, tuple(problems)
-    image, brushes, prompts = best
+    image, answers, prompts = best
     value = image.value or ""
     if not value.startswith("$") or len(value) < 2:
         return None, ("the <Image> takes no $value from the task data (e.g. value=\"$image\")",)
-    brush = brushes[0]
-    brush_labels = tuple(brush.labels or ())
-    missing = sorted(set().union(set(), *(set(p.labels or ()) for p in prompts)) - set(brush_labels))
+    tags = tuple(AnswerTag(c.name, c.tag, tuple(c.labels or ())) for c in answers)
+    covered = set().union(set(), *(set(a.labels) for a in tags))
+    missing = sorted(set().union(set(), *(set(p.labels or ()) for p in prompts)) - covered)
     if missing:
-        return None, (f"prompt labels {missing} have no BrushLabels label of the same name: give both tags the same labels",)
-    cfg = LabelConfig(image.name, value[1:], brush.name, brush_labels,
-                      tuple(PromptTool(p.name, p.tag, tuple(p.labels or ())) for p in prompts))
+        return None, (f"prompt labels {missing} are in no answer tag ({', '.join(sorted({a.tag for a in tags}))}): give "
+                      f"the answer tag the same labels",)
+    cfg = LabelConfig(image.name, value[1:], tags, tuple(PromptTool(p.name, p.tag, tuple(p.labels or ())) for p in prompts))
     return cfg, ()

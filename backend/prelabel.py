@@ -213,6 +213,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--write-batch", type=int, default=20, help="predictions per write to Label Studio")
     ap.add_argument("--embed-only", action="store_true", help="only fill the embedding cache (SMARTSAM_EMBED_CACHE_DIR) "
                     "for every task: the backend's first click on them then makes no encoder call")
+    ap.add_argument("--max-instances", type=int, help="at most N instances per label and task (default "
+                    "$SMARTSAM_MAX_INSTANCES, else 20)")
     ap.add_argument("--label", help="set this label's reference from the options below first")
     ap.add_argument("--reference-text")
     ap.add_argument("--reference-image")
@@ -225,6 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         settings = Settings.from_env()
+        if args.max_instances is not None:
+            settings = settings.replace(max_instances=args.max_instances)
     except SettingsError as e:
         ap.error(str(e))
     if args.embed_only and not settings.embed_cache_dir:

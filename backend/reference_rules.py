@@ -4,7 +4,8 @@ Applied to an annotation *as Label Studio holds it* (read back by id, never take
 body), and the same rule for every path (webhooks, the admin's "from task"):
 
 - a skipped annotation (``was_cancelled``) changes nothing;
-- each label's mask is its first brush region in the annotation (:func:`~backend.regions.first_regions`);
+- each label's mask is its first answer region in the annotation (brush, polygon, bitmask or box,
+  :func:`~backend.regions.first_regions`); a box makes an image reference from the box's crop;
 - a label with a free exemplar slot takes the mask (the first K submitted, K = 1 by default);
 - the annotation a reference came from updates it when edited (and withdraws it when the label's
   mask is removed from it);
@@ -25,7 +26,8 @@ import numpy as np
 from .engine import Engine
 from .errors import RequestError
 from .label_config import REFERENCE_CHOICE, LabelConfig
-from .regions import brush_mask, brush_regions, first_regions, region_shown_mask, ticks_reference
+from .field_stats import raster_fingerprint
+from .regions import first_regions, primary_regions, region_mask, region_shown_mask, ticks_reference
 
 log = logging.getLogger("smartsam.references")
 
@@ -64,9 +66,10 @@ class ReferenceRules:
         ticked = ticks_reference(results, REFERENCE_CHOICE)
         store = self.engine.store
         force = ticked and not store.annotation_forced(aid)
-        first = first_regions(results)
+        first = first_regions(results, cfg)
         image: Optional[np.ndarray] = None
         done: List[str] = []
+        todo = []
         for label, r in first.items():
             cur = store.current(project, label)
             own = any(m.annotation == aid for m in cur)
@@ -74,14 +77,16 @@ class ReferenceRules:
                 continue
             if image is None:
                 image = self._image(task, cfg)
-            mask = brush_mask(r, image.shape[:2], self.engine.settings.max_pixels)
+            # every region is read before any reference changes: a bad one changes nothing
+            todo.append((label, r, region_mask(r, image.shape[:2], self.engine.settings.max_pixels), own))
+        for label, r, mask, own in todo:
             if not mask.any():
                 continue
-            ref = self.engine.make_reference(image, mask)
+            ref, mask, ref_image = self._reference(image, r, mask)
             how = "forced" if force else ("edited" if own else "first")
             source = {"event": event, "task": task.get("id"), "annotation": aid, "forced": force,
                       "user": ann.get("completed_by"), "prep": self.engine.settings.reference_prep}
-            if store.put(project, label, ref, source, mask=mask, image=image, annotation=aid, how=how,
+            if store.put(project, label, ref, source, mask=mask, image=ref_image, annotation=aid, how=how,
                          policy="replace" if force else "auto") is not None:
                 done.append(label)
         for m in store.list(project):
@@ -91,46 +96,57 @@ class ReferenceRules:
                 done.append(m.label)
         store.set_annotation_forced(aid, project, ticked)
         if not first:
-            return {"reference": done, "reason": "no brush region in the annotation"}
+            return {"reference": done, "reason": "no answer region in the annotation"}
         return {"reference": done}
+
+    def _reference(self, image: np.ndarray, region: Dict, mask: np.ndarray):
+        """``(reference, mask or None, image kept)``: an image + mask reference, or for a box an
+        image reference from the box's crop (a box says where, not which pixels)."""
+        if region.get("type") == "rectanglelabels":
+            ys, xs = np.nonzero(mask)
+            crop = np.ascontiguousarray(image[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+            return self.engine.make_reference(crop), None, crop
+        return self.engine.make_reference(image, mask), mask, image
 
     def from_task(self, project: str, label: str, task: Dict, cfg: LabelConfig,
                   annotation: Optional[int] = None) -> Dict:
-        """The admin's "reference from a task": the label's first brush region of the task's
+        """The admin's "reference from a task": the label's first answer region of the task's
         (given, else first) submitted annotation becomes the label's only reference."""
         anns = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         if annotation is not None:
             anns = [a for a in anns if a.get("id") == int(annotation)]
         for a in anns:
-            r = first_regions(a.get("result") or []).get(label)
+            r = first_regions(a.get("result") or [], cfg).get(label)
             if r is None:
                 continue
             image = self._image(task, cfg)
-            mask = brush_mask(r, image.shape[:2], self.engine.settings.max_pixels)
-            ref = self.engine.make_reference(image, mask)
+            mask = region_mask(r, image.shape[:2], self.engine.settings.max_pixels)
+            if not mask.any():
+                raise RequestError(f"task {task.get('id')}'s region labelled {label!r} is empty")
+            ref, mask, ref_image = self._reference(image, r, mask)
             self.engine.store.put(project, label, ref, {"admin": "task", "task": task.get("id"), "annotation": a.get("id"),
                                                         "prep": self.engine.settings.reference_prep},
-                                  mask=mask, image=image, annotation=a.get("id"), how="admin")
-            return {"set": label, "kind": "mask", "task": task.get("id"), "annotation": a.get("id")}
-        raise RequestError(f"task {task.get('id')} has no submitted brush region labelled {label!r}")
+                                  mask=mask, image=ref_image, annotation=a.get("id"), how="admin")
+            return {"set": label, "kind": ref.kind, "task": task.get("id"), "annotation": a.get("id")}
+        raise RequestError(f"task {task.get('id')} has no submitted region labelled {label!r}")
 
-    def observe(self, ann: Dict, task: Dict, project: str) -> List[Dict]:
-        """Field statistics: match the annotation's brush regions (as Label Studio holds them) to
-        the suggestions served for its task before the annotation was created; a skipped
-        annotation counts for nothing."""
+    def observe(self, ann: Dict, task: Dict, project: str, cfg: LabelConfig) -> List[Dict]:
+        """Field statistics: match the annotation's regions (as Label Studio holds them; one
+        answer tag's, :func:`~backend.regions.primary_regions`) to the suggestions served for its
+        task before the annotation was created; a skipped annotation counts for nothing."""
         aid = ann.get("id")
         stats = self.engine.stats
         if ann.get("was_cancelled"):
             stats.forget(aid)
             return []
         regions = []
-        for k, label, r in brush_regions(ann.get("result") or []):
+        for k, label, r in primary_regions(ann.get("result") or [], cfg):
             try:
                 mask = region_shown_mask(r, self.engine.settings.max_pixels)  # bounded before decoding
             except (RequestError, ValueError) as e:
                 log.warning("annotation %s region %s: not counted in the statistics (%s)", aid, r.get("id"), e)
                 continue
-            regions.append((str(r.get("id") or k), label, mask))
+            regions.append((str(r.get("id") or k), label, mask, raster_fingerprint(mask)))
         lead = ann.get("lead_time")
         return stats.observe(project, task.get("id"), aid, regions,
                              lead_time=lead if isinstance(lead, (int, float)) and lead > 0 else None,

@@ -192,6 +192,28 @@ class ClipFeatures(_PatchFeatureExtractor):
         return feat[0].float().cpu().numpy()
 
 
+class ColourFeatures(_PatchFeatureExtractor):
+    """A deterministic test extractor (registry ``colour-test``, never a default): each patch's
+    feature is its mean colour (RGB in [0, 1]). A mask on pure red pools to red, a mask half on a
+    grey background to a greyer red, so cosine similarity says which objects are "like" a red
+    reference, and by how much: what random DINOv2 weights cannot show."""
+
+    def __init__(self, image_size: int = 448, device: Optional[str] = None, cache_size: int = 8,
+                 name: str = "colour-test") -> None:
+        super().__init__(name, image_size, device, cache_size)
+
+    def _forward(self, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        h, w = image.shape[:2]
+        p = self.patch_size
+        s = self.image_size / max(h, w)
+        gh, gw = max(1, int(round(h * s / p))), max(1, int(round(w * s / p)))
+        grid = cv2.resize(image.astype(np.float32) / 255.0, (gw, gh), interpolation=cv2.INTER_AREA)
+        return grid.reshape(gh, gw, 3), grid.reshape(-1, 3).mean(0)
+
+    def text_feature(self, text: str) -> np.ndarray:
+        raise ValueError("colour-test features have no text side")
+
+
 class FeatureSet:
     """The feature extractors an agent or a reference builder may need, by kind, each loaded on
     first use (pure-IS users never pay for DINOv2 or CLIP).

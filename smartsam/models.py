@@ -100,6 +100,8 @@ REGISTRY: Dict[str, ModelSpec] = {
         ModelSpec("clip-tiny-random", "clip", "tiny", "CLIP architecture, 2 layers of width 32, RANDOM weights", random=True),
         # Not a model: draws a disk at the prompt, so tests can check where masks land.
         ModelSpec("disk-test", "test", "disk", "deterministic test backbone: a disk at the prompt (tests only)", random=True),
+        # Not a model: patch features are the patch's mean colour, so tests know which instances match.
+        ModelSpec("colour-test", "colour", "rgb", "deterministic test features: mean colour per patch (tests only)", random=True),
     ]
 }
 
@@ -423,6 +425,10 @@ def load_features(name: str, device: Optional[str] = None, path: Optional[str] =
     from .features import ClipFeatures, DinoV2Features
 
     spec = get_spec(name)
+    if spec.family == "colour":
+        from .features import ColourFeatures
+
+        return ColourFeatures(device=device)
     if spec.random:
         torch.manual_seed(0)
         if spec.family == "dinov2":

@@ -58,7 +58,9 @@ def backend(server, tmp_path_factory, images):
     b = Backend(tmp_path_factory.mktemp("backend") / "data", env={
         "LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "admin-secret",
         "SMARTSAM_IMAGE_TIMEOUT": "3", "SMARTSAM_MAX_REQUEST_BYTES": str(1 << 20), "SMARTSAM_MAX_PIXELS": "40000000",
-        "SMARTSAM_IMAGE_MAX_BYTES": str(20 << 20), "LOCAL_FILES_DOCUMENT_ROOT": str(docs)}).start()
+        "SMARTSAM_IMAGE_MAX_BYTES": str(20 << 20), "LOCAL_FILES_DOCUMENT_ROOT": str(docs),
+        # random weights: pre-labels keep every proposal, at most 2 per label
+        "SMARTSAM_INSTANCE_THRESHOLD": "-1", "SMARTSAM_MAX_INSTANCES": "2"}).start()
     yield b
     b.stop()
 
@@ -130,7 +132,7 @@ BAD_INPUTS = [
     ("POST on /health", lambda b: b.post("/health", {}), 405, "not allowed on /health"),
     ("no tasks", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg")), "tasks": []}), 200, "no tasks"),
     ("no label_config", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "label_config": None}), 200, "no label_config"),
-    ("config without BrushLabels", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "label_config": '<View><Image name="image" value="$image"/></View>'}), 200, "no <BrushLabels>"),
+    ("config without an answer tag", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "label_config": '<View><Image name="image" value="$image"/></View>'}), 200, "no answer tag on the image"),
     ("config not XML", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "label_config": "<View><Image"}), 200, "not valid XML"),
     ("project that is not an id", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg"), [keypoint(5, 5)]), "project": "x; drop"}), 200, "must be a Label Studio project id"),
     ("pre-label without a project", lambda b: b.post("/predict", {**predict_body(upload("penguin.jpg")), "project": None}), 200, "pre-labeling needs the project"),
@@ -141,7 +143,7 @@ BAD_INPUTS = [
     ("NaN coordinates", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [_kp_value(x=math.nan)])), 200, "not a finite point"),
     ("non-numeric coordinates", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [_kp_value(x="abc")])), 200, "numeric x/y"),
     ("negative-only clicks", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50, positive=False)])), 200, "only negative clicks"),
-    ("unknown label", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50, label="Zebra")])), 200, "not among the BrushLabels"),
+    ("unknown label", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50, label="Zebra")])), 200, "is not among the answer tags' labels"),
     ("unsupported prompt type", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [{**keypoint(5, 5), "type": "polygonlabels"}])), 200, "unsupported prompt type"),
     ("file URL in task data", lambda b: b.post("/predict", predict_body("file:///etc/passwd", [keypoint(5, 5)])), 200, "unsupported image URL scheme"),
     ("unknown URI scheme: Label Studio decides", lambda b: b.post("/predict", predict_body("ftp://example.org/a.jpg", [keypoint(5, 5)])), 200, "could not resolve the cloud storage URI"),
@@ -172,7 +174,7 @@ BAD_INPUTS = [
     ("version id that is not a number", lambda b: b.get("/admin/versions/abc/thumb.jpg", headers=ADMIN), 404, "no reference version"),
     ("GET on a restore", lambda b: b.get("/admin/versions/1/restore", headers=ADMIN), 405, "POST"),
     ("POST on a reference", lambda b: b.post("/admin/references/1/Object", {}, headers=ADMIN), 405, "GET, PUT, DELETE"),
-    ("setup with a config SmartSAM cannot use", lambda b: b.post("/setup", {"project": "1.1", "schema": '<View><Image name="image" value="$image"/></View>'}), 400, "no <BrushLabels>"),
+    ("setup with a config SmartSAM cannot use", lambda b: b.post("/setup", {"project": "1.1", "schema": '<View><Image name="image" value="$image"/></View>'}), 400, "no answer tag on the image"),
     ("admin without token", lambda b: b.get("/admin/references"), 401, "admin token required"),
     ("admin with a wrong token", lambda b: b.get("/admin/references", headers={"Authorization": "Bearer nope"}), 401, "admin token required"),
 ]

@@ -49,13 +49,16 @@ def test_extra_params_are_validated_and_named():
 
 def test_one_parser_for_the_labeling_config():
     cfg = LabelConfig.parse((ROOT / "label_config.xml").read_text())
-    assert (cfg.image_name, cfg.image_key, cfg.brush_name) == ("image", "image", "mask")
-    assert cfg.brush_labels == ("Object", "Background object") and [p.tag for p in cfg.prompts] == ["KeyPointLabels", "RectangleLabels"]
+    assert (cfg.image_name, cfg.image_key, [a.name for a in cfg.answers]) == ("image", "image", ["mask"])
+    assert cfg.labels == ("Object", "Background object") and [p.tag for p in cfg.prompts] == ["KeyPointLabels", "RectangleLabels"]
+    for kind, tag in (("polygon", "PolygonLabels"), ("bitmask", "BitmaskLabels"), ("box", "RectangleLabels")):
+        c = LabelConfig.parse((ROOT / f"label_config_{kind}.xml").read_text())  # the example configs
+        assert [a.tag for a in c.answers] == [tag] and c.labels == cfg.labels and len(c.prompts) == 2
     text_first = ('<View><Text name="caption" value="$caption"/><Image name="photo" value="$img"/>'
                   '<KeyPointLabels name="kp" toName="photo" smart="true"><Label value="Car"/></KeyPointLabels>'
                   '<BrushLabels name="paint" toName="photo"><Label value="Car"/></BrushLabels></View>')
     cfg = LabelConfig.parse(text_first)
-    assert (cfg.image_key, cfg.image_name, cfg.brush_name) == ("img", "photo", "paint")
+    assert (cfg.image_key, cfg.image_name, cfg.answers[0].name) == ("img", "photo", "paint")
     assert check_label_config(text_first) == []
     no_smart = text_first.replace(' smart="true"', "")
     assert "smart" in check_label_config(no_smart)[0]

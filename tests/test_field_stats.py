@@ -91,3 +91,26 @@ def test_compare_setting_and_seeded_draw():
     assert draws == [draw_plain(0, 0.2, "1", 5, "Object", c) for c in clicks]  # seeded: the same again
     assert draws != [draw_plain(1, 0.2, "1", 5, "Object", c) for c in clicks]  # another seed, another split
     assert not any(draw_plain(0, 0.0, "1", 5, "Object", c) for c in clicks)
+
+
+def test_a_polygon_served_and_submitted_unchanged_counts_as_accepted(tmp_path, gt):
+    """A polygon rasterises to IoU < 1 with the mask it came from; it is still "accepted
+    unchanged" when the submitted region is the one served, and edited when it is not."""
+    from backend.label_config import LabelConfig
+    from backend.regions import answer_results, region_shown_mask
+    from backend.field_stats import raster_fingerprint
+
+    from pathlib import Path
+
+    cfg = LabelConfig.parse((Path(__file__).resolve().parents[1] / "label_config_polygon.xml").read_text())
+    regions, shown = answer_results(gt, cfg, "Object", 0.9)
+    st = FieldStats(tmp_path)
+    st.record_now("4", 1, "Object", "pure-is", "smartsam", 1, 1.0, shown, "v", regions)
+    first = regions[0]
+    m = region_shown_mask(first)
+    out = st.observe("4", 1, 50, [("p", "Object", m, raster_fingerprint(m))])
+    assert out[0]["accepted"] and out[0]["iou"] < 1.0
+    moved = dict(first, value=dict(first["value"], points=[[x + 2, y] for x, y in first["value"]["points"]]))
+    m2 = region_shown_mask(moved)
+    out = st.observe("4", 1, 51, [("p", "Object", m2, raster_fingerprint(m2))])
+    assert not out[0]["accepted"] and out[0]["suggestion"] is not None

@@ -181,7 +181,7 @@ def test_registry_defaults_and_random_models_are_labelled(monkeypatch):
     monkeypatch.setenv("SMARTSAM_BACKBONE", "sam_vit_h")
     assert models.default_backbone() == name  # the library reads no setting; the CLI and backend map it
     for s in models.REGISTRY.values():
-        assert s.random == (s.name.endswith("-random") or s.family == "test")  # never real weights
+        assert s.random == (s.name.endswith("-random") or s.name.endswith("-test"))  # never real weights
         if not s.random and s.family in ("sam", "sam2"):
             assert s.url.startswith("https://dl.fbaipublicfiles.com/")
             assert s.sha256 and len(s.sha256) == 64  # every real checkpoint is checked against its published hash

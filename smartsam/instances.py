@@ -94,11 +94,13 @@ class InstanceFinder:
         proposals_per_instance: proposals looked at per instance allowed.
         patience: stop after this many proposals in a row gave no instance (proposals come best
             first: after a few misses the rest is background; bounds the agent runs per image).
+        skip_covered: a proposal on an instance already found is not run (off only to time one
+            agent run per proposal, as ``benchmarks/instances.py`` does).
     """
 
     def __init__(self, agent, max_instances: int = 20, threshold: float = 0.5, dedupe_iou: float = 0.5,
                  containment: float = 0.8, nms_radius: int = 2, proposals_per_instance: int = 2,
-                 patience: int = 3) -> None:
+                 patience: int = 3, skip_covered: bool = True) -> None:
         if not 1 <= int(max_instances) <= 1000:
             raise ValueError(f"max_instances must be from 1 to 1000, not {max_instances!r}")
         if not -1.0 <= float(threshold) <= 1.0:
@@ -111,6 +113,7 @@ class InstanceFinder:
         self.nms_radius = int(nms_radius)
         self.proposals_per_instance = int(proposals_per_instance)
         self.patience = int(patience)
+        self.skip_covered = bool(skip_covered)
 
     def find(self, image: np.ndarray, reference: Reference, key: Optional[str] = None,
              exclude: Optional[List[np.ndarray]] = None, deadline: Optional[float] = None) -> List[Instance]:
@@ -132,7 +135,7 @@ class InstanceFinder:
                     (deadline is not None and time.monotonic() >= deadline):
                 break
             xi, yi = min(int(x), image.shape[1] - 1), min(int(y), image.shape[0] - 1)
-            if any(m[yi, xi] for m in known):
+            if self.skip_covered and any(m[yi, xi] for m in known):
                 continue  # on an instance already found: no agent run
             res = self.agent.predict((x, y), reference, deadline=deadline)
             if res.similarity is None or res.similarity < self.threshold or \

@@ -47,6 +47,7 @@ from .regions import region_shown_mask
 log = logging.getLogger("smartsam.stats")
 
 ARMS = ("smartsam", "plain", "prelabel")
+MATCH_TOLERANCE = 0.05  # IoU: suggestions this close to the best match are one object; the newest counts
 
 
 def compare_share(spec: Optional[str]) -> float:
@@ -232,16 +233,20 @@ class FieldStats:
         for region in regions:
             rid, label, mask = region[:3]
             fingerprint = region[3] if len(region) > 3 else None
-            best = None
+            cands = []
             for sid, mode, arm, clicks, w, h, blob, served in self._suggestions(project, task, label, created_at):
                 if (h, w) != mask.shape:
                     continue
                 same = fingerprint is not None and fingerprint in json.loads(served or "[]")
-                v = mask_iou(_unpng(blob), mask)
-                # the region served as it is wins, then the most overlap; ties go to the newest
-                # (the annotator's last request for this object)
-                if best is None or (same, v) >= (best[5], best[0]):
-                    best = (v, sid, mode, arm, clicks, same)
+                cands.append((mask_iou(_unpng(blob), mask), sid, mode, arm, clicks, same))
+            best = None
+            if cands:
+                # the region served as it is wins; else, among the suggestions within MATCH_TOLERANCE
+                # of the best overlap, the newest: the annotator's last request for this object
+                # (overlaps that close are the same object, and noise must not decide)
+                exact = [c for c in cands if c[5]]
+                top = max(c[0] for c in cands)
+                best = max(exact or [c for c in cands if c[0] >= top - MATCH_TOLERANCE], key=lambda c: c[1])
             if best is None:
                 rec = dict(region=rid, label=label, suggestion=None, mode=None, arm=None, iou=None, accepted=False,
                            clicks=None, extra_clicks=None)

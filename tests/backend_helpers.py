@@ -225,6 +225,7 @@ class ImageServer:
             def _send(self, code, body):
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Access-Control-Allow-Origin", "*")  # a browser may show these images too
                 self.end_headers()
                 try:
                     self.wfile.write(body)

@@ -508,6 +508,70 @@ def test_browser_shows_the_polygon_where_it_was_clicked(label_studio, tmp_path):
         b.stop()
 
 
+def test_browser_all_like_this_shows_every_instance(label_studio, tmp_path):
+    """One click with the `all_like_this` keypoint tool in Chromium: the clicked red disk and the
+    two others like it come back as suggestions (disk-test backbone and colour-test features, so
+    which objects are "like it" is known: three red disks, two blue squares)."""
+    from playwright.sync_api import sync_playwright
+
+    from backend_helpers import ImageServer, png_bytes
+    from test_instances import RED, scene
+
+    ls = label_studio
+    server = ImageServer({"scene.png": png_bytes(scene())})
+    b = Backend(tmp_path / "data", env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
+                                        "SMARTSAM_ALLOWED_HOSTS": f"127.0.0.1:{server.port}", "SMARTSAM_FEATURES": "colour-test",
+                                        "SMARTSAM_INSTANCE_THRESHOLD": "0.9", "SMARTSAM_REFERENCE_PREP": "none"},
+                backbone="disk-test").start()
+    try:
+        config = example_config("polygon").replace(
+            '  <RectangleLabels name="rect"', '  <KeyPointLabels name="all_like_this" toName="image" smart="true" smartOnly="true">\n'
+            '    <Label value="Object" background="#1e90ff"/>\n    <Label value="Background object" background="#ff8c00"/>\n'
+            '  </KeyPointLabels>\n  <RectangleLabels name="rect"', 1)
+        assert config.count("<KeyPointLabels") == 2
+        s, p = ls.api("POST", "/api/projects", {"title": "SmartSAM all like this", "label_config": config})
+        assert s == 201, p
+        pid = p["id"]
+        s, r = ls.api("POST", f"/api/projects/{pid}/import", [{"data": {"image": f"{server.url}/scene.png"}}])
+        assert s == 201, r
+        ls.connect(pid, b.url)
+        task = ls.tasks(pid)[0]["id"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        with sync_playwright() as pw:
+            browser, page = logged_in(pw, ls)
+            page.goto(f"{ls.url}/projects/{pid}/data?task={task}")
+            page.wait_for_selector("canvas", timeout=120_000)
+            page.wait_for_timeout(2000)
+            page.get_by_text("Auto-Annotation").click()
+            group = [e for e in page.query_selector_all("button.lsf-tool_smart") if not e.get_attribute("aria-label")]
+            group[0].hover()
+            tools = page.query_selector_all("button.lsf-tool_smart[aria-label=key-point-tool]")
+            assert len(tools) == 2, len(tools)
+            tools[1].click()  # the config's second keypoint tool: all_like_this
+            # the second group's "Object" (all_like_this's labels; "Background object" contains the word too)
+            page.locator(".lsf-label", has_text=re.compile(r"^\s*Object")).nth(1).click()
+            canvas = max(page.query_selector_all("canvas"), key=lambda c: (lambda bb: bb["width"] * bb["height"] if bb else 0)(c.bounding_box()))
+            box = canvas.bounding_box()
+            fx, fy = RED[1][0] / 480, RED[1][1] / 360
+            with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=180_000) as resp:
+                page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+            assert resp.value.status == 200
+            data = resp.value.json()["data"]
+            assert data["mode"] == "all-like-this" and data["instances"] == 2, data
+            pts = [[(sum(q[0] for q in x["value"]["points"]) / len(x["value"]["points"])) * 4.8,
+                    (sum(q[1] for q in x["value"]["points"]) / len(x["value"]["points"])) * 3.6] for x in data["result"]]
+            near = sorted(next(k for k, c in enumerate(RED) if abs(c[0] - x) < 25 and abs(c[1] - y) < 25) for x, y in pts)
+            assert near == [0, 1, 2], pts  # one polygon on each red disk, none on the blue squares
+            page.get_by_text("3 suggestions").wait_for(timeout=30_000)  # the clicked object and two like it
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(ARTIFACTS / "label_studio_all_like_this.png"))
+            browser.close()
+        assert (ARTIFACTS / "label_studio_all_like_this.png").stat().st_size > 10_000
+    finally:
+        b.stop()
+        server.close()
+
+
 def test_personal_access_token_works_too(label_studio, tmp_path):
     ls = label_studio
     assert ls.api("POST", "/api/jwt/settings", {"api_tokens_enabled": True, "legacy_api_tokens_enabled": True})[0] == 200

@@ -129,8 +129,8 @@ class Answers:
         query; a negative (Alt) click removes the instances that contain it."""
         first = prompt.first_positive
         s = self.engine.settings
-        threshold, how = (self.engine.instance_threshold(ctx.project, prompt.label, "mask") if ctx.project is not None
-                          else (float(s.instance_threshold) if s.instance_threshold != "auto" else 0.6, "default"))
+        # the engine's one rule (without a project: no decisions, so the setting or the default)
+        threshold, how = self.engine.instance_threshold(ctx.project, prompt.label, "mask")
         t0 = time.monotonic()
         with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
             key = agent.set_image(image)

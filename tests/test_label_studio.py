@@ -462,17 +462,20 @@ def logged_in(p, ls):
     return browser, page
 
 
-def keypoint_tool_on(page, ls, pid, task_id):
-    """The task's labeling page with Auto-Annotation on, the smart keypoint tool and the label
-    "Object" picked; returns the image canvas's bounding box."""
+def keypoint_tool_on(page, ls, pid, task_id, tool: int = 0):
+    """The task's labeling page with Auto-Annotation on, the config's ``tool``-th smart keypoint
+    tool and its label "Object" picked; returns the image canvas's bounding box."""
     page.goto(f"{ls.url}/projects/{pid}/data?task={task_id}")
     page.wait_for_selector("canvas", timeout=120_000)
     page.wait_for_timeout(2000)
     page.get_by_text("Auto-Annotation").click()  # the smart tools appear
     group = [e for e in page.query_selector_all("button.lsf-tool_smart") if not e.get_attribute("aria-label")]
     group[0].hover()
-    page.click("button.lsf-tool_smart[aria-label=key-point-tool]")
-    page.locator(".lsf-label", has_text="Object").first.click()
+    tools = page.query_selector_all("button.lsf-tool_smart[aria-label=key-point-tool]")
+    assert len(tools) > tool, len(tools)
+    tools[tool].click()
+    # that tool's label group ("Background object" contains the word too)
+    page.locator(".lsf-label", has_text=re.compile(r"^\s*Object")).nth(tool).click()
     canvas = max(page.query_selector_all("canvas"), key=lambda c: (lambda b: b["width"] * b["height"] if b else 0)(c.bounding_box()))
     return canvas.bounding_box()
 
@@ -539,19 +542,7 @@ def test_browser_all_like_this_shows_every_instance(label_studio, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         with sync_playwright() as pw:
             browser, page = logged_in(pw, ls)
-            page.goto(f"{ls.url}/projects/{pid}/data?task={task}")
-            page.wait_for_selector("canvas", timeout=120_000)
-            page.wait_for_timeout(2000)
-            page.get_by_text("Auto-Annotation").click()
-            group = [e for e in page.query_selector_all("button.lsf-tool_smart") if not e.get_attribute("aria-label")]
-            group[0].hover()
-            tools = page.query_selector_all("button.lsf-tool_smart[aria-label=key-point-tool]")
-            assert len(tools) == 2, len(tools)
-            tools[1].click()  # the config's second keypoint tool: all_like_this
-            # the second group's "Object" (all_like_this's labels; "Background object" contains the word too)
-            page.locator(".lsf-label", has_text=re.compile(r"^\s*Object")).nth(1).click()
-            canvas = max(page.query_selector_all("canvas"), key=lambda c: (lambda bb: bb["width"] * bb["height"] if bb else 0)(c.bounding_box()))
-            box = canvas.bounding_box()
+            box = keypoint_tool_on(page, ls, pid, task, tool=1)  # the config's second keypoint tool: all_like_this
             fx, fy = RED[1][0] / 480, RED[1][1] / 360
             with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=180_000) as resp:
                 page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)

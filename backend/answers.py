@@ -17,7 +17,6 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from smartsam.agent import AgentResult
-from smartsam.instances import InstanceFinder
 
 from .config import AgentSettings
 from .engine import Engine
@@ -46,17 +45,18 @@ class RequestContext:
     agent_settings: AgentSettings
     version: str
     deadline: float
+    proposals: str = "similarity"
 
     @classmethod
     def build(cls, engine: Engine, project: Optional[str], cfg: LabelConfig, deadline: float) -> "RequestContext":
         a = engine.agent_settings(project)
-        return cls(project, cfg, a, engine.model_version(project, a), deadline)
+        return cls(project, cfg, a, engine.model_version(project, a), deadline, engine.settings.proposals)
 
     def settings_named(self) -> Dict[str, object]:
         """The agent settings this answer ran with (every answer names them)."""
         a = self.agent_settings
         return {"chain_length": a.chain_length, "exemplars": a.exemplars, "fast_path": a.fast_path,
-                "require_click": a.require_click}
+                "require_click": a.require_click, "proposals": self.proposals}
 
 
 class Answers:
@@ -128,7 +128,6 @@ class Answers:
         instance like it in the image, the clicked object's mask being the reference of that
         query; a negative (Alt) click removes the instances that contain it."""
         first = prompt.first_positive
-        s = self.engine.settings
         # the engine's one rule (without a project: no decisions, so the setting or the default)
         threshold, how = self.engine.instance_threshold(ctx.project, prompt.label, "mask")
         t0 = time.monotonic()
@@ -136,8 +135,8 @@ class Answers:
             key = agent.set_image(image)
             res = agent.predict(prompt.points[first], ref, deadline=ctx.deadline)
             query = self.engine.references.from_mask(image, res.mask)
-            found = InstanceFinder(agent, s.max_instances, threshold).find(image, query, key, exclude=[res.mask],
-                                                                          deadline=ctx.deadline)
+            found = self.engine.instance_finder(agent, threshold).find(image, query, key, exclude=[res.mask],
+                                                                       deadline=ctx.deadline)
         negatives = [p for p, lab in zip(prompt.points, prompt.labels) if lab == 0]
         found = [i for i in found if not any(i.mask[min(int(y), i.mask.shape[0] - 1), min(int(x), i.mask.shape[1] - 1)]
                                              for x, y in negatives)]
@@ -206,14 +205,13 @@ class Answers:
         if not refs:
             raise RequestError("; ".join(reasons))
         image = self.image(task, ctx.cfg, ctx.deadline)
-        s = self.engine.settings
         results, sims, counts = [], [], {}
         for label, ref in refs.items():
             threshold, how = self.engine.instance_threshold(ctx.project, label, ref.kind)
             t0 = time.monotonic()
             with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
                 key = agent.set_image(image)
-                found = InstanceFinder(agent, s.max_instances, threshold).find(image, ref, key, deadline=ctx.deadline)
+                found = self.engine.instance_finder(agent, threshold).find(image, ref, key, deadline=ctx.deadline)
             seconds = (time.monotonic() - t0) / max(len(found), 1)
             counts[label] = len(found)
             if not found:

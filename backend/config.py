@@ -147,6 +147,9 @@ class Settings:
     instance_threshold: str = "auto"
     # "auto" picks the threshold that keeps this precision with the most recall
     instance_precision: float = 0.9
+    # where "all like this one" finds instances: "similarity" (DINOv2 / CLIP peaks) or "sam3"
+    # (SAM 3's concept detector; needs SMARTSAM_BACKBONE=sam3)
+    proposals: str = "similarity"
     # field statistics: "plain:0.2" answers that share of first clicks with the plain backbone
     compare: Optional[str] = None
     stats_max: int = 20000
@@ -171,7 +174,7 @@ class Settings:
         "SMARTSAM_EMBED_CACHE_DIR": "embed_cache_dir", "SMARTSAM_EMBED_CACHE_BYTES": "embed_cache_bytes",
         "SMARTSAM_POLYGON_PARTS": "polygon_parts", "SMARTSAM_POLYGON_MIN_AREA": "polygon_min_area",
         "SMARTSAM_MAX_INSTANCES": "max_instances", "SMARTSAM_INSTANCE_THRESHOLD": "instance_threshold",
-        "SMARTSAM_INSTANCE_PRECISION": "instance_precision",
+        "SMARTSAM_INSTANCE_PRECISION": "instance_precision", "SMARTSAM_PROPOSALS": "proposals",
         "HOST": "host", "PORT": "port", "LOG_LEVEL": "log_level",
     }
 
@@ -197,7 +200,8 @@ class Settings:
                     v = float(raw)
                 elif kind in ("bool", bool):
                     v = _flag(raw)
-                elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder", "polygon_parts", "instance_threshold"):
+                elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder", "polygon_parts", "instance_threshold",
+                              "proposals"):
                     v = raw.strip().lower()
                 else:
                     v = raw
@@ -243,6 +247,11 @@ class Settings:
             if not -1.0 <= t <= 1.0:
                 raise SettingsError(f"SMARTSAM_INSTANCE_THRESHOLD must be auto or a similarity in [-1, 1], not "
                                     f"{self.instance_threshold!r}")
+        if self.proposals not in ("similarity", "sam3"):
+            raise SettingsError(f"SMARTSAM_PROPOSALS must be similarity or sam3, not {self.proposals!r}")
+        if self.proposals == "sam3" and self.backbone and not self.backbone.startswith(("sam3", "disk-test")):
+            raise SettingsError(f"SMARTSAM_PROPOSALS=sam3 uses SAM 3's concept detector: set SMARTSAM_BACKBONE=sam3 "
+                                f"(it is {self.backbone}), or SMARTSAM_PROPOSALS=similarity")
         if not 0.0 < self.instance_precision <= 1.0:
             raise SettingsError("SMARTSAM_INSTANCE_PRECISION must be in (0, 1]")
         if self.max_pixels < 1:
@@ -287,7 +296,7 @@ class Settings:
         """Keyword arguments of :func:`smartsam.models.load_backbone`."""
         return dict(name=self.backbone_name, checkpoint=self.checkpoint, device=self.device, cache_size=self.embedding_cache,
                     cpu_bf16=self.cpu_bf16, shared_decoder=self.shared_decoder, embed_cache_dir=self.embed_cache_dir,
-                    embed_cache_bytes=self.embed_cache_bytes)
+                    embed_cache_bytes=self.embed_cache_bytes, concepts=self.proposals == "sam3")
 
     @property
     def agent(self) -> AgentSettings:

@@ -22,6 +22,7 @@ from smartsam import __version__
 from smartsam.agent import SmartSAMAgent, agent_options
 from smartsam.clickers import NextChainClicker
 from smartsam.features import FeatureSet
+from smartsam.instances import InstanceFinder
 from smartsam.reference import ReferenceBuilder
 from smartsam.selector import Reference
 
@@ -74,6 +75,7 @@ class Engine:
         self.references = ReferenceBuilder(self.features, settings.reference_prep)
         self.lock = threading.Lock()  # the models serve one request at a time
         self.backbone = None
+        self.concepts = None  # SAM 3's concept detector (SMARTSAM_PROPOSALS=sam3)
         self.load_error: Optional[str] = None
         self._loaded = threading.Event()
         self._agents: Dict[AgentSettings, SmartSAMAgent] = {}
@@ -96,6 +98,10 @@ class Engine:
             log.warning("reference store garbage collection failed: %s", e)
         try:
             bb = load_backbone(**self.settings.backbone_kwargs())
+            if self.settings.proposals == "sam3":
+                from smartsam.models import load_concept_proposer
+
+                self.concepts = load_concept_proposer(bb, self.settings.checkpoint)
             self.backbone = bb
             log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
         except ModelError as e:
@@ -173,6 +179,7 @@ class Engine:
             "encoder_calls": bb.encoder_calls if bb else 0,
             "decoder_calls": bb.decoder_calls if bb else 0,
             "embedding_disk_hits": bb.disk_hits if bb else 0,
+            "proposals": self.settings.proposals,
             "version": __version__,
         }
 
@@ -189,6 +196,8 @@ class Engine:
         Label Studio and the pre-labeler never keep predictions made for an old reference as
         current. Compute it once per request (it reads the reference store)."""
         v = f"smartsam-{__version__}-{self.settings.backbone_name}-{self.checkpoint_tag()}"
+        if self.settings.proposals != "similarity":  # other proposals, other pre-labels
+            v += f"-prop{self.settings.proposals}"
         if project is not None:
             refs = self.store.list(project)
             v += f"-{references_digest(self.store, project, refs)}"
@@ -200,6 +209,10 @@ class Engine:
             if learned:  # a new threshold pre-labels again
                 v += "-thr" + hashlib.sha256(repr(learned).encode()).hexdigest()[:6]
         return v
+
+    def instance_finder(self, agent: SmartSAMAgent, threshold: float) -> InstanceFinder:
+        """"All like this one" with this backend's proposals (SMARTSAM_PROPOSALS)."""
+        return InstanceFinder(agent, self.settings.max_instances, threshold, concepts=self.concepts)
 
     def instance_threshold(self, project: str, label: str, kind: str = "mask") -> Tuple[float, str]:
         """``(similarity threshold, how)`` for "all like this one" on a project's label: the
@@ -280,6 +293,11 @@ def checkpoint_tag(settings: Settings) -> str:
     if key not in _TAG_CACHE:
         if not settings.checkpoint and spec.sha256:
             _TAG_CACHE[key] = spec.sha256[:8]  # verified against it before loading
+        elif os.path.isdir(path):  # a repository model (SAM 3, HQ-SAM): its files' hashes together
+            h = hashlib.sha256()
+            for f in spec.files:
+                h.update(sha256_file(os.path.join(path, f)).encode())
+            _TAG_CACHE[key] = h.hexdigest()[:8]
         else:
             _TAG_CACHE[key] = sha256_file(path)[:8]
     return _TAG_CACHE[key]

@@ -298,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
     args = ap.parse_args(argv)
 
-    from smartsam.models import ModelError, ensure_checkpoint, get_spec
+    from smartsam.models import ModelError, ensure_checkpoint, ensure_concept_files, get_spec
 
     from .references import ReferenceStore, ReferenceStoreError
 
@@ -317,6 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not spec.random and not s.checkpoint:
             # In the parent, before forking: a file check or download, no CUDA.
             ensure_checkpoint(spec, allow_download=not args.no_download)
+            if s.proposals == "sam3":  # SAM 3's tokenizer too, once here rather than in each worker
+                ensure_concept_files(spec, allow_download=not args.no_download)
         ReferenceStore(s.data_dir, exemplars=s.exemplars)  # a newer or broken store stops the start with its reason
     except (ModelError, ReferenceStoreError) as e:
         print(f"smartsam-backend: error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Latency per click, broken down, and how the agent's cost grows with its work.
 
     python benchmarks/latency.py [--backbone NAME] [--checkpoint PATH] [--device cpu|cuda] [--image PATH]
+                                 [--repeats N] [--skip-levers] [--skip-scaling]
 
 Prints markdown tables. Random-weight configurations are fine for timing (the cost does not
 depend on the weights) and are labelled as such. Speed is measured here, never in the tests.
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--image", default=str(DEFAULT_IMAGE))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--skip-levers", action="store_true", help="only the per-click table (large models on a CPU)")
     args = ap.parse_args()
 
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
@@ -121,7 +123,8 @@ def main() -> None:
     print("\n## One decoder call of 30 chained prompts, by prompts per forward pass\n")
     print(table(["prompts per pass", "seconds"], rows))
 
-    levers(bb, image, click, args)
+    if not args.skip_levers:
+        levers(bb, image, click, args)
 
     if args.skip_scaling:
         return

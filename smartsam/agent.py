@@ -103,9 +103,9 @@ class AgentResult:
         similarity: cosine similarity to the reference (None in pure-IS mode).
         mode: "pure-is", "reference-mask", "reference-image", "reference-text" or "refine".
         candidate: provenance of the chosen mask.
-        low_res_logits: ``(256, 256)`` logits of the chosen mask (feed to the next click).
+        low_res_logits: ``(g, g)`` logits of the chosen mask (``g``: the backbone's grid; feed to the next click).
         candidates: every candidate (only when asked for), with ``candidate_logits``
-            ``(K, 256, 256)`` and ``candidate_scores`` ``(K,)``.
+            ``(K, g, g)`` and ``candidate_scores`` ``(K,)``.
         timings: seconds spent per stage.
         calls: encoder / decoder / feature calls made for this answer.
     """
@@ -307,7 +307,7 @@ class SmartSAMAgent:
         n_prompts, n_masks = out.scores.shape
         cands = [Candidate(i, initial[i].kind, j, 0, (), float(out.scores[i, j]))
                  for i in range(n_prompts) for j in range(n_masks)]
-        run = _Exploration((x, y), seed_key, initial, cands, [out.low_res_logits.reshape(-1, 256, 256)],
+        run = _Exploration((x, y), seed_key, initial, cands, [out.low_res_logits.reshape(-1, bb.grid, bb.grid)],
                            [out.scores.reshape(-1)])
         run.timings["initial"] = time.perf_counter() - t0
         return run

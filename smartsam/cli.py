@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="name, size, downloaded or not, path")
     d = msub.add_parser("download", help="download (or register with --from) checkpoints, verified")
     d.add_argument("names", nargs="+")
-    d.add_argument("--from", dest="source", help="a checkpoint file you already have (checked the same way)")
+    d.add_argument("--from", dest="source", help="a checkpoint file you already have (checked the same way); for SAM 3 "
+                   "and HQ-SAM the folder holding the hub repository's files")
     d.add_argument("--url", help="download from this URL instead of the official one")
 
     em = sub.add_parser("embed", help="precompute image embeddings into the disk cache", description=
@@ -288,6 +289,9 @@ def cmd_models(args) -> int:
         for s in REGISTRY.values():
             if s.random:
                 rows.append((s.name, s.family, "-", "built", "(random weights, tests only)", s.note))
+            elif s.files:
+                rows.append((s.name, s.family, "?", "yes" if is_downloaded(s) else "no", str(checkpoint_path(s)) + "/",
+                             s.note))
             elif s.url:
                 size = f"{s.size / 1e6:.0f} MB" if s.size else "?"
                 rows.append((s.name, s.family, size, "yes" if is_downloaded(s) else "no", str(checkpoint_path(s)), s.note))
@@ -302,7 +306,9 @@ def cmd_models(args) -> int:
     for name in args.names:
         spec = get_spec(name)
         if args.source:
-            if not Path(args.source).is_file():
+            if spec.files and not Path(args.source).is_dir():  # SAM 3, HQ-SAM: the repository's files in one folder
+                raise UsageError(f"{name} is a folder of files ({', '.join(spec.files)}): give that folder, not {args.source}")
+            if not spec.files and not Path(args.source).is_file():
                 raise UsageError(f"no such file: {args.source}")
             print(f"{name}: verified and registered at {register_local(spec, Path(args.source))}")
         else:

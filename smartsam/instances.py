@@ -2,7 +2,10 @@
 
 Proposals are the local maxima of the reference-similarity map over the image's patch features
 (the same features, computed once per image, that the selector pools): non-maximum suppression
-on the patch grid, best first. Each proposal becomes a click through the agent (reference mode),
+on the patch grid, best first. With SAM 3 they can instead come from its concept detector
+(:class:`~smartsam.concepts.Sam3ConceptProposer`, ``proposals="sam3"``), prompted with exemplar
+boxes on this image (the clicked object's, else the best similarity proposal's answer) or with a
+text reference's text. Each proposal becomes a click through the agent (reference mode),
 which resolves that instance's granularity; answers are de-duplicated by mask IoU and
 containment, a proposal that falls on an instance already found is not run at all, and an
 answer is kept when its selector similarity reaches ``threshold``.
@@ -29,7 +32,9 @@ class Instance:
         similarity: the selector's cosine similarity of the mask to the reference.
         score: the decoder's IoU-head score.
         click: ``(x, y)`` image pixels of the proposal the agent answered.
-        proposal_similarity: the patch similarity that proposed it.
+        proposal_similarity: the patch similarity that proposed it (the detector's score for a
+            SAM 3 proposal).
+        source: which proposer found it: "similarity" or "sam3".
     """
 
     mask: np.ndarray
@@ -37,6 +42,7 @@ class Instance:
     score: float
     click: Tuple[float, float]
     proposal_similarity: float
+    source: str = "similarity"
 
 
 def similarity_map(extractor, image: np.ndarray, reference: Reference, key: Optional[str] = None) -> np.ndarray:
@@ -96,11 +102,13 @@ class InstanceFinder:
             first: after a few misses the rest is background; bounds the agent runs per image).
         skip_covered: a proposal on an instance already found is not run (off only to time one
             agent run per proposal, as ``benchmarks/instances.py`` does).
+        concepts: a :class:`~smartsam.concepts.Sam3ConceptProposer` on the agent's SAM 3 backbone:
+            proposals come from SAM 3's concept detector instead of the similarity peaks.
     """
 
     def __init__(self, agent, max_instances: int = 20, threshold: float = 0.5, dedupe_iou: float = 0.5,
                  containment: float = 0.8, nms_radius: int = 2, proposals_per_instance: int = 2,
-                 patience: int = 3, skip_covered: bool = True) -> None:
+                 patience: int = 3, skip_covered: bool = True, concepts=None) -> None:
         if not 1 <= int(max_instances) <= 1000:
             raise ValueError(f"max_instances must be from 1 to 1000, not {max_instances!r}")
         if not -1.0 <= float(threshold) <= 1.0:
@@ -114,6 +122,12 @@ class InstanceFinder:
         self.proposals_per_instance = int(proposals_per_instance)
         self.patience = int(patience)
         self.skip_covered = bool(skip_covered)
+        self.concepts = concepts
+
+    @property
+    def source(self) -> str:
+        """Where proposals come from: "sam3" (the concept detector) or "similarity"."""
+        return "sam3" if self.concepts is not None else "similarity"
 
     def find(self, image: np.ndarray, reference: Reference, key: Optional[str] = None,
              exclude: Optional[List[np.ndarray]] = None, deadline: Optional[float] = None) -> List[Instance]:
@@ -123,12 +137,14 @@ class InstanceFinder:
             exclude: masks of instances already known (the clicked object): not found again.
             deadline: ``time.monotonic()`` after which no further proposal is run.
         """
-        extractor = self.agent.features.for_reference(reference.kind)
-        sims = similarity_map(extractor, image, reference, key)
-        proposals = propose(sims, image.shape[:2], self.max_instances * self.proposals_per_instance + len(exclude or []),
-                            -1.0, self.nms_radius)
         known = list(exclude or [])
         found: List[Instance] = []
+        n = self.max_instances * self.proposals_per_instance + len(known)
+        if self.concepts is None:
+            extractor = self.agent.features.for_reference(reference.kind)
+            proposals = propose(similarity_map(extractor, image, reference, key), image.shape[:2], n, -1.0, self.nms_radius)
+        else:
+            proposals = self._concept_proposals(image, reference, key, known, found, n, deadline)
         misses = 0
         for x, y, v in proposals:
             if len(found) >= self.max_instances or misses >= self.patience or \
@@ -144,5 +160,29 @@ class InstanceFinder:
                 continue
             misses = 0
             known.append(res.mask)
-            found.append(Instance(res.mask, float(res.similarity), float(res.score), (x, y), v))
+            found.append(Instance(res.mask, float(res.similarity), float(res.score), (x, y), v, self.source))
         return found
+
+    def _concept_proposals(self, image, reference: Reference, key, known: List[np.ndarray], found: List[Instance],
+                           n: int, deadline) -> List[Tuple[float, float, float]]:
+        """SAM 3's detections as proposals. Its exemplars are boxes on *this* image: the known
+        instances' (the clicked object), else the answer at the best similarity peak (kept as the
+        first instance when it passes); a text reference prompts with its text as well."""
+        from .concepts import mask_box
+
+        text = reference.text if reference.kind == "text" else None
+        exemplars = [m for m in known if m.any()]
+        if not exemplars and text is None:
+            extractor = self.agent.features.for_reference(reference.kind)
+            top = propose(similarity_map(extractor, image, reference, key), image.shape[:2], 1, -1.0, self.nms_radius)
+            if top:
+                x, y, v = top[0]
+                res = self.agent.predict((x, y), reference, deadline=deadline)
+                if res.similarity is not None and res.similarity >= self.threshold and res.mask.any():
+                    known.append(res.mask)
+                    found.append(Instance(res.mask, float(res.similarity), float(res.score), (x, y), v, self.source))
+                    exemplars = [res.mask]
+        if not exemplars and text is None:
+            return []
+        dets = self.concepts.detect(boxes=[mask_box(m) for m in exemplars], text=text, image=image)
+        return [(d.click[0], d.click[1], d.score) for d in dets[:n]]

@@ -20,9 +20,10 @@ import socket
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
+from urllib.parse import urlsplit
 
 import torch
 
@@ -48,6 +49,14 @@ class ModelSpec:
             local directory.
         note: one line on speed and memory.
         random: random weights (tests and demos only).
+        files: for a model published as a Hugging Face repository in transformers' format (SAM 3,
+            HQ-SAM): the files fetched from ``url`` (the repository's ``resolve/main/`` base) into
+            the folder ``checkpoints/<name>/``; ``url`` then names that base, not one file.
+        concept_files: files needed only by SAM 3's concept detector (its text tokenizer), fetched
+            when concept proposals are asked for.
+        gated: the license page of a gated repository: without an accepted license and
+            ``HF_TOKEN`` the hub answers 401/403, and the message says what to do.
+        folder: the cache folder of one file of a repository model (set internally).
     """
 
     name: str
@@ -60,10 +69,18 @@ class ModelSpec:
     sha256: Optional[str] = None
     hf_id: Optional[str] = None
     random: bool = False
+    files: Tuple[str, ...] = ()
+    concept_files: Tuple[str, ...] = ()
+    gated: Optional[str] = None
+    folder: Optional[str] = None
 
 
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _SAM21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+HF_HUB = "https://huggingface.co"
+_HF_MODEL = ("config.json", "model.safetensors")
+# SAM 3's CLIP-style BPE tokenizer, for the concept detector's text (box exemplars are "visual").
+_SAM3_TOKENIZER = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 REGISTRY: Dict[str, ModelSpec] = {
     s.name: s
@@ -87,6 +104,18 @@ REGISTRY: Dict[str, ModelSpec] = {
         ModelSpec("sam2.1_hiera_large", "sam2", "hiera_l", "SAM 2.1 large, 224M params; GPU recommended",
                   _SAM21 + "sam2.1_hiera_large.pt", "sam2.1_hiera_large.pt", 898083611,
                   "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318"),
+        # SAM 3 (Nov 2025) through transformers: the tracker answers clicks, the detector finds concepts. The
+        # hub publishes no hash: trust on first use (the hash of the first verified download is kept).
+        ModelSpec("sam3", "sam3", "sam3", "SAM 3, 848M params (tracker + concept detector), gated: accept the license, "
+                  "set HF_TOKEN; GPU recommended", HF_HUB + "/facebook/sam3/resolve/main/", files=_HF_MODEL,
+                  concept_files=_SAM3_TOKENIZER, gated=HF_HUB + "/facebook/sam3"),
+        # HQ-SAM (paper Table 1) in transformers' format (syscv-community, converted from lkeab/hq-sam)
+        ModelSpec("sam_hq_vit_b", "sam_hq", "vit_b", "HQ-SAM ViT-B, 95M params; CPU encoder like SAM ViT-B",
+                  HF_HUB + "/syscv-community/sam-hq-vit-base/resolve/main/", files=_HF_MODEL),
+        ModelSpec("sam_hq_vit_l", "sam_hq", "vit_l", "HQ-SAM ViT-L, 313M params; GPU recommended",
+                  HF_HUB + "/syscv-community/sam-hq-vit-large/resolve/main/", files=_HF_MODEL),
+        ModelSpec("sam_hq_vit_h", "sam_hq", "vit_h", "HQ-SAM ViT-H, 642M params (the paper's HQ-SAM); GPU recommended",
+                  HF_HUB + "/syscv-community/sam-hq-vit-huge/resolve/main/", files=_HF_MODEL),
         ModelSpec("dinov2-base", "dinov2", "base", "DINOv2 ViT-B/14 without registers (reference selector)", hf_id="facebook/dinov2-base"),
         ModelSpec("dinov2-large", "dinov2", "large", "DINOv2 ViT-L/14 without registers", hf_id="facebook/dinov2-large"),
         ModelSpec("clip-base", "clip", "base", "CLIP ViT-B/16 (text references)", hf_id="openai/clip-vit-base-patch16"),
@@ -96,6 +125,12 @@ REGISTRY: Dict[str, ModelSpec] = {
         ModelSpec("sam2.1_hiera_large-random", "sam2", "hiera_l", "SAM 2.1 large architecture, RANDOM weights (timing only)", random=True),
         ModelSpec("sam_vit_tiny-random", "sam", "vit_tiny", "SAM design with a 2-block ViT, RANDOM weights (tests only)", random=True),
         ModelSpec("sam_vit_b-random", "sam", "vit_b", "SAM ViT-B architecture, RANDOM weights (tests only)", random=True),
+        ModelSpec("sam3-tiny-random", "sam3", "tiny", "SAM 3 design, 2-layer ViT of width 64 (real 1008-px input, 288 grid), "
+                  "RANDOM weights (tests only)", random=True),
+        ModelSpec("sam3-random", "sam3", "sam3", "SAM 3 architecture, RANDOM weights (timing only)", random=True),
+        ModelSpec("sam_hq_vit_tiny-random", "sam_hq", "vit_tiny", "HQ-SAM design, 2-layer ViT of width 64, RANDOM weights (tests only)",
+                  random=True),
+        ModelSpec("sam_hq_vit_b-random", "sam_hq", "vit_b", "HQ-SAM ViT-B architecture, RANDOM weights (timing only)", random=True),
         ModelSpec("dinov2-tiny-random", "dinov2", "tiny", "DINOv2 architecture, 2 layers of width 32, RANDOM weights", random=True),
         ModelSpec("clip-tiny-random", "clip", "tiny", "CLIP architecture, 2 layers of width 32, RANDOM weights", random=True),
         # Not a model: draws a disk at the prompt, so tests can check where masks land.
@@ -139,7 +174,7 @@ def default_backbone() -> str:
 # The only environment the registry reads: where checkpoints live and where they come from (as
 # TORCH_HOME for torch), plus the Hugging Face cache the feature models load from. A process that
 # runs models elsewhere (a Ray worker) needs these; every other knob is an argument.
-REGISTRY_ENV = ("SMARTSAM_HOME", "SMARTSAM_MIRROR", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE")
+REGISTRY_ENV = ("SMARTSAM_HOME", "SMARTSAM_MIRROR", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN")
 
 
 def home() -> Path:
@@ -150,12 +185,40 @@ def home() -> Path:
 
 
 def checkpoint_path(spec: ModelSpec) -> Path:
+    """The cached file of a one-file model; the cached folder of a repository model (``files``)."""
+    if spec.files:
+        return home() / "checkpoints" / spec.name
+    if spec.folder:
+        return home() / "checkpoints" / spec.folder / spec.filename
     return home() / "checkpoints" / (spec.filename or spec.name)
 
 
+def _hub_url(url: str) -> str:
+    """``$HF_ENDPOINT`` (huggingface_hub's variable: a mirror or a private hub) in place of huggingface.co."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint and url.startswith(HF_HUB + "/"):
+        return endpoint.rstrip("/") + url[len(HF_HUB):]
+    return url
+
+
 def _manual_hint(spec: ModelSpec) -> str:
+    if spec.folder or spec.files:
+        name = spec.folder or spec.name
+        page = get_spec(name).url.split("/resolve/")[0] if name in REGISTRY else spec.url
+        files = ", ".join(get_spec(name).files if name in REGISTRY else (spec.filename,))
+        return (f"To place it by hand, download {files} from {page} on a machine with access, put them in one folder, "
+                f"copy it here, then run: smartsam models download {name} --from /path/to/folder")
     return (f"To place it by hand, download {spec.url} on a machine with internet access, copy it here, then run: "
             f"smartsam models download {spec.name} --from /path/to/{spec.filename}")
+
+
+def _gated_hint(spec: ModelSpec, code: int) -> str:
+    page = spec.gated or (get_spec(spec.folder).gated if spec.folder in REGISTRY else None)
+    if page is None:
+        return ""
+    have = "the HF_TOKEN set here has no access to it yet" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
+    return (f"{spec.folder or spec.name} is gated (HTTP {code}: {have}): accept its license at {page} while logged in, "
+            f"create a read token at {HF_HUB}/settings/tokens, then run with HF_TOKEN=<token>. ")
 
 
 # -- verification -------------------------------------------------------------------------
@@ -189,7 +252,10 @@ def verify(spec: ModelSpec, path: Path, expected_sha256: Optional[str] = None) -
     digest = sha256_file(path)
     if expected_sha256 is not None and digest != expected_sha256:
         raise ModelError(f"{path.name} has SHA-256 {digest}, expected {expected_sha256}: the file is corrupt or not {spec.name}")
-    if spec.sha256 is None:
+    kind = Path(spec.filename or path.name).suffix  # the file's own name: a download is checked as <name>.part
+    if spec.sha256 is None and kind in (".safetensors", ".json", ".txt"):
+        _check_complete(path, kind)
+    elif spec.sha256 is None:
         try:
             with zipfile.ZipFile(path) as z:
                 bad = z.testzip()
@@ -198,6 +264,27 @@ def verify(spec: ModelSpec, path: Path, expected_sha256: Optional[str] = None) -
         if bad is not None:
             raise ModelError(f"{path.name} is corrupt (member {bad} fails its CRC)")
     return digest
+
+
+def _check_complete(path: Path, kind: str) -> None:
+    """A file without a published hash is at least whole: a safetensors file's header and its last
+    tensor's end match its size; a JSON file parses; a text file is UTF-8."""
+    try:
+        if kind == ".safetensors":
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= 100 << 20:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            if 8 + n + max(ends, default=0) != path.stat().st_size:
+                raise ValueError(f"{path.stat().st_size} bytes, its header says {8 + n + max(ends, default=0)}")
+        elif kind == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        else:
+            path.read_text(encoding="utf-8")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ModelError(f"{path.name} is not a complete {kind[1:]} file ({str(e)[:200]})") from None
 
 
 def _recorded_sha256(path: Path) -> Optional[str]:
@@ -240,11 +327,14 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
     """
     if spec.url is None:
         raise ModelError(f"{spec.name} has no checkpoint to download")
+    if spec.files:
+        return _download_repository(spec, spec.files, url, progress, timeout, chunk)
     dest = checkpoint_path(spec)
     if dest.exists() and _is_verified(spec, dest):
         return dest
     mirror = os.environ.get("SMARTSAM_MIRROR")
-    url = url or (f"{mirror.rstrip('/')}/{spec.filename}" if mirror else spec.url)
+    remote = f"{spec.folder}/{spec.filename}" if spec.folder else spec.filename
+    url = url or (f"{mirror.rstrip('/')}/{remote}" if mirror else _hub_url(spec.url))
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         try:
@@ -257,6 +347,9 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": "smartsam"})
+    token = os.environ.get("HF_TOKEN")
+    if token and (spec.gated or _is_hub(url)):  # the token goes to the hub (or its stand-in), nowhere else
+        req.add_header("Authorization", f"Bearer {token}")
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
@@ -265,7 +358,9 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
         if e.code == 416 and have:  # the partial file is already complete
             resp = None
         else:
-            raise ModelError(f"Could not download {spec.filename} from {url}: HTTP {e.code} {e.reason}. {_manual_hint(spec)}") from None
+            gated = _gated_hint(spec, e.code) if e.code in (401, 403) else ""
+            raise ModelError(f"Could not download {spec.filename} from {url}: HTTP {e.code} {e.reason}. {gated}"
+                             f"{_manual_hint(spec)}") from None
     except (urllib.error.URLError, socket.timeout, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ModelError(f"Could not download {spec.filename} from {url}: {reason}. "
@@ -307,11 +402,52 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
     return dest
 
 
+def _is_hub(url: str) -> bool:
+    host = urlsplit(url).netloc
+    return host == urlsplit(HF_HUB).netloc or (bool(os.environ.get("HF_ENDPOINT")) and host == urlsplit(os.environ["HF_ENDPOINT"]).netloc)
+
+
+def _file_spec(spec: ModelSpec, filename: str) -> ModelSpec:
+    """One file of a repository model, checked like a one-file checkpoint."""
+    return replace(spec, url=spec.url + filename, filename=filename, files=(), concept_files=(), folder=spec.name,
+                   size=None, sha256=None)
+
+
+def _download_repository(spec: ModelSpec, files: Tuple[str, ...], url: Optional[str], progress: bool, timeout: float,
+                         chunk: int) -> Path:
+    """Each of ``files`` of a repository model, verified (trust on first use), into its folder."""
+    for f in files:
+        download(_file_spec(spec, f), url=url.rstrip("/") + "/" + f if url else None, progress=progress,
+                 timeout=timeout, chunk=chunk)
+    return checkpoint_path(spec)
+
+
+def ensure_concept_files(spec: ModelSpec, allow_download: bool = True) -> Path:
+    """The folder of a SAM 3 model with its concept detector's tokenizer too."""
+    if not spec.concept_files:
+        raise ModelError(f"{spec.name} has no concept detector")
+    folder = ensure_checkpoint(spec, allow_download)
+    missing = [f for f in spec.concept_files if not (folder / f).exists()]
+    if missing and not allow_download:
+        raise ModelError(f"{', '.join(missing)} not in {folder}. {_manual_hint(spec)}")
+    return _download_repository(spec, spec.concept_files, None, True, 15.0, 1 << 20)
+
+
 def register_local(spec: ModelSpec, source: Path) -> Path:
-    """Copy a checkpoint the user already has into the cache, after the same checks."""
+    """Copy a checkpoint the user already has into the cache, after the same checks (a folder
+    holding a repository model's files, for SAM 3 and HQ-SAM)."""
     source = Path(source)
     if spec.url is None:
         raise ModelError(f"{spec.name} is not a checkpoint file")
+    if spec.files:
+        if not source.is_dir():
+            raise ModelError(f"{spec.name} is a folder of files ({', '.join(spec.files)}): give that folder")
+        missing = [f for f in spec.files if not (source / f).is_file()]
+        if missing:
+            raise ModelError(f"{source} lacks {', '.join(missing)} of {spec.name}")
+        for f in spec.files + tuple(f for f in spec.concept_files if (source / f).is_file()):
+            register_local(_file_spec(spec, f), source / f)
+        return checkpoint_path(spec)
     digest = verify(spec, source)
     dest = checkpoint_path(spec)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -325,12 +461,15 @@ def register_local(spec: ModelSpec, source: Path) -> Path:
 def ensure_checkpoint(spec: ModelSpec, allow_download: bool = True) -> Path:
     """The verified local checkpoint of ``spec``, downloading it when missing and allowed."""
     dest = checkpoint_path(spec)
-    if not dest.exists() and not allow_download:
-        raise ModelError(f"{spec.filename} is not in {dest.parent}. {_manual_hint(spec)}")
+    if not is_downloaded(spec) and not allow_download:
+        where = dest if spec.files else dest.parent
+        raise ModelError(f"{spec.filename or ', '.join(spec.files)} is not in {where}. {_manual_hint(spec)}")
     return download(spec)  # returns a verified file at once; re-checks or re-downloads a changed one
 
 
 def is_downloaded(spec: ModelSpec) -> bool:
+    if spec.files:
+        return all(checkpoint_path(_file_spec(spec, f)).exists() for f in spec.files)
     return spec.url is not None and checkpoint_path(spec).exists()
 
 
@@ -338,7 +477,7 @@ def is_downloaded(spec: ModelSpec) -> bool:
 def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
                   cache_size: int = 8, allow_download: bool = True, cpu_bf16: "str | bool" = "auto",
                   shared_decoder: "str | bool" = "on", embed_cache_dir: "Optional[str | Path]" = None,
-                  embed_cache_bytes: int = 10 << 30):
+                  embed_cache_bytes: int = 10 << 30, concepts: bool = False):
     """Build a :class:`~smartsam.backbones.base.Backbone` by registry name.
 
     Args:
@@ -352,9 +491,13 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             :class:`~smartsam.backbones.sam2_decoder.Sam2SharedDecoder`, "off" through sam2's module.
         embed_cache_dir: a folder for the disk cache of embeddings (None: no disk cache).
         embed_cache_bytes: the disk cache's size bound.
+        concepts: SAM 3 only: build its concept detector too (sharing the vision backbone), for
+            :class:`~smartsam.concepts.Sam3ConceptProposer`; fetches its tokenizer files.
     """
+    if concepts and (name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())).family not in ("sam3", "test"):
+        raise ModelError("concept proposals need SAM 3 (--backbone sam3): this backbone has no concept detector")
     spec = name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())
-    if spec.family not in ("sam", "sam2", "test"):
+    if spec.family not in ("sam", "sam2", "sam3", "sam_hq", "test"):
         raise ModelError(f"{spec.name} is not a segmentation backbone")
     path = None
     if spec.random and checkpoint is not None:
@@ -362,12 +505,16 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
     if not spec.random:
         if checkpoint is not None:
             path = Path(checkpoint)
-            if not path.is_file():
+            if spec.files and not all((path / f).is_file() for f in spec.files):
+                raise ModelError(f"checkpoint {path} is not a folder holding {', '.join(spec.files)} of {spec.name}")
+            if not spec.files and not path.is_file():
                 raise ModelError(f"checkpoint {path} does not exist")
             if spec.sha256 is not None:
                 verify(spec, path)
         else:
             path = ensure_checkpoint(spec, allow_download)
+        if concepts:
+            path = ensure_concept_files(spec, allow_download) if checkpoint is None else path
     else:
         torch.manual_seed(0)  # random weights, but the same ones in every process
     try:
@@ -380,6 +527,16 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
 
             bb = SamBackbone(build_sam_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
                              cpu_bf16=cpu_bf16)
+        elif spec.family == "sam_hq":
+            from .backbones.hf_sam import SamHQBackbone, build_sam_hq_model
+
+            bb = SamHQBackbone(build_sam_hq_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
+                               cpu_bf16=cpu_bf16)
+        elif spec.family == "sam3":
+            from .backbones.hf_sam import Sam3Backbone, build_sam3_models
+
+            tracker, detector = build_sam3_models(spec.arch, str(path) if path else None, concepts)
+            bb = Sam3Backbone(tracker, spec.name, cache_size, device, cpu_bf16=cpu_bf16, detector=detector)
         else:
             from .backbones.sam2 import Sam2Backbone, build_sam2_model
 
@@ -458,3 +615,31 @@ def load_features(name: str, device: Optional[str] = None, path: Optional[str] =
         raise ModelError(f"could not load {spec.name} from {source!r} ({str(e).splitlines()[0][:200]}). "
                          f"Put the model in the Hugging Face cache (huggingface-cli download {spec.hf_id}) or point "
                          f"SMARTSAM_{spec.family.upper()}_PATH at a local directory with it.") from None
+
+
+def load_concept_proposer(backbone, checkpoint: Optional[str] = None, allow_download: bool = True, **kwargs):
+    """SAM 3's concept detector over a SAM 3 backbone built with ``concepts=True``, with its
+    tokenizer (from the model's folder; the byte-level stand-in for random weights). ``kwargs``
+    go to :class:`~smartsam.concepts.Sam3ConceptProposer`."""
+    from .concepts import Sam3ConceptProposer
+
+    spec = get_spec(backbone.name)
+    if spec.family == "test":
+        from .concepts import ColourConcepts
+
+        return ColourConcepts()  # known answers for tests: regions of the exemplar's colour
+    if spec.family != "sam3" or getattr(backbone, "detector", None) is None:
+        raise ModelError(f"concept proposals need SAM 3 with its detector; {backbone.name} has none "
+                         f"(set SMARTSAM_BACKBONE=sam3, or SMARTSAM_PROPOSALS=similarity)")
+    if spec.random:
+        tokenizer = _tiny_clip_tokenizer()[0]
+    else:
+        from transformers import CLIPTokenizer
+
+        folder = Path(checkpoint) if checkpoint else ensure_concept_files(spec, allow_download)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"could not load SAM 3's tokenizer from {folder} ({str(e).splitlines()[0][:200]}). "
+                             f"{_manual_hint(spec)}") from None
+    return Sam3ConceptProposer(backbone, tokenizer, **kwargs)

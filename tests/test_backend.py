@@ -584,3 +584,38 @@ def test_statistics_queued_at_shutdown_are_written(server, tmp_path):
 
     served = FieldStats(tmp_path / "data").summary("61")["served"]
     assert sum(x["suggestions"] for x in served) == 3, served
+
+
+def test_gated_sam3_without_a_token_stops_make_run_with_one_message(tmp_path):
+    """`make run` (run.sh) with SMARTSAM_BACKBONE=sam3 and no access: a local server answering 401
+    stands in for the hub (HF_ENDPOINT); the start stops within seconds, saying where to accept
+    the license and to set HF_TOKEN."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    class Gated(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_error(401, "Access to model facebook/sam3 is restricted. You must have access to it and be authenticated")
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gated)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTSAM_", "HF_"))}
+    env.update(SMARTSAM_BACKBONE="sam3", SMARTSAM_HOME=str(tmp_path / "home"), SMARTSAM_DATA_DIR=str(tmp_path / "d"),
+               HF_ENDPOINT=f"http://127.0.0.1:{httpd.server_address[1]}", PORT="0",
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    try:
+        t0 = time.time()
+        p = subprocess.run([str(Path(__file__).resolve().parents[1] / "run.sh")], env=env, capture_output=True, text=True,
+                           timeout=120)
+    finally:
+        httpd.shutdown()
+    assert p.returncode != 0 and time.time() - t0 < 60
+    err = p.stderr
+    assert "HTTP 401" in err and "https://huggingface.co/facebook/sam3" in err and "HF_TOKEN" in err, err
+    assert "smartsam models download sam3 --from" in err and "Traceback" not in err
+    assert err.count("HF_TOKEN=<token>") == 1  # one message

@@ -231,3 +231,61 @@ def test_one_model_version_per_request(tmp_path, monkeypatch):
     assert len(out) == 3 and all(p and p["instances"] == {"Car": 3} for p in out)
     assert len(calls) == 1 and len({p["model_version"] for p in out}) == 1
     sv.close()
+
+
+def test_concept_proposals_find_the_same_known_answers(agent):
+    """The SAM 3 proposal path (exemplar boxes on this image -> detections -> one agent run each)
+    on the same scenes, with the deterministic colour detector standing in for SAM 3's: the same
+    three red disks, the clicked one excluded, nothing on a scene without red."""
+    from smartsam.concepts import ColourConcepts
+    from smartsam.instances import InstanceFinder
+
+    img = scene()
+    ref = red_reference(agent)
+    agent.set_image(img)
+    det = ColourConcepts()
+    found = InstanceFinder(agent, threshold=0.9, concepts=det).find(img, ref)
+    assert sorted(on_red_disks(found)) == [0, 1, 2] and {i.source for i in found} == {"sam3"}
+    assert det.detector_calls == 1  # prompted once, with the best similarity peak's answer as the exemplar
+    rest = InstanceFinder(agent, threshold=0.9, concepts=det).find(img, ref, exclude=[disk(img.shape, RED[1], 30)])
+    assert sorted(on_red_disks(rest)) == [0, 2] and det.detector_calls == 2  # the clicked object is the exemplar
+    blue_only = scene(red=[])
+    agent.set_image(blue_only)
+    assert InstanceFinder(agent, threshold=0.9, concepts=det).find(blue_only, ref) == []
+    assert det.detector_calls == 2  # no exemplar passed the threshold: the detector is not asked
+
+
+def test_backend_proposals_setting_reaches_every_answer(tmp_path):
+    """SMARTSAM_PROPOSALS=sam3 through the backend (its test detector beside disk-test): the same
+    known answers for a click with the all_like_this tool and for pre-labeling; every answer and
+    the model version name the proposals; a backbone without a detector is refused at once."""
+    from backend.config import Settings
+    from backend.errors import SettingsError
+    from backend.server import Services
+
+    with pytest.raises(SettingsError, match="SMARTSAM_BACKBONE=sam3"):
+        Settings.from_env({"SMARTSAM_PROPOSALS": "sam3", "SMARTSAM_BACKBONE": "sam2.1_hiera_tiny-random"})
+    with pytest.raises(SettingsError, match="similarity or sam3"):
+        Settings.from_env({"SMARTSAM_PROPOSALS": "dino"})
+    s = Settings.from_env({"SMARTSAM_PROPOSALS": "sam3"}, backbone="disk-test", features="colour-test", data_dir=tmp_path,
+                          allow_data_urls=True, reference_prep="none", instance_threshold="0.9")
+    sv = Services(s, load=False)
+    sv.engine.load()
+    assert sv.engine.concepts is not None and sv.engine.health()["proposals"] == "sam3"
+    cfg = _config().replace('<RectangleLabels name="box"', '<KeyPointLabels name="all_like_this" toName="image" smart="true">'
+                            '<Label value="Car"/></KeyPointLabels><RectangleLabels name="box"')
+    model = sv.backend(cfg)
+    img = scene()
+    task = {"id": 1, "data": {"image": _data_url(img)}}
+    kp = {"type": "keypointlabels", "from_name": "all_like_this", "to_name": "image", "original_width": 480,
+          "original_height": 360, "is_positive": True,
+          "value": {"x": RED[1][0] / 4.8, "y": RED[1][1] / 3.6, "keypointlabels": ["Car"]}}
+    [pred] = model.predict([task], context={"result": [kp]}, project="1.1")
+    assert pred["mode"] == "all-like-this" and pred["instances"] == 2 and pred["settings"]["proposals"] == "sam3"
+    assert "-propsam3" in pred["model_version"]
+    ref = sv.engine.make_reference(img, disk(img.shape, RED[0]))
+    sv.engine.store.put("1", "Car", ref, {"admin": "test"}, how="admin")
+    [pred] = sv.backend(_config()).predict([task], project="1.1")
+    assert pred["instances"] == {"Car": 3} and pred["settings"]["proposals"] == "sam3", pred
+    assert sv.engine.concepts.detector_calls == 2
+    sv.close()

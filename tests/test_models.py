@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path
@@ -28,6 +29,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     files = {}
     cut_after = {}  # path -> bytes to send before dropping the connection (once)
     requests = []
+    token = None  # when set, files need "Authorization: Bearer <token>" (a gated hub repository)
+    auth = []
 
     def log_message(self, *a):
         pass
@@ -35,6 +38,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         data = self.files.get(self.path)
         self.requests.append((self.path, self.headers.get("Range")))
+        self.auth.append(self.headers.get("Authorization"))
+        if self.token is not None and self.headers.get("Authorization") != f"Bearer {self.token}":
+            # what the hub answers for a gated repo: 401 without a token, 403 with one lacking access
+            self.send_error(403 if self.headers.get("Authorization") else 401, "Access to model facebook/sam3 is restricted")
+            return
         if data is None:
             self.send_error(404)
             return
@@ -64,7 +72,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Handler.files, _Handler.cut_after, _Handler.requests = {}, {}, []
+    _Handler.files, _Handler.cut_after, _Handler.requests, _Handler.token, _Handler.auth = {}, {}, [], None, []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -76,6 +84,8 @@ def server():
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("SMARTSAM_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SMARTSAM_MIRROR", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     return tmp_path / "home"
 
 
@@ -198,3 +208,94 @@ def test_corrupt_local_checkpoint_is_a_clear_error(tmp_path):
         models.load_backbone(ModelSpec("test-sam", "sam", "vit_tiny", "test"), checkpoint=str(bad), device="cpu")
     with pytest.raises(ModelError, match="does not exist"):
         models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(tmp_path / "missing.pt"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """Real transformers-format folders (config.json + model.safetensors) of the small HQ-SAM and
+    SAM 3 tracker designs, saved by save_pretrained as the hub repositories hold them."""
+    from smartsam.backbones.hf_sam import build_sam3_models, build_sam_hq_model
+
+    torch.manual_seed(2)
+    out = {}
+    for name, model in [("hq", build_sam_hq_model("vit_tiny")), ("sam3", build_sam3_models("tiny")[0])]:
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d)
+        out[name] = d
+    return out
+
+
+def _serve_repo(h, repo: str, folder: Path) -> None:
+    for f in ("config.json", "model.safetensors"):
+        h.files[f"/{repo}/resolve/main/{f}"] = (folder / f).read_bytes()
+
+
+def test_gated_sam3_without_access_names_the_license_page_and_hf_token(server, hf_folders, monkeypatch):
+    """A local HTTP server stands in for the hub (HF_ENDPOINT, huggingface_hub's variable): 401
+    without a token, 403 with one lacking access, the files with the right one."""
+    base, h = server
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    _serve_repo(h, "facebook/sam3", hf_folders["sam3"])
+    h.token = "hf_right"
+    spec = models.get_spec("sam3")
+    with pytest.raises(ModelError) as e:
+        models.download(spec, progress=False)
+    msg = str(e.value)
+    assert "HTTP 401" in msg and "https://huggingface.co/facebook/sam3" in msg and "HF_TOKEN" in msg and "no HF_TOKEN" in msg
+    assert "smartsam models download sam3 --from /path/to/folder" in msg and "Traceback" not in msg
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(ModelError, match="HTTP 403.*has no access to it yet"):
+        models.download(spec, progress=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_right")
+    folder = models.download(spec, progress=False)
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".json") or p.name == "config.json") == \
+        ["config.json", "model.safetensors"]
+    assert models.is_downloaded(spec) and "Bearer hf_right" in h.auth
+    bb = models.load_backbone("sam3", device="cpu")  # the downloaded folder, in the real architecture
+    assert bb.grid == 288 and not bb.random_weights
+    # the token goes to the hub only, never to another host (a mirror)
+    h.auth.clear()
+    monkeypatch.setenv("SMARTSAM_MIRROR", base)
+    monkeypatch.delenv("HF_ENDPOINT")
+    with pytest.raises(ModelError):
+        models.download(models.get_spec("sam_hq_vit_b"), progress=False)
+    assert h.auth and all(a is None for a in h.auth)
+
+
+def test_hq_sam_download_is_trusted_on_first_use_and_a_placed_folder_is_served(server, hf_folders, monkeypatch, tmp_path):
+    base, h = server
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    spec = models.get_spec("sam_hq_vit_b")
+    good = (hf_folders["hq"] / "model.safetensors").read_bytes()
+    _serve_repo(h, "syscv-community/sam-hq-vit-base", hf_folders["hq"])
+    h.files["/syscv-community/sam-hq-vit-base/resolve/main/model.safetensors"] = good[:-100]  # truncated in transit
+    with pytest.raises(ModelError, match="not a complete safetensors file"):
+        models.download(spec, progress=False)
+    assert not models.is_downloaded(spec)
+    h.files["/syscv-community/sam-hq-vit-base/resolve/main/model.safetensors"] = good
+    folder = models.download(spec, progress=False)
+    bb = models.load_backbone("sam_hq_vit_b", device="cpu")
+    key = "mask_decoder.iou_prediction_head.proj_in.weight"
+    from safetensors.torch import load_file
+
+    assert torch.equal(bb.model.state_dict()[key].cpu(), load_file(hf_folders["hq"] / "model.safetensors")[key])
+    # the hash of that first verified download is checked from then on
+    f = folder / "model.safetensors"
+    st = f.stat()
+    bad = bytearray(good)
+    bad[-1000] ^= 0xFF  # one flipped byte inside a tensor: the header still adds up
+    f.write_bytes(bytes(bad))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # a later write, even on a coarse clock
+    h.files.clear()
+    with pytest.raises(ModelError):
+        models.ensure_checkpoint(spec)
+    # an offline machine: `smartsam models download NAME --from FOLDER`
+    from smartsam.cli import main
+
+    assert main(["models", "download", "sam_hq_vit_l", "--from", str(hf_folders["hq"])]) == 0
+    assert models.is_downloaded(models.get_spec("sam_hq_vit_l"))
+    assert models.load_backbone("sam_hq_vit_l", device="cpu").grid == 256
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="lacks config.json, model.safetensors"):
+        models.register_local(models.get_spec("sam_hq_vit_h"), empty)

@@ -29,8 +29,9 @@ class Prompt:
         points: ``(N, 2)`` float array of ``(x, y)`` image pixel coordinates (may be empty).
         labels: ``(N,)`` int array, 1 positive, 0 negative.
         box: optional ``(4,)`` float array ``(x0, y0, x1, y1)`` in image pixels.
-        mask_input: optional ``(256, 256)`` float array of low-res logits from an earlier decode
-            of the same image (SAM's way of carrying a mask into the next click).
+        mask_input: optional ``(g, g)`` float array of low-res logits from an earlier decode
+            of the same image (SAM's way of carrying a mask into the next click); ``g`` is the
+            backbone's :attr:`Backbone.grid` (256; 288 for SAM 3).
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
@@ -59,7 +60,7 @@ class DecodeResult:
     """Decoder output for a batch of B prompts, M masks each (M = 3 multimask, else 1).
 
     Attributes:
-        low_res_logits: ``(B, M, 256, 256)`` float32 logits; ``> 0`` is the mask.
+        low_res_logits: ``(B, M, g, g)`` float32 logits (``g`` = the backbone's grid); ``> 0`` is the mask.
         scores: ``(B, M)`` float32 IoU-head predictions.
         frame: how the low-res grid maps to the image (see :class:`~smartsam.masks.LowResFrame`).
     """
@@ -115,8 +116,9 @@ class Backbone:
     """Base class: embedding cache, batching and counters; adapters fill in four hooks.
 
     Subclasses implement ``_encode(image) -> state``, ``_activate(state)``,
-    ``_decode(group, multimask) -> (low_res (B, M, 256, 256) tensor, scores (B, M) tensor)`` and
-    ``_frame(image_hw)``, and upsample with ``_upsample``.
+    ``_decode(group, multimask) -> (low_res (B, M, g, g) tensor, scores (B, M) tensor)`` and
+    ``_frame(image_hw)``, and upsample with ``_upsample``. ``grid`` (``g``) is the side of the
+    decoder's low-resolution logits: 256 for SAM, SAM 2.1 and HQ-SAM, 288 for SAM 3.
 
     Args:
         name: registry name of the model (shown in results and logs).
@@ -129,6 +131,8 @@ class Backbone:
             one pass). Default: 2 on CPU (measured fastest, see README), everything at once on CUDA.
         cpu_bf16: "auto" (bf16 autocast where the CPU has bf16 hardware), "on", "off" or a bool.
     """
+
+    grid: int = 256  # side of the low-resolution logit grid
 
     def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None, decode_chunk: Optional[int] = None,
                  cpu_bf16: Union[str, bool] = "auto") -> None:
@@ -202,7 +206,7 @@ class Backbone:
             multimask: True for SAM's 3 masks per prompt, False for 1.
 
         Returns:
-            :class:`DecodeResult` with ``(B, M, 256, 256)`` logits and ``(B, M)`` scores. One
+            :class:`DecodeResult` with ``(B, M, g, g)`` logits and ``(B, M)`` scores. One
             decoder call per group of prompts of the same kind, never one per prompt.
         """
         if self._current is None:
@@ -210,7 +214,10 @@ class Backbone:
         if len(prompts) == 0:
             raise ValueError("no prompts")
         m = 3 if multimask else 1
-        out_logits = np.zeros((len(prompts), m, 256, 256), np.float32)
+        for p in prompts:
+            if p.mask_input is not None and np.shape(p.mask_input) != (self.grid, self.grid):
+                raise ValueError(f"mask_input is {np.shape(p.mask_input)}; {self.name} takes ({self.grid}, {self.grid}) logits")
+        out_logits = np.zeros((len(prompts), m, self.grid, self.grid), np.float32)
         out_scores = np.zeros((len(prompts), m), np.float32)
         groups: Dict[Tuple[bool, bool], List[int]] = {}
         for i, p in enumerate(prompts):
@@ -227,7 +234,7 @@ class Backbone:
         return DecodeResult(out_logits, out_scores, self.frame)
 
     def upsample(self, low_res: np.ndarray) -> np.ndarray:
-        """Low-res logits ``(N, 256, 256)`` -> image-size logits ``(N, H, W)`` (float32)."""
+        """Low-res logits ``(N, g, g)`` -> image-size logits ``(N, H, W)`` (float32)."""
         t = torch.as_tensor(np.asarray(low_res, np.float32), device=self.device)[:, None]
         with torch.inference_mode():
             return self._upsample(t, self.image_hw)[:, 0].float().cpu().numpy()

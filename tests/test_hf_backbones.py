@@ -115,3 +115,42 @@ def test_eval_runs_on_them(tmp_path, datasets, name):
         assert p.returncode == 0, p.stderr[-2000:]
         s = json.loads((tmp_path / f"{mode}.json").read_text())
         assert s["segmenter"].endswith(name) and s["random_weights"] is True and s["n"] == 1
+
+
+def test_prelabel_through_the_backend_on_sam3_with_concept_proposals(tmp_path, coco_image):
+    """The backend's pre-labeling path on SAM 3 (small random variant) with SMARTSAM_PROPOSALS=sam3:
+    one encoding, the detector prompted once, the answer names the proposals."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from backend.config import Settings
+    from backend.server import Services
+
+    s = Settings(backbone="sam3-tiny-random", data_dir=tmp_path, allow_data_urls=True, proposals="sam3",
+                 instance_threshold="-1", max_instances=2, chain_length=0)
+    sv = Services(s, load=False)
+    sv.engine.load()
+    assert sv.engine.load_error is None and sv.engine.concepts is not None
+    sv.engine.concepts.score_threshold = 0.0  # random weights: keep every detection
+    img = coco_image
+    h, w = img.shape[:2]
+    ref_mask = np.zeros((h, w), bool)
+    ref_mask[h // 4: h // 2, w // 4: w // 2] = True
+    sv.engine.store.put("1", "Car", sv.engine.make_reference(img, ref_mask), {"admin": "test"}, how="admin")
+    b = io.BytesIO()
+    Image.fromarray(img).save(b, format="PNG")
+    task = {"id": 1, "data": {"image": "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()}}
+    cfg = """<View><Image name="image" value="$image"/>
+<KeyPointLabels name="tag" toName="image" smart="true"><Label value="Car"/></KeyPointLabels>
+<BrushLabels name="brush" toName="image"><Label value="Car"/></BrushLabels></View>"""
+    model = sv.backend(cfg)
+    preds = model.predict([task], project="1.1")
+    # an image + mask reference from another image: the agent's answer at the best similarity peak is
+    # the first instance (threshold -1 keeps it) and the exemplar box the detector is prompted with
+    assert sv.engine.backbone.encoder_calls == 1 and sv.engine.concepts.detector_calls == 1
+    [pred] = preds
+    assert pred["mode"] == "prelabel" and pred["settings"]["proposals"] == "sam3" and "-propsam3" in pred["model_version"]
+    assert 1 <= pred["instances"]["Car"] <= 2
+    sv.close()

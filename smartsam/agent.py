@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .backbones.base import Backbone, Prompt
-from .clickers import NextChainClicker
+from .clickers import ADD, NextChainClicker, action_name
 from .features import ClipFeatures, DinoV2Features, FeatureSet
 from .masks import REFERENCE_PREPS, LowResFrame, batch_iou
 from .reference import ReferenceBuilder
@@ -91,6 +91,20 @@ class Candidate:
     chain_step: int
     clicks: Tuple[Tuple[Tuple[float, float], int], ...]
     score: float
+
+    @property
+    def actions(self) -> Tuple[str, ...]:
+        """The chain's inner clicks in order, "Add" or "Cut" (paper Table 7)."""
+        return tuple("Add" if label == ADD else "Cut" for _, label in self.clicks)
+
+    @property
+    def action(self) -> str:
+        """Which actions made this mask: "no action", "Add", "Cut" or "Add&Cut"."""
+        return action_name([label for _, label in self.clicks])
+
+    def describe(self) -> str:
+        """``<prompt kind>:<A|C per inner click>``, e.g. ``box:AC`` (``click:`` for an initial mask)."""
+        return f"{self.prompt_kind}:" + "".join(a[0] for a in self.actions)
 
 
 @dataclass
@@ -208,6 +222,13 @@ class SmartSAMAgent:
     def path(self) -> str:
         """"fast" or "literal": which agent runs (say it in every output)."""
         return "literal" if self.dedupe_iou is None else "fast"
+
+    def knobs(self) -> Dict[str, object]:
+        """Every exploration knob this agent runs with (named in evaluation outputs)."""
+        sp, ck = self.sampler, self.clicker
+        return {"sampler": sp.distribution, "points": sp.num_points, "boxes": len(sp.box_aspects), "beta": sp.beta,
+                "gamma_shape": sp.gamma_shape, "clicker": ck.placement, "chain_length": ck.chain_length,
+                "band_fraction": ck.band_fraction, "band_percentile": ck.band_percentile, "path": self.path}
 
     @property
     def image_features(self):

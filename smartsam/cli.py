@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from .models import ModelError
@@ -106,8 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--device")
 
     from .eval.cli import add_eval_parser
+    from .eval.paper import add_paper_parser
 
     add_eval_parser(sub)
+    add_paper_parser(sub)
+    ds = sub.add_parser("datasets", help="build benchmark datasets")
+    dsub = ds.add_subparsers(dest="datasets_command", required=True)
+    a = dsub.add_parser("amb-occ", help="build Amb-Occ from COCO and LVIS annotations (paper App. C)", description=
+                        "Pairs of a COCO instance (the target) and a smaller LVIS instance inside it (the click area) "
+                        "on the same image, densely clustered same-category instances left out; written in the RITM "
+                        "layout with an area/ folder (smartsam eval --first-click area, smartsam paper).")
+    a.add_argument("--coco", required=True, help="COCO instances JSON (e.g. instances_val2017.json)")
+    a.add_argument("--lvis", required=True, help="LVIS annotations JSON of the same images (e.g. lvis_v1_val.json)")
+    a.add_argument("--images", required=True, help="the images folder (e.g. val2017/)")
+    a.add_argument("--out", required=True)
+    a.add_argument("--containment", type=float, default=0.95, help="share of the LVIS mask inside the COCO mask "
+                   "(\"fully contains\", with the two datasets' outline tolerance; default 0.95)")
+    a.add_argument("--max-area-ratio", type=float, default=0.5, help="the LVIS instance is at most this share of the "
+                   "target's area (default 0.5)")
+    a.add_argument("--min-area", type=int, default=1024, help="targets smaller than this many pixels are left out")
+    a.add_argument("--cluster-iou", type=float, default=0.0, help="a target whose box overlaps another instance of its "
+                   "category by more than this box IoU is clustered, and left out (default 0: any overlap)")
+    a.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
     return ap
 
 
@@ -316,6 +337,22 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_datasets(args) -> int:
+    from .eval.coco import build_amb_occ
+
+    for name in ("containment", "max_area_ratio"):
+        if not 0 < getattr(args, name) <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1]")
+    try:
+        st = build_amb_occ(Path(args.coco), Path(args.lvis), Path(args.images), Path(args.out), args.containment,
+                           args.max_area_ratio, args.min_area, args.cluster_iou, link=not args.copy)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    print(f"Amb-Occ in {args.out}: {st['images']} images, {st['pairs']} pairs, {st['categories']} categories "
+          f"(the paper: 2,744 / 4,470 / 80); left out: {st['filtered']}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import warnings
 
@@ -336,6 +373,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .eval.cli import cmd_eval
 
             return cmd_eval(args)
+        if args.command == "paper":
+            from .eval.paper import run
+
+            args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
+            return run(args)
+        if args.command == "datasets":
+            return cmd_datasets(args)
     except UsageError as e:
         print(f"smartsam: error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,20 @@ from .masks import LowResFrame, largest_component, region_center, uncertainty_ba
 
 CUT = 0  # negative click inside the mask
 ADD = 1  # positive click outside the mask
+PLACEMENTS = ("ncc", "random", "none")
+
+
+def action_name(labels) -> str:
+    """The paper's Table 7 class of a chain's inner clicks (labels 1 Add, 0 Cut): "no action",
+    "Add", "Cut" or "Add&Cut"."""
+    kinds = set(int(v) for v in labels)
+    if not kinds:
+        return "no action"
+    if kinds == {ADD}:
+        return "Add"
+    if kinds == {CUT}:
+        return "Cut"
+    return "Add&Cut"
 
 
 @dataclass
@@ -37,33 +51,50 @@ class NextChainClicker:
 
     Args:
         chain_length: clicks per chain (paper: 3).
-        band_fraction: the uncertain band is ``band_fraction * percentile(|logits|)``.
+        band_fraction: the uncertain band is ``band_fraction * percentile(|logits|)`` (our
+            choice, 0.25: the paper gives no number).
         band_percentile: which percentile of ``|logits|`` (over the image's initial masks) is the
-            "confident" logit scale.
+            "confident" logit scale (our choice, 90).
+        placement: where a chain's click goes (ablation, paper Table 6): "ncc" (the middle of the
+            largest uncertain region on the chosen side: the paper), "random" (a random pixel on
+            the chosen side) or "none" (no chains: the initial masks only).
     """
 
-    def __init__(self, chain_length: int = 3, band_fraction: float = 0.25, band_percentile: float = 90.0) -> None:
+    def __init__(self, chain_length: int = 3, band_fraction: float = 0.25, band_percentile: float = 90.0,
+                 placement: str = "ncc") -> None:
         if chain_length < 0:
             raise ValueError("chain_length must be >= 0")
         if not 0 < band_fraction <= 1 or not 0 < band_percentile <= 100:
             raise ValueError("band_fraction must be in (0, 1] and band_percentile in (0, 100]")
-        self.chain_length = int(chain_length)
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
+        self.placement = placement
+        self.chain_length = 0 if placement == "none" else int(chain_length)
         self.band_fraction = float(band_fraction)
         self.band_percentile = float(band_percentile)
 
     def band(self, initial_logits: np.ndarray, frame: LowResFrame) -> float:
-        """Uncertain half-width for one image from its initial ``(K, 256, 256)`` logits."""
+        """Uncertain half-width for one image from its initial ``(K, g, g)`` logits."""
         return uncertainty_band(frame.crop(initial_logits), self.band_fraction, self.band_percentile)
 
-    def place(self, logits: np.ndarray, label: int, band: float, frame: LowResFrame) -> Optional[Tuple[float, float]]:
-        """Where a click of ``label`` goes on one ``(256, 256)`` logit map, in image pixels.
+    def place(self, logits: np.ndarray, label: int, band: float, frame: LowResFrame,
+              rng: Optional[np.random.Generator] = None) -> Optional[Tuple[float, float]]:
+        """Where a click of ``label`` goes on one ``(g, g)`` logit map, in image pixels.
 
         Cut: inside the mask (logit > 0); Add: outside (logit <= 0); both restricted to the
         uncertain band, at the distance-transform peak of the largest such region. None when
-        that side has no uncertain pixel (the chain then stops: nothing left to doubt).
+        that side has no uncertain pixel (the chain then stops: nothing left to doubt). With
+        ``placement="random"``: a random pixel of that side (``rng``), band or not.
         """
         lr = frame.crop(logits)
         side = lr > 0 if label == CUT else lr <= 0
+        if self.placement == "random":
+            ys, xs = np.nonzero(side)
+            if len(ys) == 0:
+                return None
+            k = int((rng or np.random.default_rng(0)).integers(len(ys)))
+            x, y = frame.to_image(np.asarray([[xs[k], ys[k]]], np.float64))[0]
+            return float(x), float(y)
         region = largest_component(side & (np.abs(lr) < band))
         center = region_center(region)
         if center is None:
@@ -76,5 +107,5 @@ class NextChainClicker:
     ) -> Optional[ChainClick]:
         """Draw the sign from Bernoulli(score) and place the click (None: the chain ends)."""
         label = CUT if rng.random() < float(np.clip(score, 0.0, 1.0)) else ADD
-        xy = self.place(logits, label, band, frame)
+        xy = self.place(logits, label, band, frame, rng)
         return None if xy is None else ChainClick(xy, label)

@@ -17,6 +17,17 @@ import numpy as np
 
 from .backbones.base import Prompt
 
+DISTRIBUTIONS = ("gamma", "normal", "uniform", "none")
+# The paper's box aspects; ``--boxes N`` takes N of them in turn (0.67, 1, 1.5, 0.67, ...).
+PAPER_ASPECTS = (0.67, 1.0, 1.5)
+
+
+def box_aspects(n: int) -> Tuple[float, ...]:
+    """``n`` box aspect ratios, cycling through the paper's three."""
+    if n < 0:
+        raise ValueError("the number of boxes must be 0 or more")
+    return tuple(PAPER_ASPECTS[i % 3] for i in range(int(n)))
+
 
 @dataclass
 class InitialPrompt:
@@ -39,6 +50,12 @@ class PrioriInitialSampler:
             (paper: 200-800); scaled by ``max(H, W) / 1024`` so a box covers the same share of
             any image.
         reference_size: the input scale the box sides are given at.
+        distribution: how far the sampled prompts lie from the click (ablations, paper Tables 6
+            and 12): "gamma" (the paper: ``beta * Gamma(gamma_shape, 1)``), "normal" (a normal
+            with the Gamma's mode ``beta * (gamma_shape - 1)`` and standard deviation
+            ``beta * sqrt(gamma_shape)``, truncated at 0 so the mode stays; Table 12's control),
+            "uniform" (uniform over ``[0, 2 * beta * gamma_shape]``: the Gamma's mean) or "none"
+            (the click alone: no sampled points or boxes).
     """
 
     def __init__(
@@ -49,9 +66,12 @@ class PrioriInitialSampler:
         box_aspects: Sequence[float] = (0.67, 1.0, 1.5),
         box_side_range: Tuple[float, float] = (200.0, 800.0),
         reference_size: float = 1024.0,
+        distribution: str = "gamma",
     ) -> None:
         if num_points < 0 or beta <= 0 or gamma_shape <= 0:
             raise ValueError("num_points >= 0, beta > 0 and gamma_shape > 0 are required")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}")
         if not 0 < box_side_range[0] <= box_side_range[1]:
             raise ValueError("box_side_range must be (low, high) with 0 < low <= high")
         self.num_points = int(num_points)
@@ -60,14 +80,31 @@ class PrioriInitialSampler:
         self.box_aspects = tuple(float(a) for a in box_aspects)
         self.box_side_range = (float(box_side_range[0]), float(box_side_range[1]))
         self.reference_size = float(reference_size)
+        self.distribution = distribution
+        if distribution == "none":
+            self.num_points, self.box_aspects = 0, ()
 
     @property
     def num_prompts(self) -> int:
         return 1 + self.num_points + len(self.box_aspects)
 
+    def distances(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``(n,)`` distances from the click in pixels, drawn from ``distribution``."""
+        k, b = self.gamma_shape, self.beta
+        if self.distribution == "normal":
+            out = np.empty(0)
+            while out.size < n:  # truncated at 0 by rejection: the density's peak stays at the mode
+                d = rng.normal(b * max(k - 1.0, 0.0), b * np.sqrt(k), size=2 * n + 4)
+                out = np.concatenate([out, d[d >= 0]])
+            return out[:n]
+        if self.distribution == "uniform":
+            return rng.uniform(0.0, 2.0 * b * k, size=n)
+        return b * rng.gamma(k, 1.0, size=n)
+
     def _offsets(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Eq. 1: ``n`` offsets ``(dx, dy)`` at distance ``beta * Gamma(shape, 1)``, uniform angle."""
-        dist = self.beta * rng.gamma(self.gamma_shape, 1.0, size=n)
+        """Eq. 1: ``n`` offsets ``(dx, dy)`` at distance ``beta * Gamma(shape, 1)`` (or the ablation's
+        distribution), uniform angle."""
+        dist = self.distances(n, rng)
         angle = rng.uniform(0.0, 2.0 * np.pi, size=n)
         return np.stack([dist * np.cos(angle), dist * np.sin(angle)], axis=1)
 

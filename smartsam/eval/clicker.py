@@ -64,6 +64,13 @@ class Clicker:
         self.clicks.append(click)
         return click
 
+    def add_click(self, coords, is_positive: bool = True) -> Click:
+        """Place a click at ``coords`` ``(row, col)`` chosen elsewhere (a first-click protocol)."""
+        click = Click(bool(is_positive), (int(coords[0]), int(coords[1])))
+        self.not_clicked[click.coords] = 0.0
+        self.clicks.append(click)
+        return click
+
     @property
     def points_xy(self) -> np.ndarray:
         return np.asarray([c.xy for c in self.clicks], np.float32).reshape(-1, 2)

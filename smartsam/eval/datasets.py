@@ -25,12 +25,21 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG", ".BMP")
 
 @dataclass(frozen=True)
 class Sample:
-    """One instance: its name, image, ground-truth mask file and category ("" when unknown)."""
+    """One instance: its name, image, ground-truth mask file and category ("" when unknown).
+
+    Attributes:
+        area_path: the click-area mask of the ``area`` first-click protocol (``area/<name>.png``:
+            Amb-Occ's smaller occluding object), when the dataset has one.
+        ann_ids: for a COCO-style dataset (PartImageNet), the annotations whose union is the
+            target (``gt_path`` is then the annotation file).
+    """
 
     name: str
     image_path: Path
     gt_path: Path
     category: str
+    area_path: Optional[Path] = None
+    ann_ids: Tuple[int, ...] = ()
 
     @property
     def dataset(self) -> str:
@@ -48,9 +57,14 @@ def category_of(name: str) -> str:
 
 
 def load_dataset(root: Path) -> List[Sample]:
-    """List the samples under ``root`` (``img/<name>.<ext>`` with ``gt/<name>.<png|bmp>``), sorted."""
+    """List the samples under ``root`` (``img/<name>.<ext>`` with ``gt/<name>.<png|bmp>``, and
+    ``area/<name>.png`` where the dataset has click areas), sorted.
+
+    DAVIS in the RITM layout reads as it is: its instance-id / palette masks count every nonzero
+    id as the object, so all instances of an image are one target (as FocSAM evaluates it).
+    """
     root = Path(root)
-    img_dir, gt_dir = root / "img", root / "gt"
+    img_dir, gt_dir, area_dir = root / "img", root / "gt", root / "area"
     if not img_dir.is_dir() or not gt_dir.is_dir():
         raise FileNotFoundError(f"{root} is not a dataset: it needs img/ and gt/ folders (see the datasets README)")
     images: Dict[str, Path] = {}
@@ -66,7 +80,8 @@ def load_dataset(root: Path) -> List[Sample]:
         if img is None:
             # COCO_MVal: several instances (gt names) share one image only when named alike.
             continue
-        samples.append(Sample(name, img, gt, category_of(name)))
+        area = area_dir / f"{name}.png"
+        samples.append(Sample(name, img, gt, category_of(name), area if area.is_file() else None))
     if not samples:
         raise FileNotFoundError(f"no image/ground-truth pairs found under {root}")
     return samples
@@ -132,3 +147,11 @@ def references_for(sample: Sample, samples: List[Sample], k: int) -> List[Sample
         return [s for s in xs if s.name > sample.name] + [s for s in xs if s.name < sample.name]
 
     return (wrapped(other_image) + wrapped(same_image))[: max(0, int(k))]
+
+
+def load_area(sample: Sample) -> Optional[np.ndarray]:
+    """The sample's click-area mask (``(H, W)`` bool, nonzero = the area), or None."""
+    if sample.area_path is None:
+        return None
+    a = np.asarray(Image.open(sample.area_path))
+    return (a[..., 0] if a.ndim == 3 else a) > 0

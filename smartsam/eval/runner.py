@@ -11,7 +11,7 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,24 +21,35 @@ from .datasets import Sample, load_sample
 from .metrics import summarize
 from .segmenters import Segmenter
 
-FIELDS = ["sample", "trial", "ious", "iou_best", "first_click_s", "clicks"]
+# winner: the first answer's winning candidate, ``<prompt kind>:<A|C per inner click>`` (agents only)
+FIELDS = ["sample", "trial", "ious", "iou_best", "first_click_s", "clicks", "winner"]
 
 
 def run_sample(seg: Segmenter, image: np.ndarray, gt: np.ndarray, ignore: Optional[np.ndarray], sample,
-               max_clicks: int, stop_iou: float = 1.01) -> Dict[str, object]:
-    """One sample: IoU after each click, IoU_best at click 1, time of the first click."""
+               max_clicks: int, stop_iou: float = 1.01, first_yx: Optional[Tuple[int, int]] = None) -> Dict[str, object]:
+    """One sample: IoU after each click, IoU_best at click 1, time of the first click.
+
+    Args:
+        first_yx: the first click's ``(row, col)`` from a first-click protocol (default: the
+            standard one, the object's middle).
+    """
     seg.start(image, sample)
     clicker = Clicker(gt, ignore)
     pred = np.zeros_like(gt)
     ious: List[float] = []
     iou_best = None
     first_s = 0.0
+    winner = None
     for k in range(max_clicks):
-        clicker.make_next_click(pred)
+        if k == 0 and first_yx is not None:
+            clicker.add_click(first_yx, True)
+        else:
+            clicker.make_next_click(pred)
         t = time.perf_counter()
         pred, cands = seg.click(clicker.points_xy, clicker.labels)
         if k == 0:
             first_s = time.perf_counter() - t
+            winner = getattr(seg, "winner", None)
             if cands is not None and len(cands):
                 keep = None if ignore is None else ~ignore
                 if keep is None:
@@ -48,7 +59,7 @@ def run_sample(seg: Segmenter, image: np.ndarray, gt: np.ndarray, ignore: Option
         ious.append(mask_iou(pred, gt, ignore))
         if ious[-1] >= stop_iou or ious[-1] == 1.0:  # 1.0: no error region left to click on
             break
-    return {"ious": ious, "iou_best": iou_best, "first_click_s": first_s,
+    return {"ious": ious, "iou_best": iou_best, "first_click_s": first_s, "winner": winner,
             "clicks": [(c.coords[1], c.coords[0], int(c.is_positive)) for c in clicker.clicks]}
 
 
@@ -56,14 +67,22 @@ def _done_rows(csv_path: Path) -> Dict[tuple, dict]:
     rows = {}
     if csv_path.exists():
         with open(csv_path, newline="") as f:
-            for r in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            for r in reader:
                 rows[(r["sample"], int(r["trial"]))] = r
+        if reader.fieldnames and reader.fieldnames != FIELDS:
+            # an older file without a newer column: rewritten with today's header, rows kept
+            with open(csv_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w.writeheader()
+                for r in rows.values():
+                    w.writerow({k: r.get(k) or "" for k in FIELDS})
     return rows
 
 
 def evaluate(samples: Sequence[Sample], make_segmenter: Callable[[int], Segmenter], out_dir: Path, mode: str,
              dataset: str, max_clicks: int = 20, trials: int = 1, stop_iou: float = 1.01, progress: bool = True,
-             loader: Callable = load_sample) -> Dict[str, object]:
+             loader: Callable = load_sample, first_click: Optional[Callable] = None) -> Dict[str, object]:
     """Evaluate and write ``<mode>.csv``, ``<mode>.json`` and ``miou_vs_clicks.png`` in ``out_dir``.
 
     Args:
@@ -71,6 +90,8 @@ def evaluate(samples: Sequence[Sample], make_segmenter: Callable[[int], Segmente
         stop_iou: stop clicking a sample once reached (default never: the mIoU-per-click curve
             needs every click; 0.9 is enough for NoC@90 and much faster).
         loader: sample -> ``(image, ground truth, ignore mask or None)`` (default: files).
+        first_click: ``(sample, image, gt, ignore, trial) -> (row, col)`` of the first click (a
+            protocol of :mod:`smartsam.eval.first_click`); None is the standard one.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,11 +114,13 @@ def evaluate(samples: Sequence[Sample], make_segmenter: Callable[[int], Segmente
             for s in samples:
                 if (s.name, trial) not in done:
                     image, gt, ignore = loader(s)
-                    r = run_sample(seg, image, gt, ignore, s, max_clicks, stop_iou)
+                    first_yx = first_click(s, image, gt, ignore, trial) if first_click is not None else None
+                    r = run_sample(seg, image, gt, ignore, s, max_clicks, stop_iou, first_yx)
                     row = {"sample": s.name, "trial": trial, "ious": " ".join(f"{v:.5f}" for v in r["ious"]),
                            "iou_best": "" if r["iou_best"] is None else f"{r['iou_best']:.5f}",
                            "first_click_s": f"{r['first_click_s']:.4f}",
-                           "clicks": " ".join(f"{x},{y},{p}" for x, y, p in r["clicks"])}
+                           "clicks": " ".join(f"{x},{y},{p}" for x, y, p in r["clicks"]),
+                           "winner": r["winner"] or ""}
                     w.writerow(row)
                     f.flush()
                     done[(s.name, trial)] = row
@@ -135,6 +158,26 @@ def summarize_rows(rows: List[dict], max_clicks: int, trials: int) -> Dict[str, 
         out[k] = float(np.mean(vals))
         out[k + "_std"] = float(np.std(vals))
     out["miou_per_click"] = np.mean([m["miou_per_click"] for m in per_trial], axis=0).tolist()
+    winners = [r.get("winner") or "" for r in rows]
+    if any(winners):
+        out["actions"] = action_counts(winners)
+    return out
+
+
+def action_counts(winners: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """Table 7: which action produced each chosen mask (``<kind>:<A|C...>`` records, every trial):
+    counts per action class, per number of inner interactions and per initial prompt kind."""
+    from ..clickers import action_name
+
+    out: Dict[str, Dict[str, int]] = {"action": {k: 0 for k in ("no action", "Add", "Cut", "Add&Cut")},
+                                      "inner_clicks": {}, "prompt": {}}
+    for w in winners:
+        if not w:
+            continue
+        kind, _, acts = w.partition(":")
+        out["action"][action_name([1 if a == "A" else 0 for a in acts])] += 1
+        out["inner_clicks"][str(len(acts))] = out["inner_clicks"].get(str(len(acts)), 0) + 1
+        out["prompt"][kind] = out["prompt"].get(kind, 0) + 1
     return out
 
 

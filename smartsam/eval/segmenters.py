@@ -97,11 +97,13 @@ class AgentSegmenter(Segmenter):
         self._ref = self.reference_for(sample) if self.reference_for else None
         self.agent.set_image(image)
         self._prev = None
+        self.winner = None
 
     def click(self, points_xy, labels):
         if self._prev is None:
             res = self.agent.predict(points_xy[0], self._ref, return_candidates=True)
             self._prev = res
+            self.winner = res.candidate.describe()  # where the answer came from (Table 7)
             import cv2
 
             h, w = self.agent.backbone.image_hw

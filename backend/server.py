@@ -316,9 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         spec = get_spec(s.backbone)
         if not spec.random and not s.checkpoint:
             # In the parent, before forking: a file check or download, no CUDA.
-            ensure_checkpoint(spec, allow_download=not args.no_download)
-            if s.proposals == "sam3":  # SAM 3's tokenizer too, once here rather than in each worker
-                ensure_concept_files(spec, allow_download=not args.no_download)
+            # with SAM 3's concept proposals its tokenizer too, once here rather than in each worker
+            (ensure_concept_files if s.proposals == "sam3" else ensure_checkpoint)(spec, allow_download=not args.no_download)
         ReferenceStore(s.data_dir, exemplars=s.exemplars)  # a newer or broken store stops the start with its reason
     except (ModelError, ReferenceStoreError) as e:
         print(f"smartsam-backend: error: {e}", file=sys.stderr)

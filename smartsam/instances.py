@@ -141,8 +141,7 @@ class InstanceFinder:
         found: List[Instance] = []
         n = self.max_instances * self.proposals_per_instance + len(known)
         if self.concepts is None:
-            extractor = self.agent.features.for_reference(reference.kind)
-            proposals = propose(similarity_map(extractor, image, reference, key), image.shape[:2], n, -1.0, self.nms_radius)
+            proposals = self._similarity_proposals(image, reference, key, n)
         else:
             proposals = self._concept_proposals(image, reference, key, known, found, n, deadline)
         misses = 0
@@ -153,15 +152,25 @@ class InstanceFinder:
             xi, yi = min(int(x), image.shape[1] - 1), min(int(y), image.shape[0] - 1)
             if self.skip_covered and any(m[yi, xi] for m in known):
                 continue  # on an instance already found: no agent run
-            res = self.agent.predict((x, y), reference, deadline=deadline)
-            if res.similarity is None or res.similarity < self.threshold or \
-                    any(overlaps(res.mask, m, self.dedupe_iou, self.containment) for m in known):
-                misses += 1
-                continue
-            misses = 0
-            known.append(res.mask)
-            found.append(Instance(res.mask, float(res.similarity), float(res.score), (x, y), v, self.source))
+            misses = 0 if self._try((x, y, v), reference, known, found, deadline) else misses + 1
         return found
+
+    def _similarity_proposals(self, image, reference: Reference, key, n: int) -> List[Tuple[float, float, float]]:
+        extractor = self.agent.features.for_reference(reference.kind)
+        return propose(similarity_map(extractor, image, reference, key), image.shape[:2], n, -1.0, self.nms_radius)
+
+    def _try(self, proposal: Tuple[float, float, float], reference: Reference, known: List[np.ndarray],
+             found: List[Instance], deadline, nonempty: bool = False) -> bool:
+        """The agent at one proposal; its answer is kept (appended to ``known`` and ``found``) when
+        it reaches the threshold and is no instance already known (and, ``nonempty``, has pixels)."""
+        x, y, v = proposal
+        res = self.agent.predict((x, y), reference, deadline=deadline)
+        if res.similarity is None or res.similarity < self.threshold or (nonempty and not res.mask.any()) or \
+                any(overlaps(res.mask, m, self.dedupe_iou, self.containment) for m in known):
+            return False
+        known.append(res.mask)
+        found.append(Instance(res.mask, float(res.similarity), float(res.score), (x, y), v, self.source))
+        return True
 
     def _concept_proposals(self, image, reference: Reference, key, known: List[np.ndarray], found: List[Instance],
                            n: int, deadline) -> List[Tuple[float, float, float]]:
@@ -173,15 +182,9 @@ class InstanceFinder:
         text = reference.text if reference.kind == "text" else None
         exemplars = [m for m in known if m.any()]
         if not exemplars and text is None:
-            extractor = self.agent.features.for_reference(reference.kind)
-            top = propose(similarity_map(extractor, image, reference, key), image.shape[:2], 1, -1.0, self.nms_radius)
-            if top:
-                x, y, v = top[0]
-                res = self.agent.predict((x, y), reference, deadline=deadline)
-                if res.similarity is not None and res.similarity >= self.threshold and res.mask.any():
-                    known.append(res.mask)
-                    found.append(Instance(res.mask, float(res.similarity), float(res.score), (x, y), v, self.source))
-                    exemplars = [res.mask]
+            top = self._similarity_proposals(image, reference, key, 1)
+            if top and self._try(top[0], reference, known, found, deadline, nonempty=True):
+                exemplars = [found[-1].mask]
         if not exemplars and text is None:
             return []
         dets = self.concepts.detect(boxes=[mask_box(m) for m in exemplars], text=text, image=image)

@@ -213,7 +213,7 @@ def _manual_hint(spec: ModelSpec) -> str:
 
 
 def _gated_hint(spec: ModelSpec, code: int) -> str:
-    page = spec.gated or (get_spec(spec.folder).gated if spec.folder in REGISTRY else None)
+    page = spec.gated  # a repository's files carry it too (_file_spec)
     if page is None:
         return ""
     have = "the HF_TOKEN set here has no access to it yet" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
@@ -413,8 +413,8 @@ def _file_spec(spec: ModelSpec, filename: str) -> ModelSpec:
                    size=None, sha256=None)
 
 
-def _download_repository(spec: ModelSpec, files: Tuple[str, ...], url: Optional[str], progress: bool, timeout: float,
-                         chunk: int) -> Path:
+def _download_repository(spec: ModelSpec, files: Tuple[str, ...], url: Optional[str] = None, progress: bool = True,
+                         timeout: float = 15.0, chunk: int = 1 << 20) -> Path:
     """Each of ``files`` of a repository model, verified (trust on first use), into its folder."""
     for f in files:
         download(_file_spec(spec, f), url=url.rstrip("/") + "/" + f if url else None, progress=progress,
@@ -430,7 +430,7 @@ def ensure_concept_files(spec: ModelSpec, allow_download: bool = True) -> Path:
     missing = [f for f in spec.concept_files if not (folder / f).exists()]
     if missing and not allow_download:
         raise ModelError(f"{', '.join(missing)} not in {folder}. {_manual_hint(spec)}")
-    return _download_repository(spec, spec.concept_files, None, True, 15.0, 1 << 20)
+    return _download_repository(spec, spec.concept_files)
 
 
 def register_local(spec: ModelSpec, source: Path) -> Path:
@@ -494,9 +494,9 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
         concepts: SAM 3 only: build its concept detector too (sharing the vision backbone), for
             :class:`~smartsam.concepts.Sam3ConceptProposer`; fetches its tokenizer files.
     """
-    if concepts and (name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())).family not in ("sam3", "test"):
-        raise ModelError("concept proposals need SAM 3 (--backbone sam3): this backbone has no concept detector")
     spec = name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())
+    if concepts and spec.family not in ("sam3", "test"):
+        raise ModelError("concept proposals need SAM 3 (--backbone sam3): this backbone has no concept detector")
     if spec.family not in ("sam", "sam2", "sam3", "sam_hq", "test"):
         raise ModelError(f"{spec.name} is not a segmentation backbone")
     path = None
@@ -511,10 +511,8 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
                 raise ModelError(f"checkpoint {path} does not exist")
             if spec.sha256 is not None:
                 verify(spec, path)
-        else:
-            path = ensure_checkpoint(spec, allow_download)
-        if concepts:
-            path = ensure_concept_files(spec, allow_download) if checkpoint is None else path
+        else:  # with concepts, the tokenizer too (ensure_concept_files ensures the checkpoint first)
+            path = (ensure_concept_files if concepts else ensure_checkpoint)(spec, allow_download)
     else:
         torch.manual_seed(0)  # random weights, but the same ones in every process
     try:

@@ -393,7 +393,6 @@ def _segments_cross(p: np.ndarray, tol: float = 0.05) -> bool:
     percent rounding)."""
     n = len(p)
     a, b = p, np.roll(p, -1, axis=0)
-    d = b - a
     for i in range(n):
         j = np.arange(i + 2, n) if i > 0 else np.arange(2, n - 1)
         if not len(j):

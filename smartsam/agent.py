@@ -68,6 +68,14 @@ def fast_path_by_default(backbone: Backbone) -> bool:
     return not (getattr(backbone, "cpu_bf16", False) and getattr(backbone, "shared_decoder", False))
 
 
+def exploration_knobs(sampler: PrioriInitialSampler, clicker: NextChainClicker) -> Dict[str, object]:
+    """The exploration's knobs (sampler and clicker) by the names evaluation outputs use."""
+    return {"sampler": sampler.distribution, "points": sampler.num_points, "boxes": len(sampler.box_aspects),
+            "beta": sampler.beta, "gamma_shape": sampler.gamma_shape, "clicker": clicker.placement,
+            "chain_length": clicker.chain_length, "band_fraction": clicker.band_fraction,
+            "band_percentile": clicker.band_percentile}
+
+
 class InvalidClick(ValueError):
     """A click that cannot be used (outside the image, not finite)."""
 
@@ -225,10 +233,7 @@ class SmartSAMAgent:
 
     def knobs(self) -> Dict[str, object]:
         """Every exploration knob this agent runs with (named in evaluation outputs)."""
-        sp, ck = self.sampler, self.clicker
-        return {"sampler": sp.distribution, "points": sp.num_points, "boxes": len(sp.box_aspects), "beta": sp.beta,
-                "gamma_shape": sp.gamma_shape, "clicker": ck.placement, "chain_length": ck.chain_length,
-                "band_fraction": ck.band_fraction, "band_percentile": ck.band_percentile, "path": self.path}
+        return {**exploration_knobs(self.sampler, self.clicker), "path": self.path}
 
     @property
     def image_features(self):

@@ -98,11 +98,11 @@ def first_click_fn(args, backbone=None):
     the click simulator's own). inside-worst probes ``backbone``: its best-of-3 first answer."""
     import numpy as np
 
-    from ..backbones.base import Prompt
     from ..cli import UsageError
     from ..masks import mask_iou
     from . import first_click as fc
     from .datasets import load_area
+    from .segmenters import BackboneSegmenter
 
     p = getattr(args, "first_click", "center")
     if p == "center":
@@ -121,12 +121,11 @@ def first_click_fn(args, backbone=None):
         rng = np.random.default_rng(fc.sample_seed(sample.name, trial, args.seed))
         if p == "inside-random":
             return fc.inside_positions(gt, rng, 1, args.min_distance)[0]
-        backbone.set_image(image)
+        plain = BackboneSegmenter(backbone)
 
         def iou_at(yx):
-            r = backbone.predict([Prompt([[yx[1], yx[0]]], [1])], multimask=True)
-            best = int(np.argmax(r.scores[0]))
-            return mask_iou(backbone.upsample(r.low_res_logits[0, [best]])[0] > 0, gt, ignore)
+            plain.start(image, sample)  # cached after the first: the probe costs decoder calls only
+            return mask_iou(plain.click([[yx[1], yx[0]]], [1])[0], gt, ignore)
 
         return fc.worst_position(fc.inside_positions(gt, rng, args.worst_of, args.min_distance), iou_at)
 
@@ -179,10 +178,9 @@ def run_eval(args, all_samples, dataset: str, loader, backbone=None, features: O
         if args.mode == "reference":
             now.update(reference_prep=cli_agent_options(args)["reference_prep"], exemplars=args.exemplars)
         if args.mode in ("pure-is", "reference"):
-            sp, ck = agent_parts(args)
-            now["agent"] = {"sampler": sp.distribution, "points": sp.num_points, "boxes": len(sp.box_aspects),
-                            "clicker": ck.placement, "chain_length": ck.chain_length, "band_fraction": ck.band_fraction,
-                            "band_percentile": ck.band_percentile}
+            from ..agent import exploration_knobs
+
+            now["agent"] = exploration_knobs(*agent_parts(args))
         for k, v in now.items():
             was = old.get(k)
             if k == "agent" and isinstance(was, dict):

@@ -16,7 +16,7 @@ import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import cv2
 import numpy as np

@@ -28,7 +28,7 @@ import contextlib
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -67,7 +67,6 @@ class Row:
     setting: str
     cell: Cell
     x: Optional[float] = None  # the figures' x axis
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 def matrix(tables: Sequence[str], categories: bool, areas: bool) -> List[Row]:
@@ -212,7 +211,7 @@ def write_report(out: Path, report: Dict[str, List[dict]], backbone: str, weight
     (out / "tables").mkdir(exist_ok=True)
     note = (f"backbone `{backbone}`, {weights}" + (": these numbers test the harness, not the method" if weights.startswith("RANDOM") else "")
             + f"; {args.trials} trial(s), at most {args.max_clicks} clicks" + (f", first {args.limit} samples" if args.limit else ""))
-    md = [f"# SmartSAM: the paper's experiments\n", f"Command: `smartsam paper {' '.join(getattr(args, 'argv', []))}`\n",
+    md = ["# SmartSAM: the paper's experiments\n", f"Command: `smartsam paper {' '.join(getattr(args, 'argv', []))}`\n",
           f"All tables: {note}.\n"]
     for t in TABLES:
         lines = report.get(t)

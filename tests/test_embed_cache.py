@@ -1,18 +1,12 @@
 """Precomputed embeddings: a pre-embedded image's first click makes no encoder call."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from backend_helpers import Backend, ImageServer, TOKEN, keypoint, predict_body
+from cli_helpers import run_cli
 from smartsam.backbones.base import Prompt
 from smartsam.embed_cache import EmbeddingDiskCache
 from smartsam.models import load_backbone
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_disk_cache_round_trip_bound_and_damage(tmp_path, grabcut_image):
@@ -51,9 +45,8 @@ def test_backend_first_click_on_pre_embedded_image_makes_no_encoder_call(tmp_pat
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     (img_dir / "penguin.jpg").write_bytes((datasets / "GrabCut/img/106024.jpg").read_bytes())
-    env = dict(os.environ, SMARTSAM_EMBED_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "smartsam", "embed", str(img_dir), "--backbone", "sam2.1_hiera_tiny-random"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = run_cli("embed", str(img_dir), "--backbone", "sam2.1_hiera_tiny-random",
+                env={"SMARTSAM_EMBED_CACHE_DIR": str(cache)}, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "1 images embedded (1 encoded" in p.stdout
     server = ImageServer({"penguin.jpg": (img_dir / "penguin.jpg").read_bytes()})

@@ -2,13 +2,12 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli_helpers import run_cli
 from smartsam.eval.clicker import Clicker
 from smartsam.eval.datasets import Sample, category_of, load_dataset, load_gt, reference_for
 from smartsam.eval.metrics import mask_iou, noc, summarize
@@ -130,10 +129,6 @@ def test_coco_categories_and_deterministic_references(datasets):
     assert r.category == s.category and r.name != s.name
     assert r.name.rsplit("_", 1)[1] != s.name.rsplit("_", 1)[1]  # another image
     assert reference_for(s, samples) == r
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "smartsam", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("dataset", ["GrabCut", "COCO_MVal-dev"])

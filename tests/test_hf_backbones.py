@@ -3,16 +3,13 @@ the real designs with small random configurations, through the Backbone interfac
 path and the evaluation harness. Random weights show shapes, modes and call counts only."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli_helpers import run_cli
 from smartsam.backbones.base import Prompt
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["sam3-tiny-random", "sam_hq_vit_tiny-random"]
 
 
@@ -109,9 +106,8 @@ def test_sam3_concepts_run_on_the_same_encoding(coco_image):
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_runs_on_them(tmp_path, datasets, name):
     for mode in ("backbone", "pure-is"):
-        p = subprocess.run([sys.executable, "-m", "smartsam", "eval", "--dataset", str(datasets / "GrabCut"), "--mode", mode,
-                            "--limit", "1", "--max-clicks", "2", "--trials", "1", "--backbone", name, "--out", str(tmp_path),
-                            "--no-progress"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        p = run_cli("eval", "--dataset", str(datasets / "GrabCut"), "--mode", mode, "--limit", "1", "--max-clicks", "2",
+                    "--trials", "1", "--backbone", name, "--out", str(tmp_path), "--no-progress")
         assert p.returncode == 0, p.stderr[-2000:]
         s = json.loads((tmp_path / f"{mode}.json").read_text())
         assert s["segmenter"].endswith(name) and s["random_weights"] is True and s["n"] == 1

@@ -122,9 +122,7 @@ def test_prelabel_holds_every_instance_and_learns_from_the_decisions(tmp_path):
     """Through the backend's pre-labeling path (a real reference store and statistics): one
     prediction with a region per red disk, scores = similarities, the prediction's the lowest;
     keep / delete decisions on submitted annotations move the threshold and the model version."""
-    from backend.answers import RequestContext
     from backend.config import Settings
-    from backend.label_config import LabelConfig
     from backend.server import Services
 
     s = Settings(backbone="disk-test", features="colour-test", data_dir=tmp_path, allow_data_urls=True, reference_prep="none",

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from backend_helpers import LABEL_CONFIG, Backend, free_port, rle_mask
+from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LS_BIN = ROOT / ".cache" / "ls-venv" / "bin" / "label-studio"
@@ -480,6 +481,25 @@ def keypoint_tool_on(page, ls, pid, task_id, tool: int = 0):
     return canvas.bounding_box()
 
 
+def click_and_answer(page, box, fx: float, fy: float) -> dict:
+    """Click the canvas ``box`` at fractions ``(fx, fy)`` of its size; the backend's answer, as
+    Label Studio passed it to the browser (status 200 asserted)."""
+    with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=180_000) as resp:
+        page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+    assert resp.value.status == 200
+    return resp.value.json()
+
+
+def screenshot_once_shown(page, text: str, name: str) -> None:
+    """Wait for ``text`` (e.g. "3 suggestions") in the page, then keep a screenshot in ARTIFACTS
+    that is more than a blank page."""
+    page.get_by_text(text).first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1000)  # the overlay's fade-in
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 10_000
+
+
 def test_browser_shows_the_polygon_where_it_was_clicked(label_studio, tmp_path):
     """The polygon config in Chromium, with the disk-test backbone (it draws a disk at the click):
     one click with the smart keypoint tool shows the polygon suggestion around that point."""
@@ -494,19 +514,13 @@ def test_browser_shows_the_polygon_where_it_was_clicked(label_studio, tmp_path):
             browser, page = logged_in(p, ls)
             box = keypoint_tool_on(page, ls, pid, tasks[0]["id"])
             fx, fy = 0.3, 0.4  # off centre, so a swapped x/y or a wrong size would show
-            with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=180_000) as resp:
-                page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
-            assert resp.value.status == 200
-            regions = resp.value.json()["data"]["result"]
+            regions = click_and_answer(page, box, fx, fy)["data"]["result"]
             assert regions and all(x["type"] == "polygonlabels" for x in regions)
             pts = [pt for x in regions for pt in x["value"]["points"]]
             cx, cy = sum(pt[0] for pt in pts) / len(pts), sum(pt[1] for pt in pts) / len(pts)
             assert abs(cx - fx * 100) < 4 and abs(cy - fy * 100) < 4, (cx, cy)  # the disk around the click
-            page.get_by_text("suggestions").first.wait_for(timeout=30_000)
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(ARTIFACTS / "label_studio_polygon.png"))
+            screenshot_once_shown(page, "suggestions", "label_studio_polygon.png")
             browser.close()
-        assert (ARTIFACTS / "label_studio_polygon.png").stat().st_size > 10_000
     finally:
         b.stop()
 
@@ -544,20 +558,15 @@ def test_browser_all_like_this_shows_every_instance(label_studio, tmp_path):
             browser, page = logged_in(pw, ls)
             box = keypoint_tool_on(page, ls, pid, task, tool=1)  # the config's second keypoint tool: all_like_this
             fx, fy = RED[1][0] / 480, RED[1][1] / 360
-            with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=180_000) as resp:
-                page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
-            assert resp.value.status == 200
-            data = resp.value.json()["data"]
+            data = click_and_answer(page, box, fx, fy)["data"]
             assert data["mode"] == "all-like-this" and data["instances"] == 2, data
             pts = [[(sum(q[0] for q in x["value"]["points"]) / len(x["value"]["points"])) * 4.8,
                     (sum(q[1] for q in x["value"]["points"]) / len(x["value"]["points"])) * 3.6] for x in data["result"]]
             near = sorted(next(k for k, c in enumerate(RED) if abs(c[0] - x) < 25 and abs(c[1] - y) < 25) for x, y in pts)
             assert near == [0, 1, 2], pts  # one polygon on each red disk, none on the blue squares
-            page.get_by_text("3 suggestions").wait_for(timeout=30_000)  # the clicked object and two like it
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(ARTIFACTS / "label_studio_all_like_this.png"))
+            # the clicked object and two like it
+            screenshot_once_shown(page, "3 suggestions", "label_studio_all_like_this.png")
             browser.close()
-        assert (ARTIFACTS / "label_studio_all_like_this.png").stat().st_size > 10_000
     finally:
         b.stop()
         server.close()
@@ -603,16 +612,10 @@ def test_browser_click_shows_the_suggestion(label_studio, backend):
         models = wait_for(lambda: ls.api("GET", f"/api/ml?project={pid}")[1], timeout=60, what="the connected model")
         assert models[0]["readable_state"] == "Connected" and models[0]["is_interactive"], models
         box = keypoint_tool_on(page, ls, pid, tasks[0]["id"])
-        with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=180_000) as resp:
-            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
-        assert resp.value.status == 200
-        body = resp.value.json()
+        body = click_and_answer(page, box, 0.5, 0.55)
         assert body["data"]["result"][0]["type"] == "brushlabels"
-        page.get_by_text("1 suggestions").wait_for(timeout=30_000)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(ARTIFACTS / "label_studio_suggestion.png"))
+        screenshot_once_shown(page, "1 suggestions", "label_studio_suggestion.png")
         browser.close()
-    assert (ARTIFACTS / "label_studio_suggestion.png").stat().st_size > 10_000
 
 
 def _worker_pids():
@@ -1115,16 +1118,14 @@ def test_project_evaluation_gives_smartsam_evals_numbers(label_studio, datasets,
         assert s == 201, a
     common = ["--mode", "{mode}", "--trials", "2", "--max-clicks", "3", "--backbone", "sam2.1_hiera_tiny-random",
               "--seed", "3", "--no-progress"]
-    env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONPATH=str(ROOT))
+    env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN}
     for mode in ("pure-is", "backbone"):
         args = [a.format(mode=mode) for a in common]
-        p = subprocess.run([sys.executable, "-m", "smartsam", "eval", "--dataset", str(datasets / "COCO_MVal-dev"),
-                            "--limit", "4", *args, "--out", str(tmp_path / "files")],
-                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        p = run_cli("eval", "--dataset", str(datasets / "COCO_MVal-dev"), "--limit", "4", *args, "--out",
+                    str(tmp_path / "files"), env=env, timeout=900)
         assert p.returncode == 0, p.stderr
-        q = subprocess.run([sys.executable, "-m", "backend.evaluate", "--project", str(pid), *args,
-                            "--out", str(tmp_path / "project")], env=env, capture_output=True, text=True, timeout=900,
-                           cwd=ROOT)
+        q = run_cli("--project", str(pid), *args, "--out", str(tmp_path / "project"), env=env, timeout=900,
+                    module="backend.evaluate")
         assert q.returncode == 0, q.stderr
         a = json.loads((tmp_path / "files" / f"{mode}.json").read_text())
         b = json.loads((tmp_path / "project" / f"{mode}.json").read_text())

@@ -3,29 +3,23 @@
 hand-made cases, the oracle and empty segmenters and a scripted backbone whose winner is known."""
 
 import csv
+import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+import cli_helpers
 from smartsam.backbones.base import Backbone, Prompt
 from smartsam.masks import LowResFrame
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, env=None, timeout=900):
-    import os
-
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "smartsam", *args], capture_output=True, text=True, cwd=ROOT, env=e,
-                          timeout=timeout)
+run_cli = functools.partial(cli_helpers.run_cli, timeout=900)  # whole paper tables: longer than one eval
 
 
 # -- the samplers -------------------------------------------------------------------------

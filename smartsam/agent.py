@@ -192,6 +192,9 @@ class SmartSAMAgent:
         result_cache: how many recent answers to keep for outer interactions.
         reference_prep: how :meth:`reference_from_mask` prepares image + mask references
             ("paper" or "none", see :class:`~smartsam.reference.ReferenceBuilder`).
+        chain_clicks: where a step's chain clicks are placed: "host" (OpenCV, one chain at a
+            time: the faster on a CPU) or "device" (one batch of tensor work on the backbone's
+            device, :mod:`smartsam.chain_clicks`); the same clicks either way.
     """
 
     def __init__(
@@ -207,9 +210,13 @@ class SmartSAMAgent:
         result_cache: int = 32,
         reference_prep: str = "paper",
         features: Optional[FeatureSet] = None,
+        chain_clicks: str = "host",
     ) -> None:
         if backbone is None:
             raise ValueError("an agent needs a backbone (references alone: smartsam.reference.ReferenceBuilder)")
+        if chain_clicks not in ("host", "device"):
+            raise ValueError(f"chain_clicks must be host or device, not {chain_clicks!r}")
+        self.chain_clicks = chain_clicks
         self.backbone = backbone
         self.sampler = sampler or PrioriInitialSampler()
         self.clicker = clicker or NextChainClicker()
@@ -358,9 +365,11 @@ class SmartSAMAgent:
                 run.partial = True
                 break
             prompts, owners, new_clicks = [], [], []
-            for c in chains:
-                lg, score, clicks = state[c]
-                click = self.clicker.next_click(lg, score, band, frame, chain_rng[c])
+            placed = self.clicker.next_clicks([state[c][0] for c in chains], [state[c][1] for c in chains], band, frame,
+                                              [chain_rng[c] for c in chains],
+                                              device=bb.device if self.chain_clicks == "device" else None)
+            for c, click in zip(chains, placed):
+                lg, _, clicks = state[c]
                 if click is None:
                     continue
                 clicks = clicks + ((click.xy, click.label),)

@@ -14,7 +14,7 @@ scale, so it adapts to the backbone and checkpoint instead of being a fixed cons
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -109,3 +109,31 @@ class NextChainClicker:
         label = CUT if rng.random() < float(np.clip(score, 0.0, 1.0)) else ADD
         xy = self.place(logits, label, band, frame, rng)
         return None if xy is None else ChainClick(xy, label)
+
+    def next_clicks(self, logits: Sequence[np.ndarray], scores: Sequence[float], band: float, frame: LowResFrame,
+                    rngs: Sequence[np.random.Generator], device=None) -> List[Optional[ChainClick]]:
+        """:meth:`next_click` for one step of N chains (``(g, g)`` logits, score and stream each).
+
+        ``device`` (a torch device) places every chain's click in one batch of tensor work there
+        (:mod:`smartsam.chain_clicks`: the same clicks, exactly); None, or a placement other than
+        "ncc", places them one chain at a time with OpenCV, the faster on a CPU. The signs are
+        drawn from each chain's stream in the same order either way.
+        """
+        if device is None or self.placement != "ncc" or not len(logits):
+            return [self.next_click(lg, sc, band, frame, r) for lg, sc, r in zip(logits, scores, rngs)]
+        import torch
+
+        from .chain_clicks import place_clicks
+
+        labels = [CUT if r.random() < float(np.clip(sc, 0.0, 1.0)) else ADD for sc, r in zip(scores, rngs)]
+        lg = torch.as_tensor(np.stack(logits), device=device)
+        xy, ok = place_clicks(lg, torch.as_tensor(labels, device=device), band, frame.valid_hw)
+        xy, ok = xy.cpu().numpy(), ok.cpu().numpy()  # N points and flags: the step's one copy back
+        out: List[Optional[ChainClick]] = []
+        for k, label in enumerate(labels):
+            if not ok[k]:
+                out.append(None)
+                continue
+            x, y = frame.to_image(xy[k: k + 1].astype(np.float64))[0]
+            out.append(ChainClick((float(x), float(y)), label))
+        return out

@@ -1,0 +1,102 @@
+"""The chain clicks as batched tensor work (smartsam.chain_clicks) against the OpenCV path they
+replace on a GPU: the same components, peaks and clicks, exactly, on fixed inputs (ties, empty
+sides, regions at the image edge), and the same candidates and mask through the agent."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from smartsam import chain_clicks as cc
+from smartsam.agent import SmartSAMAgent
+from smartsam.clickers import ADD, CUT, NextChainClicker
+from smartsam.masks import LowResFrame, largest_component, region_center
+from smartsam.models import load_backbone
+
+
+def regions(seed: int, n: int = 60):
+    """Fixed maps of every kind the clicker meets: smooth blobs, salt noise (many equal-area
+    components), and hand-made ties, empty and full maps, regions on the border."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        h, w = int(rng.integers(5, 70)), int(rng.integers(5, 70))
+        if k % 3 == 0:
+            out.append(rng.random((h, w)) < 0.35)
+        else:
+            z = cv2.GaussianBlur(rng.normal(size=(h, w)).astype(np.float32), (0, 0), float(rng.uniform(0.5, 3)))
+            out.append(z > rng.uniform(-0.3, 0.5))
+    tie = np.zeros((8, 12), bool)
+    tie[1, 0] = tie[0, 5] = True  # equal areas; the first in pixel order is not OpenCV's first
+    square = np.zeros((9, 9), bool)
+    square[2:7, 2:7] = True  # a plateau of equal distances: the first in row-major order
+    edge = np.zeros((10, 10), bool)
+    edge[:, :4] = True  # touching the border: the border counts as boundary
+    return out + [tie, square, edge, np.zeros((6, 7), bool), np.ones((6, 7), bool)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_components_and_peaks_equal_opencv(seed):
+    for reg in regions(seed):
+        want = largest_component(reg)
+        got = cc.largest_components(torch.from_numpy(reg)[None])[0].numpy()
+        assert (got == want).all(), reg.astype(int)
+        xy, ok = cc.region_peaks(torch.from_numpy(want)[None])
+        assert (tuple(int(v) for v in xy[0]) if ok[0] else None) == region_center(want), want.astype(int)
+
+
+def test_squared_distances_are_exact():
+    reg = regions(2)[1]
+    d = cc.squared_distances(torch.from_numpy(reg)[None])[0].numpy()
+    want = cv2.distanceTransform(np.pad(reg.astype(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    assert np.allclose(np.sqrt(d), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("valid_hw", [(256, 256), (171, 256)])  # SAM 2.1 stretches; SAM pads the bottom
+def test_a_steps_clicks_equal_the_one_chain_path(valid_hw):
+    """30 chains' logits, both signs: the batch gives each chain the click place() gives it,
+    including chains with nothing uncertain on their side (None)."""
+    rng = np.random.default_rng(7)
+    g = 256
+    logits = np.stack([cv2.GaussianBlur(rng.normal(size=(g, g)).astype(np.float32), (0, 0), 6) * 40 for _ in range(28)])
+    logits = np.concatenate([logits, np.full((2, g, g), 5.0, np.float32)])  # all inside: an Add has nowhere to go
+    labels = np.asarray([CUT, ADD] * 14 + [ADD, CUT])
+    frame = LowResFrame((int(valid_hw[0] * 2.5), 640), valid_hw, (640 / valid_hw[1], valid_hw[0] * 2.5 / valid_hw[0]))
+    clicker = NextChainClicker()
+    band = clicker.band(logits[:28], frame)
+    xy, ok = cc.place_clicks(torch.from_numpy(logits), torch.from_numpy(labels), band, valid_hw)
+    for k in range(len(logits)):
+        want = clicker.place(logits[k], int(labels[k]), band, frame)
+        got = tuple(float(v) for v in frame.to_image(xy[k: k + 1].numpy())[0]) if ok[k] else None
+        assert got == want, k
+    assert not ok[28] and int(ok[:28].sum()) >= 20  # the all-inside Add ends; most chains go on
+
+
+def test_next_clicks_draws_the_same_signs_and_places_the_same_clicks():
+    rng = np.random.default_rng(3)
+    logits = [cv2.GaussianBlur(rng.normal(size=(256, 256)).astype(np.float32), (0, 0), 5) * 30 for _ in range(6)]
+    scores = [0.0, 1.0, 0.5, 0.2, 0.9, 0.6]
+    frame = LowResFrame((480, 640), (256, 256), (2.5, 1.875))
+    clicker = NextChainClicker()
+    streams = lambda: [np.random.default_rng([5, k]) for k in range(6)]  # noqa: E731
+    host = clicker.next_clicks(logits, scores, 1.0, frame, streams())
+    dev = clicker.next_clicks(logits, scores, 1.0, frame, streams(), device=torch.device("cpu"))
+    assert host == dev and all(c is not None for c in host)
+    assert host[0].label == ADD and host[1].label == CUT  # Bernoulli(0) and Bernoulli(1)
+
+
+def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image):
+    """SAM 2.1's real architecture (random weights), one chain step: the device path's
+    candidates, scores and chosen mask are the host path's."""
+    bb = load_backbone("sam2.1_hiera_tiny-random", device="cpu")
+    out = {}
+    for where in ("host", "device"):
+        agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=1), chain_clicks=where)
+        agent.set_image(grabcut_image)
+        out[where] = agent.predict((240, 160), return_candidates=True)
+    h, d = out["host"], out["device"]
+    assert len(h.candidates) > 30 and [c.clicks for c in h.candidates] == [c.clicks for c in d.candidates]
+    assert [c.score for c in h.candidates] == [c.score for c in d.candidates]
+    assert (h.mask == d.mask).all() and bb.encoder_calls == 1
+    with pytest.raises(ValueError, match="chain_clicks"):
+        SmartSAMAgent(bb, chain_clicks="gpu")

@@ -13,6 +13,10 @@ from smartsam.clickers import ADD, CUT, NextChainClicker
 from smartsam.masks import LowResFrame, largest_component, region_center
 from smartsam.models import load_backbone
 
+# the device code runs where the logits are: the CPU always, CUDA where there is one
+# (scripts/gpu-check.sh runs this file on a lent GPU)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def regions(seed: int, n: int = 60):
     """Fixed maps of every kind the clicker meets: smooth blobs, salt noise (many equal-area
@@ -35,13 +39,14 @@ def regions(seed: int, n: int = 60):
     return out + [tie, square, edge, np.zeros((6, 7), bool), np.ones((6, 7), bool)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_components_and_peaks_equal_opencv(seed):
+def test_components_and_peaks_equal_opencv(seed, device):
     for reg in regions(seed):
         want = largest_component(reg)
-        got = cc.largest_components(torch.from_numpy(reg)[None])[0].numpy()
+        got = cc.largest_components(torch.from_numpy(reg).to(device)[None])[0].cpu().numpy()
         assert (got == want).all(), reg.astype(int)
-        xy, ok = cc.region_peaks(torch.from_numpy(want)[None])
+        xy, ok = cc.region_peaks(torch.from_numpy(want).to(device)[None])
         assert (tuple(int(v) for v in xy[0]) if ok[0] else None) == region_center(want), want.astype(int)
 
 
@@ -52,8 +57,9 @@ def test_squared_distances_are_exact():
     assert np.allclose(np.sqrt(d), want, atol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("valid_hw", [(256, 256), (171, 256)])  # SAM 2.1 stretches; SAM pads the bottom
-def test_a_steps_clicks_equal_the_one_chain_path(valid_hw):
+def test_a_steps_clicks_equal_the_one_chain_path(valid_hw, device):
     """30 chains' logits, both signs: the batch gives each chain the click place() gives it,
     including chains with nothing uncertain on their side (None)."""
     rng = np.random.default_rng(7)
@@ -64,7 +70,8 @@ def test_a_steps_clicks_equal_the_one_chain_path(valid_hw):
     frame = LowResFrame((int(valid_hw[0] * 2.5), 640), valid_hw, (640 / valid_hw[1], valid_hw[0] * 2.5 / valid_hw[0]))
     clicker = NextChainClicker()
     band = clicker.band(logits[:28], frame)
-    xy, ok = cc.place_clicks(torch.from_numpy(logits), torch.from_numpy(labels), band, valid_hw)
+    xy, ok = cc.place_clicks(torch.from_numpy(logits).to(device), torch.from_numpy(labels).to(device), band, valid_hw)
+    xy, ok = xy.cpu(), ok.cpu()
     for k in range(len(logits)):
         want = clicker.place(logits[k], int(labels[k]), band, frame)
         got = tuple(float(v) for v in frame.to_image(xy[k: k + 1].numpy())[0]) if ok[k] else None
@@ -85,10 +92,11 @@ def test_next_clicks_draws_the_same_signs_and_places_the_same_clicks():
     assert host[0].label == ADD and host[1].label == CUT  # Bernoulli(0) and Bernoulli(1)
 
 
-def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device):
     """SAM 2.1's real architecture (random weights), one chain step: the device path's
     candidates, scores and chosen mask are the host path's."""
-    bb = load_backbone("sam2.1_hiera_tiny-random", device="cpu")
+    bb = load_backbone("sam2.1_hiera_tiny-random", device=device)
     out = {}
     for where in ("host", "device"):
         agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=1), chain_clicks=where)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from .backbones.base import Backbone, Prompt
 from .clickers import ADD, NextChainClicker, action_name
@@ -164,6 +165,7 @@ class _Exploration:
     scores: List[np.ndarray]
     timings: Dict[str, float] = field(default_factory=dict)
     partial: bool = False
+    on_device: Optional[torch.Tensor] = None  # the initial logits where the chains run on the device
 
 
 class SmartSAMAgent:
@@ -336,12 +338,20 @@ class SmartSAMAgent:
         # Every random stream derives from the seed and the click: answers do not depend on call order.
         seed_key = [self.seed, int(round(x * 16)), int(round(y * 16))]
         initial = self.sampler.sample((x, y), bb.image_hw, np.random.default_rng(seed_key))
-        out = bb.predict([p.prompt for p in initial], multimask=True)
-        n_prompts, n_masks = out.scores.shape
-        cands = [Candidate(i, initial[i].kind, j, 0, (), float(out.scores[i, j]))
+        prompts = [p.prompt for p in initial]
+        on_device = None
+        if self.chain_clicks == "device":
+            lt, st = bb.predict_tensors(prompts, multimask=True)
+            on_device = lt.reshape(-1, bb.grid, bb.grid)  # the chains decode from these where they are
+            logits, scores = lt.cpu().numpy(), st.cpu().numpy()
+        else:
+            out = bb.predict(prompts, multimask=True)
+            logits, scores = out.low_res_logits, out.scores
+        n_prompts, n_masks = scores.shape
+        cands = [Candidate(i, initial[i].kind, j, 0, (), float(scores[i, j]))
                  for i in range(n_prompts) for j in range(n_masks)]
-        run = _Exploration((x, y), seed_key, initial, cands, [out.low_res_logits.reshape(-1, bb.grid, bb.grid)],
-                           [out.scores.reshape(-1)])
+        run = _Exploration((x, y), seed_key, initial, cands, [logits.reshape(-1, bb.grid, bb.grid)], [scores.reshape(-1)],
+                           on_device=on_device)
         run.timings["initial"] = time.perf_counter() - t0
         return run
 
@@ -355,7 +365,9 @@ class SmartSAMAgent:
         chains = list(range(len(cands)))
         if self.dedupe_iou is not None and len(chains) > 1:
             chains = self._distinct(run.logits[0], run.scores[0], frame)
-        state = {c: (run.logits[0][c], float(run.scores[0][c]), ()) for c in chains}
+        on_device = self.chain_clicks == "device"
+        first = run.on_device if on_device else run.logits[0]
+        state = {c: (first[c], float(run.scores[0][c]), ()) for c in chains}
         # Each chain draws from its own stream (seed, click, chain): a chain's clicks do not depend
         # on which other chains run, so the fast path explores a subset of the literal path's
         # candidates, the same ones, instead of a reshuffled set.
@@ -366,8 +378,7 @@ class SmartSAMAgent:
                 break
             prompts, owners, new_clicks = [], [], []
             placed = self.clicker.next_clicks([state[c][0] for c in chains], [state[c][1] for c in chains], band, frame,
-                                              [chain_rng[c] for c in chains],
-                                              device=bb.device if self.chain_clicks == "device" else None)
+                                              [chain_rng[c] for c in chains], device=bb.device if on_device else None)
             for c, click in zip(chains, placed):
                 lg, _, clicks = state[c]
                 if click is None:
@@ -381,19 +392,26 @@ class SmartSAMAgent:
                 new_clicks.append(clicks)
             if not prompts:
                 break
-            res = bb.predict(prompts, multimask=False)
-            run.logits.append(res.low_res_logits[:, 0])
-            run.scores.append(res.scores[:, 0])
+            if on_device:
+                lt, st = bb.predict_tensors(prompts, multimask=False)
+                logits, scores = lt[:, 0], st[:, 0].cpu().numpy()  # the logits stay for the next step
+            else:
+                res = bb.predict(prompts, multimask=False)
+                logits, scores = res.low_res_logits[:, 0], res.scores[:, 0]
+            run.logits.append(logits)
+            run.scores.append(scores)
             chains = owners
             for k, c in enumerate(owners):
-                state[c] = (res.low_res_logits[k, 0], float(res.scores[k, 0]), new_clicks[k])
+                state[c] = (logits[k], float(scores[k]), new_clicks[k])
                 root = cands[c]
                 cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, step, new_clicks[k],
-                                       float(res.scores[k, 0])))
+                                       float(scores[k])))
             if self.dedupe_iou is not None and len(chains) > 1:
                 # Chains that converged onto the same mask would keep repeating each other.
-                keep = self._distinct(res.low_res_logits[:, 0], res.scores[:, 0], frame)
+                keep = self._distinct(logits.cpu().numpy() if on_device else logits, scores, frame)
                 chains = [chains[k] for k in keep]
+        if on_device:  # the chains' logits come to the host once, for the choice
+            run.logits = [run.logits[0]] + [t.cpu().numpy() for t in run.logits[1:]]
         run.timings["chains"] = time.perf_counter() - t0
 
     def _select(self, click: Tuple[float, float], logits: np.ndarray, scores: np.ndarray,

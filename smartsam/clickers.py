@@ -112,7 +112,8 @@ class NextChainClicker:
 
     def next_clicks(self, logits: Sequence[np.ndarray], scores: Sequence[float], band: float, frame: LowResFrame,
                     rngs: Sequence[np.random.Generator], device=None) -> List[Optional[ChainClick]]:
-        """:meth:`next_click` for one step of N chains (``(g, g)`` logits, score and stream each).
+        """:meth:`next_click` for one step of N chains (``(g, g)`` logits, score and stream each;
+        the logits may be tensors on ``device``).
 
         ``device`` (a torch device) places every chain's click in one batch of tensor work there
         (:mod:`smartsam.chain_clicks`: the same clicks, exactly); None, or a placement other than
@@ -126,7 +127,10 @@ class NextChainClicker:
         from .chain_clicks import place_clicks
 
         labels = [CUT if r.random() < float(np.clip(sc, 0.0, 1.0)) else ADD for sc, r in zip(scores, rngs)]
-        lg = torch.as_tensor(np.stack(logits), device=device)
+        if isinstance(logits[0], torch.Tensor):  # already where the decoder left them
+            lg = torch.stack(list(logits)).to(device)
+        else:
+            lg = torch.as_tensor(np.stack(logits), device=device)
         xy, ok = place_clicks(lg, torch.as_tensor(labels, device=device), band, frame.valid_hw)
         xy, ok = xy.cpu().numpy(), ok.cpu().numpy()  # N points and flags: the step's one copy back
         out: List[Optional[ChainClick]] = []

@@ -31,7 +31,8 @@ class Prompt:
         box: optional ``(4,)`` float array ``(x0, y0, x1, y1)`` in image pixels.
         mask_input: optional ``(g, g)`` float array of low-res logits from an earlier decode
             of the same image (SAM's way of carrying a mask into the next click); ``g`` is the
-            backbone's :attr:`Backbone.grid` (256; 288 for SAM 3).
+            backbone's :attr:`Backbone.grid` (256; 288 for SAM 3). A tensor on the backbone's
+            device (from :meth:`Backbone.predict_tensors`) is taken as it is, without a copy.
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
@@ -197,7 +198,6 @@ class Backbone:
         return self._frame(self.image_hw)
 
     # -- prompts ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def predict(self, prompts: Sequence[Prompt], multimask: bool) -> DecodeResult:
         """Decode a batch of prompts on the current image.
 
@@ -209,6 +209,13 @@ class Backbone:
             :class:`DecodeResult` with ``(B, M, g, g)`` logits and ``(B, M)`` scores. One
             decoder call per group of prompts of the same kind, never one per prompt.
         """
+        logits, scores = self.predict_tensors(prompts, multimask)
+        return DecodeResult(logits.cpu().numpy(), scores.cpu().numpy(), self.frame)
+
+    @torch.inference_mode()
+    def predict_tensors(self, prompts: Sequence[Prompt], multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict` with its outputs left on the device: ``(B, M, g, g)`` float32 logits
+        and ``(B, M)`` float32 scores, for callers that decode again from them (chains on a GPU)."""
         if self._current is None:
             raise RuntimeError("call set_image() first")
         if len(prompts) == 0:
@@ -217,8 +224,8 @@ class Backbone:
         for p in prompts:
             if p.mask_input is not None and np.shape(p.mask_input) != (self.grid, self.grid):
                 raise ValueError(f"mask_input is {np.shape(p.mask_input)}; {self.name} takes ({self.grid}, {self.grid}) logits")
-        out_logits = np.zeros((len(prompts), m, self.grid, self.grid), np.float32)
-        out_scores = np.zeros((len(prompts), m), np.float32)
+        out_logits = torch.zeros((len(prompts), m, self.grid, self.grid), dtype=torch.float32, device=self.device)
+        out_scores = torch.zeros((len(prompts), m), dtype=torch.float32, device=self.device)
         groups: Dict[Tuple[bool, bool], List[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p.kind, []).append(i)
@@ -229,9 +236,9 @@ class Backbone:
                     part = idx[k: k + self.decode_chunk]
                     logits, scores = self._decode([prompts[i] for i in part], multimask)
                     self.decoder_passes += 1
-                    out_logits[part] = logits.float().cpu().numpy()
-                    out_scores[part] = scores.float().cpu().numpy()
-        return DecodeResult(out_logits, out_scores, self.frame)
+                    out_logits[part] = logits.float().to(self.device)
+                    out_scores[part] = scores.float().to(self.device)
+        return out_logits, out_scores
 
     def upsample(self, low_res: np.ndarray) -> np.ndarray:
         """Low-res logits ``(N, g, g)`` -> image-size logits ``(N, H, W)`` (float32)."""
@@ -251,6 +258,15 @@ class Backbone:
             coords[i, :k] = p.points
             labels[i, :k] = p.labels
         return coords, labels
+
+    def _mask_batch(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """The prompts' ``mask_input`` as one ``(B, 1, g, g)`` float32 tensor on the device: one
+        copy for NumPy arrays, none for tensors already there."""
+        ms = [p.mask_input for p in prompts]
+        if all(isinstance(m, torch.Tensor) for m in ms):
+            return torch.stack(ms).to(self.device, torch.float32)[:, None]
+        host = [m.cpu().numpy() if isinstance(m, torch.Tensor) else m for m in ms]
+        return torch.as_tensor(np.stack(host)[:, None], dtype=torch.float32, device=self.device)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -119,8 +119,7 @@ class _TransformersSam(Backbone):
             b = self._to_model(np.stack([p.box for p in prompts]).reshape(-1, 2)).reshape(-1, 1, 4)
             boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
         if prompts[0].mask_input is not None:
-            masks = torch.as_tensor(np.stack([p.mask_input for p in prompts])[:, None], dtype=torch.float32,
-                                    device=self.device)
+            masks = self._mask_batch(prompts)
         return points, lab, boxes, masks
 
     @staticmethod

@@ -92,9 +92,7 @@ class SamBackbone(Backbone):
             boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
         masks = None
         if prompts[0].mask_input is not None:
-            masks = torch.as_tensor(
-                np.stack([p.mask_input for p in prompts])[:, None], dtype=torch.float32, device=self.device
-            )
+            masks = self._mask_batch(prompts)
         with self._autocast():
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
             low_res, iou = self.model.mask_decoder(

@@ -101,7 +101,7 @@ class Sam2Backbone(Backbone):
                 c, lab = b.reshape(-1, 2, 2), box_labels
         masks = None
         if prompts[0].mask_input is not None:
-            masks = torch.as_tensor(np.stack([p.mask_input for p in prompts])[:, None], dtype=torch.float32, device=self.device)
+            masks = self._mask_batch(prompts)
         state = self.predictor._features
         if self.shared_decoder:
             low_res, iou = self._decode_shared(state, c, lab, masks, multimask)

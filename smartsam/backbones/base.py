@@ -198,6 +198,7 @@ class Backbone:
         return self._frame(self.image_hw)
 
     # -- prompts ---------------------------------------------------------------------------
+    @torch.inference_mode()
     def predict(self, prompts: Sequence[Prompt], multimask: bool) -> DecodeResult:
         """Decode a batch of prompts on the current image.
 
@@ -209,23 +210,37 @@ class Backbone:
             :class:`DecodeResult` with ``(B, M, g, g)`` logits and ``(B, M)`` scores. One
             decoder call per group of prompts of the same kind, never one per prompt.
         """
-        logits, scores = self.predict_tensors(prompts, multimask)
-        return DecodeResult(logits.cpu().numpy(), scores.cpu().numpy(), self.frame)
+        m = 3 if multimask else 1
+        out_logits = np.zeros((len(prompts), m, self.grid, self.grid), np.float32)
+        out_scores = np.zeros((len(prompts), m), np.float32)
+        for part, logits, scores in self._decode_groups(prompts, multimask):
+            out_logits[part] = logits.float().cpu().numpy()
+            out_scores[part] = scores.float().cpu().numpy()
+        return DecodeResult(out_logits, out_scores, self.frame)
 
     @torch.inference_mode()
     def predict_tensors(self, prompts: Sequence[Prompt], multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict` with its outputs left on the device: ``(B, M, g, g)`` float32 logits
         and ``(B, M)`` float32 scores, for callers that decode again from them (chains on a GPU)."""
+        m = 3 if multimask else 1
+        out_logits = torch.empty((len(prompts), m, self.grid, self.grid), dtype=torch.float32, device=self.device)
+        out_scores = torch.empty((len(prompts), m), dtype=torch.float32, device=self.device)
+        for part, logits, scores in self._decode_groups(prompts, multimask):
+            out_logits[part] = logits.float().to(self.device)
+            out_scores[part] = scores.float().to(self.device)
+        return out_logits, out_scores
+
+    def _decode_groups(self, prompts: Sequence[Prompt], multimask: bool):
+        """The batching of :meth:`predict`, in one place: checks the prompts, then yields
+        ``(indices, logits, scores)`` per decoder pass, one decoder call per group of prompts of
+        the same kind, in passes of :attr:`decode_chunk` prompts."""
         if self._current is None:
             raise RuntimeError("call set_image() first")
         if len(prompts) == 0:
             raise ValueError("no prompts")
-        m = 3 if multimask else 1
         for p in prompts:
             if p.mask_input is not None and np.shape(p.mask_input) != (self.grid, self.grid):
                 raise ValueError(f"mask_input is {np.shape(p.mask_input)}; {self.name} takes ({self.grid}, {self.grid}) logits")
-        out_logits = torch.zeros((len(prompts), m, self.grid, self.grid), dtype=torch.float32, device=self.device)
-        out_scores = torch.zeros((len(prompts), m), dtype=torch.float32, device=self.device)
         groups: Dict[Tuple[bool, bool], List[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p.kind, []).append(i)
@@ -236,9 +251,7 @@ class Backbone:
                     part = idx[k: k + self.decode_chunk]
                     logits, scores = self._decode([prompts[i] for i in part], multimask)
                     self.decoder_passes += 1
-                    out_logits[part] = logits.float().to(self.device)
-                    out_scores[part] = scores.float().to(self.device)
-        return out_logits, out_scores
+                    yield part, logits, scores
 
     def upsample(self, low_res: np.ndarray) -> np.ndarray:
         """Low-res logits ``(N, g, g)`` -> image-size logits ``(N, H, W)`` (float32)."""

@@ -17,7 +17,6 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-CUT = 0  # as smartsam.clickers: negative click inside the mask
 _EDT_CHUNK_BYTES = 64 << 20  # the brute-force row minimum works in pieces of about this size
 _CHECK_EVERY = 4  # propagation rounds between convergence checks (each check waits for the device)
 
@@ -98,13 +97,13 @@ def region_peaks(regions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([k % w, k // w], 1), regions.reshape(n, -1).any(1)
 
 
-def place_clicks(logits: torch.Tensor, labels: torch.Tensor, band: float,
+def place_clicks(logits: torch.Tensor, cut: torch.Tensor, band: float,
                  valid_hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Where each chain's click goes: ``(N, g, g)`` logits, ``(N,)`` labels (0 Cut, 1 Add), the
-    image's uncertain half-width and the grid's valid ``(rows, cols)`` -> low-res ``(N, 2)``
-    int64 ``(x, y)`` and ``(N,)`` bool (False: no uncertain pixel on that side, the chain ends).
+    """Where each chain's click goes: ``(N, g, g)`` logits, ``(N,)`` bool (True: a Cut inside
+    the mask, False: an Add outside it), the image's uncertain half-width and the grid's valid
+    ``(rows, cols)`` -> low-res ``(N, 2)`` int64 ``(x, y)`` and ``(N,)`` bool (False: no
+    uncertain pixel on that side, the chain ends).
     """
     lr = logits[:, : valid_hw[0], : valid_hw[1]].float()
-    cut = (labels == CUT).view(-1, 1, 1)
-    side = torch.where(cut, lr > 0, lr <= 0)
+    side = torch.where(cut.view(-1, 1, 1), lr > 0, lr <= 0)
     return region_peaks(largest_components(side & (lr.abs() < band)))

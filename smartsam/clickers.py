@@ -106,7 +106,7 @@ class NextChainClicker:
         self, logits: np.ndarray, score: float, band: float, frame: LowResFrame, rng: np.random.Generator
     ) -> Optional[ChainClick]:
         """Draw the sign from Bernoulli(score) and place the click (None: the chain ends)."""
-        label = CUT if rng.random() < float(np.clip(score, 0.0, 1.0)) else ADD
+        label = _draw_sign(score, rng)
         xy = self.place(logits, label, band, frame, rng)
         return None if xy is None else ChainClick(xy, label)
 
@@ -126,18 +126,19 @@ class NextChainClicker:
 
         from .chain_clicks import place_clicks
 
-        labels = [CUT if r.random() < float(np.clip(sc, 0.0, 1.0)) else ADD for sc, r in zip(scores, rngs)]
+        labels = [_draw_sign(sc, r) for sc, r in zip(scores, rngs)]
         if isinstance(logits[0], torch.Tensor):  # already where the decoder left them
             lg = torch.stack(list(logits)).to(device)
         else:
             lg = torch.as_tensor(np.stack(logits), device=device)
-        xy, ok = place_clicks(lg, torch.as_tensor(labels, device=device), band, frame.valid_hw)
+        xy, ok = place_clicks(lg, torch.as_tensor([lab == CUT for lab in labels], device=device), band, frame.valid_hw)
         xy, ok = xy.cpu().numpy(), ok.cpu().numpy()  # N points and flags: the step's one copy back
-        out: List[Optional[ChainClick]] = []
-        for k, label in enumerate(labels):
-            if not ok[k]:
-                out.append(None)
-                continue
-            x, y = frame.to_image(xy[k: k + 1].astype(np.float64))[0]
-            out.append(ChainClick((float(x), float(y)), label))
-        return out
+        pts = frame.to_image(xy.astype(np.float64))
+        return [ChainClick((float(pts[k, 0]), float(pts[k, 1])), label) if ok[k] else None
+                for k, label in enumerate(labels)]
+
+
+def _draw_sign(score: float, rng: np.random.Generator) -> int:
+    """Cut with probability ``score`` (the mask's IoU prediction, clipped to [0, 1]), else Add:
+    one draw from the chain's stream."""
+    return CUT if rng.random() < float(np.clip(score, 0.0, 1.0)) else ADD

@@ -70,7 +70,7 @@ def test_a_steps_clicks_equal_the_one_chain_path(valid_hw, device):
     frame = LowResFrame((int(valid_hw[0] * 2.5), 640), valid_hw, (640 / valid_hw[1], valid_hw[0] * 2.5 / valid_hw[0]))
     clicker = NextChainClicker()
     band = clicker.band(logits[:28], frame)
-    xy, ok = cc.place_clicks(torch.from_numpy(logits).to(device), torch.from_numpy(labels).to(device), band, valid_hw)
+    xy, ok = cc.place_clicks(torch.from_numpy(logits).to(device), torch.from_numpy(labels == CUT).to(device), band, valid_hw)
     xy, ok = xy.cpu(), ok.cpu()
     for k in range(len(logits)):
         want = clicker.place(logits[k], int(labels[k]), band, frame)

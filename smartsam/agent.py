@@ -7,7 +7,8 @@ Data path (one module per stage)::
           --selector.py--> the chosen candidate --backbone.upsample--> (H, W) mask
 
 Everything before the last step works on SAM's 256x256 low-resolution logits; only the chosen
-mask is upsampled to image size.
+mask is upsampled to image size. The stages run in :class:`~smartsam.batch.BatchEngine`, which
+advances many clicks (jobs) at once; :meth:`SmartSAMAgent.predict` is a batch of one.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from .backbones.base import Backbone, Prompt
+from .batch import BatchEngine, InvalidClick, Job, check_click
 from .clickers import ADD, NextChainClicker, action_name
 from .features import ClipFeatures, DinoV2Features, FeatureSet
-from .masks import REFERENCE_PREPS, LowResFrame, batch_iou
+from .masks import REFERENCE_PREPS, LowResFrame
 from .reference import ReferenceBuilder
 from .sampler import PrioriInitialSampler
-from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
+from .selector import Reference
+
+__all__ = ["AgentResult", "Candidate", "InvalidClick", "Job", "SmartSAMAgent", "agent_options"]
 
 
 # Fast path: chains whose initial mask overlaps a better-scored one by this IoU are not refined
@@ -75,10 +78,6 @@ def exploration_knobs(sampler: PrioriInitialSampler, clicker: NextChainClicker) 
             "beta": sampler.beta, "gamma_shape": sampler.gamma_shape, "clicker": clicker.placement,
             "chain_length": clicker.chain_length, "band_fraction": clicker.band_fraction,
             "band_percentile": clicker.band_percentile}
-
-
-class InvalidClick(ValueError):
-    """A click that cannot be used (outside the image, not finite)."""
 
 
 @dataclass
@@ -151,21 +150,6 @@ class AgentResult:
     # "fast" (near-duplicate chains pruned) or "literal" (every chain, as the paper); "refine" / "box"
     # answers carry the path of the agent that made them
     path: str = "literal"
-
-
-@dataclass
-class _Exploration:
-    """What one click's exploration has produced so far (the stages pass it on)."""
-
-    click: Tuple[float, float]
-    seed_key: List[int]
-    initial: list
-    cands: List[Candidate]
-    logits: List[np.ndarray]
-    scores: List[np.ndarray]
-    timings: Dict[str, float] = field(default_factory=dict)
-    partial: bool = False
-    on_device: Optional[torch.Tensor] = None  # the initial logits where the chains run on the device
 
 
 class SmartSAMAgent:
@@ -262,16 +246,7 @@ class SmartSAMAgent:
         return self._key
 
     def _check_click(self, xy: Sequence[float]) -> Tuple[float, float]:
-        h, w = self.backbone.image_hw
-        try:
-            x, y = float(xy[0]), float(xy[1])
-        except (TypeError, ValueError, IndexError):
-            raise InvalidClick(f"a click is two numbers (x, y), got {xy!r}") from None
-        if not (np.isfinite(x) and np.isfinite(y)):
-            raise InvalidClick(f"click ({x}, {y}) is not a finite point")
-        if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
-            raise InvalidClick(f"click ({x:g}, {y:g}) is outside the {w}x{h} image")
-        return x, y
+        return check_click(xy, self.backbone.image_hw)
 
     # -- references (built by :class:`ReferenceBuilder`, with this agent's extractors) --------
     def reference_from_mask(self, image: np.ndarray, mask: np.ndarray) -> Reference:
@@ -311,157 +286,26 @@ class SmartSAMAgent:
         if hit is not None and (hit.candidates is not None or not return_candidates):
             self._results.move_to_end(cache_key)
             return hit
-        bb = self.backbone
-        t0 = time.perf_counter()
-        enc0, dec0 = bb.encoder_calls, bb.decoder_calls
-        run = self._explore((x, y))
-        self._chains(run, deadline)
-        all_logits, all_scores = np.concatenate(run.logits), np.concatenate(run.scores)
-        t2 = time.perf_counter()
-        sel, feat_calls = self._select(run.click, all_logits, all_scores, reference)
-        run.timings["select"] = time.perf_counter() - t2
-        result = self._finish(run, sel, all_logits, all_scores, return_candidates)
-        result.timings["total"] = time.perf_counter() - t0
-        result.calls = {"encoder": bb.encoder_calls - enc0, "decoder": bb.decoder_calls - dec0, "features": feat_calls}
-        if run.partial:
+        result = BatchEngine(self.backbone).run([self.job(self._image, (x, y), self._key, reference, deadline,
+                                                          return_candidates)])[0]
+        if result.partial:
             return result  # a cut-short answer is never served again from the cache
         self._results[cache_key] = result
         while len(self._results) > self._result_cache:
             self._results.popitem(last=False)
         return result
 
-    def _explore(self, click: Tuple[float, float]) -> _Exploration:
-        """Stage 1: the Priori Initial Sampler's prompts around the click, in multimask mode."""
-        t0 = time.perf_counter()
-        bb = self.backbone
-        x, y = click
-        # Every random stream derives from the seed and the click: answers do not depend on call order.
-        seed_key = [self.seed, int(round(x * 16)), int(round(y * 16))]
-        initial = self.sampler.sample((x, y), bb.image_hw, np.random.default_rng(seed_key))
-        prompts = [p.prompt for p in initial]
-        on_device = None
-        if self.chain_clicks == "device":
-            lt, st = bb.predict_tensors(prompts, multimask=True)
-            on_device = lt.reshape(-1, bb.grid, bb.grid)  # the chains decode from these where they are
-            logits, scores = lt.cpu().numpy(), st.cpu().numpy()
-        else:
-            out = bb.predict(prompts, multimask=True)
-            logits, scores = out.low_res_logits, out.scores
-        n_prompts, n_masks = scores.shape
-        cands = [Candidate(i, initial[i].kind, j, 0, (), float(scores[i, j]))
-                 for i in range(n_prompts) for j in range(n_masks)]
-        run = _Exploration((x, y), seed_key, initial, cands, [logits.reshape(-1, bb.grid, bb.grid)], [scores.reshape(-1)],
-                           on_device=on_device)
-        run.timings["initial"] = time.perf_counter() - t0
-        return run
+    def job(self, image: np.ndarray, click_xy: Sequence[float], key: Optional[str] = None,
+            reference: Optional[Reference] = None, deadline: Optional[float] = None,
+            return_candidates: bool = False) -> Job:
+        """One click on ``image`` as a :class:`~smartsam.batch.Job` for a
+        :class:`~smartsam.batch.BatchEngine` (this agent's settings answer it); stateless: the
+        agent's current image is not involved."""
+        return Job(self, image, click_xy, key, reference, deadline, return_candidates)
 
-    def _chains(self, run: _Exploration, deadline: Optional[float]) -> None:
-        """Stage 2: chains of inner clicks from every initial mask (or the distinct ones on the
-        fast path), all chains of one step in one decoder batch; appends to ``run``."""
-        t0 = time.perf_counter()
-        bb, frame = self.backbone, self.backbone.frame
-        cands, initial = run.cands, run.initial
-        band = self.clicker.band(run.logits[0], frame)
-        chains = list(range(len(cands)))
-        if self.dedupe_iou is not None and len(chains) > 1:
-            chains = self._distinct(run.logits[0], run.scores[0], frame)
-        on_device = self.chain_clicks == "device"
-        first = run.on_device if on_device else run.logits[0]
-        state = {c: (first[c], float(run.scores[0][c]), ()) for c in chains}
-        # Each chain draws from its own stream (seed, click, chain): a chain's clicks do not depend
-        # on which other chains run, so the fast path explores a subset of the literal path's
-        # candidates, the same ones, instead of a reshuffled set.
-        chain_rng = {c: np.random.default_rng(run.seed_key + [c + 1]) for c in chains}
-        for step in range(1, self.clicker.chain_length + 1):
-            if deadline is not None and time.monotonic() >= deadline:
-                run.partial = True
-                break
-            prompts, owners, new_clicks = [], [], []
-            placed = self.clicker.next_clicks([state[c][0] for c in chains], [state[c][1] for c in chains], band, frame,
-                                              [chain_rng[c] for c in chains], device=bb.device if on_device else None)
-            for c, click in zip(chains, placed):
-                lg, _, clicks = state[c]
-                if click is None:
-                    continue
-                clicks = clicks + ((click.xy, click.label),)
-                base = initial[cands[c].prompt_index].prompt
-                pts = np.concatenate([base.points, np.asarray([k[0] for k in clicks], np.float32)])
-                lab = np.concatenate([base.labels, np.asarray([k[1] for k in clicks], np.int64)])
-                prompts.append(Prompt(pts, lab, box=base.box, mask_input=lg))
-                owners.append(c)
-                new_clicks.append(clicks)
-            if not prompts:
-                break
-            if on_device:
-                lt, st = bb.predict_tensors(prompts, multimask=False)
-                logits, scores = lt[:, 0], st[:, 0].cpu().numpy()  # the logits stay for the next step
-            else:
-                res = bb.predict(prompts, multimask=False)
-                logits, scores = res.low_res_logits[:, 0], res.scores[:, 0]
-            run.logits.append(logits)
-            run.scores.append(scores)
-            chains = owners
-            for k, c in enumerate(owners):
-                state[c] = (logits[k], float(scores[k]), new_clicks[k])
-                root = cands[c]
-                cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, step, new_clicks[k],
-                                       float(scores[k])))
-            if self.dedupe_iou is not None and len(chains) > 1:
-                # Chains that converged onto the same mask would keep repeating each other.
-                keep = self._distinct(logits.cpu().numpy() if on_device else logits, scores, frame)
-                chains = [chains[k] for k in keep]
-        if on_device:  # the chains' logits come to the host once, for the choice
-            run.logits = [run.logits[0]] + [t.cpu().numpy() for t in run.logits[1:]]
-        run.timings["chains"] = time.perf_counter() - t0
-
-    def _select(self, click: Tuple[float, float], logits: np.ndarray, scores: np.ndarray,
-                reference: Optional[Reference]) -> Tuple[Selection, int]:
-        """Stage 3, exploit: the best-scored candidate containing the click (pure-IS), or the one
-        most similar to the reference. Returns the selection and the feature calls it made."""
-        frame = self.backbone.frame
-        inside = contains_click(logits, frame, click)
-        if reference is None:
-            return Selection(select_by_score(scores, inside), "pure-is"), 0
-        try:
-            extractor = self.features.for_reference(reference.kind)
-        except RuntimeError:
-            raise RuntimeError(f"a {reference.kind} reference needs its feature extractor") from None
-        if reference.extractor != extractor.name:
-            raise ValueError(f"reference made with {reference.extractor!r}, agent uses {extractor.name!r}")
-        before = extractor.forward_calls
-        feats = extractor.mask_features(self._image, frame.crop(logits) > 0, self._key)
-        allowed = inside if self.require_click else np.ones(len(scores), bool)
-        idx, sims = select_by_similarity(feats, reference.feature, allowed)
-        return Selection(idx, f"reference-{reference.kind}", float(sims[idx]), sims), extractor.forward_calls - before
-
-    def _finish(self, run: _Exploration, sel: Selection, logits: np.ndarray, scores: np.ndarray,
-                return_candidates: bool) -> AgentResult:
-        """Stage 4: only the chosen mask is upsampled to image size."""
-        t0 = time.perf_counter()
-        chosen = logits[sel.index]
-        mask = self.backbone.upsample(chosen[None])[0] > 0
-        run.timings["upsample"] = time.perf_counter() - t0
-        result = AgentResult(mask=mask, score=float(scores[sel.index]), similarity=sel.similarity, mode=sel.mode,
-                             candidate=run.cands[sel.index], low_res_logits=chosen.copy(), timings=dict(run.timings),
-                             partial=run.partial, path=self.path)
-        if return_candidates:
-            result.candidates = run.cands
-            result.candidate_logits = logits
-            result.candidate_scores = scores
-            result.prompts = run.initial
-            result.frame = self.backbone.frame
-        return result
-
-    def _distinct(self, logits: np.ndarray, scores: np.ndarray, frame) -> List[int]:
-        """Indices of initial masks worth a chain: best-scored first, near-duplicates dropped."""
-        masks = frame.crop(logits) > 0
-        order = np.argsort(-scores, kind="stable")
-        iou = batch_iou(masks, masks)
-        kept: List[int] = []
-        for i in order:
-            if all(iou[i, k] < self.dedupe_iou for k in kept):
-                kept.append(int(i))
-        return sorted(kept)
+    def run_jobs(self, jobs: Sequence[Job]) -> List[AgentResult]:
+        """Answer many jobs at once, in lockstep on this agent's backbone."""
+        return BatchEngine(self.backbone).run(jobs)
 
     def refine(
         self,

@@ -1,14 +1,17 @@
 """The one small interface SmartSAM needs from a promptable segmenter.
 
-A backbone encodes an image once (:meth:`Backbone.set_image`, cached by content hash) and then
-decodes whole batches of prompts in as few decoder calls as possible (:meth:`Backbone.predict`).
+A backbone encodes an image once (:meth:`Backbone.embed`, cached by content hash) and then
+decodes whole batches of prompts in as few decoder calls as possible (:meth:`Backbone.decode_rows`:
+each row names its image's :class:`Embedding`, so one call serves prompts of many images).
 Batching lives here, in one place: prompts are grouped by what they carry (a box or not, a
 ``mask_input`` or not), points are padded with label ``-1`` ("not a point") to a common count,
-and each group is one decoder call.
+and each group is one decoder call. :meth:`Backbone.set_image` and :meth:`Backbone.predict` are
+the one-image view of the same (a current image, rows all on it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -71,11 +74,20 @@ class DecodeResult:
     frame: LowResFrame
 
 
-@dataclass
-class _Embedding:
+@dataclass(eq=False)
+class Embedding:
+    """One encoded image: a handle that rows of :meth:`Backbone.decode_rows` name. Holding it keeps
+    the encoder output alive even after the backbone's LRU cache dropped it (a job mid-chain).
+
+    Attributes:
+        key: the image's cache key (content hash unless the caller named it).
+        image_hw: ``(H, W)`` of the image.
+        state: the adapter's encoder output.
+    """
+
     key: str
     image_hw: Tuple[int, int]
-    state: Any  # backbone-specific encoder output
+    state: Any
 
 
 def image_key(image: np.ndarray) -> str:
@@ -140,13 +152,14 @@ class Backbone:
         self.name = name
         self.device = torch.device(device or default_device())
         self.cache_size = int(cache_size)
-        self._cache: "OrderedDict[str, _Embedding]" = OrderedDict()
-        self._current: Optional[_Embedding] = None
-        # One request at a time per model: the predictors keep per-image state.
+        self._cache: "OrderedDict[str, Embedding]" = OrderedDict()
+        self._current: Optional[Embedding] = None
+        # One caller at a time per model: the predictors keep per-image state (the backend's
+        # scheduler thread is the only caller there; the lock guards library users with threads).
         self.lock = threading.RLock()
         self.decode_chunk = decode_chunk or (2 if self.device.type == "cpu" else 1 << 30)
         self.encoder_calls = 0
-        self.decoder_calls = 0  # logical calls: one per prompt kind per predict()
+        self.decoder_calls = 0  # logical calls: one per prompt kind per predict() / decode_rows()
         self.decoder_passes = 0  # forward passes (chunks) behind them
         self.random_weights = False
         self.disk_cache = None  # an EmbeddingDiskCache: embeddings survive restarts and are shared
@@ -156,10 +169,10 @@ class Backbone:
         self.cpu_bf16 = self.device.type == "cpu" and cpu_bf16_setting(cpu_bf16)
 
     # -- image -----------------------------------------------------------------------------
-    def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
-        """Make ``image`` (``(H, W, 3)`` uint8 RGB) current; encode it unless cached.
+    def embed(self, image: np.ndarray, key: Optional[str] = None) -> Embedding:
+        """Encode ``image`` (``(H, W, 3)`` uint8 RGB) unless cached; the :class:`Embedding` handle.
 
-        Returns the image's cache key. A second call with the same pixels costs no encoder call.
+        A second call with the same pixels (or the same ``key``) costs no encoder call.
         """
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -177,15 +190,44 @@ class Backbone:
                     self.encoder_calls += 1
                     if self.disk_cache is not None:
                         self.disk_cache.put(self.cache_id, key, state)
-                emb = _Embedding(key, (int(image.shape[0]), int(image.shape[1])), state)
+                emb = Embedding(key, (int(image.shape[0]), int(image.shape[1])), state)
                 self._cache[key] = emb
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
             else:
                 self._cache.move_to_end(key)
-            self._current = emb
-            self._activate(emb.state, emb.image_hw)
-        return key
+        return emb
+
+    def cached(self, key: str) -> bool:
+        """Whether the image with this key is encoded already (in memory)."""
+        return key in self._cache
+
+    def set_image(self, image: np.ndarray, key: Optional[str] = None) -> str:
+        """Make ``image`` (``(H, W, 3)`` uint8 RGB) current; encode it unless cached.
+
+        Returns the image's cache key. A second call with the same pixels costs no encoder call.
+        """
+        with self.lock:
+            emb = self.embed(image, key)
+            self._use(emb)
+        return emb.key
+
+    def _use(self, emb: Embedding) -> None:
+        self._current = emb
+        self._activate(emb.state, emb.image_hw)
+
+    @contextlib.contextmanager
+    def using(self, emb: Embedding):
+        """``emb`` is the current image inside the block (frames, upsampling), the previous after."""
+        with self.lock:
+            prev = self._current
+            if prev is not emb:
+                self._use(emb)
+            try:
+                yield self
+            finally:
+                if prev is not None and self._current is not prev:
+                    self._use(prev)
 
     @property
     def image_hw(self) -> Tuple[int, int]:
@@ -210,48 +252,90 @@ class Backbone:
             :class:`DecodeResult` with ``(B, M, g, g)`` logits and ``(B, M)`` scores. One
             decoder call per group of prompts of the same kind, never one per prompt.
         """
-        m = 3 if multimask else 1
-        out_logits = np.zeros((len(prompts), m, self.grid, self.grid), np.float32)
-        out_scores = np.zeros((len(prompts), m), np.float32)
-        for part, logits, scores in self._decode_groups(prompts, multimask):
-            out_logits[part] = logits.float().cpu().numpy()
-            out_scores[part] = scores.float().cpu().numpy()
-        return DecodeResult(out_logits, out_scores, self.frame)
+        logits, scores = self.predict_tensors(prompts, multimask)
+        return DecodeResult(logits.cpu().numpy(), scores.cpu().numpy(), self.frame)
 
     @torch.inference_mode()
     def predict_tensors(self, prompts: Sequence[Prompt], multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict` with its outputs left on the device: ``(B, M, g, g)`` float32 logits
         and ``(B, M)`` float32 scores, for callers that decode again from them (chains on a GPU)."""
+        if self._current is None:
+            raise RuntimeError("call set_image() first")
+        return self.decode_rows([self._current] * len(prompts), prompts, multimask)
+
+    # Adapters whose _decode_multi decodes rows of several images in one pass set this.
+    multi_image = False
+
+    @torch.inference_mode()
+    def decode_rows(self, embeddings: Sequence[Embedding], prompts: Sequence[Prompt], multimask: bool,
+                    segments: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode B rows, each a prompt on its own image, in one decoder call per prompt kind.
+
+        Args:
+            embeddings: B :class:`Embedding` handles, the image of each row (rows of one image
+                should be adjacent: a pass holds one image unless the adapter is
+                :attr:`multi_image`).
+            prompts: B prompts in image pixels of their row's image.
+            multimask: True for SAM's 3 masks per prompt, False for 1.
+            segments: B ids (a job's rows share one): a forward pass never mixes two, so a job's
+                rows are computed exactly as they would be alone (a CPU decodes in chunks of
+                :attr:`decode_chunk`; which rows share a chunk changes the last bits in bf16).
+
+        Returns:
+            ``(B, M, g, g)`` float32 logits and ``(B, M)`` float32 scores on the device, in row order.
+        """
+        if len(prompts) == 0:
+            raise ValueError("no prompts")
+        if len(embeddings) != len(prompts) or (segments is not None and len(segments) != len(prompts)):
+            raise ValueError("one embedding (and segment) per prompt")
+        for p in prompts:
+            if p.mask_input is not None and tuple(np.shape(p.mask_input)) != (self.grid, self.grid):
+                raise ValueError(f"mask_input is {np.shape(p.mask_input)}; {self.name} takes ({self.grid}, {self.grid}) logits")
         m = 3 if multimask else 1
         out_logits = torch.empty((len(prompts), m, self.grid, self.grid), dtype=torch.float32, device=self.device)
         out_scores = torch.empty((len(prompts), m), dtype=torch.float32, device=self.device)
-        for part, logits, scores in self._decode_groups(prompts, multimask):
-            out_logits[part] = logits.float().to(self.device)
-            out_scores[part] = scores.float().to(self.device)
-        return out_logits, out_scores
-
-    def _decode_groups(self, prompts: Sequence[Prompt], multimask: bool):
-        """The batching of :meth:`predict`, in one place: checks the prompts, then yields
-        ``(indices, logits, scores)`` per decoder pass, one decoder call per group of prompts of
-        the same kind, in passes of :attr:`decode_chunk` prompts."""
-        if self._current is None:
-            raise RuntimeError("call set_image() first")
-        if len(prompts) == 0:
-            raise ValueError("no prompts")
-        for p in prompts:
-            if p.mask_input is not None and np.shape(p.mask_input) != (self.grid, self.grid):
-                raise ValueError(f"mask_input is {np.shape(p.mask_input)}; {self.name} takes ({self.grid}, {self.grid}) logits")
         groups: Dict[Tuple[bool, bool], List[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p.kind, []).append(i)
         with self.lock:
-            for idx in groups.values():
-                self.decoder_calls += 1
-                for k in range(0, len(idx), self.decode_chunk):
-                    part = idx[k: k + self.decode_chunk]
-                    logits, scores = self._decode([prompts[i] for i in part], multimask)
-                    self.decoder_passes += 1
-                    yield part, logits, scores
+            prev = self._current
+            try:
+                for idx in groups.values():
+                    self.decoder_calls += 1
+                    for part in self._passes(idx, embeddings, segments):
+                        embs = [embeddings[i] for i in part]
+                        rows = [prompts[i] for i in part]
+                        if all(e is embs[0] for e in embs):
+                            if self._current is not embs[0]:
+                                self._use(embs[0])
+                            logits, scores = self._decode(rows, multimask)
+                        else:
+                            logits, scores = self._decode_multi(embs, rows, multimask)
+                        self.decoder_passes += 1
+                        out_logits[part] = logits.float().to(self.device)
+                        out_scores[part] = scores.float().to(self.device)
+            finally:
+                if prev is not None and self._current is not prev:
+                    self._use(prev)
+        return out_logits, out_scores
+
+    def _passes(self, idx: List[int], embeddings: Sequence[Embedding], segments: Optional[Sequence[int]]):
+        """Split one group's rows into forward passes: at most :attr:`decode_chunk` rows, never
+        across two segments, nor across two images unless the adapter decodes several at once."""
+        part: List[int] = []
+        for i in idx:
+            if part and (len(part) >= self.decode_chunk
+                         or (segments is not None and segments[i] != segments[part[-1]])
+                         or (not self.multi_image and embeddings[i] is not embeddings[part[-1]])):
+                yield part
+                part = []
+            part.append(i)
+        if part:
+            yield part
+
+    def _decode_multi(self, embeddings: Sequence[Embedding], prompts: Sequence[Prompt], multimask: bool):
+        """One forward pass over rows of several images (adapters with :attr:`multi_image`)."""
+        raise NotImplementedError  # pragma: no cover - only called when multi_image is set
 
     def upsample(self, low_res: np.ndarray) -> np.ndarray:
         """Low-res logits ``(N, g, g)`` -> image-size logits ``(N, H, W)`` (float32)."""

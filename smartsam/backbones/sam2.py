@@ -65,6 +65,8 @@ class Sam2Backbone(Backbone):
         self.shared_decoder = shared_decoder_setting(shared_decoder)
         self._shared: dict = {}  # compute dtype -> Sam2SharedDecoder, built on first use
         self._shares: "OrderedDict[Tuple[str, torch.dtype], ImageShare]" = OrderedDict()
+        # shares kept: as many as embeddings, so a batch over many images does not recompute them
+        self.max_shares = max(2, self.cache_size)
         if self.shared_decoder:  # built now, so the first click does not pay for it
             self._shared_for(self.compute_dtype)
 
@@ -85,29 +87,49 @@ class Sam2Backbone(Backbone):
         h, w = image_hw
         return LowResFrame(image_hw=(h, w), valid_hw=(256, 256), scale_xy=(w / 256.0, h / 256.0))
 
-    def _decode(self, prompts: Sequence[Prompt], multimask: bool):
-        hw = self.image_hw
-        tr = self.predictor._transforms
+    @property
+    def multi_image(self) -> bool:
+        """The shared decoder takes rows of several images in one pass (their shares stacked)."""
+        return self.shared_decoder
+
+    def _prompt_tensors(self, prompts: Sequence[Prompt], hws: Sequence[Tuple[int, int]]):
+        """Points (and boxes as two points labelled 2 and 3, as sam2 encodes them) normalised by
+        each row's image size: ``(B, P, 2)`` coords, ``(B, P)`` int32 labels, mask inputs or None."""
         coords, labels = self._padded_points(prompts)
-        c = tr.transform_coords(torch.as_tensor(coords, device=self.device), normalize=True, orig_hw=hw)
+        # SAM2Transforms.transform_coords(normalize=True) per row: x / W, y / H, times the resolution
+        wh = torch.as_tensor([[w, h] for h, w in hws], dtype=torch.float32, device=self.device)[:, None]
+        res = self.predictor._transforms.resolution
+        c = torch.as_tensor(coords, device=self.device) / wh * res
         lab = torch.as_tensor(labels, dtype=torch.int32, device=self.device)
         if prompts[0].box is not None:
-            b = tr.transform_boxes(torch.as_tensor(np.stack([p.box for p in prompts]), device=self.device), normalize=True, orig_hw=hw)
+            b = torch.as_tensor(np.stack([p.box for p in prompts]), device=self.device).reshape(-1, 2, 2) / wh * res
             box_labels = torch.tensor([[2, 3]], dtype=torch.int32, device=self.device).repeat(len(prompts), 1)
             if (labels >= 0).any():
-                c = torch.cat([b.reshape(-1, 2, 2), c], dim=1)
+                c = torch.cat([b, c], dim=1)
                 lab = torch.cat([box_labels, lab], dim=1)
             else:
-                c, lab = b.reshape(-1, 2, 2), box_labels
-        masks = None
-        if prompts[0].mask_input is not None:
-            masks = self._mask_batch(prompts)
+                c, lab = b, box_labels
+        masks = self._mask_batch(prompts) if prompts[0].mask_input is not None else None
+        return c, lab, masks
+
+    def _decode(self, prompts: Sequence[Prompt], multimask: bool):
+        c, lab, masks = self._prompt_tensors(prompts, [self.image_hw] * len(prompts))
         state = self.predictor._features
         if self.shared_decoder:
-            low_res, iou = self._decode_shared(state, c, lab, masks, multimask)
+            low_res, iou = self._shared_for(self.compute_dtype)(self._share(self._current), c, lab, masks, multimask)
         else:
             low_res, iou = self._decode_library(state, c, lab, masks, multimask)
         # As SAM2ImagePredictor does: logits fed back as mask_input stay in a sane range.
+        return torch.clamp(low_res, -32.0, 32.0), iou
+
+    def _decode_multi(self, embeddings, prompts: Sequence[Prompt], multimask: bool):
+        c, lab, masks = self._prompt_tensors(prompts, [e.image_hw for e in embeddings])
+        shares = {}
+        for e in embeddings:
+            if e.key not in shares:
+                shares[e.key] = self._share(e)
+        rows = [shares[e.key] for e in embeddings]
+        low_res, iou = self._shared_for(self.compute_dtype)(ImageShare.stack(rows), c, lab, masks, multimask)
         return torch.clamp(low_res, -32.0, 32.0), iou
 
     def _decode_library(self, state, c, lab, masks, multimask):
@@ -130,20 +152,21 @@ class Sam2Backbone(Backbone):
             dec = self._shared[dtype] = Sam2SharedDecoder(self.model.sam_prompt_encoder, self.model.sam_mask_decoder, dtype)
         return dec
 
-    def _decode_shared(self, state, coords, labels, masks, multimask):
+    def _share(self, emb) -> ImageShare:
+        """The image's share for the shared decoder (computed once per image and dtype)."""
         dtype = self.compute_dtype  # bf16 exactly where the library path would autocast to it
         dec = self._shared_for(dtype)
-        # an image's share lives no longer than its embedding, and at most 2 are kept (16-32 MB each)
+        # an image's share lives no longer than its embedding; a few are kept (16-32 MB each)
         for k in [k for k in self._shares if k[0] not in self._cache]:
             del self._shares[k]
-        key = (self._current.key, dtype)
+        key = (emb.key, dtype)
         share = self._shares.get(key)
         if share is None:
-            share = self._shares[key] = dec.share(state["image_embed"], state["high_res_feats"])
-            while len(self._shares) > 2:
+            share = self._shares[key] = dec.share(emb.state["image_embed"], emb.state["high_res_feats"])
+            while len(self._shares) > self.max_shares:
                 self._shares.popitem(last=False)
         self._shares.move_to_end(key)
-        return dec(share, coords, labels, masks, multimask)
+        return share
 
     def _upsample(self, low_res: torch.Tensor, image_hw: Tuple[int, int]) -> torch.Tensor:
         return self.predictor._transforms.postprocess_masks(low_res, tuple(image_hw))

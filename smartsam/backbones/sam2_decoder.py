@@ -46,6 +46,15 @@ class ImageShare:
     feat_s0: torch.Tensor
     feat_s1: torch.Tensor
 
+    @staticmethod
+    def stack(rows: List["ImageShare"]) -> "ImageShare":
+        """One share per row (rows of several images in one pass): token fields become
+        ``(B, N, ...)``, features ``(B, C, h, w)``; the decoder broadcasts either form."""
+        return ImageShare(*(torch.stack([getattr(r, f) for r in rows]) for f in
+                            ("keys_nomask", "proj_nomask", "tokens", "proj_tokens")),
+                          *(torch.cat([getattr(r, f) for r in rows]).contiguous(memory_format=torch.channels_last)
+                            for f in ("feat_s0", "feat_s1")))
+
 
 class Sam2SharedDecoder:
     """Decode batches of prompts on one image with SAM 2's prompt encoder and mask decoder.
@@ -109,7 +118,7 @@ class Sam2SharedDecoder:
         """Decode B prompts.
 
         Args:
-            share: :meth:`share` of the current image.
+            share: :meth:`share` of the image, or :meth:`ImageShare.stack` of one share per row.
             coords: ``(B, P, 2)`` points normalised to [0, 1] of the model input, ``(x, y)``;
                 boxes are two points with labels 2 and 3, as sam2 encodes them.
             labels: ``(B, P)`` int32 labels (1, 0, -1 padding, 2/3 box corners).
@@ -122,7 +131,7 @@ class Sam2SharedDecoder:
         dec, t = self.decoder, self.decoder.transformer
         sparse, _ = self.prompt_encoder(points=(coords.float(), labels), boxes=None, masks=None)
         sparse = sparse.to(self.dtype)
-        b, n = coords.shape[0], share.tokens.shape[0]
+        b, n = coords.shape[0], share.tokens.shape[-2]
         # as MaskDecoder.predict_masks: output tokens, then the prompt's
         s = 1 if dec.pred_obj_scores else 0
         heads = [dec.obj_score_token.weight] if s else []

@@ -1,0 +1,389 @@
+"""Many agent jobs in lockstep: the agent as a batch.
+
+A :class:`Job` is one click on one image with everything its answer depends on (the agent that
+holds the sampler, clicker, fast-path and selection settings; the reference; the seed; a
+deadline). :class:`BatchEngine` advances every live job one stage per :meth:`BatchEngine.step`::
+
+    admit   encode the job's image unless cached (the embedding is pinned for the job's life)
+    explore the Priori Initial Sampler's prompts, multimask        -> 30 initial masks
+    chain k every chain's next inner click, one mask each          -> k-th refined masks
+    finish  select (pure-IS or reference) and upsample the chosen mask -> AgentResult
+
+At each step the prompts of every selected job, across images, go into one decoder call per
+prompt kind (:meth:`~smartsam.backbones.base.Backbone.decode_rows`: each row names its image).
+A job's rows never share a forward pass with another job's, and every random stream derives from
+the job's own seed and click, so an answer does not depend on which other jobs were in the
+batch: a job alone, in a batch of 16 mixed jobs, and the one-call-at-a-time algorithm give the
+same candidates, scores and mask (``tests/test_batch.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .backbones.base import Backbone, Embedding, Prompt
+from .masks import LowResFrame, batch_iou
+from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
+
+if TYPE_CHECKING:  # the agent builds jobs; the engine only reads its settings
+    from .agent import AgentResult, Candidate, SmartSAMAgent
+
+
+class InvalidClick(ValueError):
+    """A click that cannot be used (outside the image, not finite)."""
+
+
+def check_click(xy: Sequence[float], image_hw: Tuple[int, int]) -> Tuple[float, float]:
+    """``(x, y)`` as two finite floats inside an ``(H, W)`` image, else :class:`InvalidClick`."""
+    h, w = image_hw
+    try:
+        x, y = float(xy[0]), float(xy[1])
+    except (TypeError, ValueError, IndexError):
+        raise InvalidClick(f"a click is two numbers (x, y), got {xy!r}") from None
+    if not (np.isfinite(x) and np.isfinite(y)):
+        raise InvalidClick(f"click ({x}, {y}) is not a finite point")
+    if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+        raise InvalidClick(f"click ({x:g}, {y:g}) is outside the {w}x{h} image")
+    return x, y
+
+
+@dataclass(eq=False)
+class Job:
+    """One click for the agent on one image.
+
+    Attributes:
+        agent: the :class:`~smartsam.agent.SmartSAMAgent` whose settings answer it (sampler,
+            clicker, fast path, ``require_click``, seed, feature extractors).
+        image: ``(H, W, 3)`` uint8 RGB.
+        key: the image's cache key (None: its content hash).
+        click: ``(x, y)`` image pixels, checked (:func:`check_click`).
+        reference: None for pure-IS, else what the user meant.
+        deadline: ``time.monotonic()`` after which no further chain step starts (the answer is
+            then chosen among what was explored and marked ``partial``).
+        return_candidates: also return every candidate.
+    """
+
+    agent: "SmartSAMAgent"
+    image: np.ndarray
+    click: Tuple[float, float]
+    key: Optional[str] = None
+    reference: Optional[Reference] = None
+    deadline: Optional[float] = None
+    return_candidates: bool = False
+
+    def __post_init__(self) -> None:
+        self.click = check_click(self.click, np.shape(self.image)[:2])
+
+
+@dataclass(eq=False)
+class _Live:
+    """A job's state between steps (host arrays, or device tensors where chains run there)."""
+
+    job: Job
+    stage: int = -1  # -1: not admitted; 0: explore; k >= 1: chain step k
+    emb: Optional[Embedding] = None
+    frame: Optional[LowResFrame] = None
+    seed_key: List[int] = field(default_factory=list)
+    initial: list = field(default_factory=list)
+    cands: List["Candidate"] = field(default_factory=list)
+    logits: list = field(default_factory=list)  # per stage: (K, g, g) arrays (or tensors until the end)
+    scores: List[np.ndarray] = field(default_factory=list)
+    band: float = 0.0
+    chains: List[int] = field(default_factory=list)
+    state: Dict[int, tuple] = field(default_factory=dict)  # chain -> (logits, score, clicks)
+    rngs: Dict[int, np.random.Generator] = field(default_factory=dict)
+    rows: List[Prompt] = field(default_factory=list)
+    owners: List[int] = field(default_factory=list)
+    new_clicks: list = field(default_factory=list)
+    out: Optional[tuple] = None  # this stage's (logits, scores), from the decoder to _advance
+    partial: bool = False
+    t0: float = 0.0
+    timings: Dict[str, float] = field(default_factory=dict)
+    calls: Dict[str, int] = field(default_factory=lambda: {"encoder": 0, "decoder": 0, "features": 0})
+
+    @property
+    def on_device(self) -> bool:
+        return self.job.agent.chain_clicks == "device"
+
+
+@dataclass
+class StepReport:
+    """What one :meth:`BatchEngine.step` did: jobs advanced, rows decoded, decoder calls,
+    finished jobs as ``(job, result or exception)``."""
+
+    jobs: int = 0
+    rows: int = 0
+    decoder_calls: int = 0
+    encoded: int = 0
+    finished: List[Tuple[Job, object]] = field(default_factory=list)
+
+
+class BatchEngine:
+    """Advances many :class:`Job` objects one stage at a time on one backbone.
+
+    Args:
+        backbone: the :class:`~smartsam.backbones.base.Backbone` every job's agent uses.
+    """
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self._live: List[_Live] = []
+
+    # -- queue -----------------------------------------------------------------------------
+    def add(self, job: Job) -> None:
+        """Admit ``job`` at the next step."""
+        if job.agent.backbone is not self.backbone:
+            raise ValueError("the job's agent runs another backbone")
+        self._live.append(_Live(job, t0=time.perf_counter()))
+
+    @property
+    def jobs(self) -> List[Job]:
+        """The live jobs, oldest first."""
+        return [lv.job for lv in self._live]
+
+    def rows(self, job: Job) -> int:
+        """How many decoder rows ``job`` brings to its next step (the scheduler's batch budget)."""
+        lv = self._find(job)
+        if lv.stage < 0:
+            return lv.job.agent.sampler.num_prompts
+        return len(lv.chains) if lv.stage <= lv.job.agent.clicker.chain_length else 0
+
+    def _find(self, job: Job) -> _Live:
+        for lv in self._live:
+            if lv.job is job:
+                return lv
+        raise KeyError("not a live job")
+
+    def run(self, jobs: Sequence[Job]) -> List["AgentResult"]:
+        """Every job to its answer, all in lockstep; raises the first job's error, if any."""
+        for j in jobs:
+            self.add(j)
+        done: Dict[int, object] = {}
+        while any(id(j) not in done for j in jobs):
+            for job, res in self.step().finished:
+                done[id(job)] = res
+        out = [done[id(j)] for j in jobs]
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        return out  # type: ignore[return-value]
+
+    # -- one step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, jobs: Optional[Sequence[Job]] = None) -> StepReport:
+        """Advance ``jobs`` (default: every live job) by one stage.
+
+        A job whose settings or inputs fail ends with its exception in ``finished``; the others
+        go on.
+        """
+        chosen = self._live if jobs is None else [self._find(j) for j in jobs]
+        report = StepReport(jobs=len(chosen))
+        decoding: List[_Live] = []
+        for lv in chosen:
+            try:
+                if lv.stage < 0:
+                    report.encoded += self._admit(lv)
+                if self._prepare(lv):
+                    decoding.append(lv)
+                else:
+                    report.finished.append((lv.job, self._finish(lv)))
+            except Exception as e:  # one bad job never fails the batch
+                report.finished.append((lv.job, e))
+        for multimask in (True, False):
+            group = [lv for lv in decoding if (lv.stage == 0) == multimask]
+            if group:
+                report.rows += sum(len(lv.rows) for lv in group)
+                report.decoder_calls += self._decode(group, multimask)
+        for lv in decoding:
+            try:
+                self._advance(lv)
+                if not self._continues(lv):
+                    report.finished.append((lv.job, self._finish(lv)))
+            except Exception as e:
+                report.finished.append((lv.job, e))
+        done = {id(job) for job, _ in report.finished}
+        self._live = [lv for lv in self._live if id(lv.job) not in done]
+        return report
+
+    def _admit(self, lv: _Live) -> int:
+        """Embed the job's image (pinned: an LRU eviction cannot pull it away mid-chain)."""
+        bb, job = self.backbone, lv.job
+        enc = bb.encoder_calls
+        lv.emb = bb.embed(job.image, job.key)
+        lv.calls["encoder"] = bb.encoder_calls - enc
+        with bb.using(lv.emb):
+            lv.frame = bb.frame
+        lv.stage = 0
+        return lv.calls["encoder"]
+
+    def _prepare(self, lv: _Live) -> bool:
+        """This stage's prompts in ``lv.rows``; False when the job has nothing left to decode."""
+        agent = lv.job.agent
+        if lv.stage == 0:
+            x, y = lv.job.click
+            # Every random stream derives from the seed and the click: answers do not depend on
+            # call order, nor on the other jobs of a batch.
+            lv.seed_key = [agent.seed, int(round(x * 16)), int(round(y * 16))]
+            lv.initial = agent.sampler.sample((x, y), lv.emb.image_hw, np.random.default_rng(lv.seed_key))
+            lv.rows = [p.prompt for p in lv.initial]
+            lv.timings["t_initial"] = time.perf_counter()
+            return True
+        if lv.stage > agent.clicker.chain_length or not lv.chains:
+            return False
+        if lv.job.deadline is not None and time.monotonic() >= lv.job.deadline:
+            lv.partial = True
+            return False
+        placed = agent.clicker.next_clicks([lv.state[c][0] for c in lv.chains], [lv.state[c][1] for c in lv.chains],
+                                           lv.band, lv.frame, [lv.rngs[c] for c in lv.chains],
+                                           device=self.backbone.device if lv.on_device else None)
+        lv.rows, lv.owners, lv.new_clicks = [], [], []
+        for c, click in zip(lv.chains, placed):
+            lg, _, clicks = lv.state[c]
+            if click is None:
+                continue
+            clicks = clicks + ((click.xy, click.label),)
+            base = lv.initial[lv.cands[c].prompt_index].prompt
+            pts = np.concatenate([base.points, np.asarray([k[0] for k in clicks], np.float32)])
+            lab = np.concatenate([base.labels, np.asarray([k[1] for k in clicks], np.int64)])
+            lv.rows.append(Prompt(pts, lab, box=base.box, mask_input=lg))
+            lv.owners.append(c)
+            lv.new_clicks.append(clicks)
+        return bool(lv.rows)
+
+    def _decode(self, group: List[_Live], multimask: bool) -> int:
+        """One decoder call per prompt kind for every job of ``group``; each job's share of the
+        output goes to its ``out``. Returns the decoder calls made."""
+        bb = self.backbone
+        embs, prompts, segments = [], [], []
+        for k, lv in enumerate(group):
+            embs += [lv.emb] * len(lv.rows)
+            prompts += lv.rows
+            segments += [k] * len(lv.rows)
+        calls = bb.decoder_calls
+        logits, scores = bb.decode_rows(embs, prompts, multimask, segments)
+        start = 0
+        for lv in group:
+            n = len(lv.rows)
+            lv.calls["decoder"] += len({p.kind for p in lv.rows})
+            lg, sc = logits[start:start + n], scores[start:start + n]
+            if lv.on_device:  # the logits stay for the next step; scores come back (the signs need them)
+                lv.out = (lg, sc.cpu().numpy())
+            else:
+                lv.out = (lg.cpu().numpy(), sc.cpu().numpy())
+            start += n
+        return bb.decoder_calls - calls
+
+    def _advance(self, lv: _Live) -> None:
+        """Take this stage's decoder output into the job's state."""
+        from .agent import Candidate
+
+        agent, g = lv.job.agent, self.backbone.grid
+        logits, scores = lv.out
+        lv.out = None
+        if lv.stage == 0:
+            n_prompts, n_masks = scores.shape
+            lv.cands = [Candidate(i, lv.initial[i].kind, j, 0, (), float(scores[i, j]))
+                        for i in range(n_prompts) for j in range(n_masks)]
+            flat = logits.reshape(-1, g, g)
+            host = flat.cpu().numpy() if lv.on_device else flat
+            lv.logits, lv.scores = [host], [scores.reshape(-1)]
+            now = time.perf_counter()
+            lv.timings["initial"] = now - lv.timings.pop("t_initial")
+            lv.timings["t_chains"] = now
+            lv.band = agent.clicker.band(host, lv.frame)
+            lv.chains = list(range(len(lv.cands)))
+            if agent.dedupe_iou is not None and len(lv.chains) > 1:
+                lv.chains = distinct(host, lv.scores[0], lv.frame, agent.dedupe_iou)
+            first = flat if lv.on_device else host
+            lv.state = {c: (first[c], float(lv.scores[0][c]), ()) for c in lv.chains}
+            # Each chain draws from its own stream (seed, click, chain): a chain's clicks do not
+            # depend on which other chains run, so the fast path explores a subset of the literal
+            # path's candidates, the same ones, instead of a reshuffled set.
+            lv.rngs = {c: np.random.default_rng(lv.seed_key + [c + 1]) for c in lv.chains}
+        else:
+            logits, scores = logits[:, 0], scores[:, 0]
+            lv.logits.append(logits)
+            lv.scores.append(scores)
+            lv.chains = list(lv.owners)
+            for k, c in enumerate(lv.owners):
+                lv.state[c] = (logits[k], float(scores[k]), lv.new_clicks[k])
+                root = lv.cands[c]
+                lv.cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, lv.stage,
+                                          lv.new_clicks[k], float(scores[k])))
+            if agent.dedupe_iou is not None and len(lv.chains) > 1:
+                # Chains that converged onto the same mask would keep repeating each other.
+                keep = distinct(logits.cpu().numpy() if lv.on_device else logits, scores, lv.frame, agent.dedupe_iou)
+                lv.chains = [lv.chains[k] for k in keep]
+        lv.stage += 1
+
+    def _continues(self, lv: _Live) -> bool:
+        return lv.stage <= lv.job.agent.clicker.chain_length and bool(lv.chains)
+
+    def _finish(self, lv: _Live) -> "AgentResult":
+        """Select among the candidates, upsample only the chosen mask."""
+        from .agent import AgentResult
+
+        job, bb = lv.job, self.backbone
+        lv.timings["chains"] = time.perf_counter() - lv.timings.pop("t_chains", time.perf_counter())
+        if lv.on_device:  # the chains' logits come to the host once, for the choice
+            lv.logits = [lv.logits[0]] + [t.cpu().numpy() for t in lv.logits[1:]]
+        logits, scores = np.concatenate(lv.logits), np.concatenate(lv.scores)
+        t = time.perf_counter()
+        sel, lv.calls["features"] = select(job, logits, scores, lv.frame, lv.emb.key)
+        lv.timings["select"] = time.perf_counter() - t
+        t = time.perf_counter()
+        chosen = logits[sel.index]
+        with bb.using(lv.emb):
+            mask = bb.upsample(chosen[None])[0] > 0
+        lv.timings["upsample"] = time.perf_counter() - t
+        result = AgentResult(mask=mask, score=float(scores[sel.index]), similarity=sel.similarity, mode=sel.mode,
+                             candidate=lv.cands[sel.index], low_res_logits=chosen.copy(), timings=dict(lv.timings),
+                             partial=lv.partial, path=job.agent.path)
+        if job.return_candidates:
+            result.candidates = lv.cands
+            result.candidate_logits = logits
+            result.candidate_scores = scores
+            result.prompts = lv.initial
+            result.frame = lv.frame
+        result.timings["total"] = time.perf_counter() - lv.t0
+        result.calls = dict(lv.calls)
+        return result
+
+
+def distinct(logits: np.ndarray, scores: np.ndarray, frame: LowResFrame, dedupe_iou: float) -> List[int]:
+    """Indices of masks worth a chain: best-scored first, those overlapping a kept one by at least
+    ``dedupe_iou`` (IoU on the low-res grid) dropped; returned in index order."""
+    masks = frame.crop(logits) > 0
+    order = np.argsort(-scores, kind="stable")
+    iou = batch_iou(masks, masks)
+    kept: List[int] = []
+    for i in order:
+        if all(iou[i, k] < dedupe_iou for k in kept):
+            kept.append(int(i))
+    return sorted(kept)
+
+
+def select(job: Job, logits: np.ndarray, scores: np.ndarray, frame: LowResFrame, key: str) -> Tuple[Selection, int]:
+    """Exploit: the best-scored candidate containing the click (pure-IS), or the one most similar
+    to the reference. Returns the selection and the feature calls it made."""
+    inside = contains_click(logits, frame, job.click)
+    ref = job.reference
+    if ref is None:
+        return Selection(select_by_score(scores, inside), "pure-is"), 0
+    agent = job.agent
+    try:
+        extractor = agent.features.for_reference(ref.kind)
+    except RuntimeError:
+        raise RuntimeError(f"a {ref.kind} reference needs its feature extractor") from None
+    if ref.extractor != extractor.name:
+        raise ValueError(f"reference made with {ref.extractor!r}, agent uses {extractor.name!r}")
+    before = extractor.forward_calls
+    feats = extractor.mask_features(job.image, frame.crop(logits) > 0, key)
+    allowed = inside if agent.require_click else np.ones(len(scores), bool)
+    idx, sims = select_by_similarity(feats, ref.feature, allowed)
+    return Selection(idx, f"reference-{ref.kind}", float(sims[idx]), sims), extractor.forward_calls - before

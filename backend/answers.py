@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from smartsam.agent import AgentResult
+from smartsam.backbones.base import image_key
 
 from .config import AgentSettings
 from .engine import Engine
@@ -24,6 +25,7 @@ from .errors import RequestError
 from .field_stats import draw_plain
 from .label_config import ALL_LIKE_THIS, LabelConfig
 from .regions import PolygonOptions, answer_results, ls_score, parse_prompt
+from .scheduler import INTERACTIVE, PRELABEL
 
 log = logging.getLogger("smartsam.backend")
 
@@ -98,19 +100,27 @@ class Answers:
         if prompt.tool == ALL_LIKE_THIS and prompt.box is None:
             return self.all_like_this(task, image, prompt, ref, note, ctx)
         t0 = time.monotonic()
-        with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
-            agent.set_image(image)
-            if prompt.box is not None:
-                res = agent.predict_box(prompt.box, prompt.points, prompt.labels)
-            elif plain:
-                res = agent.predict_plain(prompt.points[first])
-            else:
-                res = agent.predict(prompt.points[first], ref, deadline=ctx.deadline)
+        agent, key = self.engine.agent(ctx.agent_settings), image_key(image)
+        if prompt.box is not None:
+            res = self.engine.call(lambda: _on(agent, image, key).predict_box(prompt.box, prompt.points, prompt.labels),
+                                   INTERACTIVE, ctx.deadline)
+        elif plain:
+            res = self.engine.call(lambda: _on(agent, image, key).predict_plain(prompt.points[first]), INTERACTIVE,
+                                   ctx.deadline)
+        else:
+            res = self.engine.run_jobs([agent.job(image, prompt.points[first], key, ref, ctx.deadline)], INTERACTIVE,
+                                       ctx.deadline)[0]
+            if first + 1 < len(prompt.points):
                 # outer interactions, the ordinary SAM way: each further click refines the previous
                 # answer's logits with every click so far
-                for k in range(first + 1, len(prompt.points)):
-                    res = agent.refine(prompt.points[: k + 1], prompt.labels[: k + 1], res)
-            require_click = agent.require_click
+                def refine(res=res):
+                    _on(agent, image, key)
+                    for k in range(first + 1, len(prompt.points)):
+                        res = agent.refine(prompt.points[: k + 1], prompt.labels[: k + 1], res)
+                    return res
+
+                res = self.engine.call(refine, INTERACTIVE, ctx.deadline)
+        require_click = agent.require_click
         log.info("project %s task %s label %r: %s, %d clicks, score %.3f, %.2f s%s", ctx.project, task.get("id"),
                  prompt.label, res.mode, len(prompt.points), res.score, res.timings.get("total", 0),
                  " (cut at the deadline)" if res.partial else "")
@@ -131,12 +141,12 @@ class Answers:
         # the engine's one rule (without a project: no decisions, so the setting or the default)
         threshold, how = self.engine.instance_threshold(ctx.project, prompt.label, "mask")
         t0 = time.monotonic()
-        with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
-            key = agent.set_image(image)
-            res = agent.predict(prompt.points[first], ref, deadline=ctx.deadline)
-            query = self.engine.references.from_mask(image, res.mask)
-            found = self.engine.instance_finder(agent, threshold).find(image, query, key, exclude=[res.mask],
-                                                                       deadline=ctx.deadline)
+        agent, key = self.engine.agent(ctx.agent_settings), image_key(image)
+        res = self.engine.run_jobs([agent.job(image, prompt.points[first], key, ref, ctx.deadline)], INTERACTIVE,
+                                   ctx.deadline)[0]
+        query = self.engine.call(lambda: self.engine.references.from_mask(image, res.mask), INTERACTIVE, ctx.deadline)
+        found = self.engine.instance_finder(agent, threshold, INTERACTIVE, ctx.deadline).find(
+            image, query, key, exclude=[res.mask], deadline=ctx.deadline)
         negatives = [p for p, lab in zip(prompt.points, prompt.labels) if lab == 0]
         found = [i for i in found if not any(i.mask[min(int(y), i.mask.shape[0] - 1), min(int(x), i.mask.shape[1] - 1)]
                                              for x, y in negatives)]
@@ -205,13 +215,13 @@ class Answers:
         if not refs:
             raise RequestError("; ".join(reasons))
         image = self.image(task, ctx.cfg, ctx.deadline)
+        agent, key = self.engine.agent(ctx.agent_settings), image_key(image)
         results, sims, counts = [], [], {}
         for label, ref in refs.items():
             threshold, how = self.engine.instance_threshold(ctx.project, label, ref.kind)
             t0 = time.monotonic()
-            with self.engine.model(ctx.deadline, ctx.agent_settings) as agent:
-                key = agent.set_image(image)
-                found = self.engine.instance_finder(agent, threshold).find(image, ref, key, deadline=ctx.deadline)
+            found = self.engine.instance_finder(agent, threshold, PRELABEL, ctx.deadline).find(
+                image, ref, key, deadline=ctx.deadline)
             seconds = (time.monotonic() - t0) / max(len(found), 1)
             counts[label] = len(found)
             if not found:
@@ -233,8 +243,13 @@ class Answers:
     def embed(self, task, cfg: LabelConfig) -> None:
         """Encode the task's image only (fills the embedding caches)."""
         image = self.image(task, cfg)
-        with self.engine.model() as agent:
-            agent.backbone.set_image(image)
+        self.engine.call(lambda: self.engine.backbone.embed(image), PRELABEL)
+
+
+def _on(agent, image: np.ndarray, key: str):
+    """``agent`` with ``image`` current (on the model's thread, where calls run)."""
+    agent.set_image(image, key)
+    return agent
 
 
 def tasks_list(tasks) -> List:

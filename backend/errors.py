@@ -34,3 +34,12 @@ class HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.reason = reason
+
+
+class QueueFull(HttpError):
+    """The model's queue holds more work of this priority than the request's deadline allows:
+    503 at once, with the expected wait, instead of a request that waits and times out."""
+
+    def __init__(self, message: str, expected_wait: float) -> None:
+        super().__init__(503, message)
+        self.expected_wait = expected_wait

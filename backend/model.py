@@ -18,7 +18,7 @@ from smartsam.agent import InvalidClick
 
 from .answers import Answers, RequestContext, tasks_list
 from .engine import project_key
-from .errors import ImageFetchError, RequestError
+from .errors import ImageFetchError, QueueFull, RequestError
 from .label_config import LabelConfig
 
 log = logging.getLogger("smartsam.backend")
@@ -93,6 +93,11 @@ class SmartSAMBackend(LabelStudioMLBase):
                     pred = self.answers.prelabel(task, ctx)
                 self.errors.extend(f"task {tid}: {m}" for m in pred.get("errors", []))
                 out.append(pred)
+            except QueueFull:
+                if not background:
+                    raise  # an annotator's click: 503 with the expected wait, at once
+                leftover.append(task)  # pre-labeling: the background queue takes it
+                out.append([])
             except (RequestError, ImageFetchError, InvalidClick, ValueError) as e:
                 log.warning("project %s task %s: %s", proj, tid, e)
                 self.errors.append(f"task {tid}: {e}")

@@ -13,6 +13,7 @@ advances many clicks (jobs) at once; :meth:`SmartSAMAgent.predict` is a batch of
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -215,6 +216,7 @@ class SmartSAMAgent:
         self.require_click = bool(require_click)
         self.reference_prep = reference_prep
         self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()
+        self._results_lock = threading.Lock()  # jobs are built and answers kept on several threads
         self._result_cache = int(result_cache)
         self._image: Optional[np.ndarray] = None
         self._key: Optional[str] = None
@@ -280,20 +282,38 @@ class SmartSAMAgent:
         """
         if self._key is None:
             raise RuntimeError("call set_image() first")
-        x, y = self._check_click(click_xy)
-        cache_key = (self._key, round(x, 2), round(y, 2), None if reference is None else reference.feature.tobytes(), self.seed)
-        hit = self._results.get(cache_key)
-        if hit is not None and (hit.candidates is not None or not return_candidates):
-            self._results.move_to_end(cache_key)
+        job = self.job(self._image, click_xy, self._key, reference, deadline, return_candidates)
+        hit = self.cached(job)
+        if hit is not None:
             return hit
-        result = BatchEngine(self.backbone).run([self.job(self._image, (x, y), self._key, reference, deadline,
-                                                          return_candidates)])[0]
-        if result.partial:
-            return result  # a cut-short answer is never served again from the cache
-        self._results[cache_key] = result
-        while len(self._results) > self._result_cache:
-            self._results.popitem(last=False)
+        result = BatchEngine(self.backbone).run([job])[0]
+        self.remember(job, result)
         return result
+
+    def _cache_key(self, job: Job) -> tuple:
+        x, y = job.click
+        ref = None if job.reference is None else job.reference.feature.tobytes()
+        return job.key, round(x, 2), round(y, 2), ref, self.seed
+
+    def cached(self, job: Job) -> Optional[AgentResult]:
+        """An earlier answer to the same click on the same image (outer interactions resend it)."""
+        if job.key is None:
+            return None
+        with self._results_lock:
+            hit = self._results.get(self._cache_key(job))
+            if hit is not None and (hit.candidates is not None or not job.return_candidates):
+                self._results.move_to_end(self._cache_key(job))
+                return hit
+        return None
+
+    def remember(self, job: Job, result: AgentResult) -> None:
+        """Keep ``job``'s answer for :meth:`cached` (a cut-short answer is never served again)."""
+        if result.partial or job.key is None:
+            return
+        with self._results_lock:
+            self._results[self._cache_key(job)] = result
+            while len(self._results) > self._result_cache:
+                self._results.popitem(last=False)
 
     def job(self, image: np.ndarray, click_xy: Sequence[float], key: Optional[str] = None,
             reference: Optional[Reference] = None, deadline: Optional[float] = None,

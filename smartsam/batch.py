@@ -141,6 +141,10 @@ class BatchEngine:
             raise ValueError("the job's agent runs another backbone")
         self._live.append(_Live(job, t0=time.perf_counter()))
 
+    def discard(self, job: Job) -> None:
+        """Drop a live job (its caller gave up); the others go on."""
+        self._live = [lv for lv in self._live if lv.job is not job]
+
     @property
     def jobs(self) -> List[Job]:
         """The live jobs, oldest first."""

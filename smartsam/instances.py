@@ -9,6 +9,12 @@ text reference's text. Each proposal becomes a click through the agent (referenc
 which resolves that instance's granularity; answers are de-duplicated by mask IoU and
 containment, a proposal that falls on an instance already found is not run at all, and an
 answer is kept when its selector similarity reaches ``threshold``.
+
+Proposals run in rounds of ``round_size`` agent jobs, one batch each
+(:class:`~smartsam.batch.BatchEngine`); the rules (skip what is covered, stop after ``patience``
+misses or ``max_instances``) are applied to the answers in proposal order, so the instances found
+are those of one proposal at a time, whatever the round size; a larger round only may run a
+proposal that one at a time would have skipped.
 """
 
 from __future__ import annotations
@@ -19,8 +25,23 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .backbones.base import image_key
 from .features import cosine
 from .selector import Reference
+
+
+class LocalRunner:
+    """Runs an :class:`InstanceFinder`'s model work in this thread (the library's default; the
+    backend hands it its scheduler's instead, with a priority and a deadline)."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+
+    def call(self, fn):
+        return fn()
+
+    def run(self, jobs):
+        return self.agent.run_jobs(jobs)
 
 
 @dataclass
@@ -104,11 +125,20 @@ class InstanceFinder:
             agent run per proposal, as ``benchmarks/instances.py`` does).
         concepts: a :class:`~smartsam.concepts.Sam3ConceptProposer` on the agent's SAM 3 backbone:
             proposals come from SAM 3's concept detector instead of the similarity peaks.
+        round_size: proposals run as one batch of agent jobs (1: one at a time; a GPU runs a
+            round in about the time of one, a CPU in the time of all).
+        runner: where the model work runs: ``call(fn)`` and ``run(jobs)`` (default
+            :class:`LocalRunner`: here).
     """
 
     def __init__(self, agent, max_instances: int = 20, threshold: float = 0.5, dedupe_iou: float = 0.5,
                  containment: float = 0.8, nms_radius: int = 2, proposals_per_instance: int = 2,
-                 patience: int = 3, skip_covered: bool = True, concepts=None) -> None:
+                 patience: int = 3, skip_covered: bool = True, concepts=None, round_size: int = 8,
+                 runner=None) -> None:
+        if int(round_size) < 1:
+            raise ValueError(f"round_size must be at least 1, not {round_size!r}")
+        self.round_size = int(round_size)
+        self.runner = runner or LocalRunner(agent)
         if not 1 <= int(max_instances) <= 1000:
             raise ValueError(f"max_instances must be from 1 to 1000, not {max_instances!r}")
         if not -1.0 <= float(threshold) <= 1.0:
@@ -131,12 +161,13 @@ class InstanceFinder:
 
     def find(self, image: np.ndarray, reference: Reference, key: Optional[str] = None,
              exclude: Optional[List[np.ndarray]] = None, deadline: Optional[float] = None) -> List[Instance]:
-        """The instances of ``reference`` in ``image`` (the agent's current image), best first.
+        """The instances of ``reference`` in ``image``, best first.
 
         Args:
             exclude: masks of instances already known (the clicked object): not found again.
             deadline: ``time.monotonic()`` after which no further proposal is run.
         """
+        key = key or image_key(image)
         known = list(exclude or [])
         found: List[Instance] = []
         n = self.max_instances * self.proposals_per_instance + len(known)
@@ -144,27 +175,44 @@ class InstanceFinder:
             proposals = self._similarity_proposals(image, reference, key, n)
         else:
             proposals = self._concept_proposals(image, reference, key, known, found, n, deadline)
-        misses = 0
-        for x, y, v in proposals:
-            if len(found) >= self.max_instances or misses >= self.patience or \
-                    (deadline is not None and time.monotonic() >= deadline):
+        misses, i = 0, 0
+        while i < len(proposals):
+            if self._done(found, misses, deadline):
                 break
-            xi, yi = min(int(x), image.shape[1] - 1), min(int(y), image.shape[0] - 1)
-            if self.skip_covered and any(m[yi, xi] for m in known):
-                continue  # on an instance already found: no agent run
-            misses = 0 if self._try((x, y, v), reference, known, found, deadline) else misses + 1
+            batch = []  # the next proposals not on an instance already found
+            while i < len(proposals) and len(batch) < self.round_size:
+                if not self._covered(proposals[i], known, image.shape):
+                    batch.append(proposals[i])
+                i += 1
+            if not batch:
+                break
+            results = self.runner.run([self.agent.job(image, (x, y), key, reference, deadline) for x, y, _ in batch])
+            for proposal, res in zip(batch, results):  # one proposal at a time's rules, in order
+                if self._done(found, misses, deadline=None) or self._covered(proposal, known, image.shape):
+                    continue
+                misses = 0 if self._keep(proposal, res, known, found) else misses + 1
         return found
+
+    def _done(self, found: List[Instance], misses: int, deadline: Optional[float]) -> bool:
+        return len(found) >= self.max_instances or misses >= self.patience or \
+            (deadline is not None and time.monotonic() >= deadline)
+
+    def _covered(self, proposal, known: List[np.ndarray], shape) -> bool:
+        """A proposal on an instance already found is not run (``skip_covered``)."""
+        x, y = proposal[:2]
+        xi, yi = min(int(x), shape[1] - 1), min(int(y), shape[0] - 1)
+        return self.skip_covered and any(m[yi, xi] for m in known)
 
     def _similarity_proposals(self, image, reference: Reference, key, n: int) -> List[Tuple[float, float, float]]:
         extractor = self.agent.features.for_reference(reference.kind)
-        return propose(similarity_map(extractor, image, reference, key), image.shape[:2], n, -1.0, self.nms_radius)
+        sims = self.runner.call(lambda: similarity_map(extractor, image, reference, key))
+        return propose(sims, image.shape[:2], n, -1.0, self.nms_radius)
 
-    def _try(self, proposal: Tuple[float, float, float], reference: Reference, known: List[np.ndarray],
-             found: List[Instance], deadline, nonempty: bool = False) -> bool:
-        """The agent at one proposal; its answer is kept (appended to ``known`` and ``found``) when
-        it reaches the threshold and is no instance already known (and, ``nonempty``, has pixels)."""
+    def _keep(self, proposal: Tuple[float, float, float], res, known: List[np.ndarray], found: List[Instance],
+              nonempty: bool = False) -> bool:
+        """The agent's answer at a proposal is kept (appended to ``known`` and ``found``) when it
+        reaches the threshold and is no instance already known (and, ``nonempty``, has pixels)."""
         x, y, v = proposal
-        res = self.agent.predict((x, y), reference, deadline=deadline)
         if res.similarity is None or res.similarity < self.threshold or (nonempty and not res.mask.any()) or \
                 any(overlaps(res.mask, m, self.dedupe_iou, self.containment) for m in known):
             return False
@@ -183,9 +231,15 @@ class InstanceFinder:
         exemplars = [m for m in known if m.any()]
         if not exemplars and text is None:
             top = self._similarity_proposals(image, reference, key, 1)
-            if top and self._try(top[0], reference, known, found, deadline, nonempty=True):
-                exemplars = [found[-1].mask]
+            if top:
+                res = self.runner.run([self.agent.job(image, top[0][:2], key, reference, deadline)])[0]
+                if self._keep(top[0], res, known, found, nonempty=True):
+                    exemplars = [found[-1].mask]
         if not exemplars and text is None:
             return []
-        dets = self.concepts.detect(boxes=[mask_box(m) for m in exemplars], text=text, image=image)
+        def detect():  # the detector reads the backbone's current image
+            self.agent.backbone.set_image(image, key)
+            return self.concepts.detect(boxes=[mask_box(m) for m in exemplars], text=text, image=image)
+
+        dets = self.runner.call(detect)
         return [(d.click[0], d.click[1], d.score) for d in dets[:n]]

@@ -24,7 +24,8 @@ from .engine import Engine
 from .errors import RequestError
 from .field_stats import draw_plain
 from .label_config import ALL_LIKE_THIS, LabelConfig
-from .regions import PolygonOptions, answer_results, ls_score, parse_prompt
+from .prompts import parse_prompt
+from .regions import PolygonOptions, answer_results, ls_score
 from .scheduler import INTERACTIVE, PRELABEL
 
 log = logging.getLogger("smartsam.backend")

@@ -136,7 +136,7 @@ class Settings:
     # only holds an idle thread, so there are enough for a team clicking at once.
     workers: int = 1
     threads: int = 32
-    # decoder rows per step of the model's scheduler; 0: 256 on a CPU, 1024 on CUDA (backend/engine.py, scheduler_rows)
+    # decoder rows per step of the model's scheduler; 0: 256 on a CPU, 1024 on CUDA (backend/scheduler.py, scheduler_rows)
     batch_rows: int = 0
     host: str = "0.0.0.0"
     port: int = 9090

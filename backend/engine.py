@@ -34,7 +34,7 @@ from .images import ImageFetcher
 from .ls_client import LabelStudioClient
 from .project_settings import ProjectSettings
 from .references import CorruptReference, ReferenceStore
-from .scheduler import INTERACTIVE, Scheduler
+from .scheduler import INTERACTIVE, Scheduler, scheduler_rows
 
 log = logging.getLogger("smartsam.backend")
 
@@ -279,24 +279,6 @@ class ScheduledRunner:
 
     def run(self, jobs):
         return self.engine.run_jobs(jobs, self.priority, self.deadline)
-
-
-def scheduler_rows(batch_rows: int, device: str) -> Dict[str, int]:
-    """The scheduler's row budgets for ``SMARTSAM_BATCH_ROWS`` (0: by device).
-
-    CPU: 256 rows a step (eight agent clicks' chain steps: 8 clicks at once make a quarter of the
-    decoder calls they make one after another, or fewer), none of them pre-labeling while a click runs
-    (on a CPU a row costs the same in any batch, so each one would lengthen the click's step), and
-    32 rows a step of pre-labeling alone (one chain step of one task: what a click arriving then
-    waits for); clicks arriving within 50 ms of each other start together (2 % of a click there;
-    8 requests sent at once through HTTP arrive over tens of milliseconds). CUDA: a step of up to 1024 rows, pre-labeling filling what the clicks leave (a
-    batch of hundreds of prompts costs little more than one: facts measured on an H200), a 2 ms
-    window to gather clicks."""
-    if device == "cpu":
-        rows = batch_rows or 256
-        return {"max_rows": rows, "fill_rows": 0, "background_rows": min(32, rows), "gather_s": 0.05}
-    rows = batch_rows or 1024
-    return {"max_rows": rows, "fill_rows": rows, "background_rows": rows, "gather_s": 0.002}
 
 
 def instance_threshold(stats: FieldStats, settings: Settings, project: str, label: str, kind: str = "mask"):

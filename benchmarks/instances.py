@@ -1,9 +1,11 @@
 """"All like this one" cost: seconds per task against instances per image, with the call counters.
 
     python benchmarks/instances.py [--backbone NAME] [--device cpu|cuda] [--instances 1 5 20] [--repeats 2]
+                                   [--round-size 1 16]
 
 One pre-labeling task = the image's encoding (cached after the first), the feature model's patch
-tokens (once per image), then one agent run per instance (reference mode). RANDOM weights: every
+tokens (once per image), then one agent run per instance (reference mode), ``--round-size`` of
+them at a time as one batch of jobs (the backend: 1 on a CPU, 16 on CUDA). RANDOM weights: every
 proposal is answered and kept (threshold -1, no de-duplication), so a task finds exactly the
 instances asked for; the timing does not depend on the weights. Image: GrabCut 106024.jpg.
 """
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--device")
     ap.add_argument("--instances", type=int, nargs="+", default=[1, 5, 20])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--round-size", type=int, nargs="+", default=[1, 16], help="proposals run as one batch of jobs")
     args = ap.parse_args()
     from smartsam.agent import SmartSAMAgent
     from smartsam.features import FeatureSet
@@ -51,7 +54,7 @@ def main() -> None:
     feats.get("image").tokens(image)
     first = time.perf_counter() - t
     rows = []
-    for n in args.instances:
+    for n, rs in [(n, rs) for rs in args.round_size for n in args.instances]:
         times, found = [], 0
         enc0, dec0, f0 = bb.encoder_calls, bb.decoder_calls, feats.get("image").forward_calls
         for r in range(args.repeats):
@@ -60,16 +63,16 @@ def main() -> None:
             key = agent.set_image(image)
             # every proposal answered and kept (random weights: masks say nothing), so n agent runs
             finder = InstanceFinder(agent, max_instances=n, threshold=-1.0, dedupe_iou=1.01, containment=1.01,
-                                    skip_covered=False)
+                                    skip_covered=False, round_size=rs)
             found = len(finder.find(image, ref, key))
             times.append(time.perf_counter() - t)
         best = min(times)
-        rows.append([n, found, best, best / max(found, 1), (bb.encoder_calls - enc0) / args.repeats,
+        rows.append([rs, n, found, best, best / max(found, 1), (bb.encoder_calls - enc0) / args.repeats,
                      (bb.decoder_calls - dec0) / args.repeats, (feats.get("image").forward_calls - f0) / args.repeats])
     print(f"# all like this one: {bb.name} on {bb.device}{' (RANDOM weights: timing only)' if bb.random_weights else ''}, "
           f"features {args.features}, {agent.path} path, chains of {agent.clicker.chain_length}\n"
           f"machine: {machine()}\nfirst sight of the image (encoder + patch tokens): {first:.2f} s\n")
-    print(table(["instances asked", "found", "s per task (cached image)", "s per instance", "encoder calls", "decoder calls",
+    print(table(["round size", "instances asked", "found", "s per task (cached image)", "s per instance", "encoder calls", "decoder calls",
                  "feature calls"], rows))
 
 

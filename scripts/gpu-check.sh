@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # On a lent CUDA machine, after scripts/gpu-pack.sh here: the device tool's
 #   run(command="scripts/gpu-check.sh", carry=[".gpu-site"], timeout_s=540)
-# Checks the chain clicks' device code against the OpenCV path on CUDA, then prints the GPU rows
-# of the README (SAM 2.1 large, RANDOM weights: speed only). Everything lands in $OUT.
+# The equality tests on CUDA (chain clicks on the device against OpenCV; a job alone, in a batch
+# of 16 mixed jobs and one call at a time; rows of several images in one pass), then every GPU
+# table of the README in one go (SAM 2.1 large, RANDOM weights: speed only): per-click latency,
+# annotators at once (scheduler vs one at a time, with a pre-labeling queue), instances per task.
+# Everything lands in $OUT; budget: under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/.gpu-site/py:$PWD" PYTHONUNBUFFERED=1 SMARTSAM_DATASETS="$PWD/.gpu-site/datasets"
 img="$PWD/.gpu-site/datasets/GrabCut/img/106024.jpg"
+big=sam2.1_hiera_large-random
 { nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'; } 2>&1 | tee "$OUT/machine.txt"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_chain_clicks.py 2>&1 | tee "$OUT/checks.txt"
-timeout 300 python3 benchmarks/latency.py --backbone sam2.1_hiera_large-random --device cuda --image "$img" \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_chain_clicks.py tests/test_batch.py 2>&1 | tee "$OUT/checks.txt"
+timeout 150 python3 benchmarks/latency.py --backbone $big --device cuda --image "$img" \
   --skip-scaling --repeats 5 2>&1 | tee "$OUT/latency.md"
+timeout 150 python3 benchmarks/load.py --backbone $big --device cuda --annotators 1,4,16 --clicks 8 \
+  --serial --prelabel 2>&1 | tee "$OUT/load.md"
+timeout 60 python3 benchmarks/instances.py --backbone $big --device cuda --instances 1 20 --round-size 1 16 \
+  --repeats 1 2>&1 | tee "$OUT/instances.md"

@@ -151,8 +151,11 @@ class BatchEngine:
         return [lv.job for lv in self._live]
 
     def rows(self, job: Job) -> int:
-        """How many decoder rows ``job`` brings to its next step (the scheduler's batch budget)."""
-        lv = self._find(job)
+        """How many decoder rows ``job`` brings to its next step (the scheduler's batch budget;
+        0 for a job no longer live)."""
+        lv = next((lv for lv in self._live if lv.job is job), None)
+        if lv is None:
+            return 0
         if lv.stage < 0:
             return lv.job.agent.sampler.num_prompts
         return len(lv.chains) if lv.stage <= lv.job.agent.clicker.chain_length else 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from smartsam.agent import SmartSAMAgent
-from smartsam.backbones.base import Prompt
+from smartsam.backbones.base import ONE_PASS, Prompt
 from smartsam.batch import BatchEngine, InvalidClick, distinct
 from smartsam.clickers import NextChainClicker
 from smartsam.selector import contains_click, select_by_score
@@ -81,14 +81,22 @@ def images(datasets):
 
 
 @pytest.mark.slow
-def test_a_job_answers_the_same_alone_in_a_mixed_batch_and_one_call_at_a_time(sam2_backbone, dino, images):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_job_answers_the_same_alone_in_a_mixed_batch_and_one_call_at_a_time(device, sam2_backbone, dino, images):
     """16 jobs on 4 images with 5 settings (literal chains of 3, fast path, one-click chains, chain
     clicks on the device, a mask reference with and without require_click): each job's
-    candidates, scores and mask are the same alone and in the batch (a job's rows never share a
-    forward pass with another's, and its random streams are its own), and the pure-IS literal
+    candidates, scores and mask are the same alone and in the batch, and the pure-IS literal
     jobs equal the one-call-at-a-time algorithm. The batch makes at most the decoder calls of
-    one job (one per prompt kind and step), not one set per job."""
-    bb = sam2_backbone
+    one job (one per prompt kind and step), not one set per job.
+
+    Exactly the same on a CPU (it decodes in chunks, and a chunk never mixes two jobs' rows; a
+    job's random streams are its own). On CUDA every job's rows share one bf16 pass, which moves
+    the last bits of a logit: there the chosen masks agree (IoU >= 0.9 on average), the modes
+    and call counts exactly."""
+    from smartsam.models import load_backbone
+
+    bb = sam2_backbone if device == "cpu" else load_backbone("sam2.1_hiera_tiny-random", device=device)
+    exact = device == "cpu"
     literal = SmartSAMAgent(bb, dedupe_iou=None, seed=1)
     agents = [
         literal,
@@ -120,13 +128,17 @@ def test_a_job_answers_the_same_alone_in_a_mixed_batch_and_one_call_at_a_time(sa
     together = BatchEngine(bb).run(jobs)
     calls_batch = bb.decoder_calls - d0
     assert bb.encoder_calls == e0
-    for a, b in zip(alone, together):
-        same(a, b)
+    if exact:
+        for a, b in zip(alone, together):
+            same(a, b)
+    else:
+        ious = [(a.mask & b.mask).sum() / max((a.mask | b.mask).sum(), 1) for a, b in zip(alone, together)]
+        assert np.mean(ious) >= 0.9 and [a.mode for a in alone] == [b.mode for b in together]
     assert {r.mode for r in together} == {"pure-is", "reference-mask"}
     assert calls_batch <= 8 and calls_alone >= 16 * 4  # 2 prompt kinds x (explore + 3 chain steps)
     assert all(r.calls["decoder"] <= 8 for r in together)
     # the literal pure-IS jobs equal the plain algorithm, call by call
-    for j, r in zip(jobs, together):
+    for j, r in zip(jobs, together if exact else []):
         if j.agent is literal:
             clicks, scores, mask = one_call_at_a_time(literal, j.image, j.click)
             assert [c.clicks for c in r.candidates] == clicks
@@ -151,7 +163,7 @@ def test_rows_of_several_images_decode_in_one_pass_as_they_do_apart(device, imag
             rows.append(Prompt(rng.uniform([0, 0], [w - 1, h - 1], size=(2, 2)), [1, 0],
                                mask_input=rng.normal(0, 8, (256, 256)).astype(np.float32)))
             owners.append(emb)
-    bb.decode_chunk = 1 << 30
+    bb.decode_chunk = ONE_PASS
     p0 = bb.decoder_passes
     together, t_scores = bb.decode_rows(owners, rows, multimask=False)
     assert bb.decoder_passes - p0 == 1

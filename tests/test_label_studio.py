@@ -1030,7 +1030,7 @@ def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio,
             """One first click that the backend's seeded draw gives to ``arm`` (found with the same
             draw here, so the task gets exactly one suggestion)."""
             from backend.field_stats import draw_plain
-            from backend.regions import pct_to_px
+            from backend.prompts import pct_to_px
 
             tw, th = sizes[task]
             for k in range(40):

@@ -24,6 +24,9 @@ import torch
 from ..masks import LowResFrame
 
 
+ONE_PASS = 1 << 30  # decode_chunk of a backbone that decodes a whole group in one pass (CUDA)
+
+
 @dataclass
 class Prompt:
     """One prompt for the mask decoder.
@@ -157,7 +160,7 @@ class Backbone:
         # One caller at a time per model: the predictors keep per-image state (the backend's
         # scheduler thread is the only caller there; the lock guards library users with threads).
         self.lock = threading.RLock()
-        self.decode_chunk = decode_chunk or (2 if self.device.type == "cpu" else 1 << 30)
+        self.decode_chunk = decode_chunk or (2 if self.device.type == "cpu" else ONE_PASS)
         self.encoder_calls = 0
         self.decoder_calls = 0  # logical calls: one per prompt kind per predict() / decode_rows()
         self.decoder_passes = 0  # forward passes (chunks) behind them
@@ -277,9 +280,10 @@ class Backbone:
                 :attr:`multi_image`).
             prompts: B prompts in image pixels of their row's image.
             multimask: True for SAM's 3 masks per prompt, False for 1.
-            segments: B ids (a job's rows share one): a forward pass never mixes two, so a job's
-                rows are computed exactly as they would be alone (a CPU decodes in chunks of
-                :attr:`decode_chunk`; which rows share a chunk changes the last bits in bf16).
+            segments: B ids (a job's rows share one): where a group is decoded in chunks of
+                :attr:`decode_chunk` (a CPU), a chunk never mixes two, so a job's rows are
+                computed exactly as they would be alone (which rows share a chunk changes the
+                last bits).
 
         Returns:
             ``(B, M, g, g)`` float32 logits and ``(B, M)`` float32 scores on the device, in row order.
@@ -321,11 +325,15 @@ class Backbone:
 
     def _passes(self, idx: List[int], embeddings: Sequence[Embedding], segments: Optional[Sequence[int]]):
         """Split one group's rows into forward passes: at most :attr:`decode_chunk` rows, never
-        across two segments, nor across two images unless the adapter decodes several at once."""
+        across two images unless the adapter decodes several at once, and, where the group is
+        decoded in chunks (a CPU), never across two segments: a job's chunks are then the ones it
+        has alone. Where a backbone decodes a group in one pass (CUDA) it is one pass, every job's
+        rows side by side (the same answers up to the last bits of bf16)."""
+        chunked = self.decode_chunk < ONE_PASS
         part: List[int] = []
         for i in idx:
             if part and (len(part) >= self.decode_chunk
-                         or (segments is not None and segments[i] != segments[part[-1]])
+                         or (chunked and segments is not None and segments[i] != segments[part[-1]])
                          or (not self.multi_image and embeddings[i] is not embeddings[part[-1]])):
                 yield part
                 part = []

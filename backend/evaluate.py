@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from smartsam.cli import UsageError
+    from smartsam.cli_common import UsageError
     from smartsam.eval.cli import run_eval
     from smartsam.models import ModelError
 

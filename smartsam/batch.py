@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .backbones.base import Backbone, Embedding, Prompt
 from .masks import LowResFrame, batch_iou
+from .results import AgentResult, Candidate
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
-
-if TYPE_CHECKING:  # the agent builds jobs; the engine only reads its settings
-    from .agent import AgentResult, Candidate, SmartSAMAgent
 
 
 class InvalidClick(ValueError):
@@ -68,7 +66,7 @@ class Job:
         return_candidates: also return every candidate.
     """
 
-    agent: "SmartSAMAgent"
+    agent: Any  # a SmartSAMAgent (it builds jobs; the engine only reads its settings)
     image: np.ndarray
     click: Tuple[float, float]
     key: Optional[str] = None
@@ -90,7 +88,7 @@ class _Live:
     frame: Optional[LowResFrame] = None
     seed_key: List[int] = field(default_factory=list)
     initial: list = field(default_factory=list)
-    cands: List["Candidate"] = field(default_factory=list)
+    cands: List[Candidate] = field(default_factory=list)
     logits: list = field(default_factory=list)  # per stage: (K, g, g) arrays (or tensors until the end)
     scores: List[np.ndarray] = field(default_factory=list)
     band: float = 0.0
@@ -166,7 +164,7 @@ class BatchEngine:
                 return lv
         raise KeyError("not a live job")
 
-    def run(self, jobs: Sequence[Job]) -> List["AgentResult"]:
+    def run(self, jobs: Sequence[Job]) -> List[AgentResult]:
         """Every job to its answer, all in lockstep; raises the first job's error, if any."""
         for j in jobs:
             self.add(j)
@@ -287,8 +285,6 @@ class BatchEngine:
 
     def _advance(self, lv: _Live) -> None:
         """Take this stage's decoder output into the job's state."""
-        from .agent import Candidate
-
         agent, g = lv.job.agent, self.backbone.grid
         logits, scores = lv.out
         lv.out = None
@@ -331,10 +327,8 @@ class BatchEngine:
     def _continues(self, lv: _Live) -> bool:
         return lv.stage <= lv.job.agent.clicker.chain_length and bool(lv.chains)
 
-    def _finish(self, lv: _Live) -> "AgentResult":
+    def _finish(self, lv: _Live) -> AgentResult:
         """Select among the candidates, upsample only the chosen mask."""
-        from .agent import AgentResult
-
         job, bb = lv.job, self.backbone
         lv.timings["chains"] = time.perf_counter() - lv.timings.pop("t_chains", time.perf_counter())
         if lv.on_device:  # the chains' logits come to the host once, for the choice

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import torch
 
+from ._tiny import tiny_clip_tokenizer
+
 
 class ModelError(RuntimeError):
     """A model cannot be had: unknown name, failed download, corrupt file. Message is for users."""
@@ -556,20 +558,6 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
     return bb
 
 
-def _tiny_clip_tokenizer():
-    """A byte-level CLIP tokenizer with no merges (random CLIP only: no vocabulary to download)."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[]), len(vocab)
-
-
 def load_features(name: str, device: Optional[str] = None, path: Optional[str] = None):
     """Build a DINOv2 or CLIP feature extractor by registry name.
 
@@ -594,7 +582,7 @@ def load_features(name: str, device: Optional[str] = None, path: Optional[str] =
         if spec.family == "clip":
             from transformers import CLIPConfig, CLIPModel
 
-            tok, n = _tiny_clip_tokenizer()
+            tok, n = tiny_clip_tokenizer()
             cfg = CLIPConfig(
                 text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
@@ -630,7 +618,7 @@ def load_concept_proposer(backbone, checkpoint: Optional[str] = None, allow_down
         raise ModelError(f"concept proposals need SAM 3 with its detector; {backbone.name} has none "
                          f"(set SMARTSAM_BACKBONE=sam3, or SMARTSAM_PROPOSALS=similarity)")
     if spec.random:
-        tokenizer = _tiny_clip_tokenizer()[0]
+        tokenizer = tiny_clip_tokenizer()[0]
     else:
         from transformers import CLIPTokenizer
 

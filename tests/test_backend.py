@@ -161,7 +161,7 @@ BAD_INPUTS = [
     ("not an image", lambda b: b.post("/predict", predict_body(upload("notimage.jpg"), [keypoint(5, 5)])), 200, "cannot read image data"),
     ("pixel bomb", lambda b: b.post("/predict", predict_body(upload("bomb.png"), [keypoint(5, 5)])), 200, "over the limit"),
     ("webhook without action", lambda b: b.post("/webhook", {"annotation": {}}), 400, "without action"),
-    ("webhook without payload", lambda b: b.post("/webhook", {"action": "ANNOTATION_CREATED", "project": {"label_config": LABEL_CONFIG, "id": 1}}), 200, "send payload"),
+    ("webhook without payload", lambda b: b.post("/webhook", {"action": "ANNOTATION_CREATED", "project": {"label_config": LABEL_CONFIG, "id": 1}}), 201, "send payload"),
     ("webhook with a bad annotation id", lambda b: b.post("/webhook", {"action": "ANNOTATION_UPDATED", "annotation": {"id": "7; drop"}}), 200, "no annotation id"),
     ("deletion webhook without a list", lambda b: b.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": "1,2"}), 201, '"annotations": []'),
     ("deletion webhook with ids that are not integers", lambda b: b.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": "1"}, {"id": True}, 5, None]}), 201, '"annotations": []'),

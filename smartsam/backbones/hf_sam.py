@@ -48,9 +48,9 @@ def sam3_configs(arch: str):
         raise ValueError(f"unknown SAM 3 architecture {arch!r}; known: ['sam3', 'tiny']")
     if arch == "sam3":
         return Sam3TrackerConfig(), Sam3Config()
-    from ..models import _tiny_clip_tokenizer
+    from .._tiny import tiny_clip_tokenizer
 
-    _, n = _tiny_clip_tokenizer()
+    _, n = tiny_clip_tokenizer()
     vision = dict(backbone_config=dict(_TINY_VIT, model_type="sam3_vit_model", global_attn_indexes=[1]))
     text = dict(_TINY_VIT, model_type="clip_text_model", projection_dim=64, vocab_size=n, max_position_embeddings=32,
                 bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)

@@ -28,7 +28,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--images", help="with a COCO-style annotation file as --dataset (PartImageNet): the folder of its "
                    "images; each image's annotations together are the target (the whole object)")
     add_protocol_args(e)
-    from ..cli import _add_model_args
+    from ..cli_common import _add_model_args
 
     _add_model_args(e)
 
@@ -64,7 +64,7 @@ def add_protocol_args(e) -> None:
 
 def agent_parts(args):
     """``(sampler, clicker)`` from the ablation flags (and ``SMARTSAM_CHAIN_LENGTH``)."""
-    from ..cli import UsageError, _env
+    from ..cli_common import UsageError, _env
     from ..clickers import NextChainClicker
     from ..sampler import PrioriInitialSampler, box_aspects
 
@@ -98,7 +98,7 @@ def first_click_fn(args, backbone=None):
     the click simulator's own). inside-worst probes ``backbone``: its best-of-3 first answer."""
     import numpy as np
 
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from ..masks import mask_iou
     from . import first_click as fc
     from .datasets import load_area
@@ -133,7 +133,7 @@ def first_click_fn(args, backbone=None):
 
 
 def cmd_eval(args) -> int:
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from .datasets import load_dataset, load_sample
 
     try:
@@ -155,7 +155,7 @@ def run_eval(args, all_samples, dataset: str, loader, backbone=None, features: O
     (sample -> image, ground truth, ignore mask); prints the table, writes the outputs. Shared by
     ``smartsam eval``, ``smartsam paper`` (which passes one loaded ``backbone`` and a ``features``
     cache for all its runs) and the backend's project evaluation."""
-    from ..cli import UsageError, cli_agent_options, cli_load_backbone, cli_load_features
+    from ..cli_common import UsageError, cli_agent_options, cli_load_backbone, cli_load_features
     from .datasets import references_for
     from .runner import evaluate
     from .segmenters import AgentSegmenter, BackboneSegmenter, EmptySegmenter, OracleSegmenter

@@ -127,7 +127,7 @@ def published(path: Optional[str]) -> List[dict]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the matrix and write the report (``smartsam paper``)."""
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from .cli import run_eval
     from .datasets import load_dataset, load_sample
 
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     pub = published(args.published)
     report: Dict[str, List[dict]] = {}
     backbone = weights = None
-    from ..cli import cli_load_backbone
+    from ..cli_common import cli_load_backbone
 
     bb = cli_load_backbone(args)  # one model for every cell
     feats: dict = {}
@@ -274,6 +274,6 @@ def add_paper_parser(sub) -> None:
     p.add_argument("--published", help="a JSON file of published numbers to show beside ours")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--images", help=argparse.SUPPRESS)
-    from ..cli import _add_model_args
+    from ..cli_common import _add_model_args
 
     _add_model_args(p)

@@ -13,9 +13,10 @@ The thread always does the most urgent thing next: a call of a priority at least
 every live job runs before the next step; a step advances the most urgent jobs first, up to
 ``max_rows`` decoder rows, and jobs of a lower priority join a step with interactive jobs only up
 to ``fill_rows`` (so a click waits behind at most one step of pre-labeling, never a whole task).
-A request never holds a lock: it waits on its own event, up to its deadline. Work that cannot
-finish by its deadline at the measured pace is refused at once (:class:`QueueFull`, 503 with the
-expected wait) instead of being queued to time out.
+A request never holds a lock: it waits on its own event, up to its deadline. An annotator's
+work that the queue ahead of it would keep waiting past its deadline, at the measured pace, is
+refused at once (:class:`QueueFull`, 503 with the expected wait) instead of being queued to time
+out; background work just waits (up to its deadline).
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ class Scheduler:
         self._owner: Dict[int, _Work] = {}  # id(job) -> its work, for jobs in the engine
         self._seq = itertools.count()
         self._stop = False
-        # measured pace, for the expected wait
+        # measured pace, for the expected wait: a decoder row, a job's finish (selection,
+        # upsampling), an encoding, a call
         self.row_seconds: Optional[float] = None
-        self.call_seconds: Optional[float] = None
+        self.finish_seconds: Optional[float] = None
         self.encode_seconds: Optional[float] = None
+        self.call_seconds: Optional[float] = None
         # counters for /health
         self.steps = 0
         self.rows = 0
@@ -112,7 +115,7 @@ class Scheduler:
         if threading.current_thread() is self._thread:  # already there (work that submits work)
             return fn()
         w = _Work(priority, next(self._seq), deadline, fn=fn)
-        self._admit(w, rows=0, calls=1)
+        self._admit(w)
         with self._cond:
             self._calls.append(w)
             self._cond.notify()
@@ -126,7 +129,7 @@ class Scheduler:
         if threading.current_thread() is self._thread:
             return self._inline(jobs)
         w = _Work(priority, next(self._seq), deadline, jobs=list(jobs))
-        self._admit(w, rows=sum(_job_rows(j) for j in jobs), calls=0)
+        self._admit(w)
         with self._cond:
             self._pending_jobs.append(w)
             self._cond.notify()
@@ -144,22 +147,23 @@ class Scheduler:
         """Seconds the queued and live work of this priority or a more urgent one should take at
         the measured pace (0 before anything was measured)."""
         with self._cond:
-            rows = sum(_job_rows(j) for w in self._pending_jobs if w.priority <= priority for j in w.jobs)
-            rows += sum(self.engine.rows(j) * self._remaining_steps(j) for j in self.engine.jobs
-                        if self._owner[id(j)].priority <= priority)
+            queued = [j for w in self._pending_jobs if w.priority <= priority for j in w.jobs]
+            live = [j for j in self.engine.jobs if self._owner[id(j)].priority <= priority]
+            rows = sum(_job_rows(j) for j in queued) + sum(self.engine.rows(j) * self._remaining_steps(j) for j in live)
             calls = sum(1 for w in self._calls if w.priority <= priority)
-        return rows * (self.row_seconds or 0.0) + calls * (self.call_seconds or 0.0)
+        return rows * (self.row_seconds or 0.0) + (len(queued) + len(live)) * (self.finish_seconds or 0.0) + \
+            calls * (self.call_seconds or 0.0)
 
     def _remaining_steps(self, job: Job) -> int:
         return max(1, job.agent.clicker.chain_length)
 
-    def _admit(self, w: _Work, rows: int, calls: int) -> None:
-        if w.deadline is None:
+    def _admit(self, w: _Work) -> None:
+        """An annotator's work is refused at once when the queue ahead outlasts its deadline."""
+        if w.deadline is None or w.priority != INTERACTIVE:
             return
         left = w.deadline - time.monotonic()
         ahead = self.expected_wait(w.priority)
-        own = rows * (self.row_seconds or 0.0) + calls * (self.call_seconds or 0.0)
-        if ahead + own > left:
+        if ahead > left:
             self.refused += 1
             raise QueueFull(f"the model is busy: the work queued ahead needs about {ahead:.0f} s, more than this "
                             f"request's {max(left, 0):.0f} s left (SMARTSAM_REQUEST_TIMEOUT); try again",
@@ -254,7 +258,6 @@ class Scheduler:
                 background += r
             chosen.append(j)
             rows += r
-        t = time.perf_counter()
         try:
             report = self.engine.step(chosen)
         except Exception as e:  # the step itself failed (out of memory...): its jobs get the error
@@ -262,12 +265,12 @@ class Scheduler:
             for j in chosen:
                 self.engine.discard(j)
             report = StepReport(jobs=len(chosen), finished=[(j, e) for j in chosen])
-        dt = time.perf_counter() - t
         if report.rows:
-            per_row = (dt - (self.encode_seconds or 0.0) * report.encoded) / report.rows
-            self.row_seconds = _ewma(self.row_seconds, max(per_row, 0.0))
-        if report.encoded and not report.rows:
-            self.encode_seconds = _ewma(self.encode_seconds, dt / report.encoded)
+            self.row_seconds = _ewma(self.row_seconds, report.decode_seconds / report.rows)
+        if report.encoded:
+            self.encode_seconds = _ewma(self.encode_seconds, report.encode_seconds / report.encoded)
+        if report.finished:
+            self.finish_seconds = _ewma(self.finish_seconds, report.finish_seconds / len(report.finished))
         self.steps += 1
         self.rows += report.rows
         self.last_batch_rows.append(report.rows)
@@ -297,8 +300,9 @@ class Scheduler:
         return {"queued": queued, "live_jobs": live, "steps": self.steps, "rows": self.rows,
                 "jobs_done": self.jobs_done, "calls_done": self.calls_done, "refused": self.refused,
                 "batch_rows": _percentiles(rows), "batch_jobs": _percentiles(jobs), "waits_s": waits,
-                "row_seconds": None if self.row_seconds is None else round(self.row_seconds, 5),
-                "call_seconds": None if self.call_seconds is None else round(self.call_seconds, 4),
+                "pace_s": {k: None if v is None else round(v, 5) for k, v in
+                           (("row", self.row_seconds), ("finish", self.finish_seconds), ("encode", self.encode_seconds),
+                            ("call", self.call_seconds))},
                 "max_rows": self.max_rows, "fill_rows": self.fill_rows, "background_rows": self.background_rows}
 
 

@@ -111,13 +111,17 @@ class _Live:
 
 @dataclass
 class StepReport:
-    """What one :meth:`BatchEngine.step` did: jobs advanced, rows decoded, decoder calls,
-    finished jobs as ``(job, result or exception)``."""
+    """What one :meth:`BatchEngine.step` did: jobs advanced, rows decoded, decoder calls, images
+    encoded, seconds spent encoding, decoding and finishing (selection and upsampling), finished
+    jobs as ``(job, result or exception)``."""
 
     jobs: int = 0
     rows: int = 0
     decoder_calls: int = 0
     encoded: int = 0
+    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_seconds: float = 0.0
     finished: List[Tuple[Job, object]] = field(default_factory=list)
 
 
@@ -192,23 +196,27 @@ class BatchEngine:
         for lv in chosen:
             try:
                 if lv.stage < 0:
+                    t = time.perf_counter()
                     report.encoded += self._admit(lv)
+                    report.encode_seconds += time.perf_counter() - t
                 if self._prepare(lv):
                     decoding.append(lv)
                 else:
-                    report.finished.append((lv.job, self._finish(lv)))
+                    self._finish_into(report, lv)
             except Exception as e:  # one bad job never fails the batch
                 report.finished.append((lv.job, e))
+        t = time.perf_counter()
         for multimask in (True, False):
             group = [lv for lv in decoding if (lv.stage == 0) == multimask]
             if group:
                 report.rows += sum(len(lv.rows) for lv in group)
                 report.decoder_calls += self._decode(group, multimask)
+        report.decode_seconds = time.perf_counter() - t
         for lv in decoding:
             try:
                 self._advance(lv)
                 if not self._continues(lv):
-                    report.finished.append((lv.job, self._finish(lv)))
+                    self._finish_into(report, lv)
             except Exception as e:
                 report.finished.append((lv.job, e))
         done = {id(job) for job, _ in report.finished}
@@ -323,6 +331,11 @@ class BatchEngine:
                 keep = distinct(logits.cpu().numpy() if lv.on_device else logits, scores, lv.frame, agent.dedupe_iou)
                 lv.chains = [lv.chains[k] for k in keep]
         lv.stage += 1
+
+    def _finish_into(self, report: StepReport, lv: _Live) -> None:
+        t = time.perf_counter()
+        report.finished.append((lv.job, self._finish(lv)))
+        report.finish_seconds += time.perf_counter() - t
 
     def _continues(self, lv: _Live) -> bool:
         return lv.stage <= lv.job.agent.clicker.chain_length and bool(lv.chains)

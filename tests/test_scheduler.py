@@ -84,28 +84,44 @@ def test_clicks_sent_together_run_in_lockstep(agent, grabcut_image):
         sched.close()
 
 
-def test_work_that_cannot_finish_in_time_is_refused_at_once(agent, grabcut_image):
-    """Once the pace is measured, a job whose deadline is shorter than its own expected work gets
-    QueueFull (503 with the expected wait) without waiting; waiting past a deadline is Busy; a
-    failing call hands its exception to its caller and the thread goes on."""
+def test_a_click_the_queue_would_keep_past_its_deadline_is_refused_at_once(agent, grabcut_image):
+    """Once the pace is measured: a click whose deadline the work queued ahead would pass gets
+    QueueFull (503 with the expected wait) without waiting, while the same click with time enough
+    is queued and answered; pre-labeling is never refused, it waits; waiting past a deadline is
+    Busy; a failing call hands its exception to its caller and the thread goes on."""
     bb = agent.backbone
     bb.embed(grabcut_image)
     sched = Scheduler(bb, **scheduler_rows(0, "cpu"))
     try:
         sched.run([agent.job(grabcut_image, (100, 100))])  # measures the pace
-        assert sched.row_seconds > 0
-        t = time.monotonic()
-        with pytest.raises(QueueFull) as e:
-            sched.run([agent.job(grabcut_image, (120, 100))], INTERACTIVE, deadline=time.monotonic() + 0.01)
-        assert time.monotonic() - t < 0.5 and e.value.status == 503 and sched.health()["refused"] == 1
+        assert sched.row_seconds > 0 and sched.finish_seconds > 0
         gate = threading.Event()
         blocker = threading.Thread(target=lambda: sched.call(gate.wait, INTERACTIVE))
         blocker.start()
         time.sleep(0.1)
-        with pytest.raises(Busy):
+        queued = [threading.Thread(target=lambda k=k: sched.run([agent.job(grabcut_image, (110 + k, 100))]))
+                  for k in range(3)]
+        [t.start() for t in queued]
+        while sched.health()["queued"]["interactive"] < 3:
+            time.sleep(0.01)
+        ahead = sched.expected_wait(INTERACTIVE)
+        assert ahead > 0.5
+        t = time.monotonic()
+        with pytest.raises(QueueFull) as e:
+            sched.run([agent.job(grabcut_image, (120, 100))], INTERACTIVE, deadline=time.monotonic() + ahead / 2)
+        assert time.monotonic() - t < 0.5 and e.value.status == 503 and e.value.expected_wait == pytest.approx(ahead, rel=0.5)
+        assert sched.health()["refused"] == 1
+        with pytest.raises(Busy):  # pre-labeling waits instead, up to its deadline
             sched.call(lambda: 1, PRELABEL, deadline=time.monotonic() + 0.3)
+        late = []
+        waiter = threading.Thread(target=lambda: late.append(sched.run([agent.job(grabcut_image, (130, 100))], INTERACTIVE,
+                                                                       deadline=time.monotonic() + 10 * ahead + 60)))
+        waiter.start()
         gate.set()
-        blocker.join(10)
+        blocker.join(30)
+        [t.join(300) for t in queued]
+        waiter.join(300)
+        assert len(late) == 1 and sched.health()["refused"] == 1
         with pytest.raises(ZeroDivisionError):
             sched.call(lambda: 1 / 0)
         assert sched.call(lambda: 41 + 1) == 42

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from smartsam.masks import mask_box, mask_iou
+
 from .errors import RequestError
 from .label_config import LabelConfig
 from .prompts import positive_size
@@ -158,11 +160,6 @@ def rasterize_polygons(polygons: List[np.ndarray], hw: Tuple[int, int]) -> np.nd
     return out
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions()) -> List[np.ndarray]:
     """The outer contours of ``mask`` (``(H, W)`` bool) as polygons, ``[(N, 2) float x, y]`` in
     pixels, largest first.
@@ -211,7 +208,7 @@ def _simplify(pts: np.ndarray, target: np.ndarray, offset, min_iou: float) -> np
     for _ in range(14):
         eps = (lo + hi) / 2
         cand = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64)
-        if len(cand) >= 3 and not _segments_cross(cand) and _iou(_fill(cand, target.shape, offset), target) >= min_iou:
+        if len(cand) >= 3 and not _segments_cross(cand) and mask_iou(_fill(cand, target.shape, offset), target) >= min_iou:
             if len(cand) <= len(best):
                 best = cand
             lo = eps
@@ -239,14 +236,6 @@ def mask_to_png_data_url(mask: np.ndarray) -> str:
     b = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(b, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()
-
-
-def mask_box(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
-    """``(x0, y0, x1, y1)`` pixel edges of the mask's tight box (x1, y1 exclusive); None when empty."""
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def _region_id(label: str, tag: str, k) -> str:

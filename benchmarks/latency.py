@@ -25,6 +25,7 @@ from smartsam.agent import FAST_PATH_IOU, SmartSAMAgent  # noqa: E402
 from smartsam.backbones.base import Prompt  # noqa: E402
 from smartsam.clickers import NextChainClicker  # noqa: E402
 from smartsam.io import load_image  # noqa: E402
+from smartsam.masks import best_of_three  # noqa: E402
 from smartsam.models import load_backbone, load_features  # noqa: E402
 from smartsam.sampler import PrioriInitialSampler  # noqa: E402
 
@@ -90,7 +91,7 @@ def main() -> None:
 
     def plain(k):
         r = bb.predict([Prompt([(click[0] + k * 0.01, click[1])], [1])], multimask=True)
-        bb.upsample(r.low_res_logits[0, [int(np.argmax(r.scores[0]))]])
+        bb.upsample(r.low_res_logits[0, [best_of_three(r.scores[0])]])
 
     first_and_later("plain backbone", plain)
     for label, dedupe in [("SmartSAM fast path", FAST_PATH_IOU), ("SmartSAM literal", None)]:

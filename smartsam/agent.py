@@ -24,7 +24,7 @@ from .backbones.base import Backbone, Prompt
 from .batch import BatchEngine, InvalidClick, Job, check_click
 from .clickers import NextChainClicker
 from .features import ClipFeatures, DinoV2Features, FeatureSet
-from .masks import REFERENCE_PREPS
+from .masks import REFERENCE_PREPS, best_of_three
 from .reference import ReferenceBuilder
 from .results import AgentResult, Candidate
 from .sampler import PrioriInitialSampler
@@ -312,7 +312,7 @@ class SmartSAMAgent:
         dec0 = bb.decoder_calls
         t0 = time.perf_counter()
         res = bb.predict([prompt], multimask=True)
-        j = int(np.argmax(res.scores[0]))
+        j = best_of_three(res.scores[0])
         lg = res.low_res_logits[0, j]
         return AgentResult(
             mask=bb.upsample(lg[None])[0] > 0, score=float(res.scores[0, j]), similarity=None, mode=mode,

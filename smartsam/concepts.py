@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import torch
 
+from .masks import mask_box
+
 PROPOSALS = ("similarity", "sam3")
 
 
@@ -54,12 +56,6 @@ def interior_point(mask: np.ndarray) -> Optional[Tuple[float, float]]:
     d = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(d)), d.shape)
     return float(x), float(y)
-
-
-def mask_box(mask: np.ndarray) -> Tuple[float, float, float, float]:
-    """Tight ``(x0, y0, x1, y1)`` box of a non-empty bool mask, in pixel edges."""
-    ys, xs = np.nonzero(mask)
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
 class Sam3ConceptProposer:

@@ -225,7 +225,7 @@ class InstanceFinder:
         """SAM 3's detections as proposals. Its exemplars are boxes on *this* image: the known
         instances' (the clicked object), else the answer at the best similarity peak (kept as the
         first instance when it passes); a text reference prompts with its text as well."""
-        from .concepts import mask_box
+        from .masks import mask_box
 
         text = reference.text if reference.kind == "text" else None
         exemplars = [m for m in known if m.any()]

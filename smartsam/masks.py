@@ -128,12 +128,19 @@ def sample_logits_at(low_res: np.ndarray, frame: LowResFrame, xy: Tuple[float, f
     return top * (1 - fy) + bottom * fy
 
 
-def box_xyxy(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
-    """Tight box ``(x0, y0, x1, y1)`` (inclusive) of a boolean mask, or None when empty."""
+def mask_box(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
+    """Tight box ``(x0, y0, x1, y1)`` of a boolean mask in pixel edges (``x1``, ``y1`` one past the
+    last pixel: the box's width is ``x1 - x0``), or None when empty."""
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
         return None
-    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def best_of_three(scores: np.ndarray) -> int:
+    """Which of SAM's multimask outputs for one prompt is the plain answer: the best-scored of
+    ``scores`` ``(M,)``."""
+    return int(np.argmax(scores))
 
 
 # How image + mask references are prepared before pooling: the paper's section 4.1, or not at all.
@@ -161,13 +168,13 @@ def prepare_reference(image: np.ndarray, mask: np.ndarray, occupancy: float = 0.
     """
     if not 0 < occupancy <= 1:
         raise ValueError("occupancy must be in (0, 1]")
-    box = box_xyxy(mask)
+    box = mask_box(mask)
     if box is None:
         raise ValueError("reference mask is empty")
     x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     scale = 1 / np.sqrt(occupancy)
-    w, h = (x1 - x0 + 1) * scale, (y1 - y0 + 1) * scale
+    w, h = (x1 - x0) * scale, (y1 - y0) * scale
     X0, Y0 = int(np.floor(cx - w / 2)), int(np.floor(cy - h / 2))
     X1, Y1 = max(X0 + 1, int(np.ceil(cx + w / 2))), max(Y0 + 1, int(np.ceil(cy + h / 2)))
     out = np.empty((Y1 - Y0, X1 - X0, 3), np.uint8)

@@ -234,13 +234,13 @@ def test_a_deadline_cuts_the_chains_and_says_so(sam2_backbone, grabcut_image):
 
 def test_reference_preparation_crops_the_object_to_70_percent_without_background(dino, coco_image, datasets):
     from smartsam.eval.datasets import load_gt, load_dataset
-    from smartsam.masks import BACKGROUND_FILL, box_xyxy, prepare_reference
+    from smartsam.masks import BACKGROUND_FILL, mask_box, prepare_reference
 
     sample = next(s for s in load_dataset(datasets / "COCO_MVal-dev") if s.name.startswith("airplane00_"))
     gt = load_gt(sample)[0]
     img, m = prepare_reference(coco_image, gt)
-    x0, y0, x1, y1 = box_xyxy(m)
-    assert (x1 - x0 + 1) * (y1 - y0 + 1) / m.size == pytest.approx(0.7, abs=0.03)  # the object's box: ~70 %
+    x0, y0, x1, y1 = mask_box(m)
+    assert (x1 - x0) * (y1 - y0) / m.size == pytest.approx(0.7, abs=0.03)  # the object's box: ~70 %
     assert m.sum() == gt.sum()  # the whole object, nothing else
     assert (img[~m] == BACKGROUND_FILL).all()  # background removed
     assert (img[m] == coco_image[gt]).all()  # a crop is a shift: the object's pixels, in the same order

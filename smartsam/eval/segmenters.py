@@ -13,6 +13,7 @@ import numpy as np
 
 from ..agent import SmartSAMAgent
 from ..backbones.base import Backbone, Prompt
+from ..masks import best_of_three
 from ..selector import Reference
 
 
@@ -75,7 +76,7 @@ class BackboneSegmenter(Segmenter):
         bb = self.backbone
         multimask = self._prev is None
         res = bb.predict([Prompt(points_xy, labels, mask_input=self._prev)], multimask=multimask)
-        best = int(np.argmax(res.scores[0]))
+        best = best_of_three(res.scores[0])
         self._prev = res.low_res_logits[0, best]
         if multimask:
             ups = bb.upsample(res.low_res_logits[0]) > 0

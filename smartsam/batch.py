@@ -99,6 +99,7 @@ class _Live:
     owners: List[int] = field(default_factory=list)
     new_clicks: list = field(default_factory=list)
     out: Optional[tuple] = None  # this stage's (logits, scores), from the decoder to _advance
+    error: Optional[BaseException] = None  # why the job could not start
     partial: bool = False
     t0: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
@@ -193,12 +194,15 @@ class BatchEngine:
         chosen = self._live if jobs is None else [self._find(j) for j in jobs]
         report = StepReport(jobs=len(chosen))
         decoding: List[_Live] = []
+        new = [lv for lv in chosen if lv.stage < 0]
+        if new:
+            t = time.perf_counter()
+            report.encoded += self._admit(new)
+            report.encode_seconds += time.perf_counter() - t
         for lv in chosen:
             try:
                 if lv.stage < 0:
-                    t = time.perf_counter()
-                    report.encoded += self._admit(lv)
-                    report.encode_seconds += time.perf_counter() - t
+                    raise lv.error  # its image could not be encoded
                 if self._prepare(lv):
                     decoding.append(lv)
                 else:
@@ -223,16 +227,30 @@ class BatchEngine:
         self._live = [lv for lv in self._live if id(lv.job) not in done]
         return report
 
-    def _admit(self, lv: _Live) -> int:
-        """Embed the job's image (pinned: an LRU eviction cannot pull it away mid-chain)."""
-        bb, job = self.backbone, lv.job
+    def _admit(self, new: List[_Live]) -> int:
+        """Embed the new jobs' images, those not cached in one encoder call where the backbone can
+        (pinned: an LRU eviction cannot pull one away mid-chain). Returns the encoder calls made."""
+        bb = self.backbone
         enc = bb.encoder_calls
-        lv.emb = bb.embed(job.image, job.key)
-        lv.calls["encoder"] = bb.encoder_calls - enc
-        with bb.using(lv.emb):
-            lv.frame = bb.frame
-        lv.stage = 0
-        return lv.calls["encoder"]
+        try:
+            embs, fresh = bb.embed_many([lv.job.image for lv in new], [lv.job.key for lv in new])
+        except Exception:  # one image at a time, so a bad one fails only its own job
+            embs, fresh = [], []
+            for lv in new:
+                e0 = bb.encoder_calls
+                try:
+                    embs.append(bb.embed(lv.job.image, lv.job.key))
+                except Exception as e:
+                    lv.error, embs = e, embs + [None]
+                fresh.append(bb.encoder_calls > e0)
+        for lv, emb, f in zip(new, embs, fresh):
+            if emb is None:
+                continue
+            lv.emb, lv.calls["encoder"] = emb, int(f)
+            with bb.using(emb):
+                lv.frame = bb.frame
+            lv.stage = 0
+        return bb.encoder_calls - enc
 
     def _prepare(self, lv: _Live) -> bool:
         """This stage's prompts in ``lv.rows``; False when the job has nothing left to decode."""

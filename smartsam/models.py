@@ -479,7 +479,7 @@ def is_downloaded(spec: ModelSpec) -> bool:
 def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
                   cache_size: int = 8, allow_download: bool = True, cpu_bf16: "str | bool" = "auto",
                   shared_decoder: "str | bool" = "on", embed_cache_dir: "Optional[str | Path]" = None,
-                  embed_cache_bytes: int = 10 << 30, concepts: bool = False):
+                  embed_cache_bytes: int = 10 << 30, concepts: bool = False, batch_encode: Optional[bool] = None):
     """Build a :class:`~smartsam.backbones.base.Backbone` by registry name.
 
     Args:
@@ -495,6 +495,8 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
         embed_cache_bytes: the disk cache's size bound.
         concepts: SAM 3 only: build its concept detector too (sharing the vision backbone), for
             :class:`~smartsam.concepts.Sam3ConceptProposer`; fetches its tokenizer files.
+        batch_encode: SAM 2.1 only: encode new images that arrive together in one encoder call
+            (None: on CUDA).
     """
     spec = name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())
     if concepts and spec.family not in ("sam3", "test"):
@@ -541,7 +543,7 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             from .backbones.sam2 import Sam2Backbone, build_sam2_model
 
             bb = Sam2Backbone(build_sam2_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
-                              cpu_bf16=cpu_bf16, shared_decoder=shared_decoder)
+                              cpu_bf16=cpu_bf16, shared_decoder=shared_decoder, batch_encode=batch_encode)
     except ModelError:
         raise
     except Exception as e:  # a checkpoint fails to load in many ways (pickle, zip, shapes): say which file

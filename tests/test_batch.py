@@ -198,3 +198,23 @@ def test_a_bad_job_fails_alone(sam2_backbone, images):
     assert isinstance(finished[id(bad)], RuntimeError) and finished[id(good)].mask.shape == images[1].shape[:2]
     with pytest.raises(InvalidClick):
         agent.job(images[0], (-3, 4))
+
+
+def test_new_images_arriving_together_are_encoded_in_one_call(images):
+    """With batch_encode (SAM 2.1's default on CUDA) the new images of a step's jobs are encoded
+    in one encoder call: the same embeddings as one at a time (fp32), one call, and each job
+    counts its image's encoding once; the default on a CPU encodes them one by one."""
+    from smartsam.models import load_backbone
+
+    one = load_backbone("sam2.1_hiera_tiny-random", device="cpu", cpu_bf16="off")
+    many = load_backbone("sam2.1_hiera_tiny-random", device="cpu", cpu_bf16="off", batch_encode=True)
+    assert not one.batch_encode
+    apart = [one.embed(im) for im in images[:3]]
+    agent = SmartSAMAgent(many, clicker=NextChainClicker(chain_length=1))
+    jobs = [agent.job(im, (100, 90)) for im in images[:3]] + [agent.job(images[0], (140, 90))]
+    results = BatchEngine(many).run(jobs)
+    assert many.encoder_calls == 1 and [r.calls["encoder"] for r in results] == [1, 1, 1, 0]
+    for a in apart:
+        b = many._cache[a.key].state
+        assert torch.allclose(a.state["image_embed"], b["image_embed"], atol=1e-4)
+        assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(a.state["high_res_feats"], b["high_res_feats"]))

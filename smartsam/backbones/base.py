@@ -201,6 +201,33 @@ class Backbone:
                 self._cache.move_to_end(key)
         return emb
 
+    # Adapters that encode several new images in one encoder call (``_encode_batch``) set this where
+    # it pays (a GPU); a CPU encodes a batch no faster than its images one by one.
+    batch_encode = False
+
+    def embed_many(self, images: Sequence[np.ndarray], keys: Sequence[Optional[str]]) -> Tuple[List[Embedding], List[bool]]:
+        """:meth:`embed` for several images: the new ones in one encoder call where the adapter
+        can (:attr:`batch_encode`). Returns the embeddings and which of them were encoded now."""
+        keys = [k or image_key(np.asarray(im)) for im, k in zip(images, keys)]
+        with self.lock:
+            new: Dict[str, np.ndarray] = {}
+            for im, k in zip(images, keys):
+                if k not in self._cache and k not in new:
+                    new[k] = im
+            if self.batch_encode and len(new) > 1 and self.disk_cache is None:
+                states = self._encode_batch([np.asarray(im) for im in new.values()])
+                self.encoder_calls += 1
+                for (k, im), state in zip(new.items(), states):
+                    self._cache[k] = Embedding(k, (int(im.shape[0]), int(im.shape[1])), state)
+                while len(self._cache) > max(self.cache_size, len(new)):
+                    self._cache.popitem(last=False)
+            out = [self.embed(im, k) for im, k in zip(images, keys)]
+        seen, fresh = set(), []
+        for k in keys:  # an image encoded now counts once, for its first job
+            fresh.append(k in new and k not in seen)
+            seen.add(k)
+        return out, fresh
+
     def cached(self, key: str) -> bool:
         """Whether the image with this key is encoded already (in memory)."""
         return key in self._cache
@@ -383,6 +410,9 @@ class Backbone:
 
     # hooks
     def _encode(self, image: np.ndarray) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _encode_batch(self, images: List[np.ndarray]) -> List[Any]:  # pragma: no cover - batch_encode adapters
         raise NotImplementedError
 
     def _activate(self, state: Any, image_hw: Tuple[int, int]) -> None:  # pragma: no cover

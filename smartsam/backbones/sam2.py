@@ -56,8 +56,12 @@ class Sam2Backbone(Backbone):
     """
 
     def __init__(self, model, name: str = "sam2", cache_size: int = 8, device: Optional[str] = None,
-                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on") -> None:
+                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on",
+                 batch_encode: Optional[bool] = None) -> None:
         super().__init__(name, cache_size, device, cpu_bf16=cpu_bf16)
+        # new images arriving together in one encoder call: on CUDA (not yet measured there; a CPU
+        # encodes a batch no faster than one by one), or as asked
+        self.batch_encode = self.device.type == "cuda" if batch_encode is None else bool(batch_encode)
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         self.model = model.to(self.device).eval()
@@ -76,6 +80,17 @@ class Sam2Backbone(Backbone):
             self.predictor.set_image(image)
         f = self.predictor._features
         return {"image_embed": f["image_embed"], "high_res_feats": list(f["high_res_feats"])}
+
+    @torch.inference_mode()
+    def _encode_batch(self, images):
+        """Several images in one encoder call (``SAM2ImagePredictor.set_image_batch``), split into
+        one state per image, shaped as :meth:`_encode` gives them."""
+        with self._autocast():
+            self.predictor.set_image_batch(list(images))
+        self.predictor._is_batch = False  # decoding reads the states we hand back, one image each
+        f = self.predictor._features
+        return [{"image_embed": f["image_embed"][i:i + 1], "high_res_feats": [h[i:i + 1] for h in f["high_res_feats"]]}
+                for i in range(len(images))]
 
     def _activate(self, state: Any, image_hw: Tuple[int, int]) -> None:
         self.predictor._features = state

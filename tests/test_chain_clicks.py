@@ -95,13 +95,13 @@ def test_next_clicks_draws_the_same_signs_and_places_the_same_clicks():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dedupe", [None, "auto"])  # the literal path; on a CPU "auto" is the fast one
 def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, dedupe):
-    """SAM 2.1's real architecture (random weights), one chain step: with the chains' logits
-    kept on the device and their clicks placed there, the candidates, scores, chosen mask and
-    decoder calls are the host path's."""
+    """SAM 2.1's real architecture (random weights), chains of 3: with the chains' logits kept on
+    the device and their clicks placed there, the candidates, scores, chosen mask and decoder
+    calls (2 prompt kinds x 4 steps) are the host path's."""
     bb = load_backbone("sam2.1_hiera_tiny-random", device=device)
     out, calls = {}, {}
     for where in ("host", "device"):
-        agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=1), chain_clicks=where, dedupe_iou=dedupe)
+        agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=3), chain_clicks=where, dedupe_iou=dedupe)
         agent.set_image(grabcut_image)
         before = bb.decoder_calls
         out[where] = agent.predict((240, 160), return_candidates=True)
@@ -109,6 +109,7 @@ def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, ded
     h, d = out["host"], out["device"]
     assert len(h.candidates) > 30 and [c.clicks for c in h.candidates] == [c.clicks for c in d.candidates]
     assert [c.score for c in h.candidates] == [c.score for c in d.candidates]
-    assert (h.mask == d.mask).all() and bb.encoder_calls == 1 and calls["host"] == calls["device"] >= 3
+    assert max(c.chain_step for c in h.candidates) == 3
+    assert (h.mask == d.mask).all() and bb.encoder_calls == 1 and calls["host"] == calls["device"] == 8
     with pytest.raises(ValueError, match="chain_clicks"):
         SmartSAMAgent(bb, chain_clicks="gpu")

@@ -156,18 +156,15 @@ class BatchEngine:
     def rows(self, job: Job) -> int:
         """How many decoder rows ``job`` brings to its next step (the scheduler's batch budget;
         0 for a job no longer live)."""
-        lv = next((lv for lv in self._live if lv.job is job), None)
+        lv = self._find(job)
         if lv is None:
             return 0
         if lv.stage < 0:
             return lv.job.agent.sampler.num_prompts
         return len(lv.chains) if lv.stage <= lv.job.agent.clicker.chain_length else 0
 
-    def _find(self, job: Job) -> _Live:
-        for lv in self._live:
-            if lv.job is job:
-                return lv
-        raise KeyError("not a live job")
+    def _find(self, job: Job) -> Optional[_Live]:
+        return next((lv for lv in self._live if lv.job is job), None)
 
     def run(self, jobs: Sequence[Job]) -> List[AgentResult]:
         """Every job to its answer, all in lockstep; raises the first job's error, if any."""
@@ -175,6 +172,8 @@ class BatchEngine:
             self.add(j)
         done: Dict[int, object] = {}
         while any(id(j) not in done for j in jobs):
+            if not self._live:
+                raise RuntimeError("a job left the engine unanswered (discarded?)")
             for job, res in self.step().finished:
                 done[id(job)] = res
         out = [done[id(j)] for j in jobs]
@@ -192,6 +191,8 @@ class BatchEngine:
         go on.
         """
         chosen = self._live if jobs is None else [self._find(j) for j in jobs]
+        if any(lv is None for lv in chosen):
+            raise KeyError("not a live job")
         report = StepReport(jobs=len(chosen))
         decoding: List[_Live] = []
         new = [lv for lv in chosen if lv.stage < 0]

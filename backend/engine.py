@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from smartsam import __version__
-from smartsam.agent import AgentResult, SmartSAMAgent, agent_options
+from smartsam.agent import AgentResult, SmartSAMAgent, agent_options, answer_jobs
 from smartsam.batch import Job
 from smartsam.clickers import NextChainClicker
 from smartsam.features import FeatureSet
@@ -169,14 +169,7 @@ class Engine:
     def run_jobs(self, jobs: Sequence[Job], priority: int = INTERACTIVE, deadline: Optional[float] = None) -> List[AgentResult]:
         """Answer agent jobs on the model's thread, in lockstep with everything else live there; an
         answer given before to the same click on the same image is served again."""
-        out: List[Optional[AgentResult]] = [j.agent.cached(j) for j in jobs]
-        todo = [j for j, r in zip(jobs, out) if r is None]
-        results = iter(self._scheduler(deadline).run(todo, priority, deadline) if todo else [])
-        for k, j in enumerate(jobs):
-            if out[k] is None:
-                out[k] = next(results)
-                j.agent.remember(j, out[k])
-        return out  # type: ignore[return-value]
+        return answer_jobs(jobs, lambda todo: self._scheduler(deadline).run(todo, priority, deadline))
 
     def health(self) -> Dict:
         """Never waits for the model: it answers at once even while clicks are running."""

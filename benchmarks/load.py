@@ -62,8 +62,9 @@ def run_inprocess(args, n: int, mode: str) -> Dict[str, object]:
     agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=args.chain_length))
     imgs = [load_image(p) for p in images(n + 4)]
     sched = Scheduler(bb, **scheduler_rows(0, bb.device.type))
-    lock = threading.Lock()
+    lock = threading.Lock()  # --serial: one click at a time
     lat: List[float] = []
+    lock_lat = threading.Lock()
     stop = threading.Event()
 
     def annotator(a: int) -> None:
@@ -89,7 +90,6 @@ def run_inprocess(args, n: int, mode: str) -> Dict[str, object]:
             sched.run([agent.job(im, clicks_for(99, k, w, h), key=f"p{k % 4}")], PRELABEL)
             k += 1
 
-    lock_lat = threading.Lock()
     for im in imgs[n:n + 4]:  # the queue's images encoded before: it pre-labels, it does not wait
         bb.embed(im)
     bg = threading.Thread(target=prelabeler, daemon=True) if mode.endswith("prelabel") else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -211,19 +211,14 @@ class SmartSAMAgent:
         if self._key is None:
             raise RuntimeError("call set_image() first")
         job = self.job(self._image, click_xy, self._key, reference, deadline, return_candidates)
-        hit = self.cached(job)
-        if hit is not None:
-            return hit
-        result = BatchEngine(self.backbone).run([job])[0]
-        self.remember(job, result)
-        return result
+        return answer_jobs([job], BatchEngine(self.backbone).run)[0]
 
     def _cache_key(self, job: Job) -> tuple:
         x, y = job.click
         ref = None if job.reference is None else job.reference.feature.tobytes()
         return job.key, round(x, 2), round(y, 2), ref, self.seed
 
-    def cached(self, job: Job) -> Optional[AgentResult]:
+    def _cached(self, job: Job) -> Optional[AgentResult]:
         """An earlier answer to the same click on the same image (outer interactions resend it)."""
         if job.key is None:
             return None
@@ -234,8 +229,8 @@ class SmartSAMAgent:
                 return hit
         return None
 
-    def remember(self, job: Job, result: AgentResult) -> None:
-        """Keep ``job``'s answer for :meth:`cached` (a cut-short answer is never served again)."""
+    def _remember(self, job: Job, result: AgentResult) -> None:
+        """Keep ``job``'s answer for :meth:`_cached` (a cut-short answer is never served again)."""
         if result.partial or job.key is None:
             return
         with self._results_lock:
@@ -330,6 +325,20 @@ class SmartSAMAgent:
             raise InvalidClick(f"box {tuple(box_xyxy)} is empty")
         pts = np.asarray([self._check_click(p) for p in points], np.float32).reshape(-1, 2)
         return self._best_of_three(Prompt(pts, np.asarray(labels, np.int64), box=np.asarray([x0, y0, x1, y1])), "box", "box")
+
+
+def answer_jobs(jobs: Sequence[Job], run: Callable[[List[Job]], List[AgentResult]]) -> List[AgentResult]:
+    """Answers to ``jobs``: those given before to the same click on the same image (each job's
+    agent keeps its recent ones: outer interactions resend the first click) served again, the
+    rest from ``run(todo)`` (a batch engine here, the backend's scheduler there) and kept."""
+    out: List[Optional[AgentResult]] = [j.agent._cached(j) for j in jobs]
+    todo = [j for j, r in zip(jobs, out) if r is None]
+    fresh = iter(run(todo) if todo else [])
+    for k, j in enumerate(jobs):
+        if out[k] is None:
+            out[k] = next(fresh)
+            j.agent._remember(j, out[k])
+    return out  # type: ignore[return-value]
 
 
 def locate(extractor, image: np.ndarray, reference: Reference, key: Optional[str] = None) -> Tuple[float, float]:

@@ -4,18 +4,20 @@
 README, "Operating it"). The launcher, the gunicorn configuration, the app, the jobs and
 pre-labeling take the same object; Ray workers get the driver's, pickled. ``smartsam`` (the
 library) reads none of them: :meth:`Settings.backbone_kwargs` and :meth:`agent` turn them into
-its constructor arguments. Only the model registry's checkpoint home and mirror
-(``SMARTSAM_HOME``, ``SMARTSAM_MIRROR``) stay where the registry is, as ``TORCH_HOME`` does.
+its constructor arguments, and ``SMARTSAM_HOME``, ``SMARTSAM_MIRROR``, ``HF_ENDPOINT``, ``HF_TOKEN``
+into :class:`smartsam.sources.Sources` (:attr:`Settings.sources`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 from urllib.parse import urlparse
+
+from smartsam.sources import Sources
 
 from .errors import SettingsError
 
@@ -156,6 +158,8 @@ class Settings:
     # field statistics: "plain:0.2" answers that share of first clicks with the plain backbone
     compare: Optional[str] = None
     stats_max: int = 20000
+    # where checkpoints are cached and fetched from (SMARTSAM_HOME, SMARTSAM_MIRROR, HF_ENDPOINT, HF_TOKEN)
+    sources: Sources = field(default_factory=Sources)
 
     # environment variable -> field (the README's table, in its order)
     ENV = {
@@ -211,6 +215,7 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"{var}={raw!r} is not a {'whole number' if kind in ('int', int) else 'number'}") from None
             values[name] = v
+        values["sources"] = Sources.from_environ(environ)
         values.update(overrides)
         return cls(**values)
 
@@ -301,7 +306,8 @@ class Settings:
         """Keyword arguments of :func:`smartsam.models.load_backbone`."""
         return dict(name=self.backbone_name, checkpoint=self.checkpoint, device=self.device, cache_size=self.embedding_cache,
                     cpu_bf16=self.cpu_bf16, shared_decoder=self.shared_decoder, embed_cache_dir=self.embed_cache_dir,
-                    embed_cache_bytes=self.embed_cache_bytes, concepts=self.proposals == "sam3")
+                    embed_cache_bytes=self.embed_cache_bytes, concepts=self.proposals == "sam3",
+                    sources=self.sources)
 
     @property
     def agent(self) -> AgentSettings:

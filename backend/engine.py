@@ -104,7 +104,7 @@ class Engine:
             if self.settings.proposals == "sam3":
                 from smartsam.models import load_concept_proposer
 
-                self.concepts = load_concept_proposer(bb, self.settings.checkpoint)
+                self.concepts = load_concept_proposer(bb, self.settings.checkpoint, sources=self.settings.sources)
             self.scheduler = Scheduler(bb, **scheduler_rows(self.settings.batch_rows, bb.device.type))
             self.backbone = bb
             log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
@@ -310,7 +310,7 @@ def checkpoint_tag(settings: Settings) -> str:
         return "unknown"
     if spec.random:
         return "random"
-    path = settings.checkpoint or str(checkpoint_path(spec))
+    path = settings.checkpoint or str(checkpoint_path(spec, settings.sources))
     try:
         st = os.stat(path)
     except OSError:

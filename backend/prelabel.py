@@ -106,11 +106,12 @@ def set_cli_reference(args, settings: Settings, store) -> None:
               image=image, how="admin")
 
 
+HF_CACHE_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "XDG_CACHE_HOME")
+
+
 def run(args, settings: Optional[Settings] = None) -> Dict[str, object]:
     import ray
     from tqdm import tqdm
-
-    from smartsam.models import REGISTRY_ENV
 
     from .engine import Engine
     from .errors import ImageFetchError
@@ -151,9 +152,9 @@ def run(args, settings: Optional[Settings] = None) -> Dict[str, object]:
     if not todo:
         print(json.dumps(summary))
         return summary
-    # where the model registry finds weights (its own variables, as TORCH_HOME): a cluster's
-    # workers need them; every other setting travels in the pickled Settings
-    runtime_env = {"env_vars": {k: os.environ[k] for k in REGISTRY_ENV if os.environ.get(k)}}
+    # Settings travel pickled (checkpoint sources included); the Hugging Face cache the feature
+    # models load from is the hub library's own variables, which the workers need too
+    runtime_env = {"env_vars": {k: os.environ[k] for k in HF_CACHE_ENV if os.environ.get(k)}}
     if args.ray_address:
         ray.init(address=args.ray_address, log_to_driver=False, runtime_env=runtime_env)
     else:

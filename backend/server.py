@@ -318,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not spec.random and not s.checkpoint:
             # In the parent, before forking: a file check or download, no CUDA.
             # with SAM 3's concept proposals its tokenizer too, once here rather than in each worker
-            (ensure_concept_files if s.proposals == "sam3" else ensure_checkpoint)(spec, allow_download=not args.no_download)
+            (ensure_concept_files if s.proposals == "sam3" else ensure_checkpoint)(spec, allow_download=not args.no_download, sources=s.sources)
         ReferenceStore(s.data_dir, exemplars=s.exemplars)  # a newer or broken store stops the start with its reason
     except (ModelError, ReferenceStoreError) as e:
         print(f"smartsam-backend: error: {e}", file=sys.stderr)

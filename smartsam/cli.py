@@ -229,19 +229,21 @@ def cmd_embed(args) -> int:
 def cmd_models(args) -> int:
     from pathlib import Path
 
+    from .cli_common import cli_sources
     from .models import REGISTRY, checkpoint_path, download, get_spec, is_downloaded, register_local
 
+    src = cli_sources()
     if args.models_command == "list":
         rows = [("name", "kind", "size", "downloaded", "path / source", "note")]
         for s in REGISTRY.values():
             if s.random:
                 rows.append((s.name, s.family, "-", "built", "(random weights, tests only)", s.note))
             elif s.files:
-                rows.append((s.name, s.family, "?", "yes" if is_downloaded(s) else "no", str(checkpoint_path(s)) + "/",
+                rows.append((s.name, s.family, "?", "yes" if is_downloaded(s, src) else "no", str(checkpoint_path(s, src)) + "/",
                              s.note))
             elif s.url:
                 size = f"{s.size / 1e6:.0f} MB" if s.size else "?"
-                rows.append((s.name, s.family, size, "yes" if is_downloaded(s) else "no", str(checkpoint_path(s)), s.note))
+                rows.append((s.name, s.family, size, "yes" if is_downloaded(s, src) else "no", str(checkpoint_path(s, src)), s.note))
             else:
                 rows.append((s.name, s.family, "-", "hf cache", s.hf_id or "", s.note))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -257,9 +259,9 @@ def cmd_models(args) -> int:
                 raise UsageError(f"{name} is a folder of files ({', '.join(spec.files)}): give that folder, not {args.source}")
             if not spec.files and not Path(args.source).is_file():
                 raise UsageError(f"no such file: {args.source}")
-            print(f"{name}: verified and registered at {register_local(spec, Path(args.source))}")
+            print(f"{name}: verified and registered at {register_local(spec, Path(args.source), src)}")
         else:
-            print(f"{name}: {download(spec, url=args.url)}")
+            print(f"{name}: {download(spec, url=args.url, sources=src)}")
     return 0
 
 

@@ -43,6 +43,13 @@ def _env(name: str, default: Optional[str] = None) -> Optional[str]:
     return default if v is None or v.strip() == "" else v
 
 
+def cli_sources():
+    """Where checkpoints live and come from: ``SMARTSAM_HOME``, ``SMARTSAM_MIRROR``, ``HF_ENDPOINT``, ``HF_TOKEN``."""
+    from .models import Sources
+
+    return Sources.from_environ(os.environ)
+
+
 def cli_load_backbone(args, **kwargs):
     """The backbone the flags (else the environment) name, built with the CLI's backbone knobs."""
     from .models import load_backbone
@@ -54,7 +61,7 @@ def cli_load_backbone(args, **kwargs):
     return load_backbone(getattr(args, "backbone", None) or _env("SMARTSAM_BACKBONE"), args.checkpoint, args.device,
                          cpu_bf16=_env("SMARTSAM_CPU_BF16", "auto"), shared_decoder=_env("SMARTSAM_SHARED_DECODER", "on"),
                          embed_cache_dir=getattr(args, "cache_dir", None) or _env("SMARTSAM_EMBED_CACHE_DIR"),
-                         embed_cache_bytes=cache_bytes, **kwargs)
+                         embed_cache_bytes=cache_bytes, sources=cli_sources(), **kwargs)
 
 
 def cli_load_features(args, kind: str, random_backbone: bool):

@@ -1,9 +1,10 @@
 """Model registry, verified download and cache, and builders.
 
 Every backbone and selector is picked by name. Weights come from their official hosts (no
-package ships them): downloaded once into ``$SMARTSAM_HOME`` (default ``~/.cache/smartsam``),
-resumed when interrupted, and checked (size and SHA-256) before anything loads them. A file that
-fails the check is removed and never loaded.
+package ships them): downloaded once into a :class:`Sources` home (default ``~/.cache/smartsam``;
+the CLI and the backend map ``SMARTSAM_HOME`` onto it), resumed when interrupted, and checked (size
+and SHA-256) before anything loads them. A file that fails the check is removed and never loaded.
+This module reads no environment: where weights live and come from is the ``sources`` argument.
 
 Names ending in ``-random`` are the real architectures with random weights, for tests and offline
 demos: never a default, and every output made with them says so.
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import torch
 
 from ._tiny import tiny_clip_tokenizer
+from .sources import Sources
 
 
 class ModelError(RuntimeError):
@@ -173,33 +175,29 @@ def default_backbone() -> str:
     return DEFAULT_CUDA_BACKBONE if torch.cuda.is_available() else DEFAULT_CPU_BACKBONE
 
 
-# The only environment the registry reads: where checkpoints live and where they come from (as
-# TORCH_HOME for torch), plus the Hugging Face cache the feature models load from. A process that
-# runs models elsewhere (a Ray worker) needs these; every other knob is an argument.
-REGISTRY_ENV = ("SMARTSAM_HOME", "SMARTSAM_MIRROR", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN")
+def _src(sources: Optional[Sources]) -> Sources:
+    return sources if sources is not None else Sources()
 
 
-def home() -> Path:
-    """The cache directory: ``$SMARTSAM_HOME`` or ``~/.cache/smartsam``."""
-    env = os.environ.get("SMARTSAM_HOME")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smartsam"
-    return base.expanduser()
+def home(sources: Optional[Sources] = None) -> Path:
+    """The cache directory of ``sources`` (default ``~/.cache/smartsam``)."""
+    return _src(sources).home
 
 
-def checkpoint_path(spec: ModelSpec) -> Path:
+def checkpoint_path(spec: ModelSpec, sources: Optional[Sources] = None) -> Path:
     """The cached file of a one-file model; the cached folder of a repository model (``files``)."""
+    root = home(sources) / "checkpoints"
     if spec.files:
-        return home() / "checkpoints" / spec.name
+        return root / spec.name
     if spec.folder:
-        return home() / "checkpoints" / spec.folder / spec.filename
-    return home() / "checkpoints" / (spec.filename or spec.name)
+        return root / spec.folder / spec.filename
+    return root / (spec.filename or spec.name)
 
 
-def _hub_url(url: str) -> str:
-    """``$HF_ENDPOINT`` (huggingface_hub's variable: a mirror or a private hub) in place of huggingface.co."""
-    endpoint = os.environ.get("HF_ENDPOINT")
-    if endpoint and url.startswith(HF_HUB + "/"):
-        return endpoint.rstrip("/") + url[len(HF_HUB):]
+def _hub_url(url: str, sources: Sources) -> str:
+    """The hub stand-in (``hf_endpoint``) in place of huggingface.co."""
+    if sources.hf_endpoint and url.startswith(HF_HUB + "/"):
+        return sources.hf_endpoint.rstrip("/") + url[len(HF_HUB):]
     return url
 
 
@@ -214,11 +212,11 @@ def _manual_hint(spec: ModelSpec) -> str:
             f"smartsam models download {spec.name} --from /path/to/{spec.filename}")
 
 
-def _gated_hint(spec: ModelSpec, code: int) -> str:
+def _gated_hint(spec: ModelSpec, code: int, sources: Sources) -> str:
     page = spec.gated  # a repository's files carry it too (_file_spec)
     if page is None:
         return ""
-    have = "the HF_TOKEN set here has no access to it yet" if os.environ.get("HF_TOKEN") else "no HF_TOKEN is set"
+    have = "the HF_TOKEN set here has no access to it yet" if sources.hf_token else "no HF_TOKEN is set"
     return (f"{spec.folder or spec.name} is gated (HTTP {code}: {have}): accept its license at {page} while logged in, "
             f"create a read token at {HF_HUB}/settings/tokens, then run with HF_TOKEN=<token>. ")
 
@@ -319,24 +317,25 @@ def _write_marker(path: Path, digest: str) -> None:
 
 # -- download -----------------------------------------------------------------------------
 def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, timeout: float = 15.0,
-             chunk: int = 1 << 20) -> Path:
+             chunk: int = 1 << 20, sources: Optional[Sources] = None) -> Path:
     """Download ``spec``'s checkpoint into the cache, resuming a partial file; verify; return its path.
 
     Args:
-        url: override the official URL (a mirror). ``$SMARTSAM_MIRROR`` replaces the host part
-            for every model (``$SMARTSAM_MIRROR/<filename>``).
+        url: override the official URL (a mirror). ``sources.mirror`` replaces the host part
+            for every model (``<mirror>/<filename>``).
         timeout: seconds without data before giving up (a dead network fails fast).
     """
     if spec.url is None:
         raise ModelError(f"{spec.name} has no checkpoint to download")
+    sources = _src(sources)
     if spec.files:
-        return _download_repository(spec, spec.files, url, progress, timeout, chunk)
-    dest = checkpoint_path(spec)
+        return _download_repository(spec, spec.files, url, progress, timeout, chunk, sources)
+    dest = checkpoint_path(spec, sources)
     if dest.exists() and _is_verified(spec, dest):
         return dest
-    mirror = os.environ.get("SMARTSAM_MIRROR")
+    mirror = sources.mirror
     remote = f"{spec.folder}/{spec.filename}" if spec.folder else spec.filename
-    url = url or (f"{mirror.rstrip('/')}/{remote}" if mirror else _hub_url(spec.url))
+    url = url or (f"{mirror.rstrip('/')}/{remote}" if mirror else _hub_url(spec.url, sources))
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         try:
@@ -349,8 +348,8 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": "smartsam"})
-    token = os.environ.get("HF_TOKEN")
-    if token and (spec.gated or _is_hub(url)):  # the token goes to the hub (or its stand-in), nowhere else
+    token = sources.hf_token
+    if token and (spec.gated or _is_hub(url, sources)):  # the token goes to the hub (or its stand-in), nowhere else
         req.add_header("Authorization", f"Bearer {token}")
     if have:
         req.add_header("Range", f"bytes={have}-")
@@ -360,7 +359,7 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
         if e.code == 416 and have:  # the partial file is already complete
             resp = None
         else:
-            gated = _gated_hint(spec, e.code) if e.code in (401, 403) else ""
+            gated = _gated_hint(spec, e.code, sources) if e.code in (401, 403) else ""
             raise ModelError(f"Could not download {spec.filename} from {url}: HTTP {e.code} {e.reason}. {gated}"
                              f"{_manual_hint(spec)}") from None
     except (urllib.error.URLError, socket.timeout, OSError) as e:
@@ -404,9 +403,9 @@ def download(spec: ModelSpec, url: Optional[str] = None, progress: bool = True, 
     return dest
 
 
-def _is_hub(url: str) -> bool:
+def _is_hub(url: str, sources: Sources) -> bool:
     host = urlsplit(url).netloc
-    return host == urlsplit(HF_HUB).netloc or (bool(os.environ.get("HF_ENDPOINT")) and host == urlsplit(os.environ["HF_ENDPOINT"]).netloc)
+    return host == urlsplit(HF_HUB).netloc or (bool(sources.hf_endpoint) and host == urlsplit(sources.hf_endpoint).netloc)
 
 
 def _file_spec(spec: ModelSpec, filename: str) -> ModelSpec:
@@ -416,26 +415,26 @@ def _file_spec(spec: ModelSpec, filename: str) -> ModelSpec:
 
 
 def _download_repository(spec: ModelSpec, files: Tuple[str, ...], url: Optional[str] = None, progress: bool = True,
-                         timeout: float = 15.0, chunk: int = 1 << 20) -> Path:
+                         timeout: float = 15.0, chunk: int = 1 << 20, sources: Optional[Sources] = None) -> Path:
     """Each of ``files`` of a repository model, verified (trust on first use), into its folder."""
     for f in files:
         download(_file_spec(spec, f), url=url.rstrip("/") + "/" + f if url else None, progress=progress,
-                 timeout=timeout, chunk=chunk)
-    return checkpoint_path(spec)
+                 timeout=timeout, chunk=chunk, sources=sources)
+    return checkpoint_path(spec, sources)
 
 
-def ensure_concept_files(spec: ModelSpec, allow_download: bool = True) -> Path:
+def ensure_concept_files(spec: ModelSpec, allow_download: bool = True, sources: Optional[Sources] = None) -> Path:
     """The folder of a SAM 3 model with its concept detector's tokenizer too."""
     if not spec.concept_files:
         raise ModelError(f"{spec.name} has no concept detector")
-    folder = ensure_checkpoint(spec, allow_download)
+    folder = ensure_checkpoint(spec, allow_download, sources)
     missing = [f for f in spec.concept_files if not (folder / f).exists()]
     if missing and not allow_download:
         raise ModelError(f"{', '.join(missing)} not in {folder}. {_manual_hint(spec)}")
-    return _download_repository(spec, spec.concept_files)
+    return _download_repository(spec, spec.concept_files, sources=sources)
 
 
-def register_local(spec: ModelSpec, source: Path) -> Path:
+def register_local(spec: ModelSpec, source: Path, sources: Optional[Sources] = None) -> Path:
     """Copy a checkpoint the user already has into the cache, after the same checks (a folder
     holding a repository model's files, for SAM 3 and HQ-SAM)."""
     source = Path(source)
@@ -448,10 +447,10 @@ def register_local(spec: ModelSpec, source: Path) -> Path:
         if missing:
             raise ModelError(f"{source} lacks {', '.join(missing)} of {spec.name}")
         for f in spec.files + tuple(f for f in spec.concept_files if (source / f).is_file()):
-            register_local(_file_spec(spec, f), source / f)
-        return checkpoint_path(spec)
+            register_local(_file_spec(spec, f), source / f, sources)
+        return checkpoint_path(spec, sources)
     digest = verify(spec, source)
-    dest = checkpoint_path(spec)
+    dest = checkpoint_path(spec, sources)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".copy")
     shutil.copyfile(source, tmp)
@@ -460,26 +459,27 @@ def register_local(spec: ModelSpec, source: Path) -> Path:
     return dest
 
 
-def ensure_checkpoint(spec: ModelSpec, allow_download: bool = True) -> Path:
+def ensure_checkpoint(spec: ModelSpec, allow_download: bool = True, sources: Optional[Sources] = None) -> Path:
     """The verified local checkpoint of ``spec``, downloading it when missing and allowed."""
-    dest = checkpoint_path(spec)
-    if not is_downloaded(spec) and not allow_download:
+    dest = checkpoint_path(spec, sources)
+    if not is_downloaded(spec, sources) and not allow_download:
         where = dest if spec.files else dest.parent
         raise ModelError(f"{spec.filename or ', '.join(spec.files)} is not in {where}. {_manual_hint(spec)}")
-    return download(spec)  # returns a verified file at once; re-checks or re-downloads a changed one
+    return download(spec, sources=sources)  # a verified file at once; re-checks or re-downloads a changed one
 
 
-def is_downloaded(spec: ModelSpec) -> bool:
+def is_downloaded(spec: ModelSpec, sources: Optional[Sources] = None) -> bool:
     if spec.files:
-        return all(checkpoint_path(_file_spec(spec, f)).exists() for f in spec.files)
-    return spec.url is not None and checkpoint_path(spec).exists()
+        return all(checkpoint_path(_file_spec(spec, f), sources).exists() for f in spec.files)
+    return spec.url is not None and checkpoint_path(spec, sources).exists()
 
 
 # -- builders -----------------------------------------------------------------------------
 def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
                   cache_size: int = 8, allow_download: bool = True, cpu_bf16: "str | bool" = "auto",
                   shared_decoder: "str | bool" = "on", embed_cache_dir: "Optional[str | Path]" = None,
-                  embed_cache_bytes: int = 10 << 30, concepts: bool = False, batch_encode: Optional[bool] = None):
+                  embed_cache_bytes: int = 10 << 30, concepts: bool = False, batch_encode: Optional[bool] = None,
+                  sources: Optional[Sources] = None):
     """Build a :class:`~smartsam.backbones.base.Backbone` by registry name.
 
     Args:
@@ -497,6 +497,7 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             :class:`~smartsam.concepts.Sam3ConceptProposer`; fetches its tokenizer files.
         batch_encode: SAM 2.1 only: encode new images that arrive together in one encoder call
             (None: on CUDA).
+        sources: where checkpoints are cached and fetched from (default :class:`Sources`).
     """
     spec = name if isinstance(name, ModelSpec) else get_spec(name or default_backbone())
     if concepts and spec.family not in ("sam3", "test"):
@@ -516,7 +517,7 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             if spec.sha256 is not None:
                 verify(spec, path)
         else:  # with concepts, the tokenizer too (ensure_concept_files ensures the checkpoint first)
-            path = (ensure_concept_files if concepts else ensure_checkpoint)(spec, allow_download)
+            path = (ensure_concept_files if concepts else ensure_checkpoint)(spec, allow_download, sources)
     else:
         torch.manual_seed(0)  # random weights, but the same ones in every process
     try:
@@ -605,7 +606,8 @@ def load_features(name: str, device: Optional[str] = None, path: Optional[str] =
                          f"SMARTSAM_{spec.family.upper()}_PATH at a local directory with it.") from None
 
 
-def load_concept_proposer(backbone, checkpoint: Optional[str] = None, allow_download: bool = True, **kwargs):
+def load_concept_proposer(backbone, checkpoint: Optional[str] = None, allow_download: bool = True,
+                          sources: Optional[Sources] = None, **kwargs):
     """SAM 3's concept detector over a SAM 3 backbone built with ``concepts=True``, with its
     tokenizer (from the model's folder; the byte-level stand-in for random weights). ``kwargs``
     go to :class:`~smartsam.concepts.Sam3ConceptProposer`."""
@@ -624,7 +626,7 @@ def load_concept_proposer(backbone, checkpoint: Optional[str] = None, allow_down
     else:
         from transformers import CLIPTokenizer
 
-        folder = Path(checkpoint) if checkpoint else ensure_concept_files(spec, allow_download)
+        folder = Path(checkpoint) if checkpoint else ensure_concept_files(spec, allow_download, sources)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as e:

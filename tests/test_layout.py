@@ -78,3 +78,40 @@ def test_the_algorithm_never_imports_label_studio():
     for f in (ROOT / "smartsam").rglob("*.py"):
         text = f.read_text()
         assert "label_studio" not in text.replace("label_studio_url", ""), f
+
+
+def _reads_environment(f: Path) -> list:
+    """Lines of ``f`` that read the process environment (os.environ, os.getenv)."""
+    hits = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" \
+                and node.attr in ("environ", "getenv", "environb"):
+            hits.append(node.lineno)
+    return hits
+
+
+def test_the_library_reads_no_environment():
+    """Only the command line (``cli_common``, the CLIs' one reader) reads the environment in
+    ``smartsam``; every knob reaches the library as an argument (checkpoint sources included)."""
+    readers = {str(f.relative_to(ROOT)): _reads_environment(f) for f in (ROOT / "smartsam").rglob("*.py")}
+    assert readers["smartsam/cli_common.py"]  # the checker sees a reader where there is one
+    assert {f: lines for f, lines in readers.items() if lines and f != "smartsam/cli_common.py"} == {}
+
+
+def test_checkpoint_sources_come_from_the_settings_not_the_environment(monkeypatch, tmp_path):
+    from backend.config import Settings
+    from smartsam.sources import Sources
+
+    env = {"SMARTSAM_HOME": str(tmp_path / "h"), "SMARTSAM_MIRROR": "http://mirror.example", "HF_TOKEN": "hf_secret"}
+    s = Settings.from_env(env)
+    assert s.sources == Sources(tmp_path / "h", "http://mirror.example", None, "hf_secret")
+    assert s.backbone_kwargs()["sources"] is s.sources
+    assert "hf_secret" not in repr(s)  # a token never reaches a log line that prints the settings
+    # the library takes what it is given, whatever this process's environment says
+    monkeypatch.setenv("SMARTSAM_HOME", str(tmp_path / "elsewhere"))
+    from smartsam import models
+
+    spec = models.get_spec("sam2.1_hiera_tiny")
+    assert models.checkpoint_path(spec, s.sources).is_relative_to(tmp_path / "h")
+    assert models.checkpoint_path(spec, Sources.from_environ({"XDG_CACHE_HOME": str(tmp_path / "x")})).is_relative_to(
+        tmp_path / "x" / "smartsam")

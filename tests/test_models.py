@@ -80,6 +80,11 @@ def server():
     httpd.shutdown()
 
 
+def src() -> models.Sources:
+    """What the CLI and the backend pass the library: the sources this process's environment names."""
+    return models.Sources.from_environ(os.environ)
+
+
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("SMARTSAM_HOME", str(tmp_path / "home"))
@@ -99,16 +104,16 @@ def test_download_verifies_and_loads_into_the_real_architecture(server, checkpoi
     base, h = server
     h.files["/ck.pth"] = checkpoint.read_bytes()
     spec = spec_for(checkpoint, base + "/ck.pth")
-    path = models.download(spec, progress=False)
+    path = models.download(spec, progress=False, sources=src())
     assert path.read_bytes() == checkpoint.read_bytes()
-    assert models.is_downloaded(spec)
-    bb = models.load_backbone(spec, device="cpu")
+    assert models.is_downloaded(spec, sources=src())
+    bb = models.load_backbone(spec, device="cpu", sources=src())
     ref = torch.load(checkpoint, weights_only=True)
     key = "mask_decoder.iou_prediction_head.layers.0.weight"
     assert torch.equal(bb.model.state_dict()[key].cpu(), ref[key])
     # a second call uses the verified cache: no new request
     n = len(h.requests)
-    assert models.ensure_checkpoint(spec) == path and len(h.requests) == n
+    assert models.ensure_checkpoint(spec, sources=src()) == path and len(h.requests) == n
 
 
 def test_interrupted_download_resumes(server, checkpoint):
@@ -118,11 +123,11 @@ def test_interrupted_download_resumes(server, checkpoint):
     h.cut_after["/ck.pth"] = len(data) // 3
     spec = spec_for(checkpoint, base + "/ck.pth")
     with pytest.raises(ModelError, match="run the same command again to resume"):
-        models.download(spec, progress=False)
-    part = models.checkpoint_path(spec).with_name(checkpoint.name + ".part")
+        models.download(spec, progress=False, sources=src())
+    part = models.checkpoint_path(spec, sources=src()).with_name(checkpoint.name + ".part")
     assert 0 < part.stat().st_size < len(data)
-    assert not models.checkpoint_path(spec).exists()  # nothing half-written is ever in place
-    path = models.download(spec, progress=False)
+    assert not models.checkpoint_path(spec, sources=src()).exists()  # nothing half-written is ever in place
+    path = models.download(spec, progress=False, sources=src())
     assert path.read_bytes() == data
     assert h.requests[-1][1] == f"bytes={len(data) // 3}-"  # resumed, not restarted
 
@@ -134,9 +139,9 @@ def test_checksum_mismatch_is_refused_and_removed(server, checkpoint):
     h.files["/ck.pth"] = bytes(data)
     spec = spec_for(checkpoint, base + "/ck.pth")
     with pytest.raises(ModelError, match="SHA-256"):
-        models.download(spec, progress=False)
-    assert not models.checkpoint_path(spec).exists()
-    assert not models.checkpoint_path(spec).with_name(checkpoint.name + ".part").exists()
+        models.download(spec, progress=False, sources=src())
+    assert not models.checkpoint_path(spec, sources=src()).exists()
+    assert not models.checkpoint_path(spec, sources=src()).with_name(checkpoint.name + ".part").exists()
 
 
 def test_unpublished_hash_still_catches_truncation(server, checkpoint):
@@ -144,20 +149,20 @@ def test_unpublished_hash_still_catches_truncation(server, checkpoint):
     h.files["/ck.pth"] = checkpoint.read_bytes()[:-1000]
     spec = spec_for(checkpoint, base + "/ck.pth", sha=False, size=False)
     with pytest.raises(ModelError, match="not a complete checkpoint"):
-        models.download(spec, progress=False)
+        models.download(spec, progress=False, sources=src())
 
 
 def test_hash_recorded_at_first_download_is_checked_from_then_on(server, checkpoint, tmp_path):
     base, h = server
     h.files["/ck.pth"] = checkpoint.read_bytes()
     spec = spec_for(checkpoint, base + "/ck.pth", sha=False, size=False)  # no published hash
-    path = models.download(spec, progress=False)
+    path = models.download(spec, progress=False, sources=src())
     # replaced by another complete archive: its CRCs pass, but it is not the file that was checked
     other = tmp_path / "other.pth"
     torch.save({"x": torch.ones(3)}, other)
     path.write_bytes(other.read_bytes())
     n = len(h.requests)
-    assert models.ensure_checkpoint(spec) == path
+    assert models.ensure_checkpoint(spec, sources=src()) == path
     assert path.read_bytes() == checkpoint.read_bytes() and len(h.requests) == n + 1  # fetched again
 
 
@@ -168,19 +173,19 @@ def test_no_network_gives_one_clear_message(checkpoint):
     s.close()  # nothing listens there: connection refused
     spec = spec_for(checkpoint, f"http://127.0.0.1:{port}/ck.pth")
     with pytest.raises(ModelError) as e:
-        models.download(spec, progress=False)
+        models.download(spec, progress=False, sources=src())
     msg = str(e.value)
     assert checkpoint.name in msg and spec.url in msg and "smartsam models download test-sam --from" in msg
 
 
 def test_register_local_file(checkpoint):
     spec = spec_for(checkpoint, "http://127.0.0.1:9/unused")
-    path = models.register_local(spec, checkpoint)
+    path = models.register_local(spec, checkpoint, sources=src())
     assert path.read_bytes() == checkpoint.read_bytes()
     bad = checkpoint.with_name("bad.pth")
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError):
-        models.register_local(spec, bad)
+        models.register_local(spec, bad, sources=src())
 
 
 def test_registry_defaults_and_random_models_are_labelled(monkeypatch):
@@ -203,11 +208,11 @@ def test_corrupt_local_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="expected 156008466"):  # SAM 2.1 files are checked like SAM's
-        models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(bad), device="cpu")
+        models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(bad), device="cpu", sources=src())
     with pytest.raises(ModelError, match="could not load"):  # a checkpoint that is not one
-        models.load_backbone(ModelSpec("test-sam", "sam", "vit_tiny", "test"), checkpoint=str(bad), device="cpu")
+        models.load_backbone(ModelSpec("test-sam", "sam", "vit_tiny", "test"), checkpoint=str(bad), device="cpu", sources=src())
     with pytest.raises(ModelError, match="does not exist"):
-        models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(tmp_path / "missing.pt"), device="cpu")
+        models.load_backbone("sam2.1_hiera_tiny", checkpoint=str(tmp_path / "missing.pt"), device="cpu", sources=src())
 
 
 @pytest.fixture(scope="module")
@@ -239,26 +244,26 @@ def test_gated_sam3_without_access_names_the_license_page_and_hf_token(server, h
     h.token = "hf_right"
     spec = models.get_spec("sam3")
     with pytest.raises(ModelError) as e:
-        models.download(spec, progress=False)
+        models.download(spec, progress=False, sources=src())
     msg = str(e.value)
     assert "HTTP 401" in msg and "https://huggingface.co/facebook/sam3" in msg and "HF_TOKEN" in msg and "no HF_TOKEN" in msg
     assert "smartsam models download sam3 --from /path/to/folder" in msg and "Traceback" not in msg
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(ModelError, match="HTTP 403.*has no access to it yet"):
-        models.download(spec, progress=False)
+        models.download(spec, progress=False, sources=src())
     monkeypatch.setenv("HF_TOKEN", "hf_right")
-    folder = models.download(spec, progress=False)
+    folder = models.download(spec, progress=False, sources=src())
     assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".json") or p.name == "config.json") == \
         ["config.json", "model.safetensors"]
-    assert models.is_downloaded(spec) and "Bearer hf_right" in h.auth
-    bb = models.load_backbone("sam3", device="cpu")  # the downloaded folder, in the real architecture
+    assert models.is_downloaded(spec, sources=src()) and "Bearer hf_right" in h.auth
+    bb = models.load_backbone("sam3", device="cpu", sources=src())  # the downloaded folder, in the real architecture
     assert bb.grid == 288 and not bb.random_weights
     # the token goes to the hub only, never to another host (a mirror)
     h.auth.clear()
     monkeypatch.setenv("SMARTSAM_MIRROR", base)
     monkeypatch.delenv("HF_ENDPOINT")
     with pytest.raises(ModelError):
-        models.download(models.get_spec("sam_hq_vit_b"), progress=False)
+        models.download(models.get_spec("sam_hq_vit_b"), progress=False, sources=src())
     assert h.auth and all(a is None for a in h.auth)
 
 
@@ -270,11 +275,11 @@ def test_hq_sam_download_is_trusted_on_first_use_and_a_placed_folder_is_served(s
     _serve_repo(h, "syscv-community/sam-hq-vit-base", hf_folders["hq"])
     h.files["/syscv-community/sam-hq-vit-base/resolve/main/model.safetensors"] = good[:-100]  # truncated in transit
     with pytest.raises(ModelError, match="not a complete safetensors file"):
-        models.download(spec, progress=False)
-    assert not models.is_downloaded(spec)
+        models.download(spec, progress=False, sources=src())
+    assert not models.is_downloaded(spec, sources=src())
     h.files["/syscv-community/sam-hq-vit-base/resolve/main/model.safetensors"] = good
-    folder = models.download(spec, progress=False)
-    bb = models.load_backbone("sam_hq_vit_b", device="cpu")
+    folder = models.download(spec, progress=False, sources=src())
+    bb = models.load_backbone("sam_hq_vit_b", device="cpu", sources=src())
     key = "mask_decoder.iou_prediction_head.proj_in.weight"
     from safetensors.torch import load_file
 
@@ -288,14 +293,14 @@ def test_hq_sam_download_is_trusted_on_first_use_and_a_placed_folder_is_served(s
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # a later write, even on a coarse clock
     h.files.clear()
     with pytest.raises(ModelError):
-        models.ensure_checkpoint(spec)
+        models.ensure_checkpoint(spec, sources=src())
     # an offline machine: `smartsam models download NAME --from FOLDER`
     from smartsam.cli import main
 
     assert main(["models", "download", "sam_hq_vit_l", "--from", str(hf_folders["hq"])]) == 0
-    assert models.is_downloaded(models.get_spec("sam_hq_vit_l"))
-    assert models.load_backbone("sam_hq_vit_l", device="cpu").grid == 256
+    assert models.is_downloaded(models.get_spec("sam_hq_vit_l"), sources=src())
+    assert models.load_backbone("sam_hq_vit_l", device="cpu", sources=src()).grid == 256
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelError, match="lacks config.json, model.safetensors"):
-        models.register_local(models.get_spec("sam_hq_vit_h"), empty)
+        models.register_local(models.get_spec("sam_hq_vit_h"), empty, sources=src())

@@ -385,17 +385,39 @@ def test_paper_end_to_end_with_the_test_and_random_backbones(tmp_path, datasets)
     assert run_cli("datasets", "amb-occ", "--coco", str(tmp_path / "coco.json"), "--lvis", str(tmp_path / "lvis.json"),
                    "--images", str(imgs), "--out", str(amb), "--min-area", "100").returncode == 0
     out = tmp_path / "paper"
+    # published numbers for this backbone: names in other cases, a metric two tables give differently,
+    # and rows that must not match (another backbone, a setting we do not run, a dataset we lack)
+    pub = [{"table": "3", "backbone": "disk-test", "dataset": "grabcut", "setting": "plain backbone", "metric": "NoC@90", "value": 5.0},
+           {"table": "1", "backbone": "disk-test", "dataset": "GRABCUT", "setting": "plain backbone", "metric": "mIoU@1", "value": 40.0},
+           {"table": "9", "backbone": "disk-test", "dataset": "GrabCut", "setting": "plain backbone", "metric": "mIoU@1", "value": 41.0},
+           {"table": "6", "backbone": "disk-test", "dataset": "Amb-Occ", "setting": "random sampler, no chains",
+            "metric": "IoU_best", "value": 60.0, "note": "fixture"},
+           {"table": "1", "backbone": "sam_vit_h", "dataset": "GrabCut", "setting": "plain backbone", "metric": "mIoU@1", "value": 1.0},
+           {"table": "6", "backbone": "disk-test", "dataset": "GrabCut", "setting": "no such row", "metric": "IoU_best", "value": 1.0},
+           {"table": "1", "backbone": "disk-test", "dataset": "DAVIS", "setting": "plain backbone", "metric": "mIoU@1", "value": 1.0}]
+    (tmp_path / "pub.json").write_text(json.dumps(pub))
     cmd = ["paper", "--dataset", str(datasets / "GrabCut"), "--dataset", str(amb), "--limit", "1", "--trials", "1",
-           "--max-clicks", "2", "--backbone", "disk-test", "--out", str(out), "--quiet"]
+           "--max-clicks", "2", "--backbone", "disk-test", "--out", str(out), "--quiet", "--published", str(tmp_path / "pub.json")]
     p = run_cli(*cmd, env={"SMARTSAM_CHAIN_LENGTH": "1"})
     assert p.returncode == 0, p.stderr
+    assert "| 3 | GrabCut | plain backbone | NoC@90 | 5.00 |" in p.stdout  # printed paper vs ours
+    versus = list(csv.DictReader((out / "tables" / "paper_vs_ours.csv").open()))
+    assert sorted((v["table"], v["dataset"], v["metric"]) for v in versus) == [
+        ("1", "GrabCut", "mIoU@1"), ("3", "GrabCut", "NoC@90"), ("6", "AmbOcc", "IoU_best"), ("9", "GrabCut", "mIoU@1")]
+    t1 = next(r for r in csv.DictReader((out / "tables" / "1.csv").open()) if r["dataset"] == "GrabCut")
+    assert t1["setting"] == "plain backbone" and (t1["paper mIoU@1"], t1["paper mIoU@1 (Table 9)"], t1["paper NoC@90"]) == \
+        ("40.0", "41.0", "5.0")
+    assert {v["metric"]: v["ours"] for v in versus if v["dataset"] == "GrabCut"} == {"mIoU@1": t1["mIoU@1"], "NoC@90": t1["NoC@90"]}
+    t6amb = next(r for r in csv.DictReader((out / "tables" / "6.csv").open()) if r["dataset"] == "AmbOcc"
+                 and r["setting"] == "random sampler, no chains")
+    assert t6amb["paper IoU_best"] == "60.0" and t6amb["cell"] == "pure-is__clicker-none__sampler-uniform"
     md = (out / "paper.md").read_text()
     for title in ("Table 1 / 3 / 9", "Table 6", "Table 7", "Table 10", "Table 12", "Fig. 10", "Fig. 15", "Amb-Occ"):
         assert title in md, title
     assert md.count("RANDOM weights") >= 8  # every table says so
     assert (out / "fig10.png").stat().st_size > 1000 and (out / "fig15.png").stat().st_size > 1000
     t6 = list(csv.DictReader((out / "tables" / "6.csv").open()))
-    assert [r["setting"] for r in t6 if r["dataset"] == "GrabCut"][0].startswith("neither") and len(t6) == 10
+    assert [r["setting"] for r in t6 if r["dataset"] == "GrabCut"][0].startswith("neither") and len(t6) == 14
     assert len(list(csv.DictReader((out / "tables" / "fig15.csv").open()))) == 12
     amb_rows = list(csv.DictReader((out / "tables" / "ambocc.csv").open()))
     assert len(amb_rows) == 2 and all(r["dataset"] == "AmbOcc" for r in amb_rows)  # only the dataset with areas
@@ -418,3 +440,25 @@ def test_paper_end_to_end_with_the_test_and_random_backbones(tmp_path, datasets)
     assert sum(int(t7[f"action {k}"]) for k in ("no action", "Add", "Cut", "Add&Cut")) == 1
     p = run_cli("paper", "--dataset", str(datasets / "GrabCut"), "--tables", "99", "--out", str(out2), "--backbone", "disk-test")
     assert p.returncode == 2 and "unknown tables" in p.stderr
+
+
+def test_the_shipped_paper_numbers_match_cells_the_matrix_runs():
+    """The paper's numbers ship with the code (the shared notes' copy, unchanged) and every one of
+    them names a backbone of the registry and a (table, setting, metric) that ``smartsam paper``
+    measures on a dataset with categories (DAVIS, PartImageNet, Amb-Occ): nothing the paper has is
+    left without a cell."""
+    from smartsam.eval.paper import METRICS, PAPER_TABLES, published, matrix, TABLES
+    from smartsam.models import REGISTRY
+
+    pub = published()
+    shared = ROOT.parent / "shared" / "notes" / "paper_published.json"
+    if shared.exists():
+        assert pub == json.loads(shared.read_text())
+    assert len(pub) >= 100 and {str(p["table"]) for p in pub} == {"1", "3", "6", "7", "9", "10", "12"}
+    assert published("none") == []
+    ours = {(t, r.setting) for r in matrix(TABLES, categories=True, areas=True)
+            for t in PAPER_TABLES.get(r.table, (r.table,))}
+    missing = sorted({(str(p["table"]), p["setting"]) for p in pub} - ours)
+    assert missing == []
+    metrics = set(METRICS) | {f"action {a}" for a in ("Add", "Cut", "Add&Cut", "no action")} | {f"{k} inner" for k in range(1, 6)}
+    assert {p["metric"] for p in pub} <= metrics and {p["backbone"] for p in pub} <= set(REGISTRY)

@@ -9,16 +9,22 @@ table), ``tables/<table>.csv`` and the figures ``fig10.png`` and ``fig15.png``.
 Tables (shaped like the paper's):
 
 * ``1`` (also Tables 3 and 9): plain backbone, SmartSAM pure-IS and, where the dataset has
-  categories, with a reference: mIoU@1, Ratio@85, NoC@85/90, IoU_best.
-* ``6``: sampler and chain clicker ablation (none / gamma sampler x none / ncc / random clicker).
+  categories, with a reference: mIoU@1, Ratio@75/85, NoC@85/90, IoU_best.
+* ``6``: sampler and chain clicker ablation (the paper's six rows: none, random or gamma sampler
+  x none, random or NCC chain clicks; and gamma + random clicks).
 * ``7``: which action produced the chosen mask (Add, Cut, Add&Cut, no action; by inner clicks).
-* ``10``: first click at the centre, a random inside position, the plain backbone's worst one.
-* ``12``: Gamma against Normal (same mode) and Uniform (same mean).
+* ``10``: first click at the centre, a random inside position, the plain backbone's worst one
+  (pure-IS, and in reference mode as the paper ran it where the dataset has categories).
+* ``12``: Gamma against Normal (same mode) and Uniform (same mean), in reference mode as the
+  paper ran it where the dataset has categories (else pure-IS), beside the plain backbone.
 * ``fig10``: number of initial prompts; ``fig15``: chain length (inner interactions).
 * ``ambocc``: the area protocol, on a dataset with click areas (``smartsam datasets amb-occ``).
 
-Published numbers sit beside ours where a ``--published`` file gives them for the same table,
-backbone, dataset and setting; none ship with the project (see README).
+The paper's published numbers (``paper_published.json`` beside this module: Tables 1, 3, 6, 7,
+9, 10 and 12, with notes where the paper is ambiguous) sit beside ours where they give the same
+table, backbone (registry name), dataset (names compared without case or punctuation), setting
+and metric; ``--published FILE`` reads another file, ``--published none`` none. The command ends
+with "paper vs ours" per cell, also in ``paper.md`` and ``tables/paper_vs_ours.csv``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 TABLES = ("1", "6", "7", "10", "12", "fig10", "fig15", "ambocc")
-METRICS = ("mIoU@1", "Ratio@85", "NoC@85", "NoC@90", "IoU_best")
+METRICS = ("mIoU@1", "Ratio@75", "Ratio@85", "NoC@85", "NoC@90", "IoU_best")
+# The paper's numbers, shipped with the code (data from the paper, not ours).
+PUBLISHED = Path(__file__).with_name("paper_published.json")
+# the paper's tables each of ours holds (our Table 1 has Table 3's and Table 9's columns too)
+PAPER_TABLES = {"1": ("1", "3", "9")}
 # the method's flags (chain_length None: $SMARTSAM_CHAIN_LENGTH, else 3)
 DEFAULTS = {"sampler": "gamma", "points": 6, "boxes": 3, "clicker": "ncc", "chain_length": None, "first_click": "center"}
 
@@ -73,12 +83,17 @@ def matrix(tables: Sequence[str], categories: bool, areas: bool) -> List[Row]:
     """The rows of every asked table (several rows may share one cell)."""
     rows: List[Row] = []
     agent_modes = ["pure-is"] + (["reference"] if categories else [])
+    # Tables 10 and 12: the paper ran SmartSAM with a reference; without categories, pure-IS
+    paper_mode = "reference" if categories else "pure-is"
     if "1" in tables:
         rows.append(Row("1", "plain backbone", cell("backbone")))
         rows += [Row("1", f"SmartSAM {m}", cell(m)) for m in agent_modes]
     if "6" in tables:
+        # "random" prompts of the paper's PIS=random row: uniform distances with the Gamma's mean
         for sampler, clicker, label in [("none", "none", "neither (the click alone, best of 3)"),
+                                        ("uniform", "none", "random sampler, no chains"),
                                         ("gamma", "none", "Priori Initial Sampler only"),
+                                        ("none", "random", "no sampler, random chain clicks"),
                                         ("none", "ncc", "Next Chain Clickers only"),
                                         ("gamma", "random", "sampler + random chain clicks"),
                                         ("gamma", "ncc", "both (SmartSAM)")]:
@@ -88,10 +103,12 @@ def matrix(tables: Sequence[str], categories: bool, areas: bool) -> List[Row]:
     if "10" in tables:
         for fc in ("center", "inside-random", "inside-worst"):
             rows.append(Row("10", f"plain backbone, {fc}", cell("backbone", first_click=fc)))
-            rows.append(Row("10", f"SmartSAM pure-is, {fc}", cell("pure-is", first_click=fc)))
+            rows += [Row("10", f"SmartSAM {m}, {fc}", cell(m, first_click=fc)) for m in agent_modes]
     if "12" in tables:
+        rows.append(Row("12", "plain backbone", cell("backbone")))
         for d in ("gamma", "normal", "uniform"):
-            rows.append(Row("12", f"{d} distances", cell("pure-is", sampler=d)))
+            # the paper's setting names are its reference-mode rows; pure-IS says so in the name
+            rows.append(Row("12", f"{d} distances" + ("" if categories else " (pure-is)"), cell(paper_mode, sampler=d)))
     if "fig10" in tables:
         for points, boxes in [(0, 0), (2, 1), (6, 3), (12, 6)]:
             rows.append(Row("fig10", f"{points} points + {boxes} boxes", cell("pure-is", points=points, boxes=boxes),
@@ -114,15 +131,41 @@ def _eval_args(base: argparse.Namespace, c: Cell, dataset: str, out: Path) -> ar
     return a
 
 
-def published(path: Optional[str]) -> List[dict]:
-    """Published numbers: ``[{"table", "backbone", "dataset", "setting", "metric", "value"}]``."""
-    if not path:
+def published(path: Optional[str] = None) -> List[dict]:
+    """Published numbers: ``[{"table", "backbone", "dataset", "setting", "metric", "value"[, "note"]}]``
+    from ``path`` (None: the paper's, :data:`PUBLISHED`; "none": no numbers)."""
+    if path is not None and path.strip().lower() == "none":
         return []
+    path = path or str(PUBLISHED)
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--published {path}: {e}") from None
     return list(data.get("numbers", data) if isinstance(data, dict) else data)
+
+
+def dataset_key(name: str) -> str:
+    """A dataset's name for matching: no case, no punctuation ("Amb-Occ", "ambocc", "AMB_OCC" agree)."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
+def attach_published(line: dict, table: str, backbone: str, pub: Sequence[dict]) -> List[dict]:
+    """Put the published numbers of ``line``'s cell into it as ``paper <metric>`` (a metric two of
+    the paper's tables give differently: ``paper <metric> (Table N)``); return the comparisons
+    ``{table, dataset, setting, metric, paper, ours, note}`` for those whose metric we have."""
+    pairs = []
+    for p in pub:
+        if (str(p.get("table")) in PAPER_TABLES.get(table, (table,)) and p.get("backbone") == backbone
+                and dataset_key(str(p.get("dataset", ""))) == dataset_key(line["dataset"])
+                and p.get("setting") == line["setting"]):
+            metric, value = str(p.get("metric")), p.get("value")
+            key = f"paper {metric}"
+            if key in line and line[key] != value:
+                key = f"paper {metric} (Table {p.get('table')})"
+            line[key] = value
+            pairs.append({"table": str(p.get("table")), "dataset": line["dataset"], "setting": line["setting"],
+                          "metric": metric, "paper": value, "ours": line.get(metric), "note": p.get("note", "")})
+    return pairs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     log = open(out / "runs.log", "a")
     pub = published(args.published)
     report: Dict[str, List[dict]] = {}
+    versus: List[dict] = []
     backbone = weights = None
     from ..cli_common import cli_load_backbone
 
@@ -178,12 +222,11 @@ def run(args: argparse.Namespace) -> int:
                 acts = s.get("actions") or {}
                 line.update({f"action {k}": v for k, v in (acts.get("action") or {}).items()})
                 line.update({f"{k} inner": v for k, v in sorted((acts.get("inner_clicks") or {}).items())})
-            for p in pub:
-                if (str(p.get("table")), p.get("backbone"), p.get("dataset"), p.get("setting")) == (r.table, name, ds, r.setting):
-                    line[f"paper {p.get('metric')}"] = p.get("value")
+            versus += attach_published(line, r.table, name, pub)
             report.setdefault(r.table, []).append(line)
     log.close()
-    write_report(out, report, backbone or "?", weights or "?", args)
+    write_report(out, report, backbone or "?", weights or "?", args, versus)
+    print("\n".join(versus_table(versus, backbone or "?", len(pub))))
     print(json.dumps({"out": str(out / "paper.md")}))
     return 0
 
@@ -206,8 +249,25 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def write_report(out: Path, report: Dict[str, List[dict]], backbone: str, weights: str, args) -> None:
-    """``paper.md``, ``tables/<table>.csv`` and the two figures from the collected rows."""
+def versus_table(versus: Sequence[dict], backbone: str, published_rows: int) -> List[str]:
+    """"Paper vs ours" as Markdown lines: one row per published number our cells also measured."""
+    if not versus:
+        return [f"Paper vs ours: none of the {published_rows} published numbers is for backbone `{backbone}` on these "
+                f"datasets and settings (the paper used released SAM, HQ-SAM and SAM 2.1 weights on DAVIS, "
+                f"PartImageNet and Amb-Occ)."]
+    lines = ["## Paper vs ours\n", "| table | dataset | setting | metric | paper | ours | ours - paper | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in versus:
+        ours, paper = v["ours"], v["paper"]
+        diff = ours - paper if isinstance(ours, (int, float)) and isinstance(paper, (int, float)) else None
+        lines.append(f"| {v['table']} | {v['dataset']} | {v['setting']} | {v['metric']} | {_fmt(paper)} | {_fmt(ours)} | "
+                     f"{_fmt(diff)} | {v['note']} |")
+    return lines
+
+
+def write_report(out: Path, report: Dict[str, List[dict]], backbone: str, weights: str, args,
+                 versus: Sequence[dict] = ()) -> None:
+    """``paper.md``, ``tables/<table>.csv``, ``tables/paper_vs_ours.csv`` and the two figures."""
     (out / "tables").mkdir(exist_ok=True)
     note = (f"backbone `{backbone}`, {weights}" + (": these numbers test the harness, not the method" if weights.startswith("RANDOM") else "")
             + f"; {args.trials} trial(s), at most {args.max_clicks} clicks" + (f", first {args.limit} samples" if args.limit else ""))
@@ -233,6 +293,11 @@ def write_report(out: Path, report: Dict[str, List[dict]], backbone: str, weight
         if t in ("fig10", "fig15"):
             _figure(out / f"{t}.png", lines, TITLES[t], note)
             md.append(f"![{t}]({t}.png)\n")
+    md += versus_table(versus, backbone, len(published(getattr(args, "published", None))))
+    with open(out / "tables" / "paper_vs_ours.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["table", "dataset", "setting", "metric", "paper", "ours", "note"])
+        w.writeheader()
+        w.writerows(versus)
     (out / "paper.md").write_text("\n".join(md) + "\n")
 
 
@@ -271,7 +336,8 @@ def add_paper_parser(sub) -> None:
     p.add_argument("--band-percentile", type=float, default=90.0)
     p.add_argument("--min-distance", type=float, default=5.0, help="Table 10: pixels from the boundary at least")
     p.add_argument("--worst-of", type=int, default=10, help="Table 10: positions tried for the worst first click")
-    p.add_argument("--published", help="a JSON file of published numbers to show beside ours")
+    p.add_argument("--published", help="a JSON file of published numbers to show beside ours (default: the paper's, "
+                   "shipped as smartsam/eval/paper_published.json; none: no numbers)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--images", help=argparse.SUPPRESS)
     from ..cli_common import _add_model_args

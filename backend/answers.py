@@ -146,7 +146,8 @@ class Answers:
         res = self.engine.run_jobs([agent.job(image, prompt.points[first], key, ref, ctx.deadline)], INTERACTIVE,
                                    ctx.deadline)[0]
         query = self.engine.call(lambda: self.engine.references.from_mask(image, res.mask), INTERACTIVE, ctx.deadline)
-        found = self.engine.instance_finder(agent, threshold, INTERACTIVE, ctx.deadline).find(
+        finder = self.engine.instance_finder(agent, threshold, how, INTERACTIVE, ctx.deadline)
+        found = finder.find(
             image, query, key, exclude=[res.mask], deadline=ctx.deadline)
         negatives = [p for p, lab in zip(prompt.points, prompt.labels) if lab == 0]
         found = [i for i in found if not any(i.mask[min(int(y), i.mask.shape[0] - 1), min(int(x), i.mask.shape[1] - 1)]
@@ -156,7 +157,8 @@ class Answers:
         for k, inst in enumerate(found, start=1):
             regions, _ = self.regions(inst.mask, ctx, prompt.label, inst.similarity, prompt.shown, instance=k)
             pred["result"].extend(regions)
-        pred.update(mode="all-like-this", instances=len(found), threshold=round(threshold, 4), first_mode=res.mode)
+        pred.update(mode="all-like-this", instances=len(found), threshold=round(threshold, 4), rule=finder.rule,
+                    first_mode=res.mode)
         log.info("project %s task %s label %r: all like this, %d instances (threshold %.3f, %s), %.2f s", ctx.project,
                  task.get("id"), prompt.label, len(found), threshold, how, time.monotonic() - t0)
         self.record(ctx, task, prompt.label, "all-like-this", "smartsam", len(prompt.points), time.monotonic() - t0,
@@ -217,16 +219,18 @@ class Answers:
             raise RequestError("; ".join(reasons))
         image = self.image(task, ctx.cfg, ctx.deadline)
         agent, key = self.engine.agent(ctx.agent_settings), image_key(image)
-        results, sims, counts = [], [], {}
+        results, sims, counts, rules = [], [], {}, {}
         for label, ref in refs.items():
             threshold, how = self.engine.instance_threshold(ctx.project, label, ref.kind)
             t0 = time.monotonic()
-            found = self.engine.instance_finder(agent, threshold, PRELABEL, ctx.deadline).find(
-                image, ref, key, deadline=ctx.deadline)
+            finder = self.engine.instance_finder(agent, threshold, how, PRELABEL, ctx.deadline)
+            found = finder.find(image, ref, key, deadline=ctx.deadline)
+            rules[label] = finder.rule
             seconds = (time.monotonic() - t0) / max(len(found), 1)
             counts[label] = len(found)
             if not found:
-                reasons.append(f"no instance like the reference of {label!r} at similarity >= {threshold:.3f} ({how})")
+                reasons.append(f"no instance like the reference of {label!r} at similarity >= {threshold:.3f} ({how}, "
+                               f"{finder.rule} rule)")
             for k, inst in enumerate(found):
                 regions, shown_mask = self.regions(inst.mask, ctx, label, inst.similarity, instance=k)
                 self.record(ctx, task, label, "prelabel", "prelabel", 0, seconds, shown_mask, regions, inst.similarity)
@@ -235,7 +239,7 @@ class Answers:
         if not results:
             raise RequestError("; ".join(reasons))
         out = {"result": results, "score": ls_score(min(sims)), "model_version": ctx.version,
-               "mode": "prelabel", "instances": counts, "settings": ctx.settings_named()}
+               "mode": "prelabel", "instances": counts, "rules": rules, "settings": ctx.settings_named()}
         if reasons:
             out["errors"] = reasons
             log.info("project %s task %s: %s", ctx.project, task.get("id"), "; ".join(reasons))

@@ -23,7 +23,7 @@ from smartsam.agent import AgentResult, SmartSAMAgent, agent_options, answer_job
 from smartsam.batch import Job
 from smartsam.clickers import NextChainClicker
 from smartsam.features import FeatureSet
-from smartsam.instances import InstanceFinder
+from smartsam.instances import InstanceFinder, rule_name
 from smartsam.reference import ReferenceBuilder
 from smartsam.selector import Reference
 
@@ -209,24 +209,28 @@ class Engine:
         if project is not None:
             refs = self.store.list(project)
             v += f"-{references_digest(self.store, project, refs)}"
+            thresholds = [(m.label, self.instance_threshold(project, m.label, m.kind)) for m in refs]
+            if self.settings.proposals == "similarity" and any(how == "default" for _, (_, how) in thresholds):
+                v += "-" + rule_name().replace("adaptive-", "ad")  # the image-adaptive keep rule in force
             tag = (agent_settings or self.agent_settings(project)).tag(self.settings.agent)
             if tag:
                 v += f"-{tag}"
-            learned = [(m.label, self.instance_threshold(project, m.label, m.kind)) for m in refs]
-            learned = [(label, t) for label, (t, how) in sorted(set(learned)) if how == "learned"]
+            learned = [(label, t) for label, (t, how) in sorted(set(thresholds)) if how == "learned"]
             if learned:  # a new threshold pre-labels again
                 v += "-thr" + hashlib.sha256(repr(learned).encode()).hexdigest()[:6]
         return v
 
-    def instance_finder(self, agent: SmartSAMAgent, threshold: float, priority: int = INTERACTIVE,
+    def instance_finder(self, agent: SmartSAMAgent, threshold: float, how: str, priority: int = INTERACTIVE,
                         deadline: Optional[float] = None) -> InstanceFinder:
         """"All like this one" with this backend's proposals (SMARTSAM_PROPOSALS), its model work
-        on the scheduler at ``priority``. Proposals run in rounds of 16 jobs on CUDA (a round
-        costs about one job there) and one at a time on a CPU (where a round costs all its jobs
-        and patience would have stopped after three misses)."""
+        on the scheduler at ``priority``; ``threshold, how`` from :meth:`instance_threshold`: the
+        default threshold comes with the image-adaptive rule (smartsam.instances), a learned or
+        set one alone. Proposals run in rounds of 16 jobs on CUDA (a round costs about one job
+        there) and one at a time on a CPU (where a round costs all its jobs and patience would
+        have stopped after three misses)."""
         rounds = 1 if self.ready().device.type == "cpu" else 16
         return InstanceFinder(agent, self.settings.max_instances, threshold, concepts=self.concepts, round_size=rounds,
-                              runner=ScheduledRunner(self, priority, deadline))
+                              runner=ScheduledRunner(self, priority, deadline), adaptive=how == "default")
 
     def instance_threshold(self, project: str, label: str, kind: str = "mask") -> Tuple[float, str]:
         """``(similarity threshold, how)`` for "all like this one" on a project's label: the

@@ -61,7 +61,7 @@ def main() -> None:
             t = time.perf_counter()
             key = agent.set_image(image)
             # every proposal answered and kept (random weights: masks say nothing), so n agent runs
-            finder = InstanceFinder(agent, max_instances=n, threshold=-1.0, dedupe_iou=1.01, containment=1.01,
+            finder = InstanceFinder(agent, max_instances=n, threshold=-1.0, dedupe_iou=1.01, containment=1.01, adaptive=False,
                                     skip_covered=False, round_size=rs)
             found = len(finder.find(image, ref, key))
             times.append(time.perf_counter() - t)

@@ -145,6 +145,12 @@ def test_prelabel_holds_every_instance_and_learns_from_the_decisions(tmp_path):
     auto = Services(s.replace(instance_threshold="auto"), load=False)
     assert auto.engine.instance_threshold("1", "Car") == (0.6, "default")
     v_default = auto.engine.model_version("1")
+    assert "-adz3-c0.05-k0.5" in v_default  # the adaptive rule, named
+    # before any decision, on a background fairly like the reference: exactly the disks
+    reddish = painted(BACKGROUNDS["reddish (cos 0.87)"], RED)
+    auto.engine.load()
+    [pred] = auto.backend(_config()).predict([{"id": 3, "data": {"image": _data_url(reddish)}}], project="1.1")
+    assert pred["instances"] == {"Car": 3} and pred["rules"] == {"Car": "adaptive-z3-c0.05-k0.5"}, pred
     with auto.engine.stats._write() as c:  # 40 decided instances: the annotators kept the similar ones
         for k in range(40):
             sim = 0.5 + 0.01 * k
@@ -152,6 +158,7 @@ def test_prelabel_holds_every_instance_and_learns_from_the_decisions(tmp_path):
     t, how = auto.engine.instance_threshold("1", "Car")
     assert how == "learned" and t == pytest.approx(0.8, abs=1e-6)
     assert auto.engine.model_version("1") != v_default and "-thr" in auto.engine.model_version("1")
+    assert "-adz" not in auto.engine.model_version("1")  # the learned threshold replaces the rule
     auto.close()
 
 
@@ -287,3 +294,74 @@ def test_backend_proposals_setting_reaches_every_answer(tmp_path):
     assert pred["instances"] == {"Car": 3} and pred["settings"]["proposals"] == "sam3", pred
     assert sv.engine.concepts.detector_calls == 2
     sv.close()
+
+
+# -- the adaptive rule: known answers on backgrounds from unlike the reference to fairly like it ---
+FEW = [(90, 100), (330, 250)]
+MANY = [(x, y) for y in (60, 180, 300) for x in (60, 180, 300, 420)]
+BACKGROUNDS = {"blue (cos 0)": [(0, 0, 255)], "grey (cos 0.58)": [(128, 128, 128)], "dull red (cos 0.82)": [(180, 90, 90)],
+               "reddish (cos 0.87)": [(200, 80, 80)], "blue | reddish": [(0, 0, 255), (200, 80, 80)]}
+
+
+def painted(background, red):
+    """A 480 x 360 image: the background's colours side by side, red disks (r 22) at ``red``."""
+    img = np.zeros((360, 480, 3), np.uint8)
+    for k, colour in enumerate(background):
+        img[:, k * 480 // len(background):(k + 1) * 480 // len(background)] = colour
+    for c in red:
+        cv2.circle(img, c, 22, (255, 0, 0), -1)
+    return img
+
+
+def on_disks(instances, centres):
+    out = []
+    for inst in instances:
+        ys, xs = np.nonzero(inst.mask)
+        out.append(next((k for k, c in enumerate(centres) if np.hypot(xs.mean() - c[0], ys.mean() - c[1]) < 22), None))
+    return out
+
+
+@pytest.mark.parametrize("background", list(BACKGROUNDS))
+@pytest.mark.parametrize("red", [FEW, MANY], ids=["few", "many"])
+def test_the_default_rule_finds_exactly_the_instances_whatever_the_background(agent, background, red):
+    """At the backend's default threshold (0.6) with the adaptive rule: every red disk once, nothing
+    on the background, from a background unlike the reference to one fairly like it."""
+    from smartsam.instances import InstanceFinder
+
+    img = painted(BACKGROUNDS[background], red)
+    ref = agent.reference_from_mask(img, disk(img.shape, red[0], 14))  # the object, not its rim
+    agent.set_image(img)
+    found = InstanceFinder(agent, threshold=0.6).find(img, ref)
+    assert sorted(on_disks(found, red)) == list(range(len(red)))
+
+
+def test_a_fixed_threshold_alone_keeps_a_fairly_like_background(agent):
+    """Why the rule exists: at 0.6 without it, the reddish background's answers pass as instances."""
+    from smartsam.instances import InstanceFinder
+
+    img = painted(BACKGROUNDS["reddish (cos 0.87)"], FEW)
+    ref = agent.reference_from_mask(img, disk(img.shape, FEW[0]))
+    agent.set_image(img)
+    fixed = InstanceFinder(agent, threshold=0.6, adaptive=False).find(img, ref)
+    assert None in on_disks(fixed, FEW) and len(fixed) > len(FEW)
+    assert InstanceFinder(agent, adaptive=False).rule == "fixed"
+    assert InstanceFinder(agent).rule == "adaptive-z3-c0.05-k0.5"
+
+
+def test_background_level_and_interior_clicks_have_known_answers():
+    from smartsam.instances import background_level, interior_point, propose
+
+    # a grid: 70 % at 0.1, 25 % at 0.8 (a fairly like background), 5 % at 1.0 (instances)
+    sims = np.full((20, 20), 0.1)
+    sims[:, 15:] = 0.8
+    sims[2:4, 2:6] = 1.0
+    level, spread = background_level(sims)
+    assert abs(level - 0.8) < 1e-9 and spread < 1e-9
+    # a disk whose centre lies on a patch corner: the click goes to its centre, not a patch centre
+    img_hw, centre = (360, 480), (150.0, 150.0)  # 15-pixel patches: corners at multiples of 15
+    yy, xx = (np.mgrid[:24, :32] + 0.5) * 15
+    sims = np.clip(1.0 - np.hypot(xx - centre[0], yy - centre[1]) / 40.0, 0.0, None)
+    (x0, y0, v), = propose(sims, img_hw, 1)
+    assert np.hypot(x0 - centre[0], y0 - centre[1]) > 10  # the patch grid's answer is a corner off
+    x, y = interior_point(sims, (int(y0 // 15), int(x0 // 15)), (v + 0.0) / 2, img_hw)
+    assert np.hypot(x - centre[0], y - centre[1]) < 2.5

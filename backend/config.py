@@ -138,6 +138,8 @@ class Settings:
     # only holds an idle thread, so there are enough for a team clicking at once.
     workers: int = 1
     threads: int = 32
+    # tasks ahead whose images are encoded while an annotator works (backend/prefetch.py); 0: off
+    prefetch: int = 2
     # decoder rows per step of the model's scheduler; 0: 256 on a CPU, 1024 on CUDA (backend/scheduler.py, scheduler_rows)
     batch_rows: int = 0
     host: str = "0.0.0.0"
@@ -174,7 +176,7 @@ class Settings:
         "SMARTSAM_IMAGE_MAX_BYTES": "image_max_bytes", "SMARTSAM_IMAGE_TIMEOUT": "image_timeout",
         "SMARTSAM_MAX_PIXELS": "max_pixels", "SMARTSAM_EMBEDDING_CACHE": "embedding_cache",
         "SMARTSAM_IMAGE_CACHE": "image_cache", "SMARTSAM_WORKERS": "workers", "SMARTSAM_THREADS": "threads",
-        "SMARTSAM_BATCH_ROWS": "batch_rows", "SMARTSAM_REQUEST_TIMEOUT": "request_timeout", "SMARTSAM_SEED": "seed", "SMARTSAM_CHAIN_LENGTH": "chain_length",
+        "SMARTSAM_BATCH_ROWS": "batch_rows", "SMARTSAM_PREFETCH": "prefetch", "SMARTSAM_REQUEST_TIMEOUT": "request_timeout", "SMARTSAM_SEED": "seed", "SMARTSAM_CHAIN_LENGTH": "chain_length",
         "SMARTSAM_FAST_PATH": "fast_path", "SMARTSAM_REQUIRE_CLICK": "require_click", "SMARTSAM_COMPARE": "compare",
         "SMARTSAM_STATS_MAX": "stats_max", "SMARTSAM_EXEMPLARS": "exemplars", "SMARTSAM_REFERENCE_PREP": "reference_prep",
         "SMARTSAM_CPU_BF16": "cpu_bf16", "SMARTSAM_SHARED_DECODER": "shared_decoder",
@@ -241,6 +243,8 @@ class Settings:
             raise SettingsError("SMARTSAM_THREADS must be at least 2 (one thread stays free for /health)")
         if self.workers < 1:
             raise SettingsError("SMARTSAM_WORKERS must be at least 1")
+        if self.prefetch < 0:
+            raise SettingsError("SMARTSAM_PREFETCH must be 0 (off) or a number of tasks")
         if self.batch_rows < 0:
             raise SettingsError("SMARTSAM_BATCH_ROWS must be 0 (by device) or a number of decoder rows")
         if self.polygon_parts not in ("all", "largest"):

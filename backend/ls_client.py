@@ -240,6 +240,22 @@ class LabelStudioClient:
                 return
             page += 1
 
+    def unlabeled_tasks(self, project_id: int, exclude: Optional[int] = None, limit: int = 2) -> List[Dict]:
+        """The first ``limit`` tasks of the project without annotations, in id order (Label
+        Studio's sequential stream), ``exclude`` left out: one page of the task list, filtered
+        and ordered by Label Studio's Data Manager query, without making it predict."""
+        items = [{"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]
+        if exclude is not None:
+            items.append({"filter": "filter:tasks:id", "operator": "not_equal", "type": "Number", "value": int(exclude)})
+        q = {"project": int(project_id), "page": 1, "page_size": max(1, int(limit)), "fields": "task_only", "review": "true",
+             "resolve_uri": "false", "query": json.dumps({"filters": {"conjunction": "and", "items": items},
+                                                          "ordering": ["tasks:id"]})}
+        d = self.get_json("/api/tasks?" + urllib.parse.urlencode(q))
+        tasks = d.get("tasks", []) if isinstance(d, dict) else d
+        if not isinstance(tasks, list):
+            raise ImageFetchError("Label Studio's task list is not a list")
+        return [t for t in tasks if isinstance(t, dict) and t.get("id") != exclude][:limit]
+
     def predictions(self, task_id: int) -> List[Dict]:
         d = self.get_json(f"/api/predictions?task={int(task_id)}")
         return [p for p in d if isinstance(p, dict)] if isinstance(d, list) else []

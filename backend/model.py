@@ -25,6 +25,8 @@ log = logging.getLogger("smartsam.backend")
 
 # (project, tasks, label_config) -> how many were queued for the background
 SubmitTasks = Callable[[str, List[Dict], str], int]
+# (project, clicked task id, labeling config): an annotator is on that task (backend/prefetch.py)
+OnClick = Callable[[Optional[str], object, LabelConfig], None]
 
 
 class SmartSAMBackend(LabelStudioMLBase):
@@ -35,10 +37,12 @@ class SmartSAMBackend(LabelStudioMLBase):
         answers: the process's :class:`~backend.answers.Answers`.
         pending: ``(project, task id) -> bool``, tasks already queued in the background.
         submit: hands tasks past the predict budget to the background queue.
+        on_click: told of each answered click, after its answer (prefetch of the next tasks).
     """
 
     def __init__(self, label_config=None, train_output=None, answers: Optional[Answers] = None,
-                 pending: Optional[Callable[[str, int], bool]] = None, submit: Optional[SubmitTasks] = None, **kwargs):
+                 pending: Optional[Callable[[str, int], bool]] = None, submit: Optional[SubmitTasks] = None,
+                 on_click: Optional[OnClick] = None, **kwargs):
         if answers is None:
             raise ValueError("SmartSAMBackend needs the process's Answers (built by backend.server)")
         self.cfg = LabelConfig.parse(label_config)  # before the base class: a clear message first
@@ -46,6 +50,7 @@ class SmartSAMBackend(LabelStudioMLBase):
         self.answers = answers
         self.pending = pending
         self.submit = submit
+        self.on_click = on_click
         self.errors: List[str] = []
         self.version: Optional[str] = None
 
@@ -107,6 +112,9 @@ class SmartSAMBackend(LabelStudioMLBase):
                     # An empty list is "no prediction for this task" to Label Studio: nothing is
                     # stored, so a task without a reference shows no empty prediction tab.
                     out.append([])
+        if interactive and self.on_click is not None:
+            for task in tasks:
+                self.on_click(proj, task.get("id") if isinstance(task, dict) else None, self.cfg)
         if leftover:
             n = self.submit(proj, leftover, self.label_config)
             msg = f"{n} of {len(tasks)} tasks continue in the background (SMARTSAM_PREDICT_BUDGET); see /health jobs"

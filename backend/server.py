@@ -37,6 +37,7 @@ from .engine import Engine, project_key
 from .errors import HttpError, RequestError, SettingsError
 from .jobs import ANNOTATION_EVENTS, DELETED, Jobs
 from .model import SmartSAMBackend
+from .prefetch import Prefetcher
 from .reference_rules import ReferenceRules
 from .wsgi import MethodNotAllowed, Request, Router, basic_credentials, json_object, path_segments, respond, same
 
@@ -60,6 +61,7 @@ class Services:
         self.answers = Answers(self.engine)
         self.rules = ReferenceRules(self.engine, self.answers.image)
         self.jobs = Jobs(self.engine, self.rules, self.prelabel_task)
+        self.prefetch = Prefetcher(self.engine, self.answers.image, settings.prefetch)
         if load:
             self.engine.start_loading()
 
@@ -68,7 +70,7 @@ class Services:
         if not isinstance(label_config, str) or not label_config.strip():
             raise RequestError("the request has no label_config")
         return SmartSAMBackend(label_config=label_config, answers=self.answers, pending=self.jobs.pending,
-                               submit=self.jobs.submit)
+                               submit=self.jobs.submit, on_click=self.prefetch.on_click)
 
     def prelabel_task(self, project: str, task: Dict, label_config: str) -> Tuple[Optional[Dict], List[str]]:
         """One task through the pre-labeling path (the background queue's worker)."""
@@ -78,6 +80,7 @@ class Services:
 
     def close(self) -> None:
         """At shutdown: write the queued field statistics (no row is lost)."""
+        self.prefetch.close()
         self.engine.stats.close()
 
 
@@ -167,6 +170,7 @@ class App:
         h["requests"] = {"predict": self._predict_calls, "in_flight": self._in_flight}
         h["threads"] = self.settings.threads
         h["jobs"] = self.services.jobs.state()
+        h["prefetch"] = self.services.prefetch.health()
         if h["load_error"]:
             raise HttpError(503, f"model failed to load: {h['load_error']}", reason=f"Model failed to load: {h['load_error']}")
         return 200, h

@@ -244,6 +244,45 @@ def test_click_reference_restart_and_prelabel(label_studio, backend):
         assert all(rle_mask(m).shape == (m["original_height"], m["original_width"]) for m in masks)
 
 
+def test_the_next_tasks_are_encoded_while_the_annotator_works(label_studio, backend):
+    """SMARTSAM_PREFETCH (default 2) with the project's default sequential sampling: a click on a
+    task makes the backend encode the next two tasks without annotations (read without making
+    Label Studio predict), so the first click on the next task makes no encoder call; under
+    uniform sampling the next task is Label Studio's random pick and nothing is prefetched."""
+    ls = label_studio
+    pid, ml, tasks = ls.project("SmartSAM prefetch", r".*(153093|209070|21077|24077|271008)\.jpg", backend.url, basic_auth=True)
+    ids = sorted(t["id"] for t in tasks)
+    assert len(ids) == 5
+    # the first task is annotated already: the stream skips it
+    s, _ = ls.api("POST", f"/api/tasks/{ids[0]}/annotations", {"result": [], "was_cancelled": False})
+    assert s == 201
+
+    def prefetch():
+        return backend.get("/health")[1]["prefetch"]
+
+    def click(task_id):
+        s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": task_id, "context": {"result": [keypoint(481, 321)]}})
+        assert s == 200 and "errors" not in r.get("data", {}), r
+
+    assert prefetch()["depth"] == 2 and prefetch()["enabled"]
+    click(ids[1])
+    wait_for(lambda: prefetch()["last"].get("after_task") == ids[1] and prefetch()["pending"] == 0, what="prefetch")
+    assert prefetch()["last"]["tasks"] == [ids[2], ids[3]]  # not ids[0] (annotated), not ids[1] (being labeled)
+    enc = backend.get("/health")[1]["encoder_calls"]
+    assert ls.api("POST", f"/api/tasks/{ids[1]}/annotations", {"result": [], "was_cancelled": False})[0] == 201
+    click(ids[2])  # the annotator submits and moves on: the next task's first click finds its image encoded
+    assert backend.get("/health")[1]["encoder_calls"] == enc
+    assert not any(p for t in (ids[2], ids[3]) for p in ls.api("GET", f"/api/predictions?task={t}")[1])  # LS predicted nothing
+    wait_for(lambda: prefetch()["last"].get("after_task") == ids[2] and prefetch()["pending"] == 0, what="prefetch")
+    assert prefetch()["last"]["tasks"] == [ids[3], ids[4]]
+    # uniform sampling: Label Studio picks the next task at random; nothing to prefetch
+    assert ls.api("PATCH", f"/api/projects/{pid}", {"sampling": "Uniform sampling"})[0] == 200
+    before = prefetch()["not_sequential"]
+    click(ids[4])
+    wait_for(lambda: prefetch()["last"].get("after_task") == ids[4], what="the lookup")
+    assert prefetch()["not_sequential"] == before + 1 and prefetch()["last"]["tasks"] == []
+
+
 def test_a_config_smartsam_cannot_use_is_refused_at_connect(label_studio, backend):
     ls = label_studio
     bad = '<View><Image name="image" value="$image"/><KeyPointLabels name="tag" toName="image" smart="true"><Label value="Object"/></KeyPointLabels></View>'

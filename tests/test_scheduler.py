@@ -127,3 +127,45 @@ def test_a_click_the_queue_would_keep_past_its_deadline_is_refused_at_once(agent
         assert sched.call(lambda: 41 + 1) == 42
     finally:
         sched.close()
+
+
+def test_a_click_that_arrives_during_prefetch_waits_for_no_queued_prefetch(agent, grabcut_image):
+    """Prefetch encodings (the next tasks' images, backend/prefetch.py) are queued at PREFETCH; a
+    click arrives while one runs: every step of the click runs before any prefetch still queued
+    starts (it waited at most for the encoding in progress); the prefetch queue then finishes."""
+    from backend.scheduler import PREFETCH
+
+    bb = agent.backbone
+    imgs = _images(grabcut_image, 5)
+    bb.embed(imgs[0])  # the annotator's current image
+    sched = Scheduler(bb, **scheduler_rows(0, "cpu"))
+    order, lock = [], threading.Lock()  # written on the model's thread, in the order things ran
+    step = sched.engine.step
+
+    def spy(jobs=None):
+        with lock:
+            order.append(("step", None))
+        return step(jobs)
+
+    sched.engine.step = spy
+
+    def encode(k):
+        def fn():
+            with lock:
+                order.append(("start", k))
+            bb.embed(imgs[k])
+        return fn
+
+    threads = [threading.Thread(target=lambda k=k: sched.call(encode(k), PREFETCH)) for k in range(1, 5)]
+    for t in threads:
+        t.start()
+    while not order:
+        time.sleep(0.005)
+    got = sched.run([agent.job(imgs[0], (200, 150))], INTERACTIVE)[0]
+    for t in threads:
+        t.join(300)
+    kinds = [what for what, _ in order]
+    starts = [i for i, w in enumerate(kinds) if w == "start"]
+    assert len(starts) == 4 and kinds.count("step") >= 2
+    assert starts[0] == 0 and max(i for i, w in enumerate(kinds) if w == "step") < starts[1]
+    assert got.mask.shape == imgs[0].shape[:2] and sched.health()["queued"]["prefetch"] == 0

@@ -15,6 +15,9 @@ within ``SMARTSAM_PREDICT_BUDGET`` and hands the rest here: a worker runs each t
 same pre-labeling path and writes the predictions back through Label Studio's API in batches,
 one per task and model version (a task that already has one, from Label Studio or an earlier
 press of the button, is skipped). ``state()`` is shown by ``/health`` and ``/admin/jobs``.
+
+Both queues are on disk too (:mod:`backend.work_queue`): an event answered 201 and a task
+handed to the background are worked after a crash and a restart (``recovered`` in the state).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .engine import Engine
 from .errors import ImageFetchError, RequestError, SettingsError
 from .label_config import LabelConfig
 from .reference_rules import ReferenceRules
+from .work_queue import WorkQueue
 
 log = logging.getLogger("smartsam.jobs")
 
@@ -65,17 +69,37 @@ class Jobs:
         self.predict_task = predict_task
         self.write_batch = int(write_batch)
         self.settings_retry_s = float(settings_retry_s)
-        self._events: "queue.Queue[Tuple[str, int, Optional[str]]]" = queue.Queue(max_events)
+        self.max_events = int(max_events)
+        self._events: "queue.Queue[Tuple[int, str, int, Optional[str]]]" = queue.Queue()
         self._tasks: "queue.Queue[Tuple[str, Dict, str]]" = queue.Queue()
+        self.durable = WorkQueue(engine.settings.data_dir / "jobs.db")
         self._lock = threading.Lock()
         self._pending: Dict[Tuple[str, int], float] = {}
         self._seen: "OrderedDict[Tuple[int, str], None]" = OrderedDict()
         self._busy = {"events": 0, "prelabel": 0}  # items taken off a queue and not finished
         self._idle = threading.Condition(self._lock)
-        self.events = {"queued": 0, "applied": 0, "duplicates": 0, "rejected": 0, "failed": 0}
-        self.prelabel = {"queued": 0, "done": 0, "failed": 0, "written": 0, "skipped_existing": 0}
+        self.events = {"queued": 0, "applied": 0, "duplicates": 0, "rejected": 0, "failed": 0, "recovered": 0}
+        self.prelabel = {"queued": 0, "done": 0, "failed": 0, "written": 0, "skipped_existing": 0, "recovered": 0}
         self._recent: "deque[float]" = deque(maxlen=50)
         self.last_errors: "deque[str]" = deque(maxlen=10)
+        self._started = False
+
+    def start(self) -> None:
+        """Take up what a crash or a stop left on disk, then start the two workers (the composition
+        root calls this once everything the workers use is built)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            # what a crash or a stop left on disk, in the order it came
+            self.durable.take_over()
+            for item in self.durable.events():
+                self._events.put(item)
+                self.events["recovered"] += 1
+            for project, task, label_config in self.durable.tasks():
+                self._pending[(project, task["id"])] = time.monotonic()
+                self._tasks.put((project, task, label_config))
+                self.prelabel["recovered"] += 1
         threading.Thread(target=self._event_loop, name="smartsam-events", daemon=True).start()
         threading.Thread(target=self._prelabel_loop, name="smartsam-prelabel", daemon=True).start()
 
@@ -103,12 +127,12 @@ class Jobs:
 
     # -- webhook events --------------------------------------------------------------------
     def notify(self, action: str, annotation_id: int, claimed_project: Optional[str] = None) -> bool:
-        """Queue a webhook's notice. False when the queue is full."""
-        try:
-            self._events.put_nowait((action, int(annotation_id), claimed_project))
-        except queue.Full:
-            return False
+        """Queue a webhook's notice (on disk when this returns). False when the queue is full."""
         with self._lock:
+            if self._events.qsize() >= self.max_events:
+                return False
+            row = self.durable.add_event(action, int(annotation_id), claimed_project)
+            self._events.put((row, action, int(annotation_id), claimed_project))
             self.events["queued"] += 1
         return True
 
@@ -124,7 +148,7 @@ class Jobs:
             item = self._events.get()
             with self._lock:
                 self._busy["events"] += 1
-            action, aid, claimed = item
+            row, action, aid, claimed = item
             try:
                 outcome = self.apply_event(action, aid, claimed)
                 key = {"applied": "applied", "duplicate": "duplicates", "rejected": "rejected"}[outcome]
@@ -132,6 +156,10 @@ class Jobs:
                 log.exception("webhook %s annotation %s failed", action, aid)
                 self._error(f"webhook {action} annotation {aid}: {type(e).__name__}: {e}")
                 key = "failed"
+            try:
+                self.durable.event_done(row)
+            except Exception as e:  # the disk: the event may be applied again after a restart (a duplicate)
+                log.error("webhook %s annotation %s: could not clear it from the queue (%s)", action, aid, e)
             with self._idle:
                 self.events[key] += 1
                 self._busy["events"] -= 1
@@ -239,18 +267,17 @@ class Jobs:
             return (project, task_id) in self._pending
 
     def submit(self, project: str, tasks: List[Dict], label_config: str) -> int:
-        """Queue tasks for background pre-labeling; returns how many were new to the queue."""
-        n = 0
+        """Queue tasks for background pre-labeling (on disk when this returns); returns how many
+        were new to the queue."""
         with self._lock:
-            for t in tasks:
-                key = (project, t.get("id"))
-                if key in self._pending or not isinstance(t.get("id"), int):
-                    continue
-                self._pending[key] = time.monotonic()
+            fresh = [t for t in tasks if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)
+                     and (project, t["id"]) not in self._pending]
+            added = self.durable.add_tasks(project, fresh, label_config)
+            for t in added:
+                self._pending[(project, t["id"])] = time.monotonic()
                 self._tasks.put((project, t, label_config))
                 self.prelabel["queued"] += 1
-                n += 1
-        return n
+            return len(added)
 
     def _prelabel_loop(self) -> None:
         batch: List[Dict] = []
@@ -278,6 +305,10 @@ class Jobs:
     def _done(self, project: str, task_id) -> None:
         # a task stays "pending" until its prediction is written: a second press of the button
         # meanwhile must not predict it again
+        try:
+            self.durable.task_done(project, task_id)
+        except Exception as e:  # the disk: the task may run again after a restart (then skipped at write)
+            log.error("task %s: could not clear it from the queue (%s)", task_id, e)
         with self._idle:
             self._pending.pop((project, task_id), None)
             self._idle.notify_all()

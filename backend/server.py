@@ -62,6 +62,7 @@ class Services:
         self.rules = ReferenceRules(self.engine, self.answers.image)
         self.jobs = Jobs(self.engine, self.rules, self.prelabel_task)
         self.prefetch = Prefetcher(self.engine, self.answers.image, settings.prefetch)
+        self.jobs.start()  # its workers call back into what is built above
         if load:
             self.engine.start_loading()
 

@@ -707,7 +707,8 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
     """Label Studio sends every selected task in ONE /predict call and gives up after 100 s. The
     backend answers what it finished within SMARTSAM_PREDICT_BUDGET; the rest is pre-labeled in the
     background and written back through Label Studio's API: every task ends with exactly one
-    prediction, even when the button is pressed again meanwhile."""
+    prediction, even when the backend is killed (SIGKILL) and restarted with the queue half done
+    and the button is pressed again meanwhile."""
     ls = label_studio
     import re
 
@@ -729,6 +730,13 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
         # what the budget did not cover went to the background (on these 2 cores: most of it; a
         # faster machine may finish more, or all, within the call)
         assert done_in_call + jobs["queued"] == 40, (done_in_call, jobs)
+        # the backend dies (kill -9) with the queue half done and is started again: it takes the
+        # queue up from its data dir by itself
+        time.sleep(3)
+        b.kill(9)
+        b.start()
+        recovered = b.get("/health")[1]["jobs"]["prelabel"]["recovered"]
+        assert 0 < recovered <= jobs["queued"], (recovered, jobs)
         # the user presses the button again while the background runs: nothing is predicted twice
         s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
         assert s == 200
@@ -740,7 +748,7 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
             assert len(preds) == 1, (t["id"], preds)
             assert preds[0]["result"][0]["value"]["brushlabels"] == ["Object"]
         jobs = b.get("/health")[1]["jobs"]["prelabel"]
-        assert jobs["failed"] == 0 and jobs["written"] + jobs["skipped_existing"] >= 40 - done_in_call, jobs
+        assert jobs["failed"] == 0 and jobs["written"] + jobs["skipped_existing"] >= recovered, jobs
         line = (f"Retrieve predictions, 40 tasks: first call answered in {first_call:.1f} s with {done_in_call} tasks; "
                 f"all 40 done in {total:.1f} s ({40 / total:.2f} tasks/s)")
         print("\n" + line)
@@ -748,6 +756,54 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
         (ARTIFACTS / "retrieve_40_tasks.txt").write_text(line + "\n")
     finally:
         b.stop()
+
+
+def test_a_webhook_answered_201_survives_a_kill_and_a_restart(label_studio, tmp_path):
+    """An annotation event is answered 201 at once and confirmed with Label Studio afterwards. The
+    backend is killed (SIGKILL) while it waits for Label Studio's answer (its Label Studio address
+    accepts and never answers); started again, it takes the event up from its data dir and the
+    submitted mask becomes the label's reference."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    from backend.regions import mask_to_rle
+
+    ls = label_studio
+    pid, _, tasks = ls.project("SmartSAM durable events", r".*106024\.jpg", None)
+    mask = np.zeros((321, 481), bool)
+    mask[100:200, 150:300] = True
+    region = {"id": "r1", "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 481,
+              "original_height": 321, "image_rotation": 0,
+              "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]}}
+    s, a = ls.api("POST", f"/api/tasks/{tasks[0]['id']}/annotations?project={pid}", {"result": [region], "project": pid})
+    assert s == 201, a
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(16)], daemon=True).start()
+    env = {"LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm", "SMARTSAM_IMAGE_TIMEOUT": "60"}
+    b = Backend(tmp_path / "data", env={**env, "LABEL_STUDIO_URL": f"http://127.0.0.1:{silent.getsockname()[1]}"}).start()
+    try:
+        event = {"action": "ANNOTATION_CREATED", "project": {"id": pid}, "annotation": {"id": a["id"]}}
+        assert b.post("/webhook", event)[0] == 201
+        wait_for(lambda: held, timeout=30, what="the event worker asking Label Studio")
+        assert events(b)["waiting"] == 1 and events(b)["applied"] == 0
+        b.kill(9)
+        b.env["LABEL_STUDIO_URL"] = ls.url  # Label Studio answers again
+        b.start()
+        assert events(b)["recovered"] == 1
+        wait_for(lambda: events(b)["applied"] == 1, what="the recovered event")
+        ref = b.get(f"/admin/references/{pid}/Object", headers=ADMIN)[1]
+        assert ref["source"]["annotation"] == a["id"], ref
+        b.stop()
+        b.start()  # applied once: nothing is left to recover
+        assert events(b)["recovered"] == 0
+    finally:
+        b.stop()
+        silent.close()
 
 
 def _weed(tmp_path):

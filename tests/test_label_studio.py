@@ -253,9 +253,21 @@ def test_the_next_tasks_are_encoded_while_the_annotator_works(label_studio, back
     pid, ml, tasks = ls.project("SmartSAM prefetch", r".*(153093|209070|21077|24077|271008)\.jpg", backend.url, basic_auth=True)
     ids = sorted(t["id"] for t in tasks)
     assert len(ids) == 5
-    # the first task is annotated already: the stream skips it
-    s, _ = ls.api("POST", f"/api/tasks/{ids[0]}/annotations", {"result": [], "was_cancelled": False})
+    # the first task is annotated already (the stream skips it), its mask the label's reference:
+    # prefetch then computes the next images' patch features too
+    hook = next(w for w in ls.api("GET", f"/api/webhooks?project={pid}")[1] if w["project"] == pid)
+    assert ls.api("PATCH", f"/api/webhooks/{hook['id']}", {"headers": SECRET})[0] == 200
+    from backend.regions import mask_to_rle
+    import numpy as np
+
+    mask = np.zeros((321, 481), bool)
+    mask[100:200, 150:300] = True
+    region = {"id": "r1", "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 481,
+              "original_height": 321, "image_rotation": 0,
+              "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]}}
+    s, _ = ls.api("POST", f"/api/tasks/{ids[0]}/annotations?project={pid}", {"result": [region], "project": pid})
     assert s == 201
+    wait_for(lambda: backend.get(f"/admin/references/{pid}", headers=ADMIN)[1]["references"], what="the reference")
 
     def prefetch():
         return backend.get("/health")[1]["prefetch"]
@@ -265,9 +277,11 @@ def test_the_next_tasks_are_encoded_while_the_annotator_works(label_studio, back
         assert s == 200 and "errors" not in r.get("data", {}), r
 
     assert prefetch()["depth"] == 2 and prefetch()["enabled"]
+    features = prefetch()["features"]
     click(ids[1])
     wait_for(lambda: prefetch()["last"].get("after_task") == ids[1] and prefetch()["pending"] == 0, what="prefetch")
     assert prefetch()["last"]["tasks"] == [ids[2], ids[3]]  # not ids[0] (annotated), not ids[1] (being labeled)
+    assert prefetch()["features"] == features + 2
     enc = backend.get("/health")[1]["encoder_calls"]
     assert ls.api("POST", f"/api/tasks/{ids[1]}/annotations", {"result": [], "was_cancelled": False})[0] == 201
     click(ids[2])  # the annotator submits and moves on: the next task's first click finds its image encoded

@@ -147,6 +147,19 @@ def keypoint(w, h, positive=True, x=50, y=55, kid="kp1"):
             "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["Object"]}}
 
 
+def box_brush(w=481, h=321):
+    """A submitted brush region for "Object": a rectangle in the middle of a ``w x h`` image."""
+    import numpy as np
+
+    from backend.regions import mask_to_rle
+
+    mask = np.zeros((h, w), bool)
+    mask[h // 3:h * 2 // 3, w // 3:w * 2 // 3] = True
+    return {"id": "r1", "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": w,
+            "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]}}
+
+
 def wait_for(fn, timeout=90, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -257,15 +270,7 @@ def test_the_next_tasks_are_encoded_while_the_annotator_works(label_studio, back
     # prefetch then computes the next images' patch features too
     hook = next(w for w in ls.api("GET", f"/api/webhooks?project={pid}")[1] if w["project"] == pid)
     assert ls.api("PATCH", f"/api/webhooks/{hook['id']}", {"headers": SECRET})[0] == 200
-    from backend.regions import mask_to_rle
-    import numpy as np
-
-    mask = np.zeros((321, 481), bool)
-    mask[100:200, 150:300] = True
-    region = {"id": "r1", "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 481,
-              "original_height": 321, "image_rotation": 0,
-              "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]}}
-    s, _ = ls.api("POST", f"/api/tasks/{ids[0]}/annotations?project={pid}", {"result": [region], "project": pid})
+    s, _ = ls.api("POST", f"/api/tasks/{ids[0]}/annotations?project={pid}", {"result": [box_brush()], "project": pid})
     assert s == 201
     wait_for(lambda: backend.get(f"/admin/references/{pid}", headers=ADMIN)[1]["references"], what="the reference")
 
@@ -780,18 +785,9 @@ def test_a_webhook_answered_201_survives_a_kill_and_a_restart(label_studio, tmp_
     import socket
     import threading
 
-    import numpy as np
-
-    from backend.regions import mask_to_rle
-
     ls = label_studio
     pid, _, tasks = ls.project("SmartSAM durable events", r".*106024\.jpg", None)
-    mask = np.zeros((321, 481), bool)
-    mask[100:200, 150:300] = True
-    region = {"id": "r1", "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 481,
-              "original_height": 321, "image_rotation": 0,
-              "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]}}
-    s, a = ls.api("POST", f"/api/tasks/{tasks[0]['id']}/annotations?project={pid}", {"result": [region], "project": pid})
+    s, a = ls.api("POST", f"/api/tasks/{tasks[0]['id']}/annotations?project={pid}", {"result": [box_brush()], "project": pid})
     assert s == 201, a
     silent = socket.socket()  # accepts connections and never answers
     silent.bind(("127.0.0.1", 0))

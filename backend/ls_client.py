@@ -203,11 +203,17 @@ class LabelStudioClient:
     def project(self, project_id: int) -> Dict:
         return self.get_json(f"/api/projects/{int(project_id)}")
 
-    def _task_page(self, project_id: int, page: int, page_size: int, selected: Optional[List[int]] = None) -> List[Dict]:
-        q = {"project": int(project_id), "page": page, "page_size": page_size, "fields": "all", "review": "true",
+    def _task_page(self, project_id: int, page: int, page_size: int, selected: Optional[List[int]] = None,
+                   query: Optional[Dict] = None, fields: str = "all") -> List[Dict]:
+        """One page of the task list (``review=true``: never makes Label Studio predict), of the
+        ``selected`` tasks or those a Data Manager ``query`` (filters, ordering) picks."""
+        q = {"project": int(project_id), "page": page, "page_size": page_size, "fields": fields, "review": "true",
              "resolve_uri": "false"}
+        dm = dict(query or {})
         if selected is not None:
-            q["query"] = json.dumps({"selectedItems": {"all": False, "included": [int(t) for t in selected]}})
+            dm["selectedItems"] = {"all": False, "included": [int(t) for t in selected]}
+        if dm:
+            q["query"] = json.dumps(dm)
         try:
             d = self.get_json("/api/tasks?" + urllib.parse.urlencode(q))
         except ImageFetchError as e:
@@ -247,14 +253,9 @@ class LabelStudioClient:
         items = [{"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]
         if exclude is not None:
             items.append({"filter": "filter:tasks:id", "operator": "not_equal", "type": "Number", "value": int(exclude)})
-        q = {"project": int(project_id), "page": 1, "page_size": max(1, int(limit)), "fields": "task_only", "review": "true",
-             "resolve_uri": "false", "query": json.dumps({"filters": {"conjunction": "and", "items": items},
-                                                          "ordering": ["tasks:id"]})}
-        d = self.get_json("/api/tasks?" + urllib.parse.urlencode(q))
-        tasks = d.get("tasks", []) if isinstance(d, dict) else d
-        if not isinstance(tasks, list):
-            raise ImageFetchError("Label Studio's task list is not a list")
-        return [t for t in tasks if isinstance(t, dict) and t.get("id") != exclude][:limit]
+        query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+        tasks = self._task_page(project_id, 1, max(1, int(limit)), query=query, fields="task_only")
+        return [t for t in tasks if t.get("id") != exclude][:limit]
 
     def predictions(self, task_id: int) -> List[Dict]:
         d = self.get_json(f"/api/predictions?task={int(task_id)}")

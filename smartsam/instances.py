@@ -161,7 +161,12 @@ def background_level(sims: np.ndarray, radius: int = 2, separation: float = 0.9,
     an instance is one, an object's rim none), split by Otsu, the upper class split again while it
     holds two clear modes (effectiveness at least ``separation``, means ``min_gap`` apart); the
     last lower class."""
-    peaks = np.array([v for _, _, v in propose(sims, sims.shape, sims.size, -np.inf, radius)])
+    return peak_level(np.array([v for _, _, v in propose(sims, sims.shape, sims.size, -np.inf, radius)]),
+                      separation, min_gap)
+
+
+def peak_level(peaks: np.ndarray, separation: float = 0.9, min_gap: float = 0.05) -> Tuple[float, float]:
+    """:func:`background_level` from the map's local-maximum values already found."""
     low, high, _ = otsu_split(peaks)
     while high.size >= 2:
         l2, h2, eff = otsu_split(high)
@@ -336,14 +341,16 @@ class InstanceFinder:
     def _similarity_proposals(self, image, reference: Reference, key, n: int) -> List[Tuple[float, float, float]]:
         extractor = self.agent.features.for_reference(reference.kind)
         sims = self.runner.call(lambda: similarity_map(extractor, image, reference, key))
-        floor = -1.0
-        level, spread = background_level(sims, self.nms_radius, min_gap=self.min_contrast)
+        # every local maximum once: the background level comes from them, the proposals are their head
+        peaks = propose(sims, image.shape[:2], sims.size, -np.inf, self.nms_radius)
+        level, spread = peak_level(np.array([v for _, _, v in peaks]), min_gap=self.min_contrast)
+        floor = -np.inf
         if self.adaptive:
             self._level = level
             floor = min(level + max(self.stand_out * spread, self.min_contrast), (level + float(sims.max())) / 2)
         out = []
         gh, gw = sims.shape
-        for x, y, v in propose(sims, image.shape[:2], n, floor, self.nms_radius):
+        for x, y, v in [p for p in peaks if p[2] >= floor][:n]:
             rc = (min(int(y * gh / image.shape[0]), gh - 1), min(int(x * gw / image.shape[1]), gw - 1))
             out.append(interior_point(sims, rc, (v + level) / 2, image.shape[:2], self.nms_radius + 1) + (v,))
         return out

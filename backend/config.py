@@ -94,6 +94,10 @@ class Settings:
     label_studio_url: Optional[str] = None
     label_studio_api_key: Optional[str] = None
     data_dir: Path = Path("./smartsam-data")
+    # postgresql://user:password@host:port/db: one database for every replica; None: SQLite files in data_dir
+    database_url: Optional[str] = field(default=None, repr=False)  # never printed: it may hold a password
+    # a replica's claim on a queued task or notice lasts this long without renewal (renewed every third)
+    queue_lease: float = 30.0
     backbone: Optional[str] = None  # None: the registry's default for this host
     checkpoint: Optional[str] = None
     features: Optional[str] = None
@@ -169,6 +173,7 @@ class Settings:
         "SMARTSAM_BACKBONE": "backbone", "SMARTSAM_CHECKPOINT": "checkpoint", "SMARTSAM_DEVICE": "device",
         "SMARTSAM_FEATURES": "features", "SMARTSAM_TEXT_FEATURES": "text_features",
         "SMARTSAM_DINOV2_PATH": "dinov2_path", "SMARTSAM_CLIP_PATH": "clip_path", "SMARTSAM_DATA_DIR": "data_dir",
+        "SMARTSAM_DATABASE_URL": "database_url", "SMARTSAM_QUEUE_LEASE": "queue_lease",
         "SMARTSAM_ADMIN_TOKEN": "admin_token", "BASIC_AUTH_USER": "basic_auth_user", "BASIC_AUTH_PASS": "basic_auth_pass",
         "SMARTSAM_WEBHOOK_SECRET": "webhook_secret", "SMARTSAM_ALLOW_DATA_URLS": "allow_data_urls",
         "SMARTSAM_PREDICT_BUDGET": "predict_budget", "SMARTSAM_ALLOWED_HOSTS": "allowed_hosts",
@@ -227,6 +232,11 @@ class Settings:
                                 "to the folder that holds the images")
         if self.exemplars < 1:
             raise SettingsError("SMARTSAM_EXEMPLARS must be at least 1")
+        if self.database_url is not None and not self.database_url.split("://", 1)[0].split("+")[0] in (
+                "postgresql", "postgres", "sqlite"):
+            raise SettingsError("SMARTSAM_DATABASE_URL must start with postgresql:// (or sqlite:///)")
+        if self.queue_lease <= 0:
+            raise SettingsError("SMARTSAM_QUEUE_LEASE must be more than 0 seconds")
         if self.reference_prep not in REFERENCE_PREPS:
             raise SettingsError("SMARTSAM_REFERENCE_PREP must be paper or none")
         if self.fast_path not in FAST_PATHS:

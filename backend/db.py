@@ -1,41 +1,241 @@
-"""The one way the backend opens its SQLite stores: WAL, synchronous FULL, a long busy timeout,
-one connection per thread, and ``BEGIN IMMEDIATE`` transactions (writers serialise, readers never
-wait)."""
+"""The one way the backend reaches its database: SQLAlchemy Core over SQLite (embedded, the
+default: one file per store under ``SMARTSAM_DATA_DIR``) or PostgreSQL through psycopg 3
+(``SMARTSAM_DATABASE_URL``: one database shared by every replica).
+
+The stores write portable SQL (``ON CONFLICT``, ``RETURNING``, ``IS NOT DISTINCT FROM``: SQLite
+3.35+ and PostgreSQL both speak it) and declare their tables as SQLAlchemy ``Table`` objects, so
+the DDL is each engine's own. Writers serialise per store on both engines: SQLite by ``BEGIN
+IMMEDIATE`` (WAL, synchronous FULL: a commit is on disk when it returns; readers never wait),
+PostgreSQL by a transaction-scoped advisory lock named after the store, so a read-then-write
+(a reference's free slot, a queue claim) is as safe across replicas as across threads.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import sqlite3
+import hashlib
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+# One engine (one pool) per URL in a process: every store of a replica shares its connections.
+_ENGINES: Dict[str, sa.Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached or used; the message names the setting and never a password."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password masked (for logs and answers)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: say nothing of its content
+        return "<unparseable URL>"
+
+
+def engine_url(url: str) -> sa.URL:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3 (SQLAlchemy would pick psycopg2)."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def _is_postgres(u: sa.URL) -> bool:
+    return u.get_backend_name() == "postgresql"
+
+
+def _engine(url: str) -> sa.Engine:
+    with _ENGINES_LOCK:
+        e = _ENGINES.get(url)
+        if e is not None:
+            return e
+        u = engine_url(url)
+        if u.get_backend_name() == "sqlite":
+            e = sa.create_engine(u, pool_size=8, max_overflow=56, pool_timeout=60,
+                                 connect_args={"timeout": 30, "check_same_thread": False})
+
+            @event.listens_for(e, "connect")
+            def _sqlite_connect(dbapi_conn, _record):
+                # SQLAlchemy's recipe: pysqlite must not issue its own BEGIN; we issue ours below
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            @event.listens_for(e, "begin")
+            def _sqlite_begin(conn):
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+        elif _is_postgres(u):
+            # pre-ping: a connection the server dropped (a restart, a failover) is replaced, not used
+            e = sa.create_engine(u, pool_size=8, max_overflow=24, pool_timeout=60, pool_pre_ping=True,
+                                 connect_args={"connect_timeout": 5})
+        else:
+            raise DatabaseUnavailable(f"SMARTSAM_DATABASE_URL: {safe_url(url)} is neither sqlite:// nor postgresql://")
+        _ENGINES[url] = e
+        return e
+
+
+class Conn:
+    """One connection inside a transaction; ``execute`` takes ``?`` placeholders (as sqlite3 does)
+    and runs them as a SQLAlchemy ``text()`` with named parameters, on either engine."""
+
+    def __init__(self, c: sa.Connection) -> None:
+        self.c = c
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> sa.CursorResult:
+        return self.c.execute(sa.text(named(sql)), {f"p{i}": v for i, v in enumerate(args)})
+
+
+_NAMED_CACHE: Dict[str, str] = {}
+_DDL_LOCK = int.from_bytes(hashlib.sha256(b"smartsam:ddl").digest()[:8], "big", signed=True)
+
+
+def named(sql: str) -> str:
+    """``?`` placeholders -> ``:p0, :p1, ...`` (our SQL holds no ``?`` in a literal)."""
+    out = _NAMED_CACHE.get(sql)
+    if out is None:
+        parts = sql.split("?")
+        out = parts[0] + "".join(f":p{i}{p}" for i, p in enumerate(parts[1:]))
+        _NAMED_CACHE[sql] = out
+    return out
 
 
 class Database:
-    """Per-thread connections to one SQLite file."""
+    """A store's view of one database.
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._local = threading.local()
+    Args:
+        url: ``sqlite:////abs/path.db`` or ``postgresql://user:password@host:port/db``.
+        name: the store's name (its writers' lock on PostgreSQL, its row in ``smartsam_schema``).
+    """
 
-    def conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=FULL")
-            c.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = c
-        return c
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        self.engine = _engine(url)
+        self.dialect = self.engine.dialect.name  # "sqlite" or "postgresql"
+        self._lock_key = int.from_bytes(hashlib.sha256(f"smartsam:{name}".encode()).digest()[:8], "big", signed=True)
+
+    @classmethod
+    def open(cls, database_url: Optional[str], sqlite_path: Path, name: str) -> "Database":
+        """The shared database when ``database_url`` is set, else the store's own SQLite file."""
+        if database_url:
+            return cls(database_url, name)
+        Path(sqlite_path).parent.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{Path(sqlite_path).resolve()}", name)
+
+    @property
+    def postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def where(self) -> str:
+        return safe_url(self.url)
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
-        c = self.conn()
-        c.execute("BEGIN IMMEDIATE")
+    def write(self, serial: bool = True) -> Iterator[Conn]:
+        """A write transaction: committed when the block ends, rolled back if it raises; writers
+        of this store serialise (see the module docstring) unless ``serial`` is False (PostgreSQL:
+        the block locks its own rows, e.g. ``FOR UPDATE SKIP LOCKED``)."""
         try:
-            yield c
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+            with self.engine.connect() as c:
+                c = c.execution_options(write=True)
+                with c.begin():
+                    if self.postgres and serial:
+                        c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
+                    yield Conn(c)
+        except sa.exc.OperationalError as e:
+            raise self.unavailable(e) from None
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> List[sa.Row]:
+        """Rows of one read (its own short transaction)."""
+        try:
+            with self.engine.connect() as c:
+                return list(Conn(c).execute(sql, args))
+        except sa.exc.OperationalError as e:
+            raise self.unavailable(e) from None
+
+    def query_one(self, sql: str, args: Sequence[Any] = ()) -> Optional[sa.Row]:
+        rows = self.query(sql, args)
+        return rows[0] if rows else None
+
+    def create(self, metadata: sa.MetaData) -> None:
+        """Create the tables of ``metadata`` that do not exist yet (each engine's own DDL)."""
+        try:
+            with self.engine.connect() as c:
+                c = c.execution_options(write=True)
+                with c.begin():
+                    if self.postgres:  # replicas starting together create each table once
+                        c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _DDL_LOCK})
+                    metadata.create_all(c, checkfirst=True)
+        except sa.exc.OperationalError as e:
+            raise self.unavailable(e) from None
+
+    def unavailable(self, e: BaseException) -> DatabaseUnavailable:
+        # the driver's first line: it names the host and the reason, never the password
+        reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
+        return DatabaseUnavailable(f"the database {self.where()} is unreachable or failing ({reason})")
+
+    def schema_version(self) -> Optional[int]:
+        """This store's schema version (None: never created here)."""
+        self.create(SCHEMA)
+        r = self.query_one("SELECT version FROM smartsam_schema WHERE store = ?", (self.name,))
+        return None if r is None else int(r[0])
+
+    def set_schema_version(self, c: Conn, version: int) -> None:
+        c.execute("INSERT INTO smartsam_schema (store, version) VALUES (?, ?) "
+                  "ON CONFLICT (store) DO UPDATE SET version = excluded.version", (self.name, int(version)))
+
+    def integrity(self) -> List[str]:
+        """The engine's own integrity check (SQLite's ``PRAGMA integrity_check``; PostgreSQL checks
+        its pages itself, and a reachable server with our tables is what can be checked here)."""
+        if self.postgres:
+            self.query("SELECT 1")
+            return []
+        r = self.query_one("PRAGMA integrity_check")
+        return [] if r[0] == "ok" else [f"database: {r[0]}"]
+
+
+SCHEMA = sa.MetaData()
+sa.Table("smartsam_schema", SCHEMA, sa.Column("store", sa.Text, primary_key=True),
+         sa.Column("version", sa.Integer, nullable=False))
+
+
+def has_rows(db: Database, metadata: sa.MetaData) -> Dict[str, int]:
+    """Rows per table of ``metadata`` that exist in ``db`` and are not empty."""
+    found = {}
+    inspector = sa.inspect(db.engine)
+    for table in metadata.sorted_tables:
+        if inspector.has_table(table.name):
+            n = int(db.query_one(f"SELECT COUNT(*) FROM {table.name}")[0])
+            if n:
+                found[table.name] = n
+    return found
+
+
+def copy_rows(metadata: sa.MetaData, src: Database, dst: Database, chunk: int = 500) -> Dict[str, int]:
+    """Copy every row of ``metadata``'s tables from ``src`` to ``dst`` (ids kept), in one
+    transaction on ``dst``; rows copied per table."""
+    counts = {}
+    with src.engine.connect() as s, dst.engine.connect() as d:
+        d = d.execution_options(write=True)
+        with d.begin():
+            for table in metadata.sorted_tables:
+                n = 0
+                for part in s.execute(table.select()).mappings().partitions(chunk):
+                    d.execute(table.insert(), [dict(r) for r in part])
+                    n += len(part)
+                counts[table.name] = n
+                if dst.postgres:  # the copied ids were given explicitly: move each sequence past them
+                    for col in table.primary_key.columns:
+                        if col.autoincrement is True:
+                            d.execute(sa.text(f"SELECT setval(pg_get_serial_sequence('{table.name}', '{col.name}'), "
+                                              f"COALESCE((SELECT MAX({col.name}) FROM {table.name}), 0) + 1, false)"))
+    return counts

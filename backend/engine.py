@@ -28,8 +28,9 @@ from smartsam.reference import ReferenceBuilder
 from smartsam.selector import Reference
 
 from .config import AgentSettings, Settings
+from .db import DatabaseUnavailable
 from .errors import RequestError
-from .field_stats import FieldStats
+from .field_stats import FieldStats, calibrate_threshold
 from .images import ImageFetcher
 from .ls_client import LabelStudioClient
 from .project_settings import ProjectSettings
@@ -69,10 +70,10 @@ class Engine:
         self.settings = settings
         self.client = client or LabelStudioClient(settings)
         self.fetcher = ImageFetcher(settings, self.client)
-        self.store = ReferenceStore(settings.data_dir, exemplars=settings.exemplars)
-        self.project_settings = ProjectSettings(settings.data_dir)
+        self.store = ReferenceStore(settings.data_dir, exemplars=settings.exemplars, database_url=settings.database_url)
+        self.project_settings = ProjectSettings(settings.data_dir, settings.database_url)
         self.store.exemplars_for = lambda project: self.agent_settings(project).exemplars
-        self.stats = FieldStats(settings.data_dir, settings.stats_max)
+        self.stats = FieldStats(settings.data_dir, settings.stats_max, settings.database_url)
         self.features = FeatureSet(loader=self._load_features)
         self.references = ReferenceBuilder(self.features, settings.reference_prep)
         self.scheduler: Optional[Scheduler] = None  # the model's one thread, once loaded
@@ -93,11 +94,11 @@ class Engine:
         from smartsam.models import ModelError, load_backbone
 
         try:
-            # files left by a crash between a file and its row, or by a write that changed nothing
+            # blobs no version names (e.g. copied from an earlier release's files)
             n = self.store.collect_garbage()
             if n:
-                log.info("reference store: removed %d unused files", n)
-        except OSError as e:
+                log.info("reference store: removed %d unused blobs", n)
+        except (OSError, DatabaseUnavailable) as e:
             log.warning("reference store garbage collection failed: %s", e)
         try:
             bb = load_backbone(**self.settings.backbone_kwargs())
@@ -139,7 +140,11 @@ class Engine:
     def agent_settings(self, project: Optional[str]) -> AgentSettings:
         """The agent settings of a project: the backend's, with the project's confirmed extra
         params applied."""
-        return self.project_settings.agent(self.settings.agent, project)
+        try:
+            return self.project_settings.agent(self.settings.agent, project)
+        except DatabaseUnavailable as e:  # the backend's own settings until the database is back
+            log.warning("project %s: its agent settings are not readable (%s)", project, e)
+            return self.settings.agent
 
     def agent(self, agent_settings: Optional[AgentSettings] = None) -> SmartSAMAgent:
         """The agent for these settings (one per distinct settings, sharing the backbone)."""
@@ -189,7 +194,19 @@ class Engine:
             "embedding_disk_hits": bb.disk_hits if bb else 0,
             "proposals": self.settings.proposals,
             "version": __version__,
+            "model_version": self.model_version() if bb is not None else None,
+            "database": self.database_health(),
         }
+
+    def database_health(self) -> Dict:
+        """The store's engine and whether it answers now (a short query; never a password)."""
+        db = self.store.db
+        out = {"engine": db.dialect, "url": db.where(), "ok": True}
+        try:
+            db.query("SELECT 1")
+        except DatabaseUnavailable as e:
+            out.update(ok=False, error=f"{e}: clicks answer without references, webhooks get 503 until it is back")
+        return out
 
     # -- versions --------------------------------------------------------------------------
     def checkpoint_tag(self) -> str:
@@ -207,7 +224,10 @@ class Engine:
         if self.settings.proposals != "similarity":  # other proposals, other pre-labels
             v += f"-prop{self.settings.proposals}"
         if project is not None:
-            refs = self.store.list(project)
+            try:
+                refs = self.store.list(project)
+            except DatabaseUnavailable:  # answers without references meanwhile: say so in the version
+                return v + "-nodb"
             v += f"-{references_digest(self.store, project, refs)}"
             thresholds = [(m.label, self.instance_threshold(project, m.label, m.kind)) for m in refs]
             if self.settings.proposals == "similarity" and any(how == "default" for _, (_, how) in thresholds):
@@ -236,13 +256,19 @@ class Engine:
         """``(similarity threshold, how)`` for "all like this one" on a project's label: the
         setting ("fixed"), the one learned from the annotators' keep / delete decisions once there
         are 30 ("learned", at SMARTSAM_INSTANCE_PRECISION), else the default ("default")."""
-        return instance_threshold(self.stats, self.settings, project, label, kind)[:2]
+        try:
+            return instance_threshold(self.stats, self.settings, project, label, kind)[:2]
+        except DatabaseUnavailable:
+            return instance_threshold(None, self.settings, project, label, kind)[:2]
 
     # -- references ------------------------------------------------------------------------
     def reference(self, project: str, label: str) -> Tuple[Optional[Reference], Optional[str]]:
         """(reference or None, note): a damaged stored reference is reported, not used."""
         try:
             ref = self.store.get(project, label)
+        except DatabaseUnavailable as e:
+            log.error("project %s label %r: %s; answering without its reference", project, label, e)
+            return None, f"{e}: answered without the reference of {label!r} until it is back"
         except CorruptReference as e:
             log.error("project %s label %r: %s; answering without it", project, label, e)
             return None, f"stored reference for {label!r} is damaged ({e}); set it again"
@@ -278,9 +304,11 @@ class ScheduledRunner:
         return self.engine.run_jobs(jobs, self.priority, self.deadline)
 
 
-def instance_threshold(stats: FieldStats, settings: Settings, project: str, label: str, kind: str = "mask"):
-    """``(threshold, how, calibration)``: see :meth:`Engine.instance_threshold`."""
-    cal = stats.calibrate(project, label, settings.instance_precision, MIN_DECISIONS)
+def instance_threshold(stats: Optional[FieldStats], settings: Settings, project: str, label: str, kind: str = "mask"):
+    """``(threshold, how, calibration)``: see :meth:`Engine.instance_threshold` (``stats`` None:
+    nothing learned is readable)."""
+    cal = (stats.calibrate(project, label, settings.instance_precision, MIN_DECISIONS) if stats is not None else
+           calibrate_threshold([], settings.instance_precision, MIN_DECISIONS))
     if settings.instance_threshold != "auto":
         return float(settings.instance_threshold), "fixed", cal
     if cal["threshold"] is not None:

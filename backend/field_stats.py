@@ -12,8 +12,8 @@ The *arm* is what answered the first click of the object: ``smartsam`` (the agen
 arms are seen on the same annotators and images) or ``prelabel``. Refinement clicks inherit the
 arm of the click they refine.
 
-Stored beside the references in ``stats.db`` (SQLite WAL, synchronous FULL, like the reference
-store), bounded: the oldest suggestions beyond ``max_suggestions`` are dropped. Suggestions are
+Stored beside the references (``stats.db`` under the data directory, or the shared database, so
+the table holds every replica's suggestions and outcomes), bounded: the oldest suggestions beyond ``max_suggestions`` are dropped. Suggestions are
 written by a background thread (:meth:`FieldStats.record` only queues: a PNG encode and a
 durable SQLite commit stay off the annotator's request); :meth:`FieldStats.close` writes what is
 queued before the process exits, and :meth:`FieldStats.observe` first waits for what was queued.
@@ -30,13 +30,13 @@ import io
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+import sqlalchemy as sa
 from PIL import Image
 
 from smartsam.masks import mask_iou
@@ -93,6 +93,33 @@ def _unpng(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data))).astype(bool)
 
 
+TABLES = sa.MetaData()
+sa.Table("suggestions", TABLES,
+         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True), sa.Column("project", sa.Text, nullable=False),
+         sa.Column("task", sa.Integer), sa.Column("label", sa.Text, nullable=False), sa.Column("mode", sa.Text, nullable=False),
+         sa.Column("arm", sa.Text, nullable=False), sa.Column("clicks", sa.Integer, nullable=False),
+         sa.Column("seconds", sa.Double, nullable=False), sa.Column("created_at", sa.Double, nullable=False),
+         sa.Column("width", sa.Integer, nullable=False), sa.Column("height", sa.Integer, nullable=False),
+         sa.Column("mask", sa.LargeBinary, nullable=False), sa.Column("model_version", sa.Text),
+         sa.Column("regions", sa.Text), sa.Column("similarity", sa.Double),
+         sa.Index("suggestions_task", "project", "task", "label", "id"), sqlite_autoincrement=True)
+# a pre-labeled instance the annotator kept (matched by a submitted region) or deleted
+sa.Table("decisions", TABLES,
+         sa.Column("annotation", sa.Integer, primary_key=True, autoincrement=False),
+         sa.Column("suggestion", sa.Integer, primary_key=True, autoincrement=False),
+         sa.Column("project", sa.Text, nullable=False), sa.Column("label", sa.Text, nullable=False),
+         sa.Column("similarity", sa.Double, nullable=False), sa.Column("kept", sa.Integer, nullable=False),
+         sa.Index("decisions_label", "project", "label"))
+sa.Table("outcomes", TABLES,
+         sa.Column("annotation", sa.Integer, primary_key=True, autoincrement=False),
+         sa.Column("region", sa.Text, primary_key=True), sa.Column("project", sa.Text, nullable=False),
+         sa.Column("task", sa.Integer), sa.Column("label", sa.Text, nullable=False), sa.Column("suggestion", sa.Integer),
+         sa.Column("mode", sa.Text), sa.Column("arm", sa.Text), sa.Column("iou", sa.Double),
+         sa.Column("accepted", sa.Integer, nullable=False), sa.Column("clicks", sa.Integer),
+         sa.Column("extra_clicks", sa.Integer), sa.Column("seconds", sa.Double), sa.Column("user", sa.Integer),
+         sa.Column("updated_at", sa.Double, nullable=False))
+
+
 class FieldStats:
     """Suggestions served, outcomes observed, aggregates.
 
@@ -101,41 +128,22 @@ class FieldStats:
         max_suggestions: suggestions kept (the oldest go first); outcomes are few and kept.
     """
 
-    def __init__(self, data_dir: Path, max_suggestions: int = 20000) -> None:
-        self.path = Path(data_dir) / "stats.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, data_dir: Path, max_suggestions: int = 20000, database_url: Optional[str] = None) -> None:
         self.max_suggestions = int(max_suggestions)
-        self._db = Database(self.path)
+        self.db = Database.open(database_url, Path(data_dir) / "stats.db", "field_stats")
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self._writer: Optional[threading.Thread] = None
         self._writer_lock = threading.Lock()
         self.lost = 0  # suggestions a write failed for (logged)
-        with self._write() as c:
-            c.execute("""CREATE TABLE IF NOT EXISTS suggestions (
-                id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, task INTEGER, label TEXT NOT NULL,
-                mode TEXT NOT NULL, arm TEXT NOT NULL, clicks INTEGER NOT NULL, seconds REAL NOT NULL,
-                created_at REAL NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, mask BLOB NOT NULL,
-                model_version TEXT)""")
-            cols = {r[1] for r in c.execute("PRAGMA table_info(suggestions)")}
+        self.db.create(TABLES)
+        cols = {c["name"] for c in sa.inspect(self.db.engine).get_columns("suggestions")}
+        with self.db.write() as c:
             for col, kind in (("regions", "TEXT"), ("similarity", "REAL")):
                 if col not in cols:  # stats.db of an earlier release: one more column, rows kept
                     c.execute(f"ALTER TABLE suggestions ADD COLUMN {col} {kind}")
-            # a pre-labeled instance the annotator kept (matched by a submitted region) or deleted
-            c.execute("""CREATE TABLE IF NOT EXISTS decisions (
-                annotation INTEGER NOT NULL, suggestion INTEGER NOT NULL, project TEXT NOT NULL, label TEXT NOT NULL,
-                similarity REAL NOT NULL, kept INTEGER NOT NULL, PRIMARY KEY (annotation, suggestion))""")
-            c.execute("CREATE INDEX IF NOT EXISTS decisions_label ON decisions (project, label)")
-            c.execute("CREATE INDEX IF NOT EXISTS suggestions_task ON suggestions (project, task, label, id)")
-            c.execute("""CREATE TABLE IF NOT EXISTS outcomes (
-                annotation INTEGER NOT NULL, region TEXT NOT NULL, project TEXT NOT NULL, task INTEGER, label TEXT NOT NULL,
-                suggestion INTEGER, mode TEXT, arm TEXT, iou REAL, accepted INTEGER NOT NULL, clicks INTEGER, extra_clicks INTEGER,
-                seconds REAL, user INTEGER, updated_at REAL NOT NULL, PRIMARY KEY (annotation, region))""")
-
-    def _conn(self) -> sqlite3.Connection:
-        return self._db.conn()
 
     def _write(self):
-        return self._db.write()
+        return self.db.write()
 
     # -- suggestions -----------------------------------------------------------------------
     def record(self, project: str, task, label: str, mode: str, arm: str, clicks: int, seconds: float,
@@ -156,7 +164,7 @@ class FieldStats:
         """:meth:`record`, written before it returns; the suggestion's row id."""
         self.record(*args, **kwargs)
         self.flush()
-        return int(self._conn().execute("SELECT MAX(id) FROM suggestions").fetchone()[0])
+        return int(self.db.query_one("SELECT MAX(id) FROM suggestions")[0])
 
     def _start_writer(self) -> None:
         with self._writer_lock:
@@ -188,10 +196,11 @@ class FieldStats:
                 pass
         with self._write() as c:
             cur = c.execute("INSERT INTO suggestions (project, task, label, mode, arm, clicks, seconds, created_at, width, "
-                            "height, mask, model_version, regions, similarity) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            "height, mask, model_version, regions, similarity) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                            "RETURNING id",
                             (project, task, label, mode, arm, clicks, seconds, created, w, h, _png(mask), version,
                              json.dumps(prints), similarity))
-            sid = int(cur.lastrowid)
+            sid = int(cur.scalar_one())
             c.execute("DELETE FROM suggestions WHERE id <= ?", (sid - self.max_suggestions,))
 
     def flush(self) -> None:
@@ -213,8 +222,9 @@ class FieldStats:
         return self._queue.qsize()
 
     def _suggestions(self, project: str, task, label: str, before: Optional[float]) -> Iterator[Tuple]:
-        yield from self._conn().execute(
-            "SELECT id, mode, arm, clicks, width, height, mask, regions FROM suggestions WHERE project=? AND task IS ? AND label=? "
+        yield from self.db.query(
+            "SELECT id, mode, arm, clicks, width, height, mask, regions FROM suggestions WHERE project=? AND "
+            "task IS NOT DISTINCT FROM ? AND label=? "
             "AND created_at <= ? ORDER BY id", (str(project), task, label, float("inf") if before is None else before))
 
     # -- outcomes --------------------------------------------------------------------------
@@ -262,9 +272,12 @@ class FieldStats:
             c.execute("DELETE FROM outcomes WHERE annotation=?", (int(annotation),))
             c.execute("DELETE FROM decisions WHERE annotation=?", (int(annotation),))
             for sid, label, sim, kept in decided:
-                c.execute("INSERT INTO decisions VALUES (?,?,?,?,?,?)", (int(annotation), sid, str(project), label, sim, int(kept)))
+                c.execute("INSERT INTO decisions (annotation, suggestion, project, label, similarity, kept) "
+                          "VALUES (?,?,?,?,?,?)", (int(annotation), sid, str(project), label, sim, int(kept)))
             for rec in out:
-                c.execute("INSERT INTO outcomes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                c.execute('INSERT INTO outcomes (annotation, region, project, task, label, suggestion, mode, arm, iou, '
+                          'accepted, clicks, extra_clicks, seconds, "user", updated_at) '
+                          'VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)',
                           (int(annotation), rec["region"], str(project), task if isinstance(task, int) else None,
                            rec["label"], rec["suggestion"], rec["mode"], rec["arm"], rec["iou"], int(rec["accepted"]),
                            rec["clicks"], rec["extra_clicks"], per_object, user if isinstance(user, int) else None,
@@ -274,14 +287,15 @@ class FieldStats:
     def _decisions(self, project: str, task, before: Optional[float], kept_ids) -> List[Tuple[int, str, float, bool]]:
         """The pre-labeled instances of a task the annotator decided on: each kept when a submitted
         region matches it (IoU >= 0.5), deleted otherwise."""
-        rows = self._conn().execute(
-            "SELECT id, label, similarity FROM suggestions WHERE project=? AND task IS ? AND arm='prelabel' AND "
+        rows = self.db.query(
+            "SELECT id, label, similarity FROM suggestions WHERE project=? AND task IS NOT DISTINCT FROM ? AND "
+            "arm='prelabel' AND "
             "similarity IS NOT NULL AND created_at <= ?", (str(project), task, float("inf") if before is None else before))
         return [(int(sid), label, float(sim), sid in kept_ids) for sid, label, sim in rows]
 
     def decisions(self, project: str, label: str) -> List[Tuple[float, bool]]:
         """``(similarity, kept)`` of every decided pre-labeled instance of a project's label."""
-        return [(float(s), bool(k)) for s, k in self._conn().execute(
+        return [(float(s), bool(k)) for s, k in self.db.query(
             "SELECT similarity, kept FROM decisions WHERE project=? AND label=? ORDER BY similarity", (str(project), label))]
 
     def calibrate(self, project: str, label: str, precision: float = 0.9, min_decisions: int = 30) -> Dict:
@@ -299,7 +313,7 @@ class FieldStats:
         self.flush()  # what was served is counted, even when read right after it was served
         q = ("SELECT annotation, region, project, task, label, suggestion, mode, arm, iou, accepted, clicks, extra_clicks, "
              "seconds FROM outcomes")
-        rows = self._conn().execute(q + (" WHERE project=?" if project else "") + " ORDER BY annotation, region",
+        rows = self.db.query(q + (" WHERE project=?" if project else "") + " ORDER BY annotation, region",
                                     (str(project),) if project else ())
         keys = ("annotation", "region", "project", "task", "label", "suggestion", "mode", "arm", "iou", "accepted",
                 "clicks", "extra_clicks", "seconds")
@@ -328,7 +342,7 @@ class FieldStats:
         q = "SELECT project, arm, mode, COUNT(*) FROM suggestions" + (" WHERE project=?" if project else "") + \
             " GROUP BY project, arm, mode ORDER BY project, arm, mode"
         served = [{"project": r[0], "arm": r[1], "mode": r[2], "suggestions": r[3]}
-                  for r in self._conn().execute(q, (str(project),) if project else ())]
+                  for r in self.db.query(q, (str(project),) if project else ())]
         return {"objects": rows, "served": served}
 
 

@@ -4,7 +4,8 @@ confirms them.
 Label Studio sends a model's ``extra_params`` with every ``/setup``. A ``/setup`` body is not
 trusted (anyone who can reach the port may post one): it is validated and queued, and a job reads
 the project's ML backends back from Label Studio (``GET /api/ml?project=ID``); only the params
-Label Studio holds are stored here (``projects.db`` in the data directory) and used.
+Label Studio holds are stored here (``projects.db`` in the data directory, or the shared database)
+and used; read at each request, so every replica uses what any of them confirmed.
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from .config import AgentSettings
+import sqlalchemy as sa
+
 from .db import Database
 from .errors import SettingsError
 
 log = logging.getLogger("smartsam.backend")
+
+
+TABLES = sa.MetaData()
+sa.Table("project_settings", TABLES, sa.Column("project", sa.Text, primary_key=True),
+         sa.Column("extra", sa.Text, nullable=False), sa.Column("updated_at", sa.Double, nullable=False))
 
 
 class ProjectSettings:
@@ -27,22 +35,19 @@ class ProjectSettings:
 
     Args:
         data_dir: the backend's data directory.
+        database_url: the shared database (``SMARTSAM_DATABASE_URL``); None: ``projects.db``.
     """
 
-    def __init__(self, data_dir: Path) -> None:
-        path = Path(data_dir) / "projects.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = Database(path)
-        with self._db.write() as c:
-            c.execute("CREATE TABLE IF NOT EXISTS project_settings (project TEXT PRIMARY KEY, extra TEXT NOT NULL, "
-                      "updated_at REAL NOT NULL)")
+    def __init__(self, data_dir: Path, database_url: Optional[str] = None) -> None:
+        self.db = Database.open(database_url, Path(data_dir) / "projects.db", "project_settings")
+        self.db.create(TABLES)
 
     def get(self, project: Optional[str]) -> Dict:
         """The project's confirmed extra params ({} when none)."""
         if project is None:
             return {}
         # read each time (cheap): another worker process may have confirmed new params
-        r = self._db.conn().execute("SELECT extra FROM project_settings WHERE project=?", (str(project),)).fetchone()
+        r = self.db.query_one("SELECT extra FROM project_settings WHERE project=?", (str(project),))
         return json.loads(r[0]) if r else {}
 
     def set(self, project: str, extra: Dict) -> bool:
@@ -50,8 +55,10 @@ class ProjectSettings:
         project = str(project)
         if self.get(project) == extra:
             return False
-        with self._db.write() as c:
-            c.execute("INSERT OR REPLACE INTO project_settings VALUES (?, ?, ?)", (project, json.dumps(extra), time.time()))
+        with self.db.write() as c:
+            c.execute("INSERT INTO project_settings (project, extra, updated_at) VALUES (?, ?, ?) ON CONFLICT (project) "
+                      "DO UPDATE SET extra = excluded.extra, updated_at = excluded.updated_at",
+                      (project, json.dumps(extra), time.time()))
         return True
 
     def agent(self, base: AgentSettings, project: Optional[str]) -> AgentSettings:
@@ -63,3 +70,7 @@ class ProjectSettings:
         except SettingsError as e:
             log.warning("project %s: extra params %s not used (%s)", project, extra, e)
             return base
+
+
+    def counts(self) -> Dict[str, int]:
+        return {t: int(self.db.query_one(f"SELECT COUNT(*) FROM {t}")[0]) for t in TABLES.tables}

@@ -1,13 +1,13 @@
-"""Durable per-project, per-label references with their history: SQLite (WAL) rows naming files
-written atomically.
+"""Durable per-project, per-label references with their history, in the backend's database
+(:mod:`backend.db`: an SQLite file ``references.db`` under the data directory, or the
+PostgreSQL database every replica shares).
 
-Layout under the data directory::
+Tables::
 
-    references.db          every reference version ever set (table ``versions``), and the last
-                           seen "Use as reference" state of each annotation (``annotation_state``)
-    refs/<sha256>.npy      a feature vector
-    refs/<sha256>.png      a mask (image + mask references)
-    refs/<sha256>.jpg      the image, and a small thumbnail with the mask drawn (for the admin page)
+    versions          every reference version ever set
+    annotation_state  the last seen "Use as reference" state of each annotation
+    blobs             content-addressed data: a feature vector (.npy), a mask (.png), the image
+                      and a small thumbnail with the mask drawn (.jpg, for the admin page)
 
 History. Nothing is overwritten: setting, editing, clearing (a ``none`` version) and restoring
 each append a version. A label has up to ``exemplars`` slots (K, default 1 as in the paper); a
@@ -15,41 +15,38 @@ slot's current reference is its newest version not withdrawn. Deleting an annota
 Studio withdraws the versions it made, so the slot falls back to the version before them (or
 none), and the admin can restore any version (a new version copying it).
 
-Crash safety. A file is fully written, fsynced and renamed into place before the row that names it
-commits, so a crash at any moment leaves every slot either the old version or the new one,
-complete. Files are named by their content hash, and a row stores the hash: a damaged file is
-detected, reported, and ignored (the label then answers in pure-IS mode) instead of being used.
-Garbage collection removes files no version names; it holds an exclusive lock on ``refs/.lock``
-while writers hold it shared from their first file to their commit, so it never removes a file a
-version is about to name (in this process or another).
+Crash safety. A version's blobs and its row commit in one transaction, so a crash at any moment
+leaves every slot either the old version or the new one, complete. Blobs are named by their
+content hash: a damaged one is detected, reported, and ignored (the label then answers in pure-IS
+mode) instead of being used. Garbage collection deletes blobs no version names, in one
+transaction with the writers' lock held.
+
+Nothing is cached between requests: every read goes to the database, so a reference set through
+one replica is what every replica answers with at its next click.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
 import logging
-import os
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
+import sqlalchemy as sa
 from PIL import Image, ImageDraw
 
 from smartsam.selector import Reference
 
-from .db import Database
+from .db import Conn, Database, DatabaseUnavailable
 
 log = logging.getLogger("smartsam.references")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: blobs in the database (2 kept them as files under refs/)
 THUMB_SIDE = 256
 
 class ReferenceStoreError(RuntimeError):
@@ -98,17 +95,6 @@ _COLUMNS = ("id, project, label, slot, kind, extractor, text, source, annotation
 _CURRENT = ("SELECT MAX(id) FROM versions WHERE withdrawn_at IS NULL GROUP BY project, label, slot")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def thumbnail(image: np.ndarray, mask: Optional[np.ndarray] = None, side: int = THUMB_SIDE) -> bytes:
     """JPEG of ``image`` (H, W, 3) at most ``side`` px, with ``mask`` (H, W) tinted and outlined."""
     im = Image.fromarray(np.ascontiguousarray(image[..., :3]))
@@ -128,110 +114,118 @@ def thumbnail(image: np.ndarray, mask: Optional[np.ndarray] = None, side: int = 
     return b.getvalue()
 
 
+TABLES = sa.MetaData()
+sa.Table("versions", TABLES,
+         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True), sa.Column("project", sa.Text, nullable=False),
+         sa.Column("label", sa.Text, nullable=False), sa.Column("slot", sa.Integer, nullable=False),
+         sa.Column("kind", sa.Text, nullable=False), sa.Column("extractor", sa.Text, nullable=False),
+         sa.Column("text", sa.Text), sa.Column("source", sa.Text, nullable=False), sa.Column("annotation", sa.Integer),
+         sa.Column("how", sa.Text, nullable=False), sa.Column("created_at", sa.Double, nullable=False),
+         sa.Column("feature_file", sa.Text), sa.Column("feature_sha", sa.Text), sa.Column("mask_file", sa.Text),
+         sa.Column("image_file", sa.Text), sa.Column("thumb_file", sa.Text), sa.Column("withdrawn_at", sa.Double),
+         sa.Column("withdrawn_reason", sa.Text),
+         sa.Index("versions_slot", "project", "label", "slot", "id"), sa.Index("versions_annotation", "annotation"),
+         sqlite_autoincrement=True)  # ids are never reused: the history and the admin name versions by id
+sa.Table("annotation_state", TABLES, sa.Column("annotation", sa.Integer, primary_key=True, autoincrement=False),
+         sa.Column("project", sa.Text, nullable=False), sa.Column("forced", sa.Integer, nullable=False),
+         sa.Column("updated_at", sa.Double, nullable=False))
+sa.Table("blobs", TABLES, sa.Column("name", sa.Text, primary_key=True),
+         sa.Column("data", sa.LargeBinary, nullable=False))
+
+
 class ReferenceStore:
-    """Thread- and process-safe store of references (SQLite serialises writers).
+    """Thread-, process- and replica-safe store of references (writers serialise).
 
     Args:
-        data_dir: the one directory holding everything (a Docker volume in production).
+        data_dir: the data directory (``references.db`` goes there without ``database_url``).
         exemplars: K, the most references a label keeps at once (the paper uses 1); selection
             takes the best similarity to any of them.
+        database_url: the shared database (``SMARTSAM_DATABASE_URL``); None: the SQLite file.
     """
 
-    def __init__(self, data_dir: Path, exemplars: int = 1) -> None:
+    def __init__(self, data_dir: Path, exemplars: int = 1, database_url: Optional[str] = None) -> None:
         self.data_dir = Path(data_dir)
-        self.files = self.data_dir / "refs"
-        self.files.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / "references.db"
         if int(exemplars) < 1:
             raise ValueError("exemplars (SMARTSAM_EXEMPLARS) must be at least 1")
         self.exemplars = int(exemplars)
         # K per project (a project's extra params may set its own); the store-wide K by default
         self.exemplars_for: Callable[[str], int] = lambda project: self.exemplars
-        self._db = Database(self.db_path)
+        self.db = Database.open(database_url, self.db_path, "references")
         self._migrate()
 
     # -- database --------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        return self._db.conn()
+    def _query(self, sql: str, args=()) -> List:
+        return self.db.query(sql, args)
 
     def _write(self):
-        return self._db.write()
+        return self.db.write()
 
     def _migrate(self) -> None:
+        where = self.db.where() if self.db.postgres else str(self.db_path)
         try:
-            c = self._conn()
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as e:
-            raise ReferenceStoreError(f"reference database {self.db_path} is unreadable ({e}); restore it from a "
-                                      f"backup or move it aside to start empty") from None
+            version = self.db.schema_version()
+            if version is None and not self.db.postgres:
+                # a file of an earlier release: its version is SQLite's user_version (0: new)
+                version = int(self.db.query_one("PRAGMA user_version")[0])
+        except DatabaseUnavailable:
+            raise
+        except sa.exc.DatabaseError as e:
+            raise ReferenceStoreError(f"reference database {where} is unreadable ({getattr(e, 'orig', e)}); restore it "
+                                      f"from a backup or move it aside to start empty") from None
+        version = version or 0
         if version > SCHEMA_VERSION:
-            raise ReferenceStoreError(f"reference database {self.db_path} has schema {version}, newer than this "
+            raise ReferenceStoreError(f"reference database {where} has schema {version}, newer than this "
                                       f"backend's {SCHEMA_VERSION}: upgrade the backend, or restore an older backup")
         if version == SCHEMA_VERSION:
             return
+        if version in (1, 2):
+            self._migrate_sqlite_files(version)
+        self.db.create(TABLES)
         with self._write() as c:
-            if version == 0:
-                # an empty store: create schema 1 and migrate it below like an old one
-                c.execute("""CREATE TABLE IF NOT EXISTS refs (
-                    project TEXT NOT NULL, label TEXT NOT NULL, kind TEXT NOT NULL, extractor TEXT NOT NULL,
-                    text TEXT, source TEXT NOT NULL, created_at REAL NOT NULL,
-                    feature_file TEXT NOT NULL, feature_sha TEXT NOT NULL, mask_file TEXT, image_file TEXT,
-                    PRIMARY KEY (project, label))""")
-                version = 1
+            self.db.set_schema_version(c, SCHEMA_VERSION)
+
+    def _migrate_sqlite_files(self, version: int) -> None:
+        """An SQLite store of an earlier release: 1 (one row per label) -> 2 (versions in slots),
+        then 2 -> 3 (the files under ``refs/`` copied into ``blobs``; the folder is left as it was)."""
+        self.db.create(TABLES)
+        files = self.data_dir / "refs"
+        with self._write() as c:
             if version == 1:
-                # 1 -> 2: one row per label becomes a history of versions in slots
-                c.execute("""CREATE TABLE versions (
-                    id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, label TEXT NOT NULL,
-                    slot INTEGER NOT NULL, kind TEXT NOT NULL, extractor TEXT NOT NULL, text TEXT,
-                    source TEXT NOT NULL, annotation INTEGER, how TEXT NOT NULL, created_at REAL NOT NULL,
-                    feature_file TEXT, feature_sha TEXT, mask_file TEXT, image_file TEXT, thumb_file TEXT,
-                    withdrawn_at REAL, withdrawn_reason TEXT)""")
-                c.execute("CREATE INDEX versions_slot ON versions (project, label, slot, id)")
-                c.execute("CREATE INDEX versions_annotation ON versions (annotation)")
-                c.execute("""CREATE TABLE annotation_state (annotation INTEGER PRIMARY KEY, project TEXT NOT NULL,
-                    forced INTEGER NOT NULL, updated_at REAL NOT NULL)""")
                 for r in c.execute("SELECT * FROM refs ORDER BY created_at").fetchall():
                     src = json.loads(r[5])
                     ann = src.get("annotation") if isinstance(src.get("annotation"), int) else None
                     c.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES (NULL,?,?,0,?,?,?,?,?,'migrated',?,?,?,?,?,NULL,NULL,NULL)",
                               (r[0], r[1], r[2], r[3], r[4], r[5], ann, r[6], r[7], r[8], r[9], r[10]))
                 c.execute("DROP TABLE refs")
-                version = 2
+            names = {x for r in c.execute("SELECT feature_file, mask_file, image_file, thumb_file FROM versions")
+                     for x in r if x}
+            for name in sorted(names):
+                try:
+                    data = (files / name).read_bytes()
+                except OSError as e:  # check() reports the version; the rest of the store moves on
+                    log.warning("reference file %s not migrated: %s", name, e.strerror)
+                    continue
+                c.execute("INSERT INTO blobs (name, data) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (name, data))
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        log.info("reference store %s migrated from schema %d to %d (%d blobs)", self.db_path, version, SCHEMA_VERSION,
+                 len(names))
 
-    # -- files -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _files_lock(self, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self.files / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _write_file(self, data: bytes, suffix: str) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        name = f"{sha}{suffix}"
-        dest = self.files / name
-        if not dest.exists():
-            tmp = self.files / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-            _fsync_dir(self.files)
+    # -- blobs -----------------------------------------------------------------------------
+    @staticmethod
+    def _put_blob(c: Conn, data: bytes, suffix: str) -> str:
+        name = f"{hashlib.sha256(data).hexdigest()}{suffix}"
+        c.execute("INSERT INTO blobs (name, data) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (name, data))
         return name
 
     def _read_file(self, name: str, sha: Optional[str] = None) -> bytes:
-        path = self.files / name
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise CorruptReference(f"reference file {name} is missing ({e.strerror})") from None
+        r = self.db.query_one("SELECT data FROM blobs WHERE name = ?", (name,))
+        if r is None:
+            raise CorruptReference(f"reference data {name} is missing")
+        data = bytes(r[0])
         expected = sha or name.split(".")[0]
         if hashlib.sha256(data).hexdigest() != expected:
-            raise CorruptReference(f"reference file {name} is damaged (checksum mismatch)")
+            raise CorruptReference(f"reference data {name} is damaged (checksum mismatch)")
         return data
 
     # -- reading ---------------------------------------------------------------------------
@@ -241,7 +235,7 @@ class ReferenceStore:
 
     def current(self, project: str, label: str) -> List[StoredReference]:
         """The label's live exemplars, by slot (at most ``exemplars``; empty when unset)."""
-        return self._current_in(self._conn(), project, label)
+        return self._current_in(None, project, label)
 
     def k(self, project: str) -> int:
         """K, the exemplars a label of ``project`` keeps at once."""
@@ -254,25 +248,25 @@ class ReferenceStore:
         if project is not None:
             q += " AND project=? AND slot < ?"
             args += (str(project), self.k(project))
-        rows = [self._row(r) for r in self._conn().execute(q + " ORDER BY project, label, slot", args)]
+        rows = [self._row(r) for r in self._query(q + " ORDER BY project, label, slot", args)]
         return rows if project is not None else [m for m in rows if m.slot < self.k(m.project)]
 
     def projects(self) -> List[str]:
-        return [r[0] for r in self._conn().execute("SELECT DISTINCT project FROM versions ORDER BY project")]
+        return [r[0] for r in self._query("SELECT DISTINCT project FROM versions ORDER BY project")]
 
     def labels(self, project: str) -> List[str]:
         """Labels that have, or had, a reference in ``project``."""
-        return [r[0] for r in self._conn().execute("SELECT DISTINCT label FROM versions WHERE project=? ORDER BY label",
+        return [r[0] for r in self._query("SELECT DISTINCT label FROM versions WHERE project=? ORDER BY label",
                                                   (str(project),))]
 
     def history(self, project: str, label: Optional[str] = None) -> List[StoredReference]:
         """Every version (newest first), live or not."""
         q = f"SELECT {_COLUMNS} FROM versions WHERE project=?" + (" AND label=?" if label is not None else "")
         args = (str(project),) + ((label,) if label is not None else ())
-        return [self._row(r) for r in self._conn().execute(q + " ORDER BY id DESC", args)]
+        return [self._row(r) for r in self._query(q + " ORDER BY id DESC", args)]
 
     def version(self, version_id: int) -> Optional[StoredReference]:
-        r = self._conn().execute(f"SELECT {_COLUMNS} FROM versions WHERE id=?", (int(version_id),)).fetchone()
+        r = self.db.query_one(f"SELECT {_COLUMNS} FROM versions WHERE id=?", (int(version_id),))
         return None if r is None else self._row(r)
 
     def meta(self, project: str, label: str) -> Optional[StoredReference]:
@@ -342,57 +336,61 @@ class ReferenceStore:
             raise ValueError(f"unknown policy {policy!r}")
         buf = io.BytesIO()
         np.save(buf, reference.feature.astype(np.float32), allow_pickle=False)
-        with self._files_lock(exclusive=False):
-            feature_file = self._write_file(buf.getvalue(), ".npy")
-            mask_file = image_file = thumb_file = None
-            if mask is not None:
-                b = io.BytesIO()
-                Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(b, format="PNG")
-                mask_file = self._write_file(b.getvalue(), ".png")
-            if image is not None:
-                b = io.BytesIO()
-                Image.fromarray(np.ascontiguousarray(image[..., :3])).save(b, format="JPEG", quality=92)
-                image_file = self._write_file(b.getvalue(), ".jpg")
-                thumb_file = self._write_file(thumbnail(image, mask), ".jpg")
-            row = dict(kind=reference.kind, extractor=reference.extractor, text=reference.text, source=json.dumps(source),
-                       annotation=annotation, how=how, feature_file=feature_file, feature_sha=feature_file.split(".")[0],
-                       mask_file=mask_file, image_file=image_file, thumb_file=thumb_file)
-            with self._write() as c:
-                cur = self._current_in(c, project, label)
-                if policy == "replace":
-                    slot = 0
-                    for other in cur:
-                        if other.slot != 0:
-                            self._insert(c, project, label, other.slot, _none_row(source, annotation, how))
+        blobs = {"feature": (buf.getvalue(), ".npy")}
+        if mask is not None:
+            b = io.BytesIO()
+            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(b, format="PNG")
+            blobs["mask"] = (b.getvalue(), ".png")
+        if image is not None:
+            b = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image[..., :3])).save(b, format="JPEG", quality=92)
+            blobs["image"] = (b.getvalue(), ".jpg")
+            blobs["thumb"] = (thumbnail(image, mask), ".jpg")
+        names = {k: f"{hashlib.sha256(d).hexdigest()}{x}" for k, (d, x) in blobs.items()}
+        feature_file, mask_file = names["feature"], names.get("mask")
+        row = dict(kind=reference.kind, extractor=reference.extractor, text=reference.text, source=json.dumps(source),
+                   annotation=annotation, how=how, feature_file=feature_file, feature_sha=feature_file.split(".")[0],
+                   mask_file=mask_file, image_file=names.get("image"), thumb_file=names.get("thumb"))
+        with self._write() as c:
+            cur = self._current_in(c, project, label)
+            if policy == "replace":
+                slot = 0
+                for other in cur:
+                    if other.slot != 0:
+                        self._insert(c, project, label, other.slot, _none_row(source, annotation, how))
+            else:
+                own = [m for m in cur if annotation is not None and m.annotation == annotation]
+                if own:
+                    m = own[0]
+                    if (m.feature_sha, m.mask_file) == (row["feature_sha"], mask_file):
+                        return None  # the same mask again (a repeated delivery, an unrelated edit)
+                    slot = m.slot
                 else:
-                    own = [m for m in cur if annotation is not None and m.annotation == annotation]
-                    if own:
-                        m = own[0]
-                        if (m.feature_sha, m.mask_file) == (row["feature_sha"], mask_file):
-                            return None  # the same mask again (a repeated delivery, an unrelated edit)
-                        slot = m.slot
-                    else:
-                        used = {m.slot for m in cur}
-                        free = [s for s in range(self.k(project)) if s not in used]
-                        if not free:
-                            return None
-                        slot = free[0]
-                vid = self._insert(c, project, label, slot, row)
+                    used = {m.slot for m in cur}
+                    free = [s for s in range(self.k(project)) if s not in used]
+                    if not free:
+                        return None
+                    slot = free[0]
+            for data, suffix in blobs.values():  # in the version's transaction: both or neither
+                self._put_blob(c, data, suffix)
+            vid = self._insert(c, project, label, slot, row)
         log.info("reference set: project %s label %r slot %d kind %s how %s source %s", project, label, slot,
                  reference.kind, how, source)
         return vid
 
-    def _current_in(self, c: sqlite3.Connection, project: str, label: str) -> List[StoredReference]:
+    def _current_in(self, c: Optional[Conn], project: str, label: str) -> List[StoredReference]:
         q = (f"SELECT {_COLUMNS} FROM versions WHERE id IN ({_CURRENT}) AND project=? AND label=? AND kind != 'none' "
              f"AND slot < ? ORDER BY slot")
-        return [self._row(r) for r in c.execute(q, (str(project), label, self.k(project)))]
+        args = (str(project), label, self.k(project))
+        return [self._row(r) for r in (c.execute(q, args) if c is not None else self._query(q, args))]
 
-    def _insert(self, c: sqlite3.Connection, project: str, label: str, slot: int, row: Dict) -> int:
-        cur = c.execute(f"INSERT INTO versions ({_COLUMNS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL)",
+    def _insert(self, c: Conn, project: str, label: str, slot: int, row: Dict) -> int:
+        cur = c.execute(f"INSERT INTO versions ({_COLUMNS[4:]}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL) "
+                        f"RETURNING id",
                         (str(project), label, slot, row["kind"], row["extractor"], row["text"], row["source"],
                          row["annotation"], row["how"], time.time(), row["feature_file"], row["feature_sha"],
                          row["mask_file"], row["image_file"], row["thumb_file"]))
-        return int(cur.lastrowid)
+        return int(cur.scalar_one())
 
     def delete(self, project: str, label: Optional[str] = None, source: Optional[Dict] = None) -> int:
         """Clear one label's reference (or all of a project's): a ``none`` version in each live
@@ -441,39 +439,29 @@ class ReferenceStore:
     # -- "Use as reference" as a transition ---------------------------------------------------
     def annotation_forced(self, annotation: int) -> bool:
         """Whether the choice was ticked the last time this annotation was seen (False if never)."""
-        r = self._conn().execute("SELECT forced FROM annotation_state WHERE annotation=?", (int(annotation),)).fetchone()
+        r = self.db.query_one("SELECT forced FROM annotation_state WHERE annotation=?", (int(annotation),))
         return bool(r and r[0])
 
     def set_annotation_forced(self, annotation: int, project: str, forced: bool) -> None:
         with self._write() as c:
-            c.execute("INSERT OR REPLACE INTO annotation_state VALUES (?,?,?,?)",
+            c.execute("INSERT INTO annotation_state (annotation, project, forced, updated_at) VALUES (?,?,?,?) "
+                      "ON CONFLICT (annotation) DO UPDATE SET project = excluded.project, forced = excluded.forced, "
+                      "updated_at = excluded.updated_at",
                       (int(annotation), str(project), int(bool(forced)), time.time()))
 
     # -- maintenance -----------------------------------------------------------------------
-    def collect_garbage(self, min_age_s: float = 60.0) -> int:
-        """Delete files no version names, and writers' temporary files older than ``min_age_s``
-        (left by a crash). Safe against concurrent writers: see the module docstring."""
-        n = 0
-        with self._files_lock(exclusive=True):
-            used = set()
-            for r in self._conn().execute("SELECT feature_file, mask_file, image_file, thumb_file FROM versions"):
-                used.update(x for x in r if x)
-            now = time.time()
-            for p in self.files.iterdir():
-                if p.name == ".lock" or p.name in used:
-                    continue
-                if p.name.endswith(".tmp") and now - p.stat().st_mtime <= min_age_s:
-                    continue  # a writer outside the lock's reach (an old process) may still rename it
-                p.unlink(missing_ok=True)
-                n += 1
-        return n
+    def collect_garbage(self) -> int:
+        """Delete the blobs no version names; how many (one transaction: a writer's new version
+        and its blobs commit together, before or after it)."""
+        with self._write() as c:
+            return int(c.execute(
+                "DELETE FROM blobs WHERE name NOT IN (SELECT feature_file FROM versions WHERE feature_file IS NOT NULL "
+                "UNION SELECT mask_file FROM versions WHERE mask_file IS NOT NULL UNION SELECT image_file FROM versions "
+                "WHERE image_file IS NOT NULL UNION SELECT thumb_file FROM versions WHERE thumb_file IS NOT NULL)").rowcount)
 
     def check(self) -> List[str]:
         """Integrity problems, as sentences (empty when all is well)."""
-        problems = []
-        r = self._conn().execute("PRAGMA integrity_check").fetchone()[0]
-        if r != "ok":
-            problems.append(f"database: {r}")
+        problems = self.db.integrity()
         for m in self.list():
             try:
                 self._feature(m)
@@ -482,6 +470,10 @@ class ReferenceStore:
             except CorruptReference as e:
                 problems.append(f"project {m.project} label {m.label!r} (version {m.id}): {e}")
         return problems
+
+    def counts(self) -> Dict[str, int]:
+        """Rows per table (``admin migrate`` prints them)."""
+        return {t: int(self.db.query_one(f"SELECT COUNT(*) FROM {t}")[0]) for t in TABLES.tables}
 
 
 def _none_row(source: Dict, annotation: Optional[int], how: str) -> Dict:

@@ -285,8 +285,9 @@ def test_damaged_reference_is_reported_not_used(backend):
     from backend.references import ReferenceStore
 
     store = ReferenceStore(backend.data_dir)
-    f = backend.data_dir / "refs" / store.meta("21", "Object").feature_file
-    f.write_bytes(f.read_bytes()[:-7] + b"garbage")
+    name = store.meta("21", "Object").feature_file
+    with store.db.write() as c:  # damaged in the database, as a bad disk or a bad restore would leave it
+        c.execute("UPDATE blobs SET data = ? WHERE name = ?", (store._read_file(name)[:-7] + b"garbage", name))
     status, r = backend.post("/predict", predict_body(upload("penguin.jpg"), [keypoint(50, 50)], project="21.1"))
     assert status == 200 and r["results"][0]["mode"] == "pure-is"
     assert "damaged" in r["results"][0]["errors"][0]

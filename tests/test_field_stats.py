@@ -14,8 +14,8 @@ def gt(datasets):
     return load_gt(s)[0]
 
 
-def test_accepted_edited_and_unmatched_objects(tmp_path, gt):
-    st = FieldStats(tmp_path)
+def test_accepted_edited_and_unmatched_objects(tmp_path, gt, database_url):
+    st = FieldStats(tmp_path, database_url=database_url)
     other = np.zeros_like(gt)
     other[:20, :20] = True
     a = st.record_now("3", 7, "Object", "pure-is", "smartsam", 1, 2.5, gt)
@@ -46,12 +46,12 @@ def test_accepted_edited_and_unmatched_objects(tmp_path, gt):
     assert len(st.outcomes("3")) == 1
 
 
-def test_only_suggestions_served_before_the_annotation_count(tmp_path, gt):
+def test_only_suggestions_served_before_the_annotation_count(tmp_path, gt, database_url):
     """A pre-label made after the annotator submitted (a late Retrieve predictions, a read-back
     that made Label Studio predict) is not what they saw: it never takes the object's arm."""
     import time
 
-    st = FieldStats(tmp_path)
+    st = FieldStats(tmp_path, database_url=database_url)
     edited = gt.copy()
     edited[: gt.shape[0] // 3] = False
     seen = st.record_now("1", 5, "Object", "pure-is", "smartsam", 1, 1.0, edited)
@@ -63,20 +63,20 @@ def test_only_suggestions_served_before_the_annotation_count(tmp_path, gt):
     assert st.observe("1", 5, 9, [("r", "Object", gt.copy())])[0]["arm"] == "prelabel"
 
 
-def test_queued_suggestions_are_written_at_close(tmp_path, gt):
-    st = FieldStats(tmp_path)
+def test_queued_suggestions_are_written_at_close(tmp_path, gt, database_url):
+    st = FieldStats(tmp_path, database_url=database_url)
     for k in range(20):
         st.record("2", k, "L", "pure-is", "smartsam", 1, 0.1, gt)  # queued, off the request path
     st.close()
-    again = FieldStats(tmp_path)  # what a restarted process sees
-    assert again._conn().execute("SELECT COUNT(*) FROM suggestions WHERE project='2'").fetchone()[0] == 20
+    again = FieldStats(tmp_path, database_url=database_url)  # what a restarted process sees
+    assert again.db.query_one("SELECT COUNT(*) FROM suggestions WHERE project='2'")[0] == 20
     assert st.lost == 0
 
 
-def test_suggestions_are_bounded(tmp_path, gt):
-    st = FieldStats(tmp_path, max_suggestions=5)
+def test_suggestions_are_bounded(tmp_path, gt, database_url):
+    st = FieldStats(tmp_path, max_suggestions=5, database_url=database_url)
     ids = [st.record_now("1", k, "L", "pure-is", "smartsam", 1, 0.1, gt) for k in range(12)]
-    n = st._conn().execute("SELECT COUNT(*), MIN(id) FROM suggestions").fetchone()
+    n = st.db.query_one("SELECT COUNT(*), MIN(id) FROM suggestions")
     assert n == (5, ids[-5])
 
 
@@ -93,7 +93,7 @@ def test_compare_setting_and_seeded_draw():
     assert not any(draw_plain(0, 0.0, "1", 5, "Object", c) for c in clicks)
 
 
-def test_a_polygon_served_and_submitted_unchanged_counts_as_accepted(tmp_path, gt):
+def test_a_polygon_served_and_submitted_unchanged_counts_as_accepted(tmp_path, gt, database_url):
     """A polygon rasterises to IoU < 1 with the mask it came from; it is still "accepted
     unchanged" when the submitted region is the one served, and edited when it is not."""
     from backend.label_config import LabelConfig
@@ -104,7 +104,7 @@ def test_a_polygon_served_and_submitted_unchanged_counts_as_accepted(tmp_path, g
 
     cfg = LabelConfig.parse((Path(__file__).resolve().parents[1] / "label_config_polygon.xml").read_text())
     regions, shown = answer_results(gt, cfg, "Object", 0.9)
-    st = FieldStats(tmp_path)
+    st = FieldStats(tmp_path, database_url=database_url)
     st.record_now("4", 1, "Object", "pure-is", "smartsam", 1, 1.0, shown, "v", regions)
     first = regions[0]
     m = region_shown_mask(first)

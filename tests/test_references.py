@@ -1,4 +1,5 @@
-"""The reference store: durable, atomic under SIGKILL, and clear about versions."""
+"""The reference store: durable, atomic under SIGKILL, and clear about versions; on both engines
+(the embedded SQLite files and a real PostgreSQL: the ``database_url`` fixture)."""
 
 import json
 import os
@@ -22,7 +23,7 @@ import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
 from backend.references import ReferenceStore
 from smartsam.selector import Reference
-store = ReferenceStore(sys.argv[1])
+store = ReferenceStore(sys.argv[1], database_url=sys.argv[4] or None)
 k = int(sys.argv[3])
 print("ready", flush=True)
 while True:
@@ -33,17 +34,17 @@ while True:
 """
 
 
-def test_sigkill_while_writing_never_leaves_a_half_reference(tmp_path):
+def test_sigkill_while_writing_never_leaves_a_half_reference(tmp_path, database_url):
     store_dir = tmp_path / "store"
     seen_max = 0
-    for round_ in range(15):
-        p = subprocess.Popen([sys.executable, "-c", WRITER, str(store_dir), str(ROOT), str(round_ * 100000)],
-                             stdout=subprocess.PIPE, text=True)
+    for round_ in range(15 if database_url is None else 6):
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(store_dir), str(ROOT), str(round_ * 100000),
+                              database_url or ""], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"
         time.sleep(0.05 + 0.37 * ((round_ * 7) % 5) / 5)  # kill at varied moments
         p.send_signal(signal.SIGKILL)
         p.wait()
-        store = ReferenceStore(store_dir)
+        store = ReferenceStore(store_dir, database_url=database_url)
         assert store.check() == []
         for m in store.list():
             ref = store.get(m.project, m.label)
@@ -95,29 +96,33 @@ def test_kill_the_real_backend_while_it_writes_references(tmp_path):
             assert store.get("5", m.label).kind == "text" and m.text.startswith("thing ")
 
 
-def test_newer_store_is_refused_and_corrupt_database_is_named(tmp_path):
-    store = ReferenceStore(tmp_path / "a")
+def test_newer_store_is_refused_and_corrupt_database_is_named(tmp_path, database_url):
+    store = ReferenceStore(tmp_path / "a", database_url=database_url)
     store.put("1", "x", Reference("text", np.ones(4), "clip", text="t"), {})
-    c = sqlite3.connect(tmp_path / "a" / "references.db")
-    c.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    c.commit()
-    c.close()
+    with store.db.write() as c:
+        c.execute("UPDATE smartsam_schema SET version = ? WHERE store = 'references'", (SCHEMA_VERSION + 1,))
     with pytest.raises(ReferenceStoreError, match="newer than this backend"):
-        ReferenceStore(tmp_path / "a")
+        ReferenceStore(tmp_path / "a", database_url=database_url)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "references.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(ReferenceStoreError, match="unreadable"):
         ReferenceStore(tmp_path / "b")
 
 
-def test_missing_file_is_reported(tmp_path):
-    store = ReferenceStore(tmp_path)
+def test_missing_or_damaged_data_is_reported(tmp_path, database_url):
+    store = ReferenceStore(tmp_path, database_url=database_url)
     store.put("1", "x", Reference("text", np.ones(4), "clip", text="t"), {})
-    (tmp_path / "refs" / store.meta("1", "x").feature_file).unlink()
+    store.put("1", "y", Reference("text", np.ones(4) * 2, "clip", text="u"), {})
+    with store.db.write() as c:
+        c.execute("DELETE FROM blobs WHERE name = ?", (store.meta("1", "x").feature_file,))
+        c.execute("UPDATE blobs SET data = ? WHERE name = ?", (b"garbage", store.meta("1", "y").feature_file))
     with pytest.raises(CorruptReference, match="missing"):
         store.get("1", "x")
-    assert store.check() and "missing" in store.check()[0]
-    assert store.delete("1", "x") == 1 and store.list() == []
+    with pytest.raises(CorruptReference, match="damaged"):
+        store.get("1", "y")
+    problems = store.check()
+    assert len(problems) == 2 and "missing" in problems[0] and "damaged" in problems[1]
+    assert store.delete("1", "x") == 1 and [m.label for m in store.list()] == ["y"]
 
 
 def test_admin_cli_sets_lists_shows_and_clears(tmp_path, datasets):
@@ -162,8 +167,8 @@ def _mask(k):
     return m
 
 
-def test_history_withdraw_restore_and_clear(tmp_path):
-    store = ReferenceStore(tmp_path)
+def test_history_withdraw_restore_and_clear(tmp_path, database_url):
+    store = ReferenceStore(tmp_path, database_url=database_url)
     img = np.full((32, 32, 3), 90, np.uint8)
     a = store.put("1", "L", _ref(1), {"annotation": 11}, mask=_mask(1), image=img, annotation=11, how="first", policy="auto")
     assert a is not None and store.meta("1", "L").id == a
@@ -198,8 +203,8 @@ def test_history_withdraw_restore_and_clear(tmp_path):
         store.restore(10**6)
 
 
-def test_k_exemplars_fill_in_order_and_are_used_together(tmp_path):
-    store = ReferenceStore(tmp_path, exemplars=3)
+def test_k_exemplars_fill_in_order_and_are_used_together(tmp_path, database_url):
+    store = ReferenceStore(tmp_path, exemplars=3, database_url=database_url)
     ids = [store.put("1", "L", _ref(k), {}, mask=_mask(k), annotation=k, how="first", policy="auto") for k in range(1, 5)]
     assert ids[3] is None  # a fourth annotation finds no free slot
     cur = store.current("1", "L")
@@ -218,7 +223,7 @@ def test_k_exemplars_fill_in_order_and_are_used_together(tmp_path):
     store.withdraw_annotation(5, "deleted")
     assert [m.annotation for m in store.current("1", "L")] == [4, 2, 3]
     # the same store read with K = 1 uses slot 0 only
-    assert ReferenceStore(tmp_path).get("1", "L").exemplars == 1
+    assert ReferenceStore(tmp_path, database_url=database_url).get("1", "L").exemplars == 1
 
 
 def test_schema_1_store_is_migrated_with_its_references(tmp_path):
@@ -240,7 +245,11 @@ def test_schema_1_store_is_migrated_with_its_references(tmp_path):
     c.commit()
     c.close()
     store = ReferenceStore(tmp_path)
-    assert sqlite3.connect(tmp_path / "references.db").execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.db.schema_version() == SCHEMA_VERSION == 3
+    # the file is in the database now: the folder may go
+    import shutil
+
+    shutil.rmtree(tmp_path / "refs")
     m = store.meta("7", "Object")
     assert (m.how, m.annotation, m.slot) == ("migrated", 42, 0)
     assert np.allclose(store.get("7", "Object").feature, _ref(3).feature) and store.check() == []
@@ -249,28 +258,30 @@ def test_schema_1_store_is_migrated_with_its_references(tmp_path):
     assert store.get("7", "Object") is None
 
 
-def test_garbage_collection_never_removes_a_file_a_writer_is_about_to_name(tmp_path):
+def test_garbage_collection_never_removes_data_a_writer_is_about_to_name(tmp_path, database_url):
     import threading
 
-    store = ReferenceStore(tmp_path)
+    store = ReferenceStore(tmp_path, database_url=database_url)
     stop = threading.Event()
     errors = []
 
     def writer():
         try:
             for k in range(1, 151):
-                # files are reused by content (k % 3): the case where a file exists before its new row
+                # blobs are reused by content (k % 3): the case where a blob exists before its new row
                 store.put("1", "L", _ref(k % 3), {"k": k}, mask=_mask(k % 3), how="admin")
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
         finally:
             stop.set()  # the collector races the writer for exactly its 150 versions
 
+    collected = []
+
     def collector():
-        other = ReferenceStore(tmp_path)  # another connection, as another process would have
+        other = ReferenceStore(tmp_path, database_url=database_url)  # another connection, as another replica's
         while not stop.is_set():
             try:
-                other.collect_garbage(min_age_s=0)
+                collected.append(other.collect_garbage())
             except Exception as e:  # pragma: no cover - reported below
                 errors.append(e)
 
@@ -280,12 +291,13 @@ def test_garbage_collection_never_removes_a_file_a_writer_is_about_to_name(tmp_p
     for t in threads:
         t.join(120)
     assert not any(t.is_alive() for t in threads)
-    assert not errors and store.check() == []
-    # every version ever written still has its files (the history stays viewable)
+    assert not errors and store.check() == [] and len(collected) > 1 and sum(collected) == 0
+    # every version ever written still has its data (the history stays viewable)
     for v in store.history("1", "L"):
         for name in (v.feature_file, v.mask_file):
-            assert (tmp_path / "refs" / name).exists(), (v.id, name)
+            assert store._read_file(name), (v.id, name)
     assert len(store.history("1", "L")) == 150
-    # a file no version names goes
-    (tmp_path / "refs" / ("0" * 64 + ".npy")).write_bytes(b"orphan")
-    assert store.collect_garbage(min_age_s=0) == 1
+    # data no version names goes
+    with store.db.write() as c:
+        c.execute("INSERT INTO blobs (name, data) VALUES (?, ?)", ("0" * 64 + ".npy", b"orphan"))
+    assert store.collect_garbage() == 1

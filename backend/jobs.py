@@ -16,8 +16,10 @@ same pre-labeling path and writes the predictions back through Label Studio's AP
 one per task and model version (a task that already has one, from Label Studio or an earlier
 press of the button, is skipped). ``state()`` is shown by ``/health`` and ``/admin/jobs``.
 
-Both queues are on disk too (:mod:`backend.work_queue`): an event answered 201 and a task
-handed to the background are worked after a crash and a restart (``recovered`` in the state).
+Both queues live in the database (:mod:`backend.work_queue`): an event answered 201 and a task
+handed to the background are worked after a crash and a restart (``recovered`` in the state), and
+with a shared database every replica's worker takes tasks from the one queue. A database that
+goes away stops nothing: the workers wait and go on when it is back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .config import AgentSettings
@@ -35,6 +37,7 @@ from .engine import Engine
 from .errors import ImageFetchError, RequestError, SettingsError
 from .label_config import LabelConfig
 from .reference_rules import ReferenceRules
+from .db import DatabaseUnavailable
 from .work_queue import WorkQueue
 
 log = logging.getLogger("smartsam.jobs")
@@ -71,18 +74,19 @@ class Jobs:
         self.settings_retry_s = float(settings_retry_s)
         self.max_events = int(max_events)
         self._events: "queue.Queue[Tuple[int, str, int, Optional[str]]]" = queue.Queue()
-        self._tasks: "queue.Queue[Tuple[str, Dict, str]]" = queue.Queue()
-        self.durable = WorkQueue(engine.settings.data_dir / "jobs.db")
+        s = engine.settings
+        self.durable = WorkQueue(s.data_dir / "jobs.db", s.database_url, s.queue_lease)
         self._lock = threading.Lock()
-        self._pending: Dict[Tuple[str, int], float] = {}
-        self._seen: "OrderedDict[Tuple[int, str], None]" = OrderedDict()
         self._busy = {"events": 0, "prelabel": 0}  # items taken off a queue and not finished
         self._idle = threading.Condition(self._lock)
+        self._new_tasks = threading.Event()  # set by submit(): the worker need not wait for its poll
+        self.poll_s = 1.0  # how often an idle worker looks for tasks another replica queued
         self.events = {"queued": 0, "applied": 0, "duplicates": 0, "rejected": 0, "failed": 0, "recovered": 0}
         self.prelabel = {"queued": 0, "done": 0, "failed": 0, "written": 0, "skipped_existing": 0, "recovered": 0}
         self._recent: "deque[float]" = deque(maxlen=50)
         self.last_errors: "deque[str]" = deque(maxlen=10)
         self._started = False
+        self._waiting_cache = (0.0, 0)  # (when, count): /health reads the shared count at most once a second
 
     def start(self) -> None:
         """Take up what a crash or a stop left on disk, then start the two workers (the composition
@@ -91,17 +95,30 @@ class Jobs:
             if self._started:
                 return
             self._started = True
-            # what a crash or a stop left on disk, in the order it came
-            self.durable.take_over()
-            for item in self.durable.events():
-                self._events.put(item)
-                self.events["recovered"] += 1
-            for project, task, label_config in self.durable.tasks():
-                self._pending[(project, task["id"])] = time.monotonic()
-                self._tasks.put((project, task, label_config))
-                self.prelabel["recovered"] += 1
+            # what a crash or a stop left, in the order it came: this host's dead processes' rows
+            # at once, other replicas' when their leases run out (the lease loop)
+            self.prelabel["recovered"] += self.durable.take_over()["prelabel"]
+            self._claim_orphans()
         threading.Thread(target=self._event_loop, name="smartsam-events", daemon=True).start()
         threading.Thread(target=self._prelabel_loop, name="smartsam-prelabel", daemon=True).start()
+        threading.Thread(target=self._lease_loop, name="smartsam-leases", daemon=True).start()
+
+    def _claim_orphans(self) -> None:
+        """Take up the notices whose process is gone (their lease ran out)."""
+        for item in self.durable.claim_events():
+            self._events.put(item)
+            self.events["recovered"] += 1
+
+    def _lease_loop(self) -> None:
+        """Every third of the lease: renew this process's claims, take up orphaned notices."""
+        while True:
+            time.sleep(self.durable.lease_s / 3)
+            try:
+                self.durable.renew()
+                with self._lock:
+                    self._claim_orphans()
+            except Exception as e:  # the database is away: the claims lapse, other replicas take them
+                log.warning("work queue: leases not renewed (%s)", e)
 
     # -- state -----------------------------------------------------------------------------
     def state(self) -> Dict:
@@ -109,16 +126,29 @@ class Jobs:
             now = time.monotonic()
             recent = [t for t in self._recent if now - t < 120]
             rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
+            waiting = self._waiting_tasks()
             return {"events": {**self.events, "waiting": self._events.qsize() + self._busy["events"]},
-                    "prelabel": {**self.prelabel, "waiting": len(self._pending), "tasks_per_s": round(rate, 3)},
+                    "prelabel": {**self.prelabel, "waiting": waiting, "tasks_per_s": round(rate, 3)},
                     "last_errors": list(self.last_errors)}
 
+    def _waiting_tasks(self) -> Optional[int]:
+        """Tasks in the shared queue (every replica's), read at most once a second; None when
+        the database does not answer."""
+        when, n = self._waiting_cache
+        if time.monotonic() - when > 1.0:
+            try:
+                n = self.durable.waiting_tasks()
+            except DatabaseUnavailable:
+                return None
+            self._waiting_cache = (time.monotonic(), n)
+        return n
+
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until no event is queued or being applied and no pre-label is pending (tests,
-        shutdown); False on timeout."""
+        """Block until no event is queued or being applied and the shared pre-labeling queue is
+        empty (tests, shutdown); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._events.qsize() or self._busy["events"] or self._pending:
+            while self._events.qsize() or self._busy["events"] or self.durable.waiting_tasks():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -131,7 +161,11 @@ class Jobs:
         with self._lock:
             if self._events.qsize() >= self.max_events:
                 return False
-            row = self.durable.add_event(action, int(annotation_id), claimed_project)
+            try:
+                row = self.durable.add_event(action, int(annotation_id), claimed_project)
+            except DatabaseUnavailable as e:  # not kept, so not accepted: the sender hears 503
+                self.last_errors.append(f"webhook {action} {annotation_id} refused: {e}")
+                return False
             self._events.put((row, action, int(annotation_id), claimed_project))
             self.events["queued"] += 1
         return True
@@ -139,8 +173,11 @@ class Jobs:
     def confirm_settings(self, project: str, claimed: Dict) -> bool:
         """Queue the check of a /setup's extra params against Label Studio (nothing is queued when
         they are the ones in force)."""
-        if self.engine.project_settings.get(project) == claimed:
-            return True
+        try:
+            if self.engine.project_settings.get(project) == claimed:
+                return True
+        except DatabaseUnavailable:
+            pass
         return self.notify(SETUP, int(project), json.dumps(claimed, sort_keys=True))
 
     def _event_loop(self) -> None:
@@ -149,22 +186,32 @@ class Jobs:
             with self._lock:
                 self._busy["events"] += 1
             row, action, aid, claimed = item
+            retry = False
             try:
                 outcome = self.apply_event(action, aid, claimed)
                 key = {"applied": "applied", "duplicate": "duplicates", "rejected": "rejected"}[outcome]
+            except DatabaseUnavailable as e:  # kept in the queue and tried again when it is back
+                log.warning("webhook %s annotation %s waits for the database (%s)", action, aid, e)
+                self._error(f"webhook {action} annotation {aid}: {e}; retried")
+                key, retry = "failed", True
             except Exception as e:  # one bad event never stops the worker
                 log.exception("webhook %s annotation %s failed", action, aid)
                 self._error(f"webhook {action} annotation {aid}: {type(e).__name__}: {e}")
                 key = "failed"
-            try:
-                self.durable.event_done(row)
-            except Exception as e:  # the disk: the event may be applied again after a restart (a duplicate)
-                log.error("webhook %s annotation %s: could not clear it from the queue (%s)", action, aid, e)
+            if not retry:
+                try:
+                    self.durable.event_done(row)
+                except Exception as e:  # the database: the event is applied again later (a duplicate, skipped)
+                    log.error("webhook %s annotation %s: could not clear it from the queue (%s)", action, aid, e)
             with self._idle:
-                self.events[key] += 1
+                if not retry:
+                    self.events[key] += 1
                 self._busy["events"] -= 1
                 self._idle.notify_all()
             self._events.task_done()
+            if retry:
+                time.sleep(self.poll_s)
+                self._events.put(item)
 
     def apply_event(self, action: str, aid: int, claimed: Optional[str] = None) -> str:
         """Read annotation ``aid`` back from Label Studio and apply the reference rules to it.
@@ -195,9 +242,9 @@ class Jobs:
             log.warning("webhook %s: the payload names project %s, Label Studio says annotation %s is in project %s; "
                         "using Label Studio's", action, claimed, aid, proj)
         version = (aid, str(ann.get("updated_at")), action == "ANNOTATION_UPDATED")
-        with self._lock:
-            if version in self._seen:
-                return "duplicate"
+        # one application per annotation version, whichever process or replica gets it first
+        if not self.durable.first_application(*version):
+            return "duplicate"
         try:
             cfg = LabelConfig.parse(project.get("label_config"))
             out = self.rules.apply(ann, task, proj, action, cfg)
@@ -205,14 +252,13 @@ class Jobs:
             log.warning("webhook %s annotation %s: %s", action, aid, e)
             self._error(f"annotation {aid}: {e}")
             return "rejected"
+        except BaseException:
+            self.durable.forget_application(*version)  # not applied: a later try may apply it
+            raise
         try:
             out["statistics"] = len(self.rules.observe(ann, task, proj, cfg))
         except Exception as e:  # statistics never block the reference rules
             log.warning("annotation %s: field statistics not updated (%s)", aid, e)
-        with self._lock:
-            self._seen[version] = None
-            while len(self._seen) > 10000:
-                self._seen.popitem(last=False)
         log.info("webhook %s annotation %s (project %s, task %s): references set %s", action, aid, proj, task.get("id"),
                  out.get("reference"))
         return "applied"
@@ -263,54 +309,66 @@ class Jobs:
 
     # -- background pre-labeling -----------------------------------------------------------
     def pending(self, project: str, task_id) -> bool:
-        with self._lock:
-            return (project, task_id) in self._pending
+        """Whether the task waits in the shared queue or is being worked (by any replica)."""
+        try:
+            return self.durable.has_task(project, task_id)
+        except DatabaseUnavailable:
+            return False
 
     def submit(self, project: str, tasks: List[Dict], label_config: str) -> int:
-        """Queue tasks for background pre-labeling (on disk when this returns); returns how many
-        were new to the queue."""
+        """Queue tasks for background pre-labeling (committed when this returns); returns how
+        many were new to the queue."""
+        fresh = [t for t in tasks if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)]
+        added = self.durable.add_tasks(project, fresh, label_config)
         with self._lock:
-            fresh = [t for t in tasks if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)
-                     and (project, t["id"]) not in self._pending]
-            added = self.durable.add_tasks(project, fresh, label_config)
-            for t in added:
-                self._pending[(project, t["id"])] = time.monotonic()
-                self._tasks.put((project, t, label_config))
-                self.prelabel["queued"] += 1
-            return len(added)
+            self.prelabel["queued"] += len(added)
+        self._new_tasks.set()
+        return len(added)
 
     def _prelabel_loop(self) -> None:
+        """Claim a task from the shared queue, predict it, write predictions in batches; idle, look
+        again every ``poll_s`` (another replica may have queued some) or when this one queues."""
         batch: List[Dict] = []
         while True:
             try:
-                project, task, label_config = self._tasks.get(timeout=1.0 if batch else None)
-            except queue.Empty:
-                self._flush(batch)
+                item = self.durable.claim_task()
+            except Exception as e:  # the database is away: what is claimed is written, then wait
+                self._error(f"pre-labeling queue: {e}")
+                item = None
+            if item is None:
+                if batch:
+                    self._flush(batch)
+                    continue
+                self._new_tasks.wait(self.poll_s)
+                self._new_tasks.clear()
                 continue
+            project, task, label_config = item
+            with self._lock:
+                self._busy["prelabel"] += 1
             try:
                 pred = self._predict(project, task, label_config)
                 if pred is not None:
                     batch.append(pred)
                 else:
                     self._done(project, task.get("id"))
-                if len(batch) >= self.write_batch or self._tasks.empty():
+                if len(batch) >= self.write_batch:
                     self._flush(batch)
             except Exception as e:  # the worker never dies
                 log.exception("background pre-label of task %s failed", task.get("id"))
                 self._error(f"task {task.get('id')}: {type(e).__name__}: {e}")
                 self._done(project, task.get("id"))
             finally:
-                self._tasks.task_done()
+                with self._lock:
+                    self._busy["prelabel"] -= 1
 
     def _done(self, project: str, task_id) -> None:
-        # a task stays "pending" until its prediction is written: a second press of the button
-        # meanwhile must not predict it again
+        # a task stays queued until its prediction is written: a second press of the button
+        # meanwhile must not queue it again
         try:
             self.durable.task_done(project, task_id)
-        except Exception as e:  # the disk: the task may run again after a restart (then skipped at write)
+        except Exception as e:  # the database: the task runs again later (then skipped at write)
             log.error("task %s: could not clear it from the queue (%s)", task_id, e)
         with self._idle:
-            self._pending.pop((project, task_id), None)
             self._idle.notify_all()
 
     def _predict(self, project: str, task: Dict, label_config: str) -> Optional[Dict]:

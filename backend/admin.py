@@ -7,12 +7,15 @@
     python -m backend.admin history PROJECT LABEL      every version, newest first
     python -m backend.admin restore VERSION            make a version current again
     python -m backend.admin check
-    python -m backend.admin gc                          remove files no version names
+    python -m backend.admin gc                          remove data no version names
     python -m backend.admin stats [--project ID] [--json]   field statistics (suggestions vs annotations)
+    python -m backend.admin migrate --to postgresql://USER:PASSWORD@HOST:PORT/DB
+                                                        copy the SQLite store into an empty PostgreSQL
 
-Uses ``SMARTSAM_DATA_DIR`` and the same feature models as the server (``SMARTSAM_FEATURES``,
-``SMARTSAM_TEXT_FEATURES``; the random test models when ``SMARTSAM_BACKBONE`` is a ``-random``
-one). Safe while the server runs: SQLite serialises the writers.
+Uses the backend's store (``SMARTSAM_DATABASE_URL``, else the SQLite files in ``SMARTSAM_DATA_DIR``)
+and the same feature models as the server (``SMARTSAM_FEATURES``, ``SMARTSAM_TEXT_FEATURES``; the
+random test models when ``SMARTSAM_BACKBONE`` is a ``-random`` one). Safe while the server runs:
+writers serialise (stop the server before ``migrate``: what it writes meanwhile is not copied).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 from pathlib import Path
 
 from .config import Settings
+from .db import DatabaseUnavailable, safe_url
 from .errors import SettingsError
 from .project_settings import ProjectSettings
 from .references import ReferenceStore, ReferenceStoreError
@@ -87,17 +91,21 @@ def main(argv=None) -> int:
     p = sub.add_parser("stats")
     p.add_argument("--project")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("migrate", help="copy the SQLite store into an empty PostgreSQL database")
+    p.add_argument("--to", required=True, metavar="postgresql://...")
     args = ap.parse_args(argv)
     try:
         s = Settings.from_env()
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.cmd == "migrate":
+        return migrate(s, args.to)
     try:
-        store = ReferenceStore(s.data_dir, exemplars=s.exemplars)
-        projects = ProjectSettings(s.data_dir)
+        store = ReferenceStore(s.data_dir, exemplars=s.exemplars, database_url=s.database_url)
+        projects = ProjectSettings(s.data_dir, s.database_url)
         store.exemplars_for = lambda p: projects.agent(s.agent, p).exemplars  # a project's own K, as the server
-    except ReferenceStoreError as e:
+    except (ReferenceStoreError, DatabaseUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.cmd == "list":
@@ -137,17 +145,19 @@ def main(argv=None) -> int:
         from .engine import instance_report
         from .field_stats import FieldStats, instance_table, table
 
-        stats = FieldStats(s.data_dir, s.stats_max)
+        stats = FieldStats(s.data_dir, s.stats_max, s.database_url)
         summary = stats.summary(args.project)
         instances = instance_report(stats, store, s, args.project)
         print(json.dumps(dict(summary, instances=instances), indent=2) if args.json else
               table(summary) + "\n\n" + instance_table(instances))
         return 0
     if args.cmd == "gc":
-        print(f"removed {store.collect_garbage()} unused files")
+        print(f"removed {store.collect_garbage()} unused blobs")
         return 0
     if args.cmd == "check":
-        problems = store.check()
+        from .field_stats import FieldStats
+
+        problems = store.check() + FieldStats(s.data_dir, s.stats_max, s.database_url).db.integrity()
         for p in problems:
             print(p)
         return 1 if problems else 0
@@ -167,6 +177,55 @@ def main(argv=None) -> int:
               mask=mask, image=image, how="admin")
     print(f"set {ref.kind} reference for project {args.project} label {args.label!r}")
     return 0
+
+
+def migrate(s: Settings, target: str) -> int:
+    """Copy every store (references and their data, project settings, field statistics, the
+    work queue and the applied-events record) from the SQLite files of ``SMARTSAM_DATA_DIR`` into
+    the empty database ``target``; prints the rows per table on both sides."""
+    from . import field_stats, project_settings, references, work_queue
+    from .db import Database, copy_rows, has_rows
+
+    if s.database_url:
+        print("error: migrate copies the SQLite store of SMARTSAM_DATA_DIR: unset SMARTSAM_DATABASE_URL", file=sys.stderr)
+        return 2
+    if not target.split("://", 1)[0].split("+")[0] in ("postgresql", "postgres"):
+        print("error: --to must be a postgresql:// URL", file=sys.stderr)
+        return 2
+    try:
+        # opening each store brings an older file to the current schema first
+        sources = {"references": ReferenceStore(s.data_dir, s.exemplars).db,
+                   "project_settings": ProjectSettings(s.data_dir).db,
+                   "field_stats": field_stats.FieldStats(s.data_dir, s.stats_max).db,
+                   "work_queue": work_queue.WorkQueue(s.data_dir / "jobs.db").db}
+        tables = {"references": references.TABLES, "project_settings": project_settings.TABLES,
+                  "field_stats": field_stats.TABLES, "work_queue": work_queue.TABLES}
+        full = {}
+        for name in sources:
+            full.update(has_rows(Database(target, name), tables[name]))
+        if full:
+            print(f"error: {safe_url(target)} already holds SmartSAM data ({', '.join(f'{t}: {n} rows' for t, n in full.items())}):"
+                  f" migrate into an empty database", file=sys.stderr)
+            return 1
+        print(f"migrating {s.data_dir} -> {safe_url(target)}")
+        ok = True
+        for name, src in sources.items():
+            # the target's tables and schema version, as a replica would create them
+            {"references": lambda: ReferenceStore(s.data_dir, s.exemplars, database_url=target),
+             "project_settings": lambda: ProjectSettings(s.data_dir, target),
+             "field_stats": lambda: field_stats.FieldStats(s.data_dir, s.stats_max, target),
+             "work_queue": lambda: work_queue.WorkQueue(s.data_dir / "jobs.db", target)}[name]()
+            dst = Database(target, name)
+            copied = copy_rows(tables[name], src, dst)
+            for table, n in copied.items():
+                there = int(dst.query_one(f"SELECT COUNT(*) FROM {table}")[0])
+                ok &= there == n
+                print(f"  {table:<18} {n:>7} rows -> {there:>7}")
+    except (ReferenceStoreError, DatabaseUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("done: set SMARTSAM_DATABASE_URL to the target on every replica" if ok else "error: counts differ")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

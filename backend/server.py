@@ -306,6 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from smartsam.models import ModelError, ensure_checkpoint, ensure_concept_files, get_spec
 
+    from .db import DatabaseUnavailable
     from .references import ReferenceStore, ReferenceStoreError
 
     try:
@@ -324,8 +325,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             # In the parent, before forking: a file check or download, no CUDA.
             # with SAM 3's concept proposals its tokenizer too, once here rather than in each worker
             (ensure_concept_files if s.proposals == "sam3" else ensure_checkpoint)(spec, allow_download=not args.no_download, sources=s.sources)
-        ReferenceStore(s.data_dir, exemplars=s.exemplars)  # a newer or broken store stops the start with its reason
-    except (ModelError, ReferenceStoreError) as e:
+        # a newer or broken store, or a database that does not answer, stops the start with its reason
+        ReferenceStore(s.data_dir, exemplars=s.exemplars, database_url=s.database_url)
+    except (ModelError, ReferenceStoreError, DatabaseUnavailable) as e:
         print(f"smartsam-backend: error: {e}", file=sys.stderr)
         return 1
     # The workers read the same settings: the backbone as resolved here (one model version).

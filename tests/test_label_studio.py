@@ -1240,3 +1240,114 @@ def test_project_evaluation_gives_smartsam_evals_numbers(label_studio, datasets,
         assert (tmp_path / "project" / "miou_vs_clicks.png").stat().st_size > 1000
         assert f"| project-{pid} | {mode} |" in q.stdout
         print(q.stdout)  # quoted in the README (pytest -s)
+
+
+def test_two_replicas_behind_nginx_share_postgresql(label_studio, datasets, pg_server, tmp_path):
+    """Two replicas launched as the README does (run.sh), one PostgreSQL, nginx round robin in
+    front, a real Label Studio connected to nginx's URL: an annotation submitted through Label
+    Studio (its webhook reaches one replica) makes both answer in reference mode with the same
+    model version; the statistics hold both replicas' suggestions; "Retrieve predictions" of 40
+    tasks sent to one replica is worked by both; a replica killed (SIGKILL) during clicks and
+    during the queue: clicks go on through the other, the queue finishes with exactly one
+    prediction per task."""
+    import threading
+
+    from servers import Nginx
+
+    ls = label_studio
+    url = pg_server.new_database()
+    env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm",
+           "SMARTSAM_DATABASE_URL": url, "SMARTSAM_PREDICT_BUDGET": "5", "SMARTSAM_CHAIN_LENGTH": "0", **RANDOM_INSTANCES}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Backend(tmp_path / "a" / "data", env=env, run_sh=True).start()
+    b = Backend(tmp_path / "b" / "data", env=env, run_sh=True).start()
+    lb = Nginx([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]).start()
+    replicas = (a, b)
+    try:
+        # the same model version on both, and the store they name is the one PostgreSQL
+        health = [r.get("/health")[1] for r in replicas]
+        assert health[0]["model_version"] == health[1]["model_version"], health
+        assert all(h["database"]["engine"] == "postgresql" and h["database"]["ok"] for h in health)
+        assert all("s3cret" not in json.dumps(h) for h in health)  # the password never shows
+
+        pid, ml, tasks = ls.project("SmartSAM replicas", r".*(106024|124080|153077)\.jpg", lb.url)
+        hooks = [w for w in ls.api("GET", f"/api/webhooks?project={pid}")[1] if w["project"] == pid]
+        assert [w["url"] for w in hooks] == [lb.url + "/webhook"]  # Label Studio knows only the balancer
+
+        def click(task, via=None):
+            """A click through Label Studio (and nginx), or straight to one replica."""
+            if via is None:
+                s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating",
+                              {"task": task["id"], "context": {"result": [keypoint(481, 321)]}})
+                assert s == 200 and "errors" not in r, r
+                return r["data"]
+            s, r = via.post("/predict", {"tasks": [task], "project": f"{pid}.1", "label_config": ls.api(
+                "GET", f"/api/projects/{pid}")[1]["label_config"], "params": {"context": {"result": [keypoint(481, 321)]}}})
+            assert s == 200, r
+            return r["results"][0]
+
+        assert {click(tasks[0], via=r)["mode"] for r in replicas} == {"pure-is"}
+        first = click(tasks[0])
+        s, ann = ls.api("POST", f"/api/tasks/{tasks[0]['id']}/annotations?project={pid}",
+                        {"result": [dict(first["result"][0], id="r1")], "project": pid})
+        assert s == 201, ann
+        # the webhook reached one replica; both answer with the reference at their next click
+        wait_for(lambda: all(r.get(f"/admin/references/{pid}", headers=ADMIN)[1]["references"] for r in replicas),
+                 what="the reference on both replicas")
+        answers = [click(tasks[1], via=r) for r in replicas]
+        assert [x["mode"] for x in answers] == ["reference-mask"] * 2, answers
+        assert answers[0]["model_version"] == answers[1]["model_version"]
+        assert sum(events(r)["applied"] for r in replicas) == 1  # applied once, by one of them
+        # one table of statistics for the team: every suggestion either replica served
+        # (each replica writes its suggestions in the background: the other's last one may lag a moment)
+        def served():
+            n = [sum(x["suggestions"] for x in r.get(f"/admin/stats?project={pid}", headers=ADMIN)[1]["served"])
+                 for r in replicas]
+            return n if n[0] == n[1] == 5 else None
+
+        wait_for(served, timeout=30, what="both replicas' 5 suggestions in one table")
+
+        # "Retrieve predictions" of 40 tasks through nginx: both replicas work the one queue
+        names = sorted(re.escape(p.name) for p in (datasets / "GrabCut" / "img").iterdir()
+                       if p.suffix in (".jpg", ".png", ".bmp"))[:40]
+        qid, qml, qtasks = ls.project("SmartSAM replicas queue", r"(^|.*/)(" + "|".join(names) + r")$", lb.url)
+        assert len(qtasks) == 40
+        s, body = a.request("PUT", f"/admin/references/{qid}/Object", json.dumps({"text": "the main object"}).encode(),
+                            {**ADMIN, "Content-Type": "application/json"})
+        assert s == 200, body
+        s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={qid}",
+                      {"selectedItems": {"all": True, "excluded": []}})
+        assert s == 200, r
+        wait_for(lambda: all(r.get("/health")[1]["jobs"]["prelabel"]["done"] > 0 for r in replicas), timeout=300,
+                 what="both replicas pre-labeling")
+        # b dies (kill -9) with tasks claimed; clicks during and after go through a
+        clicks, stop = [], threading.Event()
+
+        def clicker():
+            while not stop.is_set():
+                try:
+                    clicks.append(click(tasks[2])["mode"])
+                except AssertionError as e:  # Label Studio's answer when nginx had none
+                    clicks.append(f"failed: {e}"[:300])
+
+        th = threading.Thread(target=clicker)
+        th.start()
+        time.sleep(2)
+        b.kill(9)
+        time.sleep(4)
+        stop.set()
+        th.join(300)
+        # nginx retries a request the dead replica refused or dropped (proxy_next_upstream): none fails
+        assert len(clicks) >= 2 and set(clicks) == {"reference-mask"}, clicks
+        # a takes over b's claims when their lease runs out and finishes the queue
+        wait_for(lambda: a.get("/health")[1]["jobs"]["prelabel"]["waiting"] == 0, timeout=600, what="the queue")
+        for t in qtasks:
+            preds = ls.predictions(t["id"])
+            assert len(preds) == 1, (t["id"], preds)
+        versions = {ls.predictions(t["id"])[0]["model_version"] for t in qtasks}
+        assert len(versions) == 1, versions
+    finally:
+        lb.close()
+        for r in replicas:
+            r.stop()

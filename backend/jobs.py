@@ -86,7 +86,10 @@ class Jobs:
         self._recent: "deque[float]" = deque(maxlen=50)
         self.last_errors: "deque[str]" = deque(maxlen=10)
         self._started = False
-        self._waiting_cache = (0.0, 0)  # (when, count): /health reads the shared count at most once a second
+        self._waiting_cache = (0.0, 0)
+        # annotation versions whose failed application could not be un-recorded (the database went
+        # away meanwhile): un-recorded before the next try, so the event's retry applies it
+        self._unrecord: set = set()  # (when, count): /health reads the shared count at most once a second
 
     def start(self) -> None:
         """Take up what a crash or a stop left on disk, then start the two workers (the composition
@@ -242,6 +245,9 @@ class Jobs:
             log.warning("webhook %s: the payload names project %s, Label Studio says annotation %s is in project %s; "
                         "using Label Studio's", action, claimed, aid, proj)
         version = (aid, str(ann.get("updated_at")), action == "ANNOTATION_UPDATED")
+        for v in list(self._unrecord):
+            self.durable.forget_application(*v)
+            self._unrecord.discard(v)
         # one application per annotation version, whichever process or replica gets it first
         if not self.durable.first_application(*version):
             return "duplicate"
@@ -249,11 +255,12 @@ class Jobs:
             cfg = LabelConfig.parse(project.get("label_config"))
             out = self.rules.apply(ann, task, proj, action, cfg)
         except (RequestError, ImageFetchError, ValueError) as e:
+            self._unrecord_application(version)  # not applied: a later delivery may apply it
             log.warning("webhook %s annotation %s: %s", action, aid, e)
             self._error(f"annotation {aid}: {e}")
             return "rejected"
         except BaseException:
-            self.durable.forget_application(*version)  # not applied: a later try may apply it
+            self._unrecord_application(version)
             raise
         try:
             out["statistics"] = len(self.rules.observe(ann, task, proj, cfg))
@@ -262,6 +269,12 @@ class Jobs:
         log.info("webhook %s annotation %s (project %s, task %s): references set %s", action, aid, proj, task.get("id"),
                  out.get("reference"))
         return "applied"
+
+    def _unrecord_application(self, version) -> None:
+        try:
+            self.durable.forget_application(*version)
+        except DatabaseUnavailable:
+            self._unrecord.add(version)
 
     def _apply_deletion(self, aid: int) -> str:
         """A deletion counts only when Label Studio answers 404 for the annotation."""
@@ -319,7 +332,12 @@ class Jobs:
         """Queue tasks for background pre-labeling (committed when this returns); returns how
         many were new to the queue."""
         fresh = [t for t in tasks if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)]
-        added = self.durable.add_tasks(project, fresh, label_config)
+        try:
+            added = self.durable.add_tasks(project, fresh, label_config)
+        except DatabaseUnavailable as e:
+            self._error(f"{len(fresh)} tasks not queued: {e}")
+            raise RequestError(f"{e}: {len(fresh)} tasks past the budget were not queued; press Retrieve "
+                               f"predictions again when it is back") from None
         with self._lock:
             self.prelabel["queued"] += len(added)
         self._new_tasks.set()

@@ -116,7 +116,12 @@ class SmartSAMBackend(LabelStudioMLBase):
             for task in tasks:
                 self.on_click(proj, task.get("id") if isinstance(task, dict) else None, self.cfg)
         if leftover:
-            n = self.submit(proj, leftover, self.label_config)
+            try:
+                n = self.submit(proj, leftover, self.label_config)
+            except RequestError as e:  # the queue's database is away: say so, answer what is done
+                log.error("project %s: %s", proj, e)
+                self.errors.append(str(e))
+                return out
             msg = f"{n} of {len(tasks)} tasks continue in the background (SMARTSAM_PREDICT_BUDGET); see /health jobs"
             log.info("project %s: %s", proj, msg)
             self.errors.append(msg)

@@ -192,33 +192,29 @@ def migrate(s: Settings, target: str) -> int:
     if not target.split("://", 1)[0].split("+")[0] in ("postgresql", "postgres"):
         print("error: --to must be a postgresql:// URL", file=sys.stderr)
         return 2
+    # each store: its tables, and how to open it on a database (None: its SQLite file); opening a
+    # store brings an older file to the current schema first, and creates the target's tables
+    stores = {
+        "references": (references.TABLES, lambda url: ReferenceStore(s.data_dir, s.exemplars, database_url=url).db),
+        "project_settings": (project_settings.TABLES, lambda url: ProjectSettings(s.data_dir, url).db),
+        "field_stats": (field_stats.TABLES, lambda url: field_stats.FieldStats(s.data_dir, s.stats_max, url).db),
+        "work_queue": (work_queue.TABLES, lambda url: work_queue.WorkQueue(s.data_dir / "jobs.db", url).db),
+    }
     try:
-        # opening each store brings an older file to the current schema first
-        sources = {"references": ReferenceStore(s.data_dir, s.exemplars).db,
-                   "project_settings": ProjectSettings(s.data_dir).db,
-                   "field_stats": field_stats.FieldStats(s.data_dir, s.stats_max).db,
-                   "work_queue": work_queue.WorkQueue(s.data_dir / "jobs.db").db}
-        tables = {"references": references.TABLES, "project_settings": project_settings.TABLES,
-                  "field_stats": field_stats.TABLES, "work_queue": work_queue.TABLES}
+        sources = {name: open_db(None) for name, (_, open_db) in stores.items()}
         full = {}
-        for name in sources:
-            full.update(has_rows(Database(target, name), tables[name]))
+        for name, (tables, _) in stores.items():
+            full.update(has_rows(Database(target, name), tables))
         if full:
             print(f"error: {safe_url(target)} already holds SmartSAM data ({', '.join(f'{t}: {n} rows' for t, n in full.items())}):"
                   f" migrate into an empty database", file=sys.stderr)
             return 1
         print(f"migrating {s.data_dir} -> {safe_url(target)}")
         ok = True
-        for name, src in sources.items():
-            # the target's tables and schema version, as a replica would create them
-            {"references": lambda: ReferenceStore(s.data_dir, s.exemplars, database_url=target),
-             "project_settings": lambda: ProjectSettings(s.data_dir, target),
-             "field_stats": lambda: field_stats.FieldStats(s.data_dir, s.stats_max, target),
-             "work_queue": lambda: work_queue.WorkQueue(s.data_dir / "jobs.db", target)}[name]()
-            dst = Database(target, name)
-            copied = copy_rows(tables[name], src, dst)
-            for table, n in copied.items():
-                there = int(dst.query_one(f"SELECT COUNT(*) FROM {table}")[0])
+        for name, (tables, open_db) in stores.items():
+            dst = open_db(target)
+            for table, n in copy_rows(tables, sources[name], dst).items():
+                there = dst.count(table)
                 ok &= there == n
                 print(f"  {table:<18} {n:>7} rows -> {there:>7}")
     except (ReferenceStoreError, DatabaseUnavailable) as e:

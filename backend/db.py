@@ -47,8 +47,9 @@ def engine_url(url: str) -> sa.URL:
     return u
 
 
-def _is_postgres(u: sa.URL) -> bool:
-    return u.get_backend_name() == "postgresql"
+def _lock_key(name: str) -> int:
+    """A PostgreSQL advisory lock id for ``name`` (stable across processes and replicas)."""
+    return int.from_bytes(hashlib.sha256(f"smartsam:{name}".encode()).digest()[:8], "big", signed=True)
 
 
 def _engine(url: str) -> sa.Engine:
@@ -74,7 +75,7 @@ def _engine(url: str) -> sa.Engine:
             @event.listens_for(e, "begin")
             def _sqlite_begin(conn):
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
-        elif _is_postgres(u):
+        elif u.get_backend_name() == "postgresql":
             # pre-ping: a connection the server dropped (a restart, a failover) is replaced, not used
             e = sa.create_engine(u, pool_size=8, max_overflow=24, pool_timeout=60, pool_pre_ping=True,
                                  connect_args={"connect_timeout": 5})
@@ -96,7 +97,7 @@ class Conn:
 
 
 _NAMED_CACHE: Dict[str, str] = {}
-_DDL_LOCK = int.from_bytes(hashlib.sha256(b"smartsam:ddl").digest()[:8], "big", signed=True)
+_DDL_LOCK = _lock_key("ddl")  # replicas starting together create each table once
 
 
 def named(sql: str) -> str:
@@ -122,7 +123,7 @@ class Database:
         self.name = name
         self.engine = _engine(url)
         self.dialect = self.engine.dialect.name  # "sqlite" or "postgresql"
-        self._lock_key = int.from_bytes(hashlib.sha256(f"smartsam:{name}".encode()).digest()[:8], "big", signed=True)
+        self._lock_key = _lock_key(name)
 
     @classmethod
     def open(cls, database_url: Optional[str], sqlite_path: Path, name: str) -> "Database":
@@ -144,13 +145,20 @@ class Database:
         """A write transaction: committed when the block ends, rolled back if it raises; writers
         of this store serialise (see the module docstring) unless ``serial`` is False (PostgreSQL:
         the block locks its own rows, e.g. ``FOR UPDATE SKIP LOCKED``)."""
+        with self._transaction(self._lock_key if serial else None) as c:
+            yield Conn(c)
+
+    @contextlib.contextmanager
+    def _transaction(self, lock: Optional[int]) -> Iterator[sa.Connection]:
+        """A write transaction (SQLite: ``BEGIN IMMEDIATE``), holding the advisory lock ``lock``
+        on PostgreSQL when given."""
         try:
             with self.engine.connect() as c:
                 c = c.execution_options(write=True)
                 with c.begin():
-                    if self.postgres and serial:
-                        c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
-                    yield Conn(c)
+                    if self.postgres and lock is not None:
+                        c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock})
+                    yield c
         except sa.exc.OperationalError as e:
             raise self.unavailable(e) from None
 
@@ -168,19 +176,26 @@ class Database:
 
     def create(self, metadata: sa.MetaData) -> None:
         """Create the tables of ``metadata`` that do not exist yet (each engine's own DDL)."""
-        try:
-            with self.engine.connect() as c:
-                c = c.execution_options(write=True)
-                with c.begin():
-                    if self.postgres:  # replicas starting together create each table once
-                        c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _DDL_LOCK})
-                    metadata.create_all(c, checkfirst=True)
-        except sa.exc.OperationalError as e:
-            raise self.unavailable(e) from None
+        with self._transaction(_DDL_LOCK) as c:
+            metadata.create_all(c, checkfirst=True)
+
+    def add_columns(self, table: str, columns: Dict[str, str]) -> None:
+        """Add the ``columns`` (name -> SQL type) that ``table`` lacks: a file of an earlier
+        release gains them, its rows kept."""
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns(table)}
+        missing = {name: kind for name, kind in columns.items() if name not in have}
+        if missing:
+            with self.write() as c:
+                for name, kind in missing.items():
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+    def count(self, table: str) -> int:
+        return int(self.query_one(f"SELECT COUNT(*) FROM {table}")[0])
 
     def unavailable(self, e: BaseException) -> DatabaseUnavailable:
         # the driver's first line: it names the host and the reason, never the password
-        reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
+        text = str(getattr(e, "orig", e)).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
         return DatabaseUnavailable(f"the database {self.where()} is unreachable or failing ({reason})")
 
     def schema_version(self) -> Optional[int]:
@@ -214,7 +229,7 @@ def has_rows(db: Database, metadata: sa.MetaData) -> Dict[str, int]:
     inspector = sa.inspect(db.engine)
     for table in metadata.sorted_tables:
         if inspector.has_table(table.name):
-            n = int(db.query_one(f"SELECT COUNT(*) FROM {table.name}")[0])
+            n = db.count(table.name)
             if n:
                 found[table.name] = n
     return found

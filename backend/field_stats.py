@@ -136,11 +136,7 @@ class FieldStats:
         self._writer_lock = threading.Lock()
         self.lost = 0  # suggestions a write failed for (logged)
         self.db.create(TABLES)
-        cols = {c["name"] for c in sa.inspect(self.db.engine).get_columns("suggestions")}
-        with self.db.write() as c:
-            for col, kind in (("regions", "TEXT"), ("similarity", "REAL")):
-                if col not in cols:  # stats.db of an earlier release: one more column, rows kept
-                    c.execute(f"ALTER TABLE suggestions ADD COLUMN {col} {kind}")
+        self.db.add_columns("suggestions", {"regions": "TEXT", "similarity": "REAL"})  # stats.db of earlier releases
 
     def _write(self):
         return self.db.write()

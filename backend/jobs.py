@@ -86,10 +86,10 @@ class Jobs:
         self._recent: "deque[float]" = deque(maxlen=50)
         self.last_errors: "deque[str]" = deque(maxlen=10)
         self._started = False
-        self._waiting_cache = (0.0, 0)
+        self._waiting_cache = (0.0, 0)  # (when, count): /health reads the shared count at most once a second
         # annotation versions whose failed application could not be un-recorded (the database went
         # away meanwhile): un-recorded before the next try, so the event's retry applies it
-        self._unrecord: set = set()  # (when, count): /health reads the shared count at most once a second
+        self._unrecord: set = set()
 
     def start(self) -> None:
         """Take up what a crash or a stop left on disk, then start the two workers (the composition

@@ -71,6 +71,3 @@ class ProjectSettings:
             log.warning("project %s: extra params %s not used (%s)", project, extra, e)
             return base
 
-
-    def counts(self) -> Dict[str, int]:
-        return {t: int(self.db.query_one(f"SELECT COUNT(*) FROM {t}")[0]) for t in TABLES.tables}

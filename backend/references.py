@@ -471,10 +471,6 @@ class ReferenceStore:
                 problems.append(f"project {m.project} label {m.label!r} (version {m.id}): {e}")
         return problems
 
-    def counts(self) -> Dict[str, int]:
-        """Rows per table (``admin migrate`` prints them)."""
-        return {t: int(self.db.query_one(f"SELECT COUNT(*) FROM {t}")[0]) for t in TABLES.tables}
-
 
 def _none_row(source: Dict, annotation: Optional[int], how: str) -> Dict:
     """A cleared slot."""

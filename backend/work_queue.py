@@ -67,10 +67,8 @@ class WorkQueue:
         self.lease_s = float(lease_s)
         self.db.create(TABLES)
         # a jobs.db of an earlier release: no leases yet
-        for table, col in (("events", "lease_until"), ("prelabel", "lease_until"), ("prelabel", "claimed_by")):
-            if col not in {c["name"] for c in sa.inspect(self.db.engine).get_columns(table)}:
-                with self.db.write() as c:
-                    c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {'REAL' if col == 'lease_until' else 'TEXT'}")
+        self.db.add_columns("events", {"lease_until": "REAL"})
+        self.db.add_columns("prelabel", {"lease_until": "REAL", "claimed_by": "TEXT"})
 
     def take_over(self) -> Dict[str, int]:
         """Take over the rows of processes of this host that are no longer running (at start: no
@@ -170,7 +168,7 @@ class WorkQueue:
         return self.db.query_one("SELECT 1 FROM prelabel WHERE project = ? AND task = ?", (project, int(task))) is not None
 
     def waiting_tasks(self) -> int:
-        return int(self.db.query_one("SELECT COUNT(*) FROM prelabel")[0])
+        return self.db.count("prelabel")
 
     def tasks(self) -> List[Tuple[str, Dict, str]]:
         """Every task not done yet, oldest first: ``(project, task, label_config)``."""
@@ -181,8 +179,6 @@ class WorkQueue:
         """Every notice not done yet, oldest first."""
         return [tuple(r) for r in self.db.query("SELECT id, action, annotation, claimed FROM events ORDER BY id")]
 
-    def counts(self) -> Dict[str, int]:
-        return {t: int(self.db.query_one(f"SELECT COUNT(*) FROM {t}")[0]) for t in TABLES.tables}
 
 
 def _running(pid: int) -> bool:

@@ -154,5 +154,4 @@ http {{
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(10)
-        if os.environ.get("KEEP_NGINX") is None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from typing import Callable, Dict
+from typing import Dict
 
 from .engine import Engine
+from .jobs import Jobs
 from .errors import HttpError, ImageFetchError, RequestError
 from .label_config import LabelConfig
 from .reference_rules import ReferenceRules
 from .references import CorruptReference
+from .schemas import ReferenceBody, parse
 from .wsgi import Raw, Request, Router, basic_credentials, json_object, same
 
 SQLITE_MAX_ID = (1 << 63) - 1
@@ -49,19 +51,20 @@ class AdminApi:
     Args:
         engine: the process's engine (stores, client, models).
         rules: the reference rules ("reference from a task" uses the same first-region rule).
-        jobs_state: ``() -> dict`` of the background work (shown on the page and at /admin/jobs).
+        jobs: the background work (its state and what failed: the page and /admin/jobs).
         gate: a context manager that holds a model request slot (a PUT computes a feature).
     """
 
-    def __init__(self, engine: Engine, rules: ReferenceRules, jobs_state: Callable[[], Dict], gate) -> None:
+    def __init__(self, engine: Engine, rules: ReferenceRules, jobs: Jobs, gate) -> None:
         self.engine = engine
         self.rules = rules
-        self.jobs_state = jobs_state
+        self.jobs = jobs
         self.gate = gate
 
     def register(self, r: Router) -> None:
         r.add("GET", "/admin", self.page)
-        r.add("GET", "/admin/jobs", lambda req: (200, self.jobs_state()))
+        r.add("GET", "/admin/jobs", lambda req: (200, dict(self.jobs.state(), troubled=self.jobs.troubled())))
+        r.add("POST", "/admin/jobs/retry", lambda req: (200, {"retried": self.jobs.durable.retry_given_up()}))
         r.add("GET", "/admin/stats", self.stats)
         r.add("GET", "/admin/stats.png", self.stats_png)
         r.add("GET", "/admin/references", self.references)
@@ -82,8 +85,8 @@ class AdminApi:
         from .engine import instance_report
 
         e = self.engine
-        return 200, render(e.store, self.jobs_state(), e.settings.label_studio_url, e.stats.summary(),
-                           instance_report(e.stats, e.store, e.settings))
+        return 200, render(e.store, self.jobs.state(), e.settings.label_studio_url, e.stats.summary(),
+                           instance_report(e.stats, e.store, e.settings), self.jobs.troubled())
 
     def stats(self, req: Request):
         from .engine import instance_report
@@ -125,6 +128,10 @@ class AdminApi:
 
     def put(self, req: Request, project, label):
         body = json_object(req.environ, self.engine.settings.max_request_bytes)
+        try:
+            parse(ReferenceBody, body)
+        except RequestError as e:
+            raise HttpError(400, str(e)) from None
         with self.gate():
             try:
                 return 200, self._set_reference(project, label, body)
@@ -178,8 +185,9 @@ class AdminApi:
 
     # -- versions --------------------------------------------------------------------------
     def _version(self, vid: str):
-        # ids are SQLite integers: anything else (or past 2^63) is simply not a version
-        if not vid.isdigit() or int(vid) > SQLITE_MAX_ID:
+        # ids are SQLite integers: anything else (or past 2^63) is simply not a version; ASCII digits
+        # only ("²".isdigit() is true and int("²") fails)
+        if not (vid.isascii() and vid.isdigit()) or len(vid) > 19 or int(vid) > SQLITE_MAX_ID:
             raise HttpError(404, f"no reference version {vid[:40]!r}")
         v = self.engine.store.version(int(vid))
         if v is None:

@@ -97,8 +97,28 @@ def _instances(report: List[Dict]) -> str:
             "<th>from</th><th>precision / recall</th></tr>" + "".join(rows) + "</table>")
 
 
+def _troubled(troubled: Dict) -> str:
+    """The notices and tasks that failed at least once: waiting for their next try, or given up."""
+    e = html.escape
+    rows = []
+    for kind, items in (("webhook", troubled.get("events", [])), ("task", troubled.get("tasks", []))):
+        for t in items:
+            what = (f"{t['action']} annotation {t['annotation']}" if kind == "webhook" else
+                    f"project {t['project']} task {t['task']}" + (" (predicted, not written)" if t.get("predicted") else ""))
+            state = "given up" if t["given_up"] else f"next try {_when(t['next_try'])}" if t.get("next_try") else "waiting"
+            rows.append(f"<tr class='{'withdrawn' if t['given_up'] else ''}'><td>{e(kind)}</td><td>{e(what)}</td>"
+                        f"<td>{t['attempts']}</td><td>{e(state)}</td><td>{e(t.get('last_error') or '')}</td></tr>")
+    if not rows:
+        return "<p class='ok' id='troubled'>Background work: nothing has failed.</p>"
+    return ("<h2>Background work that failed</h2><p class='muted'>Tried again with backoff until SMARTSAM_RETRY_FOR, then "
+            "given up and kept here (POST /admin/jobs/retry puts them back). JSON: /admin/jobs.</p>"
+            "<table id='troubled'><tr><th>kind</th><th>what</th><th>attempts</th><th>state</th><th>last error</th></tr>"
+            + "".join(rows) + "</table>")
+
+
 def render(store: ReferenceStore, jobs: Dict, label_studio_url: Optional[str] = None,
-           stats: Optional[Dict] = None, instances: Optional[List[Dict]] = None) -> str:
+           stats: Optional[Dict] = None, instances: Optional[List[Dict]] = None,
+           troubled: Optional[Dict] = None) -> str:
     e = html.escape
     problems = store.check()
     out: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>SmartSAM references</title>"
@@ -113,7 +133,10 @@ def render(store: ReferenceStore, jobs: Dict, label_studio_url: Optional[str] = 
     ev = jobs.get("events") or {}
     if ev:
         out.append(f"<p class='muted'>Webhook events: {ev.get('applied', 0)} applied, {ev.get('rejected', 0)} rejected "
-                   f"(not confirmed by Label Studio), {ev.get('failed', 0)} failed.</p>")
+                   f"(not confirmed by Label Studio), {ev.get('retried', 0)} tries failed and were tried again, "
+                   f"{ev.get('given_up', 0)} given up.</p>")
+    if troubled is not None:
+        out.append(_troubled(troubled))
     projects = store.projects()
     if not projects:
         out.append("<p class='muted'>No references yet: the first mask an annotator submits for a label becomes its "

@@ -41,6 +41,8 @@ class RequestContext:
         agent_settings: the project's agent settings (its extra params applied).
         version: the model version of every prediction in the answer.
         deadline: ``time.monotonic()`` by which the request must answer.
+        strict: background work: a store that cannot be read raises DatabaseUnavailable (the
+            work is tried again) instead of answering without references.
     """
 
     project: Optional[str]
@@ -49,11 +51,14 @@ class RequestContext:
     version: str
     deadline: float
     proposals: str = "similarity"
+    strict: bool = False
 
     @classmethod
-    def build(cls, engine: Engine, project: Optional[str], cfg: LabelConfig, deadline: float) -> "RequestContext":
+    def build(cls, engine: Engine, project: Optional[str], cfg: LabelConfig, deadline: float,
+              strict: bool = False) -> "RequestContext":
         a = engine.agent_settings(project)
-        return cls(project, cfg, a, engine.model_version(project, a), deadline, engine.settings.proposals)
+        return cls(project, cfg, a, engine.model_version(project, a, strict=strict), deadline, engine.settings.proposals,
+                   strict)
 
     def settings_named(self) -> Dict[str, object]:
         """The agent settings this answer ran with (every answer names them)."""
@@ -101,7 +106,7 @@ class Answers:
         if prompt.tool == ALL_LIKE_THIS and prompt.box is None:
             return self.all_like_this(task, image, prompt, ref, note, ctx)
         t0 = time.monotonic()
-        agent, key = self.engine.agent(ctx.agent_settings), image_key(image)
+        agent, key = self.engine.agent(ctx.agent_settings, ctx.deadline), image_key(image)
         if prompt.box is not None:
             res = self.engine.call(lambda: _on(agent, image, key).predict_box(prompt.box, prompt.points, prompt.labels),
                                    INTERACTIVE, ctx.deadline)
@@ -142,15 +147,19 @@ class Answers:
         # the engine's one rule (without a project: no decisions, so the setting or the default)
         threshold, how = self.engine.instance_threshold(ctx.project, prompt.label, "mask")
         t0 = time.monotonic()
-        agent, key = self.engine.agent(ctx.agent_settings), image_key(image)
+        agent, key = self.engine.agent(ctx.agent_settings, ctx.deadline), image_key(image)
         res = self.engine.run_jobs([agent.job(image, prompt.points[first], key, ref, ctx.deadline)], INTERACTIVE,
                                    ctx.deadline)[0]
         query = self.engine.call(lambda: self.engine.references.from_mask(image, res.mask), INTERACTIVE, ctx.deadline)
         finder = self.engine.instance_finder(agent, threshold, how, INTERACTIVE, ctx.deadline)
         found = finder.find(
             image, query, key, exclude=[res.mask], deadline=ctx.deadline)
-        negatives = [p for p, lab in zip(prompt.points, prompt.labels) if lab == 0]
-        found = [i for i in found if not any(i.mask[min(int(y), i.mask.shape[0] - 1), min(int(x), i.mask.shape[1] - 1)]
+        # an Alt-click removes the instances under it; one off the image is under none (a negative
+        # index would wrap around to the other side)
+        h, w = image.shape[:2]
+        negatives = [(int(x), int(y)) for (x, y), lab in zip(prompt.points, prompt.labels)
+                     if lab == 0 and 0 <= x < w and 0 <= y < h]
+        found = [i for i in found if not any(i.mask[min(y, i.mask.shape[0] - 1), min(x, i.mask.shape[1] - 1)]
                                              for x, y in negatives)]
         pred, shown_mask = self.prediction(res, ctx, prompt.label, note, prompt.shown)
         clicked = list(pred["result"])
@@ -210,7 +219,7 @@ class Answers:
             raise RequestError("pre-labeling needs the project (its references): Label Studio sends it")
         refs, reasons = {}, []
         for label in ctx.cfg.labels:
-            ref, note = self.engine.reference(ctx.project, label)
+            ref, note = self.engine.reference(ctx.project, label, strict=ctx.strict)
             if ref is not None:
                 refs[label] = ref
             else:
@@ -218,7 +227,7 @@ class Answers:
         if not refs:
             raise RequestError("; ".join(reasons))
         image = self.image(task, ctx.cfg, ctx.deadline)
-        agent, key = self.engine.agent(ctx.agent_settings), image_key(image)
+        agent, key = self.engine.agent(ctx.agent_settings, ctx.deadline), image_key(image)
         results, sims, counts, rules = [], [], {}, {}
         for label, ref in refs.items():
             threshold, how = self.engine.instance_threshold(ctx.project, label, ref.kind)

@@ -11,6 +11,7 @@ into :class:`smartsam.sources.Sources` (:attr:`Settings.sources`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,13 @@ class Settings:
     database_url: Optional[str] = field(default=None, repr=False)  # never printed: it may hold a password
     # a replica's claim on a queued task or notice lasts this long without renewal (renewed every third)
     queue_lease: float = 30.0
+    # background work that fails for a reason that may pass (Label Studio or the database away) is
+    # tried again, waiting twice as long each time up to retry_max_delay, for retry_for seconds,
+    # then given up and kept on the admin page (Label Studio never resends a webhook)
+    retry_for: float = 86400.0
+    retry_max_delay: float = 300.0
+    # balancers whose X-Forwarded-For names the sender (webhook notices are queued per sender)
+    trusted_proxies: Tuple = ()
     backbone: Optional[str] = None  # None: the registry's default for this host
     checkpoint: Optional[str] = None
     features: Optional[str] = None
@@ -142,6 +150,12 @@ class Settings:
     # only holds an idle thread, so there are enough for a team clicking at once.
     workers: int = 1
     threads: int = 32
+    # compute threads (torch, OpenCV) per worker; 0: the cores this process may use (affinity and
+    # cgroup quota) shared out among the workers (backend/threads.py)
+    torch_threads: int = 0
+    # "adaptive": OpenMP's own spin while the cores are free, fewer compute threads while other
+    # processes use them; or a fixed "passive", "active", "spin:<count>" (backend/threads.py)
+    wait_policy: str = "adaptive"
     # tasks ahead whose images are encoded while an annotator works (backend/prefetch.py); 0: off
     prefetch: int = 2
     # decoder rows per step of the model's scheduler; 0: 256 on a CPU, 1024 on CUDA (backend/scheduler.py, scheduler_rows)
@@ -174,6 +188,8 @@ class Settings:
         "SMARTSAM_FEATURES": "features", "SMARTSAM_TEXT_FEATURES": "text_features",
         "SMARTSAM_DINOV2_PATH": "dinov2_path", "SMARTSAM_CLIP_PATH": "clip_path", "SMARTSAM_DATA_DIR": "data_dir",
         "SMARTSAM_DATABASE_URL": "database_url", "SMARTSAM_QUEUE_LEASE": "queue_lease",
+        "SMARTSAM_RETRY_FOR": "retry_for", "SMARTSAM_RETRY_MAX_DELAY": "retry_max_delay",
+        "SMARTSAM_TRUSTED_PROXIES": "trusted_proxies",
         "SMARTSAM_ADMIN_TOKEN": "admin_token", "BASIC_AUTH_USER": "basic_auth_user", "BASIC_AUTH_PASS": "basic_auth_pass",
         "SMARTSAM_WEBHOOK_SECRET": "webhook_secret", "SMARTSAM_ALLOW_DATA_URLS": "allow_data_urls",
         "SMARTSAM_PREDICT_BUDGET": "predict_budget", "SMARTSAM_ALLOWED_HOSTS": "allowed_hosts",
@@ -181,6 +197,7 @@ class Settings:
         "SMARTSAM_IMAGE_MAX_BYTES": "image_max_bytes", "SMARTSAM_IMAGE_TIMEOUT": "image_timeout",
         "SMARTSAM_MAX_PIXELS": "max_pixels", "SMARTSAM_EMBEDDING_CACHE": "embedding_cache",
         "SMARTSAM_IMAGE_CACHE": "image_cache", "SMARTSAM_WORKERS": "workers", "SMARTSAM_THREADS": "threads",
+        "SMARTSAM_TORCH_THREADS": "torch_threads", "SMARTSAM_WAIT_POLICY": "wait_policy",
         "SMARTSAM_BATCH_ROWS": "batch_rows", "SMARTSAM_PREFETCH": "prefetch", "SMARTSAM_REQUEST_TIMEOUT": "request_timeout", "SMARTSAM_SEED": "seed", "SMARTSAM_CHAIN_LENGTH": "chain_length",
         "SMARTSAM_FAST_PATH": "fast_path", "SMARTSAM_REQUIRE_CLICK": "require_click", "SMARTSAM_COMPARE": "compare",
         "SMARTSAM_STATS_MAX": "stats_max", "SMARTSAM_EXEMPLARS": "exemplars", "SMARTSAM_REFERENCE_PREP": "reference_prep",
@@ -206,6 +223,8 @@ class Settings:
             try:
                 if name == "allowed_hosts":
                     v: object = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+                elif name == "trusted_proxies":
+                    v = tuple(ipaddress.ip_network(h.strip(), strict=False) for h in raw.split(",") if h.strip())
                 elif name == "data_dir":
                     v = Path(raw)
                 elif kind in ("int", int):
@@ -215,11 +234,13 @@ class Settings:
                 elif kind in ("bool", bool):
                     v = _flag(raw)
                 elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder", "polygon_parts", "instance_threshold",
-                              "proposals"):
+                              "proposals", "wait_policy"):
                     v = raw.strip().lower()
                 else:
                     v = raw
             except ValueError:
+                if name == "trusted_proxies":
+                    raise SettingsError(f"{var}={raw!r}: give addresses or networks (127.0.0.1,10.0.0.0/8)") from None
                 raise SettingsError(f"{var}={raw!r} is not a {'whole number' if kind in ('int', int) else 'number'}") from None
             values[name] = v
         values["sources"] = Sources.from_environ(environ)
@@ -237,6 +258,8 @@ class Settings:
             raise SettingsError("SMARTSAM_DATABASE_URL must start with postgresql:// (or sqlite:///)")
         if self.queue_lease <= 0:
             raise SettingsError("SMARTSAM_QUEUE_LEASE must be more than 0 seconds")
+        if not (self.retry_for >= 0 and self.retry_max_delay > 0):
+            raise SettingsError("SMARTSAM_RETRY_FOR must be 0 or more seconds and SMARTSAM_RETRY_MAX_DELAY more than 0")
         if self.reference_prep not in REFERENCE_PREPS:
             raise SettingsError("SMARTSAM_REFERENCE_PREP must be paper or none")
         if self.fast_path not in FAST_PATHS:
@@ -253,6 +276,13 @@ class Settings:
             raise SettingsError("SMARTSAM_THREADS must be at least 2 (one thread stays free for /health)")
         if self.workers < 1:
             raise SettingsError("SMARTSAM_WORKERS must be at least 1")
+        if self.torch_threads < 0:
+            raise SettingsError("SMARTSAM_TORCH_THREADS must be 0 (from the usable cores) or a number of threads")
+        from .threads import valid_wait_policy
+
+        if not valid_wait_policy(self.wait_policy):
+            raise SettingsError(f"SMARTSAM_WAIT_POLICY must be adaptive, passive, active or spin:<count>, not "
+                                f"{self.wait_policy!r}")
         if self.prefetch < 0:
             raise SettingsError("SMARTSAM_PREFETCH must be 0 (off) or a number of tasks")
         if self.batch_rows < 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -29,6 +30,14 @@ _ENGINES_LOCK = threading.Lock()
 
 class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached or used; the message names the setting and never a password."""
+
+
+# After PostgreSQL failed to answer, calls fail at once for this long instead of each waiting for
+# its own connection attempt (a click reads the store three or four times: 3 s each while the
+# server does not answer). The monitor's probe (Database.ping, every second) asks regardless, so
+# the first answer closes the breaker again.
+BREAKER_S = 2.0
+_DOWN: Dict[str, tuple] = {}  # url -> (monotonic time until which calls fail at once, reason)
 
 
 def safe_url(url: str) -> str:
@@ -76,9 +85,18 @@ def _engine(url: str) -> sa.Engine:
             def _sqlite_begin(conn):
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
         elif u.get_backend_name() == "postgresql":
-            # pre-ping: a connection the server dropped (a restart, a failover) is replaced, not used
-            e = sa.create_engine(u, pool_size=8, max_overflow=24, pool_timeout=60, pool_pre_ping=True,
-                                 connect_args={"connect_timeout": 5})
+            # pre-ping: a connection the server dropped (a restart, a failover) is replaced, not used.
+            # Nothing waits for ever on a server that does not answer: a connection attempt gives up
+            # after 3 s (libpq's minimum is 2), an open connection whose packets go unacknowledged
+            # (a network partition) is closed after 8 s, an idle one is probed by TCP keepalives; the
+            # server cancels a statement after 30 s (an advisory lock held by a frozen replica) and
+            # ends a transaction left idle for 60 s (that replica's).
+            e = sa.create_engine(u, pool_size=8, max_overflow=24, pool_timeout=10, pool_pre_ping=True,
+                                 connect_args={"connect_timeout": 3, "keepalives": 1, "keepalives_idle": 5,
+                                               "keepalives_interval": 2, "keepalives_count": 2,
+                                               "tcp_user_timeout": 8000,
+                                               "options": "-c statement_timeout=30000 "
+                                                          "-c idle_in_transaction_session_timeout=60000"})
         else:
             raise DatabaseUnavailable(f"SMARTSAM_DATABASE_URL: {safe_url(url)} is neither sqlite:// nor postgresql://")
         _ENGINES[url] = e
@@ -152,6 +170,7 @@ class Database:
     def _transaction(self, lock: Optional[int]) -> Iterator[sa.Connection]:
         """A write transaction (SQLite: ``BEGIN IMMEDIATE``), holding the advisory lock ``lock``
         on PostgreSQL when given."""
+        self._breaker()
         try:
             with self.engine.connect() as c:
                 c = c.execution_options(write=True)
@@ -159,16 +178,31 @@ class Database:
                     if self.postgres and lock is not None:
                         c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock})
                     yield c
-        except sa.exc.OperationalError as e:
+        except (sa.exc.OperationalError, sa.exc.TimeoutError) as e:
             raise self.unavailable(e) from None
+        _DOWN.pop(self.url, None)
 
-    def query(self, sql: str, args: Sequence[Any] = ()) -> List[sa.Row]:
-        """Rows of one read (its own short transaction)."""
+    def query(self, sql: str, args: Sequence[Any] = (), probe: bool = False) -> List[sa.Row]:
+        """Rows of one read (its own short transaction); ``probe``: ask even while the breaker
+        is open (the monitor)."""
+        if not probe:
+            self._breaker()
         try:
             with self.engine.connect() as c:
-                return list(Conn(c).execute(sql, args))
-        except sa.exc.OperationalError as e:
+                rows = list(Conn(c).execute(sql, args))
+        except (sa.exc.OperationalError, sa.exc.TimeoutError) as e:
             raise self.unavailable(e) from None
+        _DOWN.pop(self.url, None)
+        return rows
+
+    def ping(self) -> None:
+        """Ask the database now, breaker or not (DatabaseUnavailable when it does not answer)."""
+        self.query("SELECT 1", probe=True)
+
+    def _breaker(self) -> None:
+        down = _DOWN.get(self.url)
+        if down is not None and time.monotonic() < down[0]:
+            raise DatabaseUnavailable(down[1])
 
     def query_one(self, sql: str, args: Sequence[Any] = ()) -> Optional[sa.Row]:
         rows = self.query(sql, args)
@@ -196,7 +230,10 @@ class Database:
         # the driver's first line: it names the host and the reason, never the password
         text = str(getattr(e, "orig", e)).strip()
         reason = text.splitlines()[0] if text else type(e).__name__
-        return DatabaseUnavailable(f"the database {self.where()} is unreachable or failing ({reason})")
+        err = DatabaseUnavailable(f"the database {self.where()} is unreachable or failing ({reason})")
+        if self.postgres:
+            _DOWN[self.url] = (time.monotonic() + BREAKER_S, str(err))
+        return err
 
     def schema_version(self) -> Optional[int]:
         """This store's schema version (None: never created here)."""

@@ -29,13 +29,14 @@ from smartsam.selector import Reference
 
 from .config import AgentSettings, Settings
 from .db import DatabaseUnavailable
-from .errors import RequestError
+from .errors import Busy, RequestError
 from .field_stats import FieldStats, calibrate_threshold
 from .images import ImageFetcher
 from .ls_client import LabelStudioClient
 from .project_settings import ProjectSettings
 from .references import CorruptReference, ReferenceStore
 from .scheduler import INTERACTIVE, Scheduler, scheduler_rows
+from .threads import ThreadGovernor
 
 log = logging.getLogger("smartsam.backend")
 
@@ -53,7 +54,7 @@ def project_key(project) -> Optional[str]:
     if project is None or project == "":
         return None
     key = str(project).split(".")[0]
-    if not key.isdigit():
+    if not (key.isascii() and key.isdigit()) or len(key) > 18:  # "²".isdigit() is true
         raise RequestError(f"project must be a Label Studio project id, got {str(project)[:40]!r}")
     return key
 
@@ -66,8 +67,10 @@ class Engine:
         client: the Label Studio client (built from the settings when not given).
     """
 
-    def __init__(self, settings: Settings, client: Optional[LabelStudioClient] = None) -> None:
+    def __init__(self, settings: Settings, client: Optional[LabelStudioClient] = None,
+                 governor: Optional[ThreadGovernor] = None) -> None:
         self.settings = settings
+        self.governor = governor  # compute threads that follow the free cores (backend.threads)
         self.client = client or LabelStudioClient(settings)
         self.fetcher = ImageFetcher(settings, self.client)
         self.store = ReferenceStore(settings.data_dir, exemplars=settings.exemplars, database_url=settings.database_url)
@@ -84,6 +87,9 @@ class Engine:
         self._loaded = threading.Event()
         self._agents: Dict[AgentSettings, SmartSAMAgent] = {}
         self._checkpoint_tag: Optional[str] = None
+        # what the monitor saw last (health answers from these, never asking the database itself)
+        self._db_seen: Dict = {"ok": None, "at": None, "error": None}
+        self._version_seen: Optional[str] = None
 
     # -- loading ---------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -106,7 +112,8 @@ class Engine:
                 from smartsam.models import load_concept_proposer
 
                 self.concepts = load_concept_proposer(bb, self.settings.checkpoint, sources=self.settings.sources)
-            self.scheduler = Scheduler(bb, **scheduler_rows(self.settings.batch_rows, bb.device.type))
+            self.scheduler = Scheduler(bb, **scheduler_rows(self.settings.batch_rows, bb.device.type),
+                                       before_work=self.governor.apply if self.governor is not None else None)
             self.backbone = bb
             log.info("model %s loaded on %s%s", bb.name, bb.device, " (RANDOM weights)" if bb.random_weights else "")
         except ModelError as e:
@@ -129,11 +136,13 @@ class Engine:
         return load_features(name, s.device, s.dinov2_path if kind == "image" else s.clip_path)
 
     def ready(self, timeout: float = 300.0):
-        """The loaded backbone (waits for loading up to ``timeout`` seconds)."""
-        if not self._loaded.wait(timeout):
-            raise RequestError("the model is still loading; try again in a moment")
+        """The loaded backbone (waits for loading up to ``timeout`` seconds). Busy while it is
+        loading or when it failed to load: work that may wait (the background queue) is tried
+        again later, by this process or another replica."""
+        if not self._loaded.wait(max(0.0, timeout)):
+            raise Busy("the model is still loading; try again in a moment")
         if self.backbone is None:
-            raise RequestError(f"the model failed to load: {self.load_error}")
+            raise Busy(f"the model failed to load: {self.load_error}")
         return self.backbone
 
     # -- agents ----------------------------------------------------------------------------
@@ -146,10 +155,11 @@ class Engine:
             log.warning("project %s: its agent settings are not readable (%s)", project, e)
             return self.settings.agent
 
-    def agent(self, agent_settings: Optional[AgentSettings] = None) -> SmartSAMAgent:
-        """The agent for these settings (one per distinct settings, sharing the backbone)."""
+    def agent(self, agent_settings: Optional[AgentSettings] = None, deadline: Optional[float] = None) -> SmartSAMAgent:
+        """The agent for these settings (one per distinct settings, sharing the backbone); waits
+        for the model to load until ``deadline`` (``time.monotonic()``) at most."""
         a = agent_settings or self.settings.agent
-        bb = self.ready()
+        bb = self.ready(300.0 if deadline is None else deadline - time.monotonic())
         with self._agents_lock:
             agent = self._agents.get(a)
             if agent is None:
@@ -177,7 +187,8 @@ class Engine:
         return answer_jobs(jobs, lambda todo: self._scheduler(deadline).run(todo, priority, deadline))
 
     def health(self) -> Dict:
-        """Never waits for the model: it answers at once even while clicks are running."""
+        """Never waits for the model or the database: it answers at once even while clicks are
+        running and while the database does not answer (its state as last seen, with its age)."""
         bb = self.backbone
         return {
             "status": "ERROR" if self.load_error else "UP",
@@ -194,19 +205,32 @@ class Engine:
             "embedding_disk_hits": bb.disk_hits if bb else 0,
             "proposals": self.settings.proposals,
             "version": __version__,
-            "model_version": self.model_version() if bb is not None else None,
+            "model_version": self._version_seen,
             "database": self.database_health(),
+            "statistics": {"waiting": self.stats.pending, "dropped": self.stats.dropped, "lost": self.stats.lost},
+            "compute_threads": self.governor.health() if self.governor is not None else None,
         }
 
     def database_health(self) -> Dict:
-        """The store's engine and whether it answers now (a short query; never a password)."""
+        """The store's engine and whether it answered when last asked (:meth:`probe_database`,
+        every second from the composition root's monitor), with the age of that answer."""
         db = self.store.db
-        out = {"engine": db.dialect, "url": db.where(), "ok": True}
-        try:
-            db.query("SELECT 1")
-        except DatabaseUnavailable as e:
-            out.update(ok=False, error=f"{e}: clicks answer without references, webhooks get 503 until it is back")
+        seen = self._db_seen
+        out = {"engine": db.dialect, "url": db.where(), "ok": seen["ok"],
+               "age_s": None if seen["at"] is None else round(time.monotonic() - seen["at"], 1)}
+        if seen["error"]:
+            out["error"] = f"{seen['error']}: clicks answer without references until it is back"
         return out
+
+    def probe_database(self) -> None:
+        """Ask the database a short query now (the monitor thread; never a request)."""
+        try:
+            self.store.db.ping()
+            self._db_seen = {"ok": True, "at": time.monotonic(), "error": None}
+        except DatabaseUnavailable as e:
+            self._db_seen = {"ok": False, "at": time.monotonic(), "error": str(e)}
+        if self.backbone is not None and self._version_seen is None:
+            self._version_seen = self.model_version()  # the weights' digest: once, off any request
 
     # -- versions --------------------------------------------------------------------------
     def checkpoint_tag(self) -> str:
@@ -215,11 +239,14 @@ class Engine:
             self._checkpoint_tag = checkpoint_tag(self.settings)
         return self._checkpoint_tag
 
-    def model_version(self, project: Optional[str] = None, agent_settings: Optional[AgentSettings] = None) -> str:
+    def model_version(self, project: Optional[str] = None, agent_settings: Optional[AgentSettings] = None,
+                      strict: bool = False) -> str:
         """``smartsam-<version>-<backbone>-<weights digest>[-<references digest>][-<settings>]``:
         changes when the checkpoint, the project's references or its agent settings change, so
         Label Studio and the pre-labeler never keep predictions made for an old reference as
-        current. Compute it once per request (it reads the reference store)."""
+        current. Compute it once per request (it reads the reference store). With the database
+        away it ends in ``-nodb``, or, ``strict`` (background work, which waits for it), raises
+        DatabaseUnavailable."""
         v = f"smartsam-{__version__}-{self.settings.backbone_name}-{self.checkpoint_tag()}"
         if self.settings.proposals != "similarity":  # other proposals, other pre-labels
             v += f"-prop{self.settings.proposals}"
@@ -227,6 +254,8 @@ class Engine:
             try:
                 refs = self.store.list(project)
             except DatabaseUnavailable:  # answers without references meanwhile: say so in the version
+                if strict:
+                    raise
                 return v + "-nodb"
             v += f"-{references_digest(self.store, project, refs)}"
             thresholds = [(m.label, self.instance_threshold(project, m.label, m.kind)) for m in refs]
@@ -262,11 +291,14 @@ class Engine:
             return instance_threshold(None, self.settings, project, label, kind)[:2]
 
     # -- references ------------------------------------------------------------------------
-    def reference(self, project: str, label: str) -> Tuple[Optional[Reference], Optional[str]]:
-        """(reference or None, note): a damaged stored reference is reported, not used."""
+    def reference(self, project: str, label: str, strict: bool = False) -> Tuple[Optional[Reference], Optional[str]]:
+        """(reference or None, note): a damaged stored reference is reported, not used; with the
+        database away, a click goes on without it (``strict``: DatabaseUnavailable)."""
         try:
             ref = self.store.get(project, label)
         except DatabaseUnavailable as e:
+            if strict:
+                raise
             log.error("project %s label %r: %s; answering without its reference", project, label, e)
             return None, f"{e}: answered without the reference of {label!r} until it is back"
         except CorruptReference as e:

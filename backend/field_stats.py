@@ -47,6 +47,7 @@ from .regions import region_shown_mask
 log = logging.getLogger("smartsam.stats")
 
 ARMS = ("smartsam", "plain", "prelabel")
+QUEUE_MAX = 512  # suggestions waiting to be written (see FieldStats.__init__)
 MATCH_TOLERANCE = 0.05  # IoU: suggestions this close to the best match are one object; the newest counts
 
 
@@ -131,10 +132,14 @@ class FieldStats:
     def __init__(self, data_dir: Path, max_suggestions: int = 20000, database_url: Optional[str] = None) -> None:
         self.max_suggestions = int(max_suggestions)
         self.db = Database.open(database_url, Path(data_dir) / "stats.db", "field_stats")
-        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        # bounded: while the database is away nothing is written, and each waiting suggestion holds
+        # its mask (packed to a bit per pixel: about 19 KB for a 481 x 321 image, 5 MB at the 40 MP
+        # limit); beyond QUEUE_MAX the newest are dropped and counted
+        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(QUEUE_MAX)
         self._writer: Optional[threading.Thread] = None
         self._writer_lock = threading.Lock()
         self.lost = 0  # suggestions a write failed for (logged)
+        self.dropped = 0  # suggestions not queued: the queue was full
         self.db.create(TABLES)
         self.db.add_columns("suggestions", {"regions": "TEXT", "similarity": "REAL"})  # stats.db of earlier releases
 
@@ -152,9 +157,13 @@ class FieldStats:
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}")
         self._start_writer()
-        self._queue.put((str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks),
-                         float(seconds), time.time(), np.array(mask, bool), model_version, list(regions or []),
-                         None if similarity is None else float(similarity)))
+        m = np.asarray(mask, bool)
+        try:
+            self._queue.put_nowait((str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks),
+                                    float(seconds), time.time(), (m.shape, np.packbits(m)), model_version,
+                                    list(regions or []), None if similarity is None else float(similarity)))
+        except queue.Full:
+            self.dropped += 1
 
     def record_now(self, *args, **kwargs) -> int:
         """:meth:`record`, written before it returns; the suggestion's row id."""
@@ -182,7 +191,8 @@ class FieldStats:
                 self._queue.task_done()
 
     def _insert(self, item: tuple) -> None:
-        project, task, label, mode, arm, clicks, seconds, created, mask, version, regions, similarity = item
+        project, task, label, mode, arm, clicks, seconds, created, (shape, packed), version, regions, similarity = item
+        mask = np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
         h, w = mask.shape
         prints = []
         for r in regions:

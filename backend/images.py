@@ -43,6 +43,17 @@ log = logging.getLogger("smartsam.images")
 _RESOLVER = re.compile(r"^/tasks/\d+/(presign|resolve)/$")
 
 
+def cache_key(ref: str, task_id: Optional[int]) -> str:
+    """Where the bytes of ``ref`` come from. A cloud storage URI (``s3://bucket/key``) is resolved
+    by Label Studio through the task's project's storage, so the same URI in two projects may be
+    two images (two buckets of one name on two endpoints, or one the other project may not read):
+    its key names the task. URLs and Label Studio paths name their bytes by themselves."""
+    p = urllib.parse.urlparse(ref)
+    if not ref.startswith(("/", "data:")) and p.scheme not in _WEB_SCHEMES and p.netloc:
+        return f"task {task_id}\0{ref}"
+    return ref
+
+
 class ImageFetcher:
     """Resolves a task's image reference to pixels, with a small LRU of decoded images.
 
@@ -55,7 +66,7 @@ class ImageFetcher:
         self.s = settings
         self.client = client or LabelStudioClient(settings)
         self._lock = threading.Lock()  # the image cache only
-        self._cache: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        self._cache: "OrderedDict[str, np.ndarray]" = OrderedDict()  # cache_key -> image
 
     # -- resolving -------------------------------------------------------------------------
     def _resolve(self, ref: str, task_id: Optional[int] = None) -> Tuple[str, Optional[Path]]:
@@ -118,7 +129,7 @@ class ImageFetcher:
                 headers["Authorization"] = auth
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ImageFetchError(self.client.late())
+            raise ImageFetchError(self.client.late(), transient=True)
         try:
             resp = self.client.opener.open(urllib.request.Request(url, headers=headers), timeout=min(self.s.image_timeout, remaining))
         except urllib.error.HTTPError as e:
@@ -131,20 +142,21 @@ class ImageFetcher:
             if e.code == 401 and is_ls:
                 raise ImageFetchError("Label Studio answered 401 for the task image: set LABEL_STUDIO_API_KEY to an "
                                       "API token (legacy token or personal access token) of a user who can see this "
-                                      "project") from None
+                                      "project", status=401) from None
             if e.code == 404 and "/data/local-files" in url:
                 raise ImageFetchError("Label Studio answered 404 for a local-files image: check "
                                       "LOCAL_FILES_SERVING_ENABLED=true and LOCAL_FILES_DOCUMENT_ROOT on the Label "
                                       "Studio side, or set LOCAL_FILES_DOCUMENT_ROOT here if the backend sees the same "
-                                      "files") from None
+                                      "files", status=404) from None
             if is_ls and _RESOLVER.match(p.path):
                 raise ImageFetchError(f"Label Studio could not resolve the cloud storage URI (HTTP {e.code}): is the "
-                                      f"storage connected to this project, and can the API key's user see it?") from None
+                                      f"storage connected to this project, and can the API key's user see it?",
+                                      status=e.code) from None
             raise ImageFetchError(f"image download failed: HTTP {e.code} for {p.path}", status=e.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             if time.monotonic() >= deadline:
-                raise ImageFetchError(self.client.late()) from None
-            raise ImageFetchError(f"image download failed: {getattr(e, 'reason', e)}") from None
+                raise ImageFetchError(self.client.late(), transient=True) from None
+            raise ImageFetchError(f"image download failed: {getattr(e, 'reason', e)}", transient=True) from None
         with resp:
             return read_bounded(resp, deadline, self.s.image_max_bytes, self.s.image_timeout, self.client.late)
 
@@ -159,10 +171,11 @@ class ImageFetcher:
         if not isinstance(ref, str) or not ref:
             raise ImageFetchError("the task has no image URL")
         deadline = min(deadline or float("inf"), time.monotonic() + self.s.image_timeout)
+        key = cache_key(ref, task_id)
         with self._lock:
-            hit = self._cache.get(ref)
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(ref)
+                self._cache.move_to_end(key)
                 return hit
         if ref.startswith("data:"):
             if not self.s.allow_data_urls:
@@ -174,9 +187,13 @@ class ImageFetcher:
         else:
             url, local = self._resolve(ref, task_id)
             if local is not None:
-                if local.stat().st_size > self.s.image_max_bytes:
-                    raise ImageFetchError(f"image is over SMARTSAM_IMAGE_MAX_BYTES={self.s.image_max_bytes} bytes")
-                data = local.read_bytes()
+                try:
+                    if local.stat().st_size > self.s.image_max_bytes:
+                        raise ImageFetchError(f"image is over SMARTSAM_IMAGE_MAX_BYTES={self.s.image_max_bytes} bytes")
+                    data = local.read_bytes()
+                except OSError as e:  # unreadable here (permissions, a storage hiccup): say so, never a 500
+                    raise ImageFetchError(f"cannot read the local file under LOCAL_FILES_DOCUMENT_ROOT ({e.strerror or e})",
+                                          transient=not isinstance(e, (PermissionError, IsADirectoryError))) from None
             else:
                 data = self._get(url, deadline)
         try:
@@ -184,7 +201,7 @@ class ImageFetcher:
         except ImageError as e:
             raise ImageFetchError(str(e)) from None
         with self._lock:
-            self._cache[ref] = image
+            self._cache[key] = image
             while len(self._cache) > self.s.image_cache:
                 self._cache.popitem(last=False)
         return image

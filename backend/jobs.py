@@ -1,44 +1,48 @@
 """Work that outlives a request: webhook events, settings confirmations and background pre-labels.
 
-Webhooks. Label Studio waits 1 s for a webhook (``WEBHOOK_TIMEOUT``) and anyone who can reach the
-port can post one, so ``/webhook`` only queues a notice (action + annotation id) and answers. A
-worker thread then reads the annotation, its project and its task back from Label Studio's API
-with the backend's key (never in a way that makes Label Studio predict: :mod:`backend.ls_client`)
-and applies the reference rules to *that* copy; an annotation Label Studio does not confirm
-changes nothing and is logged. A second delivery of the same event finds the same annotation
-version and is skipped. A ``/setup``'s extra params are confirmed the same way, against the
-project's ML backends as Label Studio holds them.
+Webhooks. Label Studio waits 1 s for a webhook (``WEBHOOK_TIMEOUT``), never sends one again, and
+anyone who can reach the port can post one, so ``/webhook`` only records a notice (action,
+annotation id, who sent it) in the durable queue and answers. A worker thread then reads the
+annotation, its project and its task back from Label Studio's API with the backend's key (never
+in a way that makes Label Studio predict: :mod:`backend.ls_client`) and applies the reference
+rules to *that* copy. An annotation Label Studio says it does not have (404, 403) changes nothing
+and is logged; one it cannot say anything about now (no answer, a timeout, a 5xx while it
+restarts) is tried again later with backoff, across restarts (:class:`~backend.work_queue.RetryPolicy`).
+A second delivery of the same event finds the same annotation version and is skipped. A
+``/setup``'s extra params are confirmed the same way, against the project's ML backends as Label
+Studio holds them.
 
 Pre-labeling. Label Studio's "Retrieve predictions" sends every selected task in one ``/predict``
 call and gives up after 100 s (``ML_TIMEOUT_PREDICT``). ``/predict`` answers what it finished
 within ``SMARTSAM_PREDICT_BUDGET`` and hands the rest here: a worker runs each task through the
-same pre-labeling path and writes the predictions back through Label Studio's API in batches,
-one per task and model version (a task that already has one, from Label Studio or an earlier
-press of the button, is skipped). ``state()`` is shown by ``/health`` and ``/admin/jobs``.
-
-Both queues live in the database (:mod:`backend.work_queue`): an event answered 201 and a task
-handed to the background are worked after a crash and a restart (``recovered`` in the state), and
-with a shared database every replica's worker takes tasks from the one queue. A database that
-goes away stops nothing: the workers wait and go on when it is back.
+same pre-labeling path, keeps the prediction in the task's row, and writes the predictions back
+through Label Studio's API in batches, one per task and model version (a task that already has
+one, from Label Studio, an earlier press of the button or a write whose answer was lost, is not
+written again). A task leaves the queue when Label Studio holds its prediction, or when it
+cannot have one (no reference, its image or the task is gone); a failed write or image fetch is
+tried again. ``state()`` is shown by ``/admin/health`` and ``/admin/jobs``; it never waits for
+the database (the counts are the last ones read, with their age).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from typing import Callable, Dict, List, Optional, Tuple
 
+from smartsam.agent import InvalidClick
+from smartsam.io import ImageError
+
 from .config import AgentSettings
+from .db import DatabaseUnavailable
 from .engine import Engine
-from .errors import ImageFetchError, RequestError, SettingsError
+from .errors import Busy, ImageFetchError, QueueFull, Refused, RequestError, SettingsError
 from .label_config import LabelConfig
 from .reference_rules import ReferenceRules
-from .db import DatabaseUnavailable
-from .work_queue import WorkQueue
+from .work_queue import Notice, QueuedTask, RetryPolicy, SenderFull, WorkQueue
 
 log = logging.getLogger("smartsam.jobs")
 
@@ -46,179 +50,239 @@ ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CR
 DELETED = "ANNOTATIONS_DELETED"
 SETUP = "SETUP"  # our own: confirm a /setup's extra params with Label Studio
 
-# (project, task, label_config) -> the task's prediction, or None when it cannot be pre-labeled
-PredictTask = Callable[[str, Dict, str], Tuple[Optional[Dict], List[str]]]
+# (project, task, label_config) -> the task's prediction; raises RequestError when the task cannot
+# be pre-labeled (no reference, nothing found), ImageFetchError when its image cannot be had
+PredictTask = Callable[[str, Dict, str], Dict]
+
+
+class TryLater(Exception):
+    """The work could not be done now for a reason that may pass (Label Studio or the database
+    did not answer, the model is busy): the row is tried again after the retry policy's delay."""
 
 
 class Jobs:
-    """Two queues, one worker thread each (events never wait behind a long pre-labeling queue).
+    """Two workers, one for notices and one for pre-labeling tasks (notices never wait behind a
+    long pre-labeling queue), over the durable :class:`~backend.work_queue.WorkQueue`.
 
     Args:
         engine: the process's :class:`~backend.engine.Engine` (models, client, stores).
         rules: the reference rules applied to confirmed annotations.
-        predict_task: pre-labels one task (the protocol adapter's path, injected by the
-            composition root so that this module does not import it).
-        max_events: queued notices beyond this are refused (the sender gets 503).
+        predict_task: pre-labels one task (the answers' path, injected by the composition root).
+        max_events: notices one sender may have waiting (its further ones get 503).
         write_batch: predictions per write to Label Studio.
         settings_retry_s: a /setup's params not yet held by Label Studio are read again once
             after this long (Label Studio checks /setup before it saves a new connection).
+        retry: when failed notices and tasks are tried again and given up.
     """
 
     def __init__(self, engine: Engine, rules: ReferenceRules, predict_task: PredictTask, max_events: int = 1000,
-                 write_batch: int = 10, settings_retry_s: float = 1.0) -> None:
+                 write_batch: int = 10, settings_retry_s: float = 1.0, retry: Optional[RetryPolicy] = None) -> None:
         self.engine = engine
         self.client = engine.client
         self.rules = rules
         self.predict_task = predict_task
         self.write_batch = int(write_batch)
         self.settings_retry_s = float(settings_retry_s)
-        self.max_events = int(max_events)
-        self._events: "queue.Queue[Tuple[int, str, int, Optional[str]]]" = queue.Queue()
         s = engine.settings
-        self.durable = WorkQueue(s.data_dir / "jobs.db", s.database_url, s.queue_lease)
+        self.retry = retry or RetryPolicy(max_delay=s.retry_max_delay, give_up_after=s.retry_for)
+        self.durable = WorkQueue(s.data_dir / "jobs.db", s.database_url, s.queue_lease, self.retry, max_events)
+        # counters only: never held while the database or Label Studio is asked anything
         self._lock = threading.Lock()
-        self._busy = {"events": 0, "prelabel": 0}  # items taken off a queue and not finished
+        self._busy = {"events": 0, "prelabel": 0}  # items being worked now
         self._idle = threading.Condition(self._lock)
-        self._new_tasks = threading.Event()  # set by submit(): the worker need not wait for its poll
-        self.poll_s = 1.0  # how often an idle worker looks for tasks another replica queued
-        self.events = {"queued": 0, "applied": 0, "duplicates": 0, "rejected": 0, "failed": 0, "recovered": 0}
-        self.prelabel = {"queued": 0, "done": 0, "failed": 0, "written": 0, "skipped_existing": 0, "recovered": 0}
+        self._new_event = threading.Event()  # set by notify(): the worker need not wait for its poll
+        self._new_tasks = threading.Event()  # set by submit()
+        self.poll_s = 1.0  # how often an idle worker looks for work another replica queued or that is due
+        self.events = {"queued": 0, "merged": 0, "spooled": 0, "refused": 0, "applied": 0, "duplicates": 0,
+                       "rejected": 0, "retried": 0, "given_up": 0, "recovered": 0}
+        self.prelabel = {"queued": 0, "done": 0, "failed": 0, "written": 0, "skipped_existing": 0, "retried": 0,
+                         "given_up": 0, "recovered": 0}
         self._recent: "deque[float]" = deque(maxlen=50)
         self.last_errors: "deque[str]" = deque(maxlen=10)
         self._started = False
-        self._waiting_cache = (0.0, 0)  # (when, count): /health reads the shared count at most once a second
-        # annotation versions whose failed application could not be un-recorded (the database went
-        # away meanwhile): un-recorded before the next try, so the event's retry applies it
-        self._unrecord: set = set()
+        self._last_sender: Optional[str] = None
+        self._held: Dict[int, QueuedTask] = {}  # tasks the pre-labeling worker claimed and has not finished (seq)
+        # what the database said last (the monitor thread reads it; state() never waits for it)
+        self._view: Dict = {"at": None, "counts": None, "spooled": 0, "error": None}
 
     def start(self) -> None:
-        """Take up what a crash or a stop left on disk, then start the two workers (the composition
-        root calls this once everything the workers use is built)."""
+        """Take up what a crash or a stop left, then start the workers (the composition root
+        calls this once everything the workers use is built)."""
         with self._lock:
             if self._started:
                 return
             self._started = True
-            # what a crash or a stop left, in the order it came: this host's dead processes' rows
-            # at once, other replicas' when their leases run out (the lease loop)
-            self.prelabel["recovered"] += self.durable.take_over()["prelabel"]
-            self._claim_orphans()
-        threading.Thread(target=self._event_loop, name="smartsam-events", daemon=True).start()
-        threading.Thread(target=self._prelabel_loop, name="smartsam-prelabel", daemon=True).start()
-        threading.Thread(target=self._lease_loop, name="smartsam-leases", daemon=True).start()
-
-    def _claim_orphans(self) -> None:
-        """Take up the notices whose process is gone (their lease ran out)."""
-        for item in self.durable.claim_events():
-            self._events.put(item)
-            self.events["recovered"] += 1
+        try:
+            # this host's dead processes' rows at once; other replicas' when their leases run out
+            n = self.durable.take_over()
+            with self._lock:
+                self.prelabel["recovered"] += n["prelabel"]
+                self.events["recovered"] += n["events"]
+        except DatabaseUnavailable as e:  # their leases lapse meanwhile: the workers take them then
+            log.warning("work queue: nothing taken over at start (%s)", e)
+        for target, name in ((self._event_loop, "events"), (self._prelabel_loop, "prelabel"), (self._lease_loop, "leases")):
+            threading.Thread(target=target, name=f"smartsam-{name}", daemon=True).start()
 
     def _lease_loop(self) -> None:
-        """Every third of the lease: renew this process's claims, take up orphaned notices."""
+        """Every third of the lease: renew this process's claims."""
         while True:
             time.sleep(self.durable.lease_s / 3)
             try:
-                self.durable.renew()
-                with self._lock:
-                    self._claim_orphans()
+                self.durable.renew(list(self._held))
             except Exception as e:  # the database is away: the claims lapse, other replicas take them
                 log.warning("work queue: leases not renewed (%s)", e)
 
+    def refresh_view(self) -> None:
+        """Read the queue's counts now (the composition root's monitor, every second), so that
+        :meth:`state` never asks the database."""
+        spooled = self.durable.spooled()  # a local file: answers while the shared database is away
+        try:
+            view = {"at": time.monotonic(), "counts": self.durable.counts(), "spooled": spooled, "error": None}
+        except Exception as e:
+            view = dict(self._view, spooled=spooled, error=str(e))
+        with self._lock:
+            self._view = view
+
+    def _seen(self, table: str, delta: int) -> None:
+        """This process queued or finished rows since the counts were read: the view follows at
+        once (the next read corrects what other replicas did)."""
+        with self._lock:
+            c = (self._view["counts"] or {}).get(table)
+            if c is not None:
+                c["waiting"] = max(0, c["waiting"] + delta)
+
     # -- state -----------------------------------------------------------------------------
     def state(self) -> Dict:
+        """Counters of this process and the queue's counts as last read (every replica's rows),
+        with their age in seconds; never waits for the database."""
         with self._lock:
+            view = self._view
+            counts = view["counts"] or {}
+            age = None if view["at"] is None else round(time.monotonic() - view["at"], 1)
             now = time.monotonic()
             recent = [t for t in self._recent if now - t < 120]
             rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-            waiting = self._waiting_tasks()
-            return {"events": {**self.events, "waiting": self._events.qsize() + self._busy["events"]},
-                    "prelabel": {**self.prelabel, "waiting": waiting, "tasks_per_s": round(rate, 3)},
+            ev = counts.get("events", {})
+            tasks = counts.get("prelabel", {})
+            return {"events": {**self.events, "waiting": ev.get("waiting"), "retrying": ev.get("retrying"),
+                               "given_up_total": ev.get("given_up"), "working": self._busy["events"]},
+                    "prelabel": {**self.prelabel, "waiting": tasks.get("waiting"), "retrying": tasks.get("retrying"),
+                                 "given_up_total": tasks.get("given_up"), "working": self._busy["prelabel"],
+                                 "tasks_per_s": round(rate, 3)},
+                    "spooled": view["spooled"], "counts_age_s": age, "database_error": view["error"],
                     "last_errors": list(self.last_errors)}
 
-    def _waiting_tasks(self) -> Optional[int]:
-        """Tasks in the shared queue (every replica's), read at most once a second; None when
-        the database does not answer."""
-        when, n = self._waiting_cache
-        if time.monotonic() - when > 1.0:
-            try:
-                n = self.durable.waiting_tasks()
-            except DatabaseUnavailable:
-                return None
-            self._waiting_cache = (time.monotonic(), n)
-        return n
+    def troubled(self) -> Dict:
+        """What failed at least once, with its reasons (the admin page; reads the database)."""
+        return self.durable.troubled()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until no event is queued or being applied and the shared pre-labeling queue is
-        empty (tests, shutdown); False on timeout."""
+        """Block until no notice or task waits (given-up ones aside) and none is being worked
+        (tests, shutdown); False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._events.qsize() or self._busy["events"] or self.durable.waiting_tasks():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(min(left, 0.5))
-            return True
+        while time.monotonic() < deadline:
+            try:
+                idle = not self.durable.waiting_events() and not self.durable.waiting_tasks() and not self.durable.spooled()
+            except DatabaseUnavailable:
+                idle = False
+            with self._lock:
+                if idle and not self._busy["events"] and not self._busy["prelabel"]:
+                    return True
+            time.sleep(0.2)
+        return False
 
     # -- webhook events --------------------------------------------------------------------
-    def notify(self, action: str, annotation_id: int, claimed_project: Optional[str] = None) -> bool:
-        """Queue a webhook's notice (on disk when this returns). False when the queue is full."""
-        with self._lock:
-            if self._events.qsize() >= self.max_events:
-                return False
-            try:
-                row = self.durable.add_event(action, int(annotation_id), claimed_project)
-            except DatabaseUnavailable as e:  # not kept, so not accepted: the sender hears 503
-                self.last_errors.append(f"webhook {action} {annotation_id} refused: {e}")
-                return False
-            self._events.put((row, action, int(annotation_id), claimed_project))
-            self.events["queued"] += 1
-        return True
+    def notify(self, action: str, annotation_id: int, claimed_project: Optional[str] = None, sender: str = "") -> str:
+        """Record a webhook's notice (on disk when this returns): "queued", "merged" (into a
+        notice for the same annotation that has not started) or "spooled" (the shared database
+        is away). Refused when ``sender`` has too many notices waiting or nothing can keep it."""
+        try:
+            how = self.durable.add_event(action, int(annotation_id), claimed_project, sender)
+        except SenderFull:
+            self._count(self.events, "refused")
+            raise Refused(f"{self.durable.max_per_sender} webhook events from this sender are waiting; later ones are "
+                          f"refused until they are worked") from None
+        except DatabaseUnavailable as e:  # not kept, so not accepted: the sender hears 503
+            self._count(self.events, "refused")
+            self._error(f"webhook {action} {annotation_id} refused: {e}")
+            raise Refused(f"webhook not kept: {e}") from None
+        self._count(self.events, how)
+        if how == "queued":
+            self._seen("events", +1)
+        self._new_event.set()
+        return how
 
-    def confirm_settings(self, project: str, claimed: Dict) -> bool:
+    def confirm_settings(self, project: str, claimed: Dict, sender: str = "") -> None:
         """Queue the check of a /setup's extra params against Label Studio (nothing is queued when
         they are the ones in force)."""
         try:
             if self.engine.project_settings.get(project) == claimed:
-                return True
+                return
         except DatabaseUnavailable:
             pass
-        return self.notify(SETUP, int(project), json.dumps(claimed, sort_keys=True))
+        self.notify(SETUP, int(project), json.dumps(claimed, sort_keys=True), sender)
 
     def _event_loop(self) -> None:
         while True:
-            item = self._events.get()
-            with self._lock:
-                self._busy["events"] += 1
-            row, action, aid, claimed = item
-            retry = False
             try:
-                outcome = self.apply_event(action, aid, claimed)
-                key = {"applied": "applied", "duplicate": "duplicates", "rejected": "rejected"}[outcome]
-            except DatabaseUnavailable as e:  # kept in the queue and tried again when it is back
-                log.warning("webhook %s annotation %s waits for the database (%s)", action, aid, e)
-                self._error(f"webhook {action} annotation {aid}: {e}; retried")
-                key, retry = "failed", True
-            except Exception as e:  # one bad event never stops the worker
-                log.exception("webhook %s annotation %s failed", action, aid)
-                self._error(f"webhook {action} annotation {aid}: {type(e).__name__}: {e}")
-                key = "failed"
-            if not retry:
-                try:
-                    self.durable.event_done(row)
-                except Exception as e:  # the database: the event is applied again later (a duplicate, skipped)
-                    log.error("webhook %s annotation %s: could not clear it from the queue (%s)", action, aid, e)
+                self._drain_spool()
+                notice = self.durable.claim_event(self._last_sender)
+            except Exception as e:  # the database is away: try again at the next poll
+                self._error(f"webhook queue: {e}")
+                notice = None
+            if notice is None:
+                self._new_event.wait(self.poll_s)
+                self._new_event.clear()
+                continue
+            self._last_sender = notice.sender
+            self._work_event(notice)
+
+    def _drain_spool(self) -> None:
+        if self.durable.spool is not None and self.durable.spooled():
+            moved = self.durable.drain_spool()
+            if any(moved.values()):
+                log.info("work queue: moved %s from the spool into the shared database", moved)
+                self._new_tasks.set()
+
+    def _work_event(self, n: Notice) -> None:
+        with self._lock:
+            self._busy["events"] += 1
+        try:
+            outcome, reason, unexpected = None, None, False
+            try:
+                outcome = self.apply_event(n.action, n.annotation, n.claimed)
+            except (TryLater, DatabaseUnavailable) as e:
+                reason = str(e)
+            except Exception as e:  # a bug, not an outage: tried a few times, then given up
+                log.exception("webhook %s annotation %s failed", n.action, n.annotation)
+                reason, unexpected = f"{type(e).__name__}: {e}", True
+            try:
+                if outcome is not None:
+                    self.durable.event_done(n.row)
+                    self._seen("events", -1)
+                    self._count(self.events, {"applied": "applied", "duplicate": "duplicates",
+                                              "rejected": "rejected"}[outcome])
+                elif self.durable.event_failed(n, reason, unexpected):
+                    log.warning("webhook %s annotation %s: %s; tried again later (attempt %d)", n.action, n.annotation,
+                                reason, n.attempts + 1)
+                    self._error(f"webhook {n.action} annotation {n.annotation}: {reason}; tried again later")
+                    self._count(self.events, "retried")
+                else:
+                    log.error("webhook %s annotation %s: given up after %d attempts: %s", n.action, n.annotation,
+                              n.attempts + 1, reason)
+                    self._error(f"webhook {n.action} annotation {n.annotation}: given up: {reason}")
+                    self._count(self.events, "given_up")
+            except DatabaseUnavailable as e:  # the row stays: worked again once the database is back
+                self._error(f"webhook {n.action} annotation {n.annotation}: {e}")
+        finally:
             with self._idle:
-                if not retry:
-                    self.events[key] += 1
                 self._busy["events"] -= 1
                 self._idle.notify_all()
-            self._events.task_done()
-            if retry:
-                time.sleep(self.poll_s)
-                self._events.put(item)
 
     def apply_event(self, action: str, aid: int, claimed: Optional[str] = None) -> str:
         """Read annotation ``aid`` back from Label Studio and apply the reference rules to it.
-        Returns "applied", "duplicate" or "rejected" (Label Studio does not confirm it)."""
+        Returns "applied", "duplicate" or "rejected" (Label Studio does not confirm it); raises
+        TryLater (or DatabaseUnavailable) when it cannot be told now."""
         if not self.client.configured:
             log.warning("webhook %s %s ignored: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to confirm it "
                         "with Label Studio", action, aid)
@@ -231,50 +295,50 @@ class Jobs:
         c = self.client
         try:
             ann = c.annotation(aid)
-            pid = ann.get("project")
+            pid = ann.get("project") if isinstance(ann, dict) else None
             if not isinstance(pid, int) or isinstance(pid, bool):
                 raise ValueError("Label Studio's annotation names no project")
             project = c.project(pid)
             task = c.task(pid, int(ann["task"]))
-        except (ImageFetchError, KeyError, TypeError, ValueError) as e:
-            log.warning("webhook %s: annotation %s not confirmed by Label Studio (%s): nothing changed", action, aid, e)
-            self._error(f"annotation {aid} not confirmed by Label Studio: {e}")
-            return "rejected"
+        except ImageFetchError as e:
+            if e.transient:
+                raise TryLater(f"Label Studio did not confirm annotation {aid} now ({e})") from None
+            return self._reject(action, aid, f"not confirmed by Label Studio ({e})")
+        except (KeyError, TypeError, ValueError) as e:
+            return self._reject(action, aid, f"not confirmed by Label Studio ({e})")
         proj = str(pid)
         if claimed is not None and claimed != proj:
             log.warning("webhook %s: the payload names project %s, Label Studio says annotation %s is in project %s; "
                         "using Label Studio's", action, claimed, aid, proj)
+        # one application per annotation version, whichever process or replica gets it first; the
+        # record is written after the rules ran (they are idempotent: a crash in between applies
+        # the same version again and changes nothing twice)
         version = (aid, str(ann.get("updated_at")), action == "ANNOTATION_UPDATED")
-        for v in list(self._unrecord):
-            self.durable.forget_application(*v)
-            self._unrecord.discard(v)
-        # one application per annotation version, whichever process or replica gets it first
-        if not self.durable.first_application(*version):
+        if self.durable.was_applied(*version):
             return "duplicate"
         try:
             cfg = LabelConfig.parse(project.get("label_config"))
             out = self.rules.apply(ann, task, proj, action, cfg)
-        except (RequestError, ImageFetchError, ValueError) as e:
-            self._unrecord_application(version)  # not applied: a later delivery may apply it
-            log.warning("webhook %s annotation %s: %s", action, aid, e)
-            self._error(f"annotation {aid}: {e}")
-            return "rejected"
-        except BaseException:
-            self._unrecord_application(version)
-            raise
+        except ImageFetchError as e:
+            if e.transient:
+                raise TryLater(f"annotation {aid}: the task's image cannot be had now ({e})") from None
+            return self._reject(action, aid, str(e))
+        except (RequestError, ImageError) as e:
+            return self._reject(action, aid, str(e))
         try:
             out["statistics"] = len(self.rules.observe(ann, task, proj, cfg))
         except Exception as e:  # statistics never block the reference rules
             log.warning("annotation %s: field statistics not updated (%s)", aid, e)
+        if not self.durable.record_application(*version):
+            return "duplicate"  # another replica applied the same version meanwhile (the same result)
         log.info("webhook %s annotation %s (project %s, task %s): references set %s", action, aid, proj, task.get("id"),
                  out.get("reference"))
         return "applied"
 
-    def _unrecord_application(self, version) -> None:
-        try:
-            self.durable.forget_application(*version)
-        except DatabaseUnavailable:
-            self._unrecord.add(version)
+    def _reject(self, action: str, aid: int, why: str) -> str:
+        log.warning("webhook %s annotation %s: %s: nothing changed", action, aid, why)
+        self._error(f"annotation {aid}: {why}")
+        return "rejected"
 
     def _apply_deletion(self, aid: int) -> str:
         """A deletion counts only when Label Studio answers 404 for the annotation."""
@@ -282,14 +346,12 @@ class Jobs:
             self.client.annotation(aid)
         except ImageFetchError as e:
             if e.status != 404:
-                log.warning("deletion of annotation %s not confirmed (%s): nothing changed", aid, e)
-                self._error(f"deletion of annotation {aid} not confirmed by Label Studio: {e}")
-                return "rejected"
+                if e.transient:
+                    raise TryLater(f"deletion of annotation {aid} not confirmed now ({e})") from None
+                return self._reject(DELETED, aid, f"deletion not confirmed by Label Studio ({e})")
         else:
-            log.warning("webhook says annotation %s was deleted, Label Studio still has it: nothing changed", aid)
-            self._error(f"annotation {aid}: deletion not confirmed (Label Studio still has it)")
-            return "rejected"
-        # each reference it set falls back to the version before it (or none)
+            return self._reject(DELETED, aid, "deletion not confirmed (Label Studio still has it)")
+        # each reference it set falls back to the version before it (or none); done twice, the same
         gone = self.engine.store.withdraw_annotation(aid, "annotation deleted in Label Studio")
         self.engine.stats.forget(aid)
         log.info("annotation %s deleted in Label Studio: references withdrawn %s", aid,
@@ -303,6 +365,8 @@ class Jobs:
             try:
                 held = [m.get("extra_params") or {} for m in self.client.ml_backends(int(project))]
             except ImageFetchError as e:
+                if e.transient:
+                    raise TryLater(f"project {project}: extra params not confirmed now ({e})") from None
                 self._error(f"project {project}: extra params not confirmed ({e})")
                 return "rejected"
             if claimed in held:
@@ -329,24 +393,25 @@ class Jobs:
             return False
 
     def submit(self, project: str, tasks: List[Dict], label_config: str) -> int:
-        """Queue tasks for background pre-labeling (committed when this returns); returns how
-        many were new to the queue."""
-        fresh = [t for t in tasks if isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)]
+        """Queue tasks for background pre-labeling (committed when this returns, in the shared
+        queue or, while it is away, the spool); returns how many were new to the queue."""
+        fresh = [t for t in tasks if isinstance(t, dict) and isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)]
         try:
             added = self.durable.add_tasks(project, fresh, label_config)
         except DatabaseUnavailable as e:
             self._error(f"{len(fresh)} tasks not queued: {e}")
-            raise RequestError(f"{e}: {len(fresh)} tasks past the budget were not queued; press Retrieve "
-                               f"predictions again when it is back") from None
-        with self._lock:
-            self.prelabel["queued"] += len(added)
+            raise Refused(f"{e}: {len(fresh)} tasks past the budget were not queued; press Retrieve predictions again "
+                          f"when it is back") from None
+        self._count(self.prelabel, "queued", len(added))
+        self._seen("prelabel", len(added))
         self._new_tasks.set()
         return len(added)
 
     def _prelabel_loop(self) -> None:
         """Claim a task from the shared queue, predict it, write predictions in batches; idle, look
-        again every ``poll_s`` (another replica may have queued some) or when this one queues."""
-        batch: List[Dict] = []
+        again every ``poll_s`` (another replica may have queued some, a retry may be due) or when
+        this one queues."""
+        batch: List[Tuple[QueuedTask, Dict]] = []
         while True:
             try:
                 item = self.durable.claim_task()
@@ -360,79 +425,128 @@ class Jobs:
                 self._new_tasks.wait(self.poll_s)
                 self._new_tasks.clear()
                 continue
-            project, task, label_config = item
+            self._held[item.seq] = item
             with self._lock:
                 self._busy["prelabel"] += 1
             try:
-                pred = self._predict(project, task, label_config)
-                if pred is not None:
-                    batch.append(pred)
+                pred = self._prediction(item)
+                if pred is None:
+                    self._done(item)
                 else:
-                    self._done(project, task.get("id"))
+                    self.durable.keep_prediction(item.seq, pred)
+                    batch.append((item, pred))
                 if len(batch) >= self.write_batch:
                     self._flush(batch)
-            except Exception as e:  # the worker never dies
-                log.exception("background pre-label of task %s failed", task.get("id"))
-                self._error(f"task {task.get('id')}: {type(e).__name__}: {e}")
-                self._done(project, task.get("id"))
+            except (TryLater, DatabaseUnavailable) as e:
+                self._task_failed(item, str(e))
+            except Exception as e:  # a bug, not an outage: tried a few times, then given up
+                log.exception("background pre-label of task %s failed", item.task.get("id"))
+                self._task_failed(item, f"{type(e).__name__}: {e}", unexpected=True)
             finally:
-                with self._lock:
+                with self._idle:
                     self._busy["prelabel"] -= 1
+                    self._idle.notify_all()
 
-    def _done(self, project: str, task_id) -> None:
-        # a task stays queued until its prediction is written: a second press of the button
-        # meanwhile must not queue it again
+    def _prediction(self, item: QueuedTask) -> Optional[Dict]:
+        """The task's prediction to write: the one kept in its row while it is of the current
+        model version, else a new one; None when the task cannot have one."""
+        if item.prediction is not None and item.prediction["model_version"] == self.engine.model_version(item.project, strict=True):
+            return item.prediction
+        tid = item.task.get("id")
         try:
-            self.durable.task_done(project, task_id)
-        except Exception as e:  # the database: the task runs again later (then skipped at write)
-            log.error("task %s: could not clear it from the queue (%s)", task_id, e)
+            pred = self.predict_task(item.project, item.task, item.label_config)
+        except ImageFetchError as e:
+            if e.transient:
+                raise TryLater(f"task {tid}: its image cannot be had now ({e})") from None
+            return self._no_prediction(tid, str(e))
+        except (QueueFull, Busy) as e:
+            raise TryLater(f"task {tid}: the model is busy ({e})") from None
+        except (RequestError, ImageError, InvalidClick) as e:
+            return self._no_prediction(tid, str(e))
+        with self._lock:
+            self._recent.append(time.monotonic())
+            self.prelabel["done"] += 1
+        return {"task": item.task["id"], "result": pred["result"], "score": pred.get("score"),
+                "model_version": pred["model_version"]}
+
+    def _no_prediction(self, tid, why: str) -> None:
+        with self._lock:
+            self._recent.append(time.monotonic())
+            self.prelabel["failed"] += 1
+        self._error(f"task {tid}: {why}")
+        return None
+
+    def _task_failed(self, item: QueuedTask, reason: str, unexpected: bool = False) -> None:
+        tid = item.task.get("id")
+        self._held.pop(item.seq, None)  # not renewed any more: if what follows cannot be written, it lapses
+        try:
+            again = self.durable.task_failed(item, reason, unexpected)
+        except DatabaseUnavailable as e:  # its lease lapses: it is worked again once the database is back
+            self._error(f"task {tid}: {reason}; {e}")
+            return
+        if again:
+            self._error(f"task {tid}: {reason}; tried again later")
+            self._count(self.prelabel, "retried")
+        else:
+            log.error("task %s: given up after %d attempts: %s", tid, item.attempts + 1, reason)
+            self._error(f"task {tid}: given up: {reason}")
+            self._count(self.prelabel, "given_up")
+
+    def _done(self, item: QueuedTask) -> None:
+        self._held.pop(item.seq, None)
+        try:
+            self.durable.task_done(item.project, item.task["id"])
+            self._seen("prelabel", -1)
+        except DatabaseUnavailable as e:  # worked again later: its prediction is found in Label Studio then
+            log.error("task %s: could not clear it from the queue (%s)", item.task.get("id"), e)
         with self._idle:
             self._idle.notify_all()
 
-    def _predict(self, project: str, task: Dict, label_config: str) -> Optional[Dict]:
-        try:
-            pred, errors = self.predict_task(project, task, label_config)
-        except (RequestError, ImageFetchError, ValueError) as e:
-            pred, errors = None, [str(e)]
-        with self._lock:
-            self._recent.append(time.monotonic())
-            if pred:
-                self.prelabel["done"] += 1
-            else:
-                self.prelabel["failed"] += 1
-        if not pred:
-            self._error(f"task {task.get('id')}: {'; '.join(errors) or 'no prediction'}")
-            return None
-        return {"task": task["id"], "project": project, "result": pred["result"], "score": pred.get("score"),
-                "model_version": pred["model_version"]}
-
-    def _flush(self, batch: List[Dict]) -> None:
-        """Write predictions to Label Studio, skipping tasks that already have this model version's."""
-        keys = [(p["project"], p["task"]) for p in batch]
-        todo = []
-        for p in batch:
+    def _flush(self, batch: List[Tuple[QueuedTask, Dict]]) -> None:
+        """Write the batch's predictions to Label Studio: a task that already holds this model
+        version's prediction is not written again (a lost answer to an earlier write); a task is
+        done when Label Studio holds its prediction."""
+        todo: Dict[str, List[Tuple[QueuedTask, Dict]]] = {}
+        for item, pred in batch:
             try:
-                if any(x.get("model_version") == p["model_version"] for x in self.client.predictions(p["task"])):
-                    with self._lock:
-                        self.prelabel["skipped_existing"] += 1
-                    continue
+                held = self.client.predictions(item.task["id"])
             except ImageFetchError as e:
-                self._error(f"task {p['task']}: cannot check its predictions ({e})")
-            todo.append(p)
-        by_project: Dict[str, List[Dict]] = {}
-        for p in todo:
-            by_project.setdefault(p["project"], []).append({k: v for k, v in p.items() if k != "project"})
-        for project, preds in by_project.items():
-            try:
-                self.client.import_predictions(int(project), preds)
-                with self._lock:
-                    self.prelabel["written"] += len(preds)
-            except (ImageFetchError, ValueError) as e:
-                log.error("project %s: writing %d predictions failed: %s", project, len(preds), e)
-                self._error(f"project {project}: writing {len(preds)} predictions failed: {e}")
-        for key in keys:
-            self._done(*key)
+                if e.transient:  # unknown whether it holds one: ask again later, never write twice
+                    self._task_failed(item, f"cannot check the task's predictions in Label Studio ({e})")
+                    continue
+                held = []
+            if any(x.get("model_version") == pred["model_version"] for x in held):
+                self._count(self.prelabel, "skipped_existing")
+                self._done(item)
+                continue
+            todo.setdefault(item.project, []).append((item, pred))
         batch.clear()
+        for project, items in todo.items():
+            self._write(project, items)
+
+    def _write(self, project: str, items: List[Tuple[QueuedTask, Dict]]) -> None:
+        try:
+            self.client.import_predictions(int(project), [pred for _, pred in items])
+        except ImageFetchError as e:
+            if e.transient:
+                for item, _ in items:
+                    self._task_failed(item, f"writing its prediction to Label Studio failed ({e})")
+                return
+            if len(items) > 1:  # refused: find the task Label Studio refuses, write the others
+                for one in items:
+                    self._write(project, [one])
+                return
+            log.error("project %s task %s: Label Studio refused its prediction: %s", project, items[0][0].task["id"], e)
+            self._no_prediction(items[0][0].task["id"], f"Label Studio refused its prediction ({e})")
+            self._done(items[0][0])
+            return
+        self._count(self.prelabel, "written", len(items))
+        for item, _ in items:
+            self._done(item)
+
+    def _count(self, counters: Dict[str, int], key: str, n: int = 1) -> None:
+        with self._lock:
+            counters[key] += n
 
     def _error(self, msg: str) -> None:
         with self._lock:

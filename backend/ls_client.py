@@ -71,7 +71,7 @@ def read_bounded(resp, deadline: float, limit: int, timeout: float, late) -> byt
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ImageFetchError(late())
+            raise ImageFetchError(late(), transient=True)
         try:
             # read1 returns what has arrived, and each wait is bounded by what is left: a server
             # that drips bytes cannot hold the request past its deadline
@@ -79,8 +79,8 @@ def read_bounded(resp, deadline: float, limit: int, timeout: float, late) -> byt
             block = resp.read1(1 << 16)
         except (OSError, http.client.HTTPException) as e:
             if time.monotonic() >= deadline:
-                raise ImageFetchError(late()) from None
-            raise ImageFetchError(f"image download failed: {e}") from None
+                raise ImageFetchError(late(), transient=True) from None
+            raise ImageFetchError(f"image download failed: {e}", transient=True) from None
         if not block:
             return b"".join(chunks)
         total += len(block)
@@ -138,10 +138,10 @@ class LabelStudioClient:
                     access = json.loads(r.read(1 << 16))["access"]
             except urllib.error.HTTPError as e:
                 raise ImageFetchError(f"Label Studio refused the personal access token (HTTP {e.code} from "
-                                      f"/api/token/refresh): check LABEL_STUDIO_API_KEY") from None
+                                      f"/api/token/refresh): check LABEL_STUDIO_API_KEY", status=e.code) from None
             except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
                 raise ImageFetchError(f"cannot reach Label Studio at LABEL_STUDIO_URL to exchange the personal "
-                                      f"access token ({getattr(e, 'reason', e)})") from None
+                                      f"access token ({getattr(e, 'reason', e)})", transient=True) from None
             self._access = (access, time.time() + 240)  # access tokens live 5 minutes
             return f"Bearer {access}"
 
@@ -168,13 +168,15 @@ class LabelStudioClient:
                                       f"this project", status=401) from None
             raise ImageFetchError(f"Label Studio answered HTTP {e.code} for {path.split('?')[0]}", status=e.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
-            raise ImageFetchError(f"cannot reach Label Studio for {path.split('?')[0]}: {getattr(e, 'reason', e)}") from None
+            raise ImageFetchError(f"cannot reach Label Studio for {path.split('?')[0]}: {getattr(e, 'reason', e)}",
+                                  transient=True) from None
         with resp:
             body = read_bounded(resp, deadline, self.s.image_max_bytes, self.s.image_timeout, self.late)
         try:
             return json.loads(body)
         except ValueError:
-            raise ImageFetchError(f"Label Studio answered {path.split('?')[0]} with something that is not JSON") from None
+            raise ImageFetchError(f"Label Studio answered {path.split('?')[0]} with something that is not JSON",
+                                  transient=True) from None
 
     def post_json(self, path: str, body) -> object:
         """POST JSON to Label Studio's API; authenticated, time-bounded; the answer (bounded) as
@@ -190,7 +192,8 @@ class LabelStudioClient:
         except urllib.error.HTTPError as e:
             raise ImageFetchError(f"Label Studio answered HTTP {e.code} to POST {path.split('?')[0]}", status=e.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise ImageFetchError(f"cannot reach Label Studio for POST {path.split('?')[0]}: {getattr(e, 'reason', e)}") from None
+            raise ImageFetchError(f"cannot reach Label Studio for POST {path.split('?')[0]}: {getattr(e, 'reason', e)}",
+                                  transient=True) from None
         try:
             return json.loads(raw) if raw else None
         except ValueError:
@@ -222,7 +225,7 @@ class LabelStudioClient:
             raise
         items = d.get("tasks", []) if isinstance(d, dict) else d
         if not isinstance(items, list):
-            raise ImageFetchError("Label Studio's task list is not a list")
+            raise ImageFetchError("Label Studio's task list is not a list", transient=True)
         return [t for t in items if isinstance(t, dict)]
 
     def task(self, project_id: int, task_id: int) -> Dict:

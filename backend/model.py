@@ -15,10 +15,11 @@ from typing import Callable, Dict, List, Optional
 from label_studio_ml.model import LabelStudioMLBase
 
 from smartsam.agent import InvalidClick
+from smartsam.io import ImageError
 
 from .answers import Answers, RequestContext, tasks_list
 from .engine import project_key
-from .errors import ImageFetchError, QueueFull, RequestError
+from .errors import Busy, ImageFetchError, QueueFull, Refused, RequestError
 from .label_config import LabelConfig
 
 log = logging.getLogger("smartsam.backend")
@@ -80,14 +81,20 @@ class SmartSAMBackend(LabelStudioMLBase):
         out: List = []
         self.errors = []
         leftover: List[Dict] = []
-        background = not interactive and len(tasks) > 1 and proj is not None and self.submit is not None
+        # pre-labeling with a project: what is not done within the budget, or failed for a reason
+        # that may pass (the image could not be had now, the model is busy), is queued for the
+        # background, which writes it to Label Studio when done (Label Studio keeps only what this
+        # answer holds, and asks again only when the user presses the button again)
+        background = not interactive and proj is not None and self.submit is not None
         for task in tasks:
             tid = task.get("id") if isinstance(task, dict) else None
-            if background:
+            # a prediction is written back by task id: a task without an integer id is answered here only
+            queueable = background and isinstance(tid, int) and not isinstance(tid, bool)
+            if queueable:
                 if self.pending is not None and self.pending(proj, tid):
                     out.append([])  # already queued in the background: it will be written once
                     continue
-                if time.monotonic() >= stop_at:
+                if len(tasks) > 1 and time.monotonic() >= stop_at:
                     leftover.append(task)
                     out.append([])
                     continue
@@ -98,27 +105,30 @@ class SmartSAMBackend(LabelStudioMLBase):
                     pred = self.answers.prelabel(task, ctx)
                 self.errors.extend(f"task {tid}: {m}" for m in pred.get("errors", []))
                 out.append(pred)
-            except QueueFull:
-                if not background:
-                    raise  # an annotator's click: 503 with the expected wait, at once
+            except (QueueFull, Busy) as e:
+                if not queueable:
+                    if isinstance(e, QueueFull):
+                        raise  # an annotator's click: 503 with the expected wait, at once
+                    self._failed(out, e, proj, tid, interactive, ctx)
+                    continue
                 leftover.append(task)  # pre-labeling: the background queue takes it
                 out.append([])
-            except (RequestError, ImageFetchError, InvalidClick, ValueError) as e:
-                log.warning("project %s task %s: %s", proj, tid, e)
-                self.errors.append(f"task {tid}: {e}")
-                if interactive:
-                    out.append({"result": [], "score": 0.0, "model_version": ctx.version, "errors": [str(e)]})
-                else:
-                    # An empty list is "no prediction for this task" to Label Studio: nothing is
-                    # stored, so a task without a reference shows no empty prediction tab.
+            except ImageFetchError as e:
+                if queueable and e.transient:
+                    log.warning("project %s task %s: %s; queued for the background", proj, tid, e)
+                    leftover.append(task)
                     out.append([])
+                else:
+                    self._failed(out, e, proj, tid, interactive, ctx)
+            except (RequestError, InvalidClick, ImageError) as e:
+                self._failed(out, e, proj, tid, interactive, ctx)
         if interactive and self.on_click is not None:
             for task in tasks:
                 self.on_click(proj, task.get("id") if isinstance(task, dict) else None, self.cfg)
         if leftover:
             try:
                 n = self.submit(proj, leftover, self.label_config)
-            except RequestError as e:  # the queue's database is away: say so, answer what is done
+            except Refused as e:  # nothing can keep them now: say so, answer what is done
                 log.error("project %s: %s", proj, e)
                 self.errors.append(str(e))
                 return out
@@ -126,6 +136,16 @@ class SmartSAMBackend(LabelStudioMLBase):
             log.info("project %s: %s", proj, msg)
             self.errors.append(msg)
         return out
+
+    def _failed(self, out: List, e: Exception, proj, tid, interactive: bool, ctx) -> None:
+        log.warning("project %s task %s: %s", proj, tid, e)
+        self.errors.append(f"task {tid}: {e}")
+        if interactive:
+            out.append({"result": [], "score": 0.0, "model_version": ctx.version, "errors": [str(e)]})
+        else:
+            # An empty list is "no prediction for this task" to Label Studio: nothing is stored, so
+            # a task without a reference shows no empty prediction tab.
+            out.append([])
 
     def fit(self, tasks, workdir=None, **kwargs):
         """References are learned from annotation events (``backend.jobs``), not by training."""

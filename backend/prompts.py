@@ -7,11 +7,13 @@ bad value raises RequestError.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from .errors import RequestError
 from .label_config import LabelConfig
+from .schemas import ContextRegion, parse
 
 
 def pct_to_px(v: float, size: int) -> float:
@@ -27,8 +29,8 @@ def far_edge(pct: float, size: int) -> float:
 
 
 def positive_size(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) <= 0:
-        raise RequestError(f"{what} must be a positive whole number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or not 0 < v <= 1e6:
+        raise RequestError(f"{what} must be a positive whole number of pixels, got {v!r}")
     return int(v)
 
 
@@ -67,9 +69,10 @@ def parse_prompt(context_result, image_wh: Tuple[int, int], cfg: LabelConfig) ->
     points: List[Tuple[float, float]] = []
     labels: List[int] = []
     box, label, shown, tool = None, None, None, None
-    for r in context_result:
+    for i, r in enumerate(context_result):
         if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
             raise RequestError("a context region has no value")
+        parse(ContextRegion, r, f"context.result[{i}]")  # every field we read, of its type
         v, kind = r["value"], r.get("type", "")
         if shown is None and r.get("original_width") and r.get("original_height"):
             shown = (positive_size(r["original_width"], "original_width"), positive_size(r["original_height"], "original_height"))

@@ -34,7 +34,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import sqlalchemy as sa
@@ -354,6 +354,9 @@ class ReferenceStore:
         with self._write() as c:
             cur = self._current_in(c, project, label)
             if policy == "replace":
+                if annotation is not None and [(m.slot, m.annotation, m.how, m.feature_sha, m.mask_file) for m in cur] == [
+                        (0, annotation, how, row["feature_sha"], mask_file)]:
+                    return None  # already so by the same rule: the same annotation applied again (a crash, a retry)
                 slot = 0
                 for other in cur:
                     if other.slot != 0:

@@ -76,15 +76,19 @@ class Scheduler:
         gather_s: when jobs arrive at an idle model, wait this long for more before the first
             step, so clicks sent together start together (and share every decoder call after).
         name: the thread's name.
+        before_work: called on the model's thread before each step or call (the compute-thread
+            governor, :mod:`backend.threads`: OpenMP's thread count belongs to the calling thread).
     """
 
     def __init__(self, backbone, max_rows: int = 128, fill_rows: int = 0, background_rows: int = 32,
-                 gather_s: float = 0.02, name: str = "smartsam-model") -> None:
+                 gather_s: float = 0.02, name: str = "smartsam-model",
+                 before_work: Optional[Callable[[], None]] = None) -> None:
         if max_rows < 1 or fill_rows < 0 or background_rows < 1:
             raise ValueError("max_rows and background_rows must be >= 1, fill_rows >= 0")
         self.engine = BatchEngine(backbone)
         self.max_rows, self.fill_rows, self.background_rows = int(max_rows), int(fill_rows), int(background_rows)
         self.gather_s = float(gather_s)
+        self.before_work = before_work
         self._cond = threading.Condition()
         self._calls: List[_Work] = []
         self._pending_jobs: List[_Work] = []  # submitted, jobs not yet in the engine
@@ -218,6 +222,8 @@ class Scheduler:
                 else:
                     call = None
             try:
+                if self.before_work is not None and (call is not None or live):
+                    self.before_work()
                 if call is not None:
                     self._run_call(call)
                 elif live:

@@ -31,15 +31,23 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+import torch
+
 from .answers import Answers
 from .config import AgentSettings, Settings
+from .db import DatabaseUnavailable
 from .engine import Engine, project_key
-from .errors import HttpError, RequestError, SettingsError
+from .answers import RequestContext
+from .errors import HttpError, Refused, RequestError, SettingsError
 from .jobs import ANNOTATION_EVENTS, DELETED, Jobs
+from .label_config import LabelConfig
 from .model import SmartSAMBackend
 from .prefetch import Prefetcher
+from .schemas import PredictBody, SetupBody, WebhookBody, parse
+from .threads import ThreadGovernor, apply_in_worker, plan as thread_plan, usable_cores
 from .reference_rules import ReferenceRules
-from .wsgi import MethodNotAllowed, Request, Router, basic_credentials, json_object, path_segments, respond, same
+from .wsgi import (MethodNotAllowed, Request, Router, basic_credentials, client_address, json_object, path_segments,
+                   respond, same)
 
 log = logging.getLogger("smartsam.http")
 
@@ -57,14 +65,33 @@ class Services:
 
     def __init__(self, settings: Settings, load: bool = True) -> None:
         self.settings = settings
-        self.engine = Engine(settings)
+        # the worker's compute threads follow the free cores (SMARTSAM_WAIT_POLICY=adaptive) once the
+        # launcher has planned them (SMARTSAM_TORCH_THREADS); in-process uses keep torch's own
+        self.governor = (ThreadGovernor(settings.torch_threads, usable_cores())
+                         if settings.wait_policy == "adaptive" and settings.torch_threads else None)
+        self.engine = Engine(settings, governor=self.governor)
         self.answers = Answers(self.engine)
         self.rules = ReferenceRules(self.engine, self.answers.image)
         self.jobs = Jobs(self.engine, self.rules, self.prelabel_task)
         self.prefetch = Prefetcher(self.engine, self.answers.image, settings.prefetch)
         self.jobs.start()  # its workers call back into what is built above
+        threading.Thread(target=self._monitor, name="smartsam-monitor", daemon=True).start()
         if load:
             self.engine.start_loading()
+
+    def _monitor(self) -> None:
+        """Every second: the database's state and the queue's counts, read here so that no
+        request ever waits for them (``/health`` shows them with their age)."""
+        while True:
+            probes = [self.engine.probe_database, self.jobs.refresh_view]
+            if self.governor is not None:
+                probes.append(self.governor.update)
+            for probe in probes:
+                try:
+                    probe()
+                except Exception:  # a probe never stops the others
+                    log.exception("monitor: %s failed", getattr(probe, "__name__", probe))
+            time.sleep(1.0)
 
     def backend(self, label_config) -> SmartSAMBackend:
         """The protocol adapter for one labeling config (RequestError when SmartSAM cannot use it)."""
@@ -73,11 +100,13 @@ class Services:
         return SmartSAMBackend(label_config=label_config, answers=self.answers, pending=self.jobs.pending,
                                submit=self.jobs.submit, on_click=self.prefetch.on_click)
 
-    def prelabel_task(self, project: str, task: Dict, label_config: str) -> Tuple[Optional[Dict], List[str]]:
-        """One task through the pre-labeling path (the background queue's worker)."""
-        model = self.backend(label_config)
-        pred = model.predict([task], project=project)[0]
-        return (pred or None), list(model.errors)
+    def prelabel_task(self, project: str, task: Dict, label_config: str) -> Dict:
+        """One task through the pre-labeling path (the background queue's worker): the prediction,
+        or the reason there is none as an exception (RequestError: nothing to label; an
+        ImageFetchError or DatabaseUnavailable that may pass, which the queue tries again)."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        ctx = RequestContext.build(self.engine, project, LabelConfig.parse(label_config), deadline, strict=True)
+        return self.answers.prelabel(task, ctx)
 
     def close(self) -> None:
         """At shutdown: write the queued field statistics (no row is lost)."""
@@ -102,11 +131,12 @@ class App:
         self.router = Router()
         self.router.add("GET", "/", self.health)
         self.router.add("GET", "/health", self.health)
+        self.router.add("GET", "/admin/health", self.admin_health)
         self.router.add("GET", "/metrics", lambda req: (200, {}))
         self.router.add("POST", "/setup", self.setup)
         self.router.add("POST", "/predict", self.predict)
         self.router.add("POST", "/webhook", self.webhook)
-        self.admin = AdminApi(self.engine, services.rules, services.jobs.state, self.gate)
+        self.admin = AdminApi(self.engine, services.rules, services.jobs, self.gate)
         self.admin.register(self.router)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -128,6 +158,9 @@ class App:
                 # the page: let the browser ask for the credentials (user: anything, password: the admin token)
                 extra.append(("WWW-Authenticate", 'Basic realm="SmartSAM admin", charset="UTF-8"'))
             log.warning("%s %s -> %d: %s", method, path, e.status, e)
+        except DatabaseUnavailable as e:  # what needs the store waits for it; the sender may try again
+            log.warning("%s %s -> 503: %s", method, path, e)
+            status, payload = 503, {"error": str(e)}
         except Exception as e:  # the server stays up whatever one request does
             log.exception("%s %s failed", method, path)
             status, payload = 500, {"error": f"internal error: {type(e).__name__}"}
@@ -165,15 +198,28 @@ class App:
 
     # -- the ML API ------------------------------------------------------------------------
     def health(self, req: Request):
+        """Public: what Label Studio's Connect needs (status, model, readiness), nothing about
+        projects, tasks, errors or the database (those are at ``/admin/health``). Never waits for
+        the model, the database or a lock."""
+        e = self.engine
+        if e.load_error:
+            raise HttpError(503, f"model failed to load: {e.load_error}", reason=f"Model failed to load: {e.load_error}")
+        bb = e.backbone
+        return 200, {"status": "UP", "model_class": MODEL_CLASS, "model": bb.name if bb else e.settings.backbone_name,
+                     "ready": bb is not None}
+
+    def admin_health(self, req: Request):
+        """Everything: the model's counters, the scheduler, requests, the background work, the
+        prefetch and the database as last seen (with their ages). Never waits for the database
+        or a lock either."""
         h = self.engine.health()
         h["model_class"] = MODEL_CLASS
         # this worker's /predict calls so far, and model requests being answered now
         h["requests"] = {"predict": self._predict_calls, "in_flight": self._in_flight}
         h["threads"] = self.settings.threads
+        h["threads_per_worker"] = torch.get_num_threads()
         h["jobs"] = self.services.jobs.state()
         h["prefetch"] = self.services.prefetch.health()
-        if h["load_error"]:
-            raise HttpError(503, f"model failed to load: {h['load_error']}", reason=f"Model failed to load: {h['load_error']}")
         return 200, h
 
     def setup(self, req: Request):
@@ -182,6 +228,10 @@ class App:
         from .label_config import check_label_config
 
         data = json_object(req.environ, self.settings.max_request_bytes)
+        try:
+            parse(SetupBody, data)
+        except RequestError as e:
+            raise HttpError(400, str(e), reason=str(e)) from None
         problems = check_label_config(data.get("schema"))
         extra = data.get("extra_params")
         if extra in (None, ""):
@@ -198,7 +248,10 @@ class App:
         except RequestError:
             project = None
         if project is not None and self.engine.client.configured:
-            self.services.jobs.confirm_settings(project, dict(extra))
+            try:
+                self.services.jobs.confirm_settings(project, dict(extra), self._sender(req))
+            except Refused as e:  # Connect still works; the params wait for the next /setup
+                log.warning("setup: extra params of project %s not queued for confirmation: %s", project, e)
         return 200, {"model_version": self.engine.model_version(project)}
 
     def predict(self, req: Request):
@@ -214,13 +267,10 @@ class App:
                 return 200, {"results": [], "errors": [str(e)], "model_version": self.engine.model_version()}
             model = None
             try:
+                parse(PredictBody, data)  # the body's shape, each field named when wrong
                 model = self.services.backend(data.get("label_config"))
                 params = data.get("params") or {}
-                if not isinstance(params, dict):
-                    raise RequestError("params must be an object")
                 context = params.get("context")
-                if context is not None and not isinstance(context, dict):
-                    raise RequestError("params.context must be an object")
                 results = model.predict(data.get("tasks"), context=context, project=data.get("project"),
                                         deadline=deadline, budget=s.predict_budget)
             except RequestError as e:
@@ -232,13 +282,27 @@ class App:
                 out["errors"] = model.errors
             return 200, out
 
+    def _sender(self, req: Request) -> str:
+        return client_address(req.environ, self.settings.trusted_proxies)
+
     def webhook(self, req: Request):
         """Queue the notice; what it names is read back from Label Studio before anything changes."""
+        try:
+            return self._webhook(req)
+        except Refused as e:  # not kept: the sender hears 503 (Label Studio does not resend; see jobs)
+            raise HttpError(503, str(e)) from None
+
+    def _webhook(self, req: Request):
         data = json_object(req.environ, self.settings.max_request_bytes)
+        sender = self._sender(req)
         action = data.get("action")
         jobs = self.services.jobs
         if not isinstance(action, str):
             raise HttpError(400, "webhook without action")
+        try:
+            parse(WebhookBody, data)
+        except RequestError as e:
+            raise HttpError(400, str(e)) from None
         if action == "START_TRAINING":
             return 201, {"action": action, "status": "ok", "trained": False,
                          "note": "SmartSAM learns references from annotations as they are submitted; nothing to train"}
@@ -246,8 +310,7 @@ class App:
             # only ids: each deletion is confirmed with Label Studio (404) before a reference changes
             ids = _ids(data.get("annotations"))
             for i in ids:
-                if not jobs.notify(action, i, None):
-                    raise HttpError(503, "too many webhook events waiting; Label Studio will send later ones")
+                jobs.notify(action, i, None, sender)
             return 201, {"action": action, "annotations": ids, "queued": True}
         if action not in ANNOTATION_EVENTS:
             return 200, {"action": action, "status": "Unknown event", "ignored": True}
@@ -259,20 +322,22 @@ class App:
             return 201, {"action": action, "errors": ["the event names no annotation id (turn on 'send payload' for the webhook)"]}
         project = data.get("project")
         claimed = project.get("id") if isinstance(project, dict) else None
+        if isinstance(claimed, bool) or not isinstance(claimed, (int, str)) or len(str(claimed)) > 20:
+            claimed = None  # only logged beside Label Studio's answer: a short id or nothing
         for i in ids:
-            if not jobs.notify(action, i, None if claimed is None else str(claimed)):
-                raise HttpError(503, "too many webhook events waiting; Label Studio will send later ones")
+            jobs.notify(action, i, None if claimed is None else str(claimed), sender)
         if isinstance(ann, list):
             return 201, {"action": action, "annotations": ids, "queued": True}
         return 201, {"action": action, "annotation": ids[0], "queued": True}
 
 
 def _ids(items) -> List[int]:
-    """The integer ids of a list of ``{"id": ...}`` (at most 1000; anything else is left out)."""
+    """The integer ids of a list of ``{"id": ...}`` (at most 1000; anything else, and numbers past
+    a 64-bit id, are left out)."""
     if not isinstance(items, list):
         return []
     ids = [a.get("id") for a in items if isinstance(a, dict)]
-    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)][:1000]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 63][:1000]
 
 
 # -- the process --------------------------------------------------------------------------
@@ -283,7 +348,10 @@ def create_app(settings: Optional[Settings] = None) -> App:
     """The WSGI app of this process (gunicorn: ``backend.server:create_app()``): settings from the
     environment unless given; the statistics are written out when the process exits."""
     global _services
-    _services = Services(settings or Settings.from_env())
+    settings = settings or Settings.from_env()
+    if settings.torch_threads:  # the launcher's plan (backend/threads.py), applied after the fork
+        apply_in_worker(settings.torch_threads)
+    _services = Services(settings)
     atexit.register(shutdown)
     return App(_services)
 
@@ -330,8 +398,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ModelError, ReferenceStoreError, DatabaseUnavailable) as e:
         print(f"smartsam-backend: error: {e}", file=sys.stderr)
         return 1
-    # The workers read the same settings: the backbone as resolved here (one model version).
+    # The workers read the same settings: the backbone as resolved here (one model version), and
+    # the compute threads that fit the box; OpenMP reads its variables when it loads (in the workers)
     os.environ["SMARTSAM_BACKBONE"] = s.backbone
+    tp = thread_plan(s.torch_threads, s.wait_policy, s.workers)
+    os.environ["SMARTSAM_TORCH_THREADS"] = str(tp.threads)
+    os.environ.update(tp.environment(os.environ))
+    log.info("%d compute threads per worker (%d workers), OpenMP wait policy %s", tp.threads, s.workers,
+             os.environ.get("OMP_WAIT_POLICY"))
     cmd = [sys.executable, "-m", "gunicorn", "--config", os.path.join(os.path.dirname(__file__), "gunicorn_conf.py"),
            "--bind", f"{s.host}:{s.port}", "--workers", str(s.workers), "--threads", str(s.threads),
            "--log-level", s.log_level.lower(), "backend.server:create_app()"]

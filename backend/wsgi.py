@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import urllib.parse
@@ -49,6 +50,34 @@ def basic_credentials(environ) -> Optional[Tuple[str, str]]:
     except (ValueError, UnicodeError):
         return None
     return user, pw
+
+
+def client_address(environ, trusted_proxies: Sequence = ()) -> str:
+    """Who sent the request: the peer address, or, when the peer is one of ``trusted_proxies``
+    (``ipaddress`` networks: a balancer such as the shipped nginx), the nearest address in
+    ``X-Forwarded-For`` that is not a trusted proxy (the ones the balancers added; an address a
+    client wrote into the header itself sits further left and is never taken). IPv6 addresses
+    are named by their /64, which one machine usually holds whole."""
+    addr = environ.get("REMOTE_ADDR") or ""
+    if trusted_proxies and _within(addr, trusted_proxies):
+        hops = [h.strip() for h in (environ.get("HTTP_X_FORWARDED_FOR") or "").split(",") if h.strip()]
+        while hops and _within(hops[-1], trusted_proxies):
+            hops.pop()
+        if hops:
+            addr = hops[-1]
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr[:64]
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+
+def _within(addr: str, networks: Sequence) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
 
 
 def same(a: str, b: str) -> bool:

@@ -49,7 +49,7 @@ def main() -> None:
     b.log_path = tmp / "backend.log"
     b.start()
     try:
-        h = b.get("/health")[1]
+        h = b.health()
         weights = "RANDOM weights (timing only)" if h["random_weights"] else "real weights"
         print(f"# First click through HTTP: {h['model']} ({weights}) on {h['device']}, chain length {args.chain_length}, "
               f"fast path {args.fast_path}\nmachine: {machine()}\n")
@@ -59,11 +59,11 @@ def main() -> None:
         for p in files:
             w, hgt = Image.open(p).size
             for kind, (x, y) in (("first click (new image)", (50, 55)), ("later click (cached embedding)", (40, 45))):
-                before = b.get("/health")[1]
+                before = b.health()
                 t = time.perf_counter()
                 status, r = b.post("/predict", predict_body(f"/data/upload/1/{p.name}", [keypoint(x, y, w=w, h=hgt)]))
                 rows[kind].append(time.perf_counter() - t)
-                after = b.get("/health")[1]
+                after = b.health()
                 assert status == 200 and r["results"][0]["result"], r
                 path = r["results"][0].get("path")
                 calls[kind].append((after["encoder_calls"] - before["encoder_calls"], after["decoder_calls"] - before["decoder_calls"]))

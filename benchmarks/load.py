@@ -142,13 +142,13 @@ def run_http(args, n: int) -> Dict[str, object]:
                 lat.append(dt)
 
     try:
-        d0 = b.get("/health")[1]["decoder_calls"]
+        d0 = b.health()["decoder_calls"]
         t0 = time.perf_counter()
         ths = [threading.Thread(target=annotator, args=(a,)) for a in range(n)]
         [t.start() for t in ths]
         [t.join() for t in ths]
         wall = time.perf_counter() - t0
-        h = b.get("/health")[1]
+        h = b.health()
     finally:
         b.stop()
         server.close()

@@ -71,7 +71,7 @@ def main() -> None:
                                                     "SMARTSAM_PREFETCH": depth}, backbone=args.backbone, run_sh=True).start()
             try:
                 first, later = annotate(ls, b.url, f"prefetch {depth}", args.tasks, args.think)
-                h = b.get("/health")[1]
+                h = b.health()
             finally:
                 b.stop()
             f50, l50 = statistics.median(first), statistics.median(later)

@@ -36,17 +36,22 @@ class Backend:
     """``python -m backend.server`` (as run.sh starts it) in a subprocess, on a free port, with its own data dir."""
 
     def __init__(self, data_dir: Path, env: Optional[Dict[str, str]] = None, backbone: str = "sam2.1_hiera_tiny-random",
-                 run_sh: bool = False) -> None:
+                 run_sh: bool = False, pid_namespace: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"backend-{self.port}.log"
         # no tuning variables: the backend runs its defaults, as `make run` does
+        # an admin token unless the test sets its own: the counters the tests read are behind it
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("SMARTSAM_")},
-                    "SMARTSAM_BACKBONE": backbone, "SMARTSAM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT), **(env or {})}
+                    "SMARTSAM_BACKBONE": backbone, "SMARTSAM_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
+                    "SMARTSAM_ADMIN_TOKEN": "test-admin", **(env or {})}
         self.proc: Optional[subprocess.Popen] = None
         # run_sh: exactly the README's launch (`make run` -> run.sh, venv first on PATH, PORT set)
         self.run_sh = run_sh
+        # each start in a fresh PID namespace of the same host name, as a container restarts: the
+        # processes get the same PIDs every time (needs root: unshare)
+        self.pid_namespace = pid_namespace
         if run_sh:
             self.env.update(PORT=str(self.port), PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 
@@ -54,6 +59,8 @@ class Backend:
         self.log = open(self.log_path, "ab")
         cmd = ([str(ROOT / "run.sh")] if self.run_sh else
                [sys.executable, "-m", "backend.server", "--host", "127.0.0.1", "--port", str(self.port)])
+        if self.pid_namespace:
+            cmd = ["unshare", "--pid", "--fork", "--mount-proc", *cmd]
         self.proc = subprocess.Popen(cmd,
                                      cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.time()
@@ -62,7 +69,7 @@ class Backend:
                 raise RuntimeError(f"backend exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
             try:
                 h = self.get("/health")[1]
-                if not wait_loaded or not isinstance(h, dict) or h.get("weights_loaded") or h.get("load_error") or "error" in h:
+                if not wait_loaded or not isinstance(h, dict) or h.get("ready") or "error" in h:
                     return self
             except (OSError, ValueError):
                 pass
@@ -97,6 +104,12 @@ class Backend:
 
     def get(self, path: str, headers=None):
         return self.request("GET", path, headers=headers, timeout=5)
+
+    def health(self) -> Dict:
+        """Everything ``/admin/health`` says (counters, jobs, scheduler, database), with the admin token."""
+        status, h = self.get("/admin/health", headers={"Authorization": f"Bearer {self.env['SMARTSAM_ADMIN_TOKEN']}"})
+        assert status == 200, (status, h)
+        return h
 
     def post(self, path: str, data, headers=None, raw: bool = False):
         body = data if raw else json.dumps(data).encode()

@@ -81,3 +81,15 @@ def database_url(request):
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("pg_server").new_database()
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory, datasets):
+    """One real Label Studio 1.23.2 for the whole run (tests/ls_helpers.py): every test makes
+    its own projects in it."""
+    from ls_helpers import LabelStudio
+
+    ls = LabelStudio(tmp_path_factory.mktemp("ls"), datasets)
+    ls.documents = datasets
+    yield ls
+    ls.stop()

@@ -155,3 +155,91 @@ http {{
             self.proc.terminate()
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TcpProxy:
+    """A TCP forwarder to ``upstream`` (``(host, port)``) that can make the server unreachable the
+    way a network does: :meth:`black_hole` cuts every open connection and from then on accepts
+    new ones and never answers (nor forwards) a byte, until :meth:`restore`."""
+
+    def __init__(self, upstream) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.hole = False
+        self._open: list = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._open.append(client)
+                if self.hole:
+                    continue  # accepted, never answered
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.append(server)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def black_hole(self) -> None:
+        import socket
+
+        with self._lock:
+            self.hole = True
+            for s in self._open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+            self._open = []
+
+    def restore(self) -> None:
+        with self._lock:
+            self.hole = False
+            for s in self._open:  # the connections the hole held: gone, as a network would reset them
+                try:
+                    s.close()
+                except OSError:
+                    pass
+            self._open = []
+
+    def close(self) -> None:
+        self.restore()
+        self.sock.close()

@@ -55,7 +55,7 @@ def test_backend_first_click_on_pre_embedded_image_makes_no_encoder_call(tmp_pat
     try:
         status, r = b.post("/predict", predict_body("/data/upload/penguin.jpg", [keypoint(50, 50)]))
         assert status == 200 and r["results"][0]["result"]
-        h = b.get("/health")[1]
+        h = b.health()
         assert h["encoder_calls"] == 0 and h["embedding_disk_hits"] == 1
     finally:
         b.stop()

@@ -114,3 +114,30 @@ def test_a_polygon_served_and_submitted_unchanged_counts_as_accepted(tmp_path, g
     m2 = region_shown_mask(moved)
     out = st.observe("4", 1, 51, [("p", "Object", m2, raster_fingerprint(m2))])
     assert not out[0]["accepted"] and out[0]["suggestion"] is not None
+
+
+def test_suggestions_waiting_for_a_database_that_does_not_answer_are_bounded(tmp_path):
+    """Another writer holds the database: the statistics writer waits, the suggestions served
+    meanwhile queue up to QUEUE_MAX (each holding its mask), and the rest are dropped and counted
+    instead of filling memory; once the database answers, what was queued is written."""
+    import sqlite3
+
+    from backend.field_stats import QUEUE_MAX, FieldStats
+
+    st = FieldStats(tmp_path)
+    mask = np.zeros((321, 481), bool)
+    mask[100:200, 100:300] = True
+    st.record("1", 0, "L", "pure-is", "smartsam", 1, 0.1, mask)
+    st.flush()
+    blocker = sqlite3.connect(tmp_path / "stats.db", timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the database does not answer the writer
+    n = QUEUE_MAX + 100
+    for t in range(n):
+        st.record("1", t, "L", "pure-is", "smartsam", 1, 0.1, mask)
+    assert 99 <= st.dropped <= 100 and st.pending <= QUEUE_MAX
+    blocker.execute("ROLLBACK")
+    st.flush()
+    assert st.db.count("suggestions") == 1 + n - st.dropped and st.lost == 0
+    m = st.db.query_one("SELECT width, height FROM suggestions ORDER BY id DESC LIMIT 1")
+    assert tuple(m) == (481, 321)
+    st.close()

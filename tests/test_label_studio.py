@@ -21,107 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from backend_helpers import LABEL_CONFIG, Backend, free_port, rle_mask
+from backend_helpers import LABEL_CONFIG, Backend, rle_mask
 from cli_helpers import run_cli
 
+from ls_helpers import (ADMIN, ARTIFACTS, BASIC, PASSWORD, RANDOM_INSTANCES, SECRET, TOKEN, USER,
+                        WEBHOOK_SECRET, box_brush, keypoint, wait_for)
+
 ROOT = Path(__file__).resolve().parents[1]
-LS_BIN = ROOT / ".cache" / "ls-venv" / "bin" / "label-studio"
-ARTIFACTS = ROOT / "artifacts"
-USER, PASSWORD, TOKEN = "admin@example.com", "smartsam-test-pw", "smartsamlegacytoken0123456789"
-BASIC = ("ls-user", "ls-pass")
-WEBHOOK_SECRET = "hook-secret"
-
-
-def readme_settings(documents: Path) -> dict:
-    """The Label Studio settings the README's "Connect it" section tells users to change."""
-    return {
-        "ML_BLOCK_LOCAL_IP": "false",  # Connect refuses local and private backend addresses otherwise
-        "SSRF_PROTECTION_ENABLED": "false",  # webhooks to local or private addresses are dropped otherwise
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # the README's token example (a PAT works too)
-        "LOCAL_FILES_SERVING_ENABLED": "true",  # local-files storage, as Label Studio documents it
-        "LOCAL_FILES_DOCUMENT_ROOT": str(documents),
-    }
-
-
-class LabelStudio:
-    def __init__(self, base: Path, documents: Path):
-        if not LS_BIN.exists():
-            pytest.fail("Label Studio is not installed: run scripts/test-deps.sh (make test does)")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "ML_", "SSRF", "LOCAL_FILES", "DJANGO"))}
-        env.update(readme_settings(documents), LABEL_STUDIO_BASE_DATA_DIR=str(base))
-        self.log = open(base / "label-studio.log", "wb")
-        self.proc = subprocess.Popen([str(LS_BIN), "start", "--no-browser", "--port", str(self.port), "--internal-host",
-                                      "127.0.0.1", "--username", USER, "--password", PASSWORD, "--user-token", TOKEN],
-                                     cwd=base, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        t0 = time.time()
-        while time.time() - t0 < 240:
-            if self.proc.poll() is not None:
-                raise RuntimeError((base / "label-studio.log").read_text()[-3000:])
-            try:
-                if self.api("GET", "/api/projects")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("Label Studio did not start")
-
-    def api(self, method, path, data=None, token=TOKEN):
-        req = urllib.request.Request(self.url + path, data=None if data is None else json.dumps(data).encode(), method=method,
-                                     headers={"Authorization": f"Token {token}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as r:
-                b = r.read()
-                return r.status, (json.loads(b) if b else None)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()[:2000]
-
-    def stop(self):
-        os.killpg(self.proc.pid, 15)
-        self.proc.wait(30)
-        self.log.close()
-
-    def project(self, title, regex, backend_url, label_config=LABEL_CONFIG, basic_auth=False, folder="GrabCut",
-                extra_params=None):
-        """A project over local files, connected to the backend the way the README says (which
-        makes Label Studio create the backend's webhook itself)."""
-        s, p = self.api("POST", "/api/projects", {"title": title, "label_config": label_config})
-        assert s == 201, p
-        pid = p["id"]
-        s, st = self.api("POST", "/api/storages/localfiles", {"project": pid, "path": str(self.documents / folder / "img"),
-                                                              "regex_filter": regex, "use_blob_urls": True, "title": "images"})
-        assert s == 201, st
-        assert self.api("POST", f"/api/storages/localfiles/{st['id']}/sync")[0] == 200
-        ml = {"id": None}
-        if backend_url is not None:
-            ml = self.connect(pid, backend_url, basic_auth, extra_params)
-        tasks = self.tasks(pid)
-        return pid, ml["id"], tasks
-
-    def connect(self, pid, backend_url, basic_auth=False, extra_params=None):
-        body = {"project": pid, "url": backend_url, "is_interactive": True, "title": "SmartSAM"}
-        if extra_params is not None:
-            body["extra_params"] = extra_params  # the "Extra params" field of the Connect form
-        if basic_auth:
-            body.update(auth_method="BASIC_AUTH", basic_auth_user=BASIC[0], basic_auth_pass=BASIC[1])
-        s, ml = self.api("POST", "/api/ml", body)
-        assert s == 201, ml  # Label Studio checked /health and /setup here
-        return ml
-
-    def tasks(self, pid):
-        return self.api("GET", f"/api/tasks?project={pid}&page_size=500")[1]["tasks"]
-
-    def predictions(self, task_id):
-        return [x for x in self.api("GET", f"/api/predictions?task={task_id}")[1] if x["model_version"].startswith("smartsam-")]
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory, datasets):
-    ls = LabelStudio(tmp_path_factory.mktemp("ls"), datasets)
-    ls.documents = datasets
-    yield ls
-    ls.stop()
 
 
 @pytest.fixture(scope="module")
@@ -134,44 +40,8 @@ def backend(label_studio, tmp_path_factory):
     b.stop()
 
 
-ADMIN = {"Authorization": "Bearer adm"}
-# Random weights: similarities say nothing, so pre-labeling keeps every proposal (a fixed threshold)
-# and at most 2 instances per label and task (the suite's time)
-RANDOM_INSTANCES = {"SMARTSAM_INSTANCE_THRESHOLD": "-1", "SMARTSAM_MAX_INSTANCES": "2"}
-SECRET = {"X-SmartSAM-Webhook-Secret": WEBHOOK_SECRET}
-
-
-def keypoint(w, h, positive=True, x=50, y=55, kid="kp1"):
-    return {"original_width": w, "original_height": h, "image_rotation": 0, "id": kid, "from_name": "tag", "to_name": "image",
-            "type": "keypointlabels", "origin": "manual", "is_positive": positive,
-            "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["Object"]}}
-
-
-def box_brush(w=481, h=321):
-    """A submitted brush region for "Object": a rectangle in the middle of a ``w x h`` image."""
-    import numpy as np
-
-    from backend.regions import mask_to_rle
-
-    mask = np.zeros((h, w), bool)
-    mask[h // 3:h * 2 // 3, w // 3:w * 2 // 3] = True
-    return {"id": "r1", "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": w,
-            "original_height": h, "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["Object"]}}
-
-
-def wait_for(fn, timeout=90, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def events(backend):
-    return backend.get("/health")[1]["jobs"]["events"]
+    return backend.health()["jobs"]["events"]
 
 
 def test_click_reference_restart_and_prelabel(label_studio, backend):
@@ -275,7 +145,7 @@ def test_the_next_tasks_are_encoded_while_the_annotator_works(label_studio, back
     wait_for(lambda: backend.get(f"/admin/references/{pid}", headers=ADMIN)[1]["references"], what="the reference")
 
     def prefetch():
-        return backend.get("/health")[1]["prefetch"]
+        return backend.health()["prefetch"]
 
     def click(task_id):
         s, r = ls.api("POST", f"/api/ml/{ml}/interactive-annotating", {"task": task_id, "context": {"result": [keypoint(481, 321)]}})
@@ -287,10 +157,10 @@ def test_the_next_tasks_are_encoded_while_the_annotator_works(label_studio, back
     wait_for(lambda: prefetch()["last"].get("after_task") == ids[1] and prefetch()["pending"] == 0, what="prefetch")
     assert prefetch()["last"]["tasks"] == [ids[2], ids[3]]  # not ids[0] (annotated), not ids[1] (being labeled)
     assert prefetch()["features"] == features + 2
-    enc = backend.get("/health")[1]["encoder_calls"]
+    enc = backend.health()["encoder_calls"]
     assert ls.api("POST", f"/api/tasks/{ids[1]}/annotations", {"result": [], "was_cancelled": False})[0] == 201
     click(ids[2])  # the annotator submits and moves on: the next task's first click finds its image encoded
-    assert backend.get("/health")[1]["encoder_calls"] == enc
+    assert backend.health()["encoder_calls"] == enc
     assert not any(p for t in (ids[2], ids[3]) for p in ls.api("GET", f"/api/predictions?task={t}")[1])  # LS predicted nothing
     wait_for(lambda: prefetch()["last"].get("after_task") == ids[2] and prefetch()["pending"] == 0, what="prefetch")
     assert prefetch()["last"]["tasks"] == [ids[3], ids[4]]
@@ -316,7 +186,7 @@ CAPTION_CONFIG = LABEL_CONFIG.replace("<View>", '<View>\n  <Text name="caption" 
 
 
 def predict_calls(backend):
-    return backend.get("/health")[1]["requests"]["predict"]
+    return backend.health()["requests"]["predict"]
 
 
 def test_reads_never_make_label_studio_predict_and_extra_params_are_confirmed(label_studio, backend, tmp_path):
@@ -458,7 +328,7 @@ def test_answers_in_the_projects_region_types(label_studio, backend, tmp_path):
     assert s == 201, a2
     settled(backend, ev)
     assert backend.get(f"/admin/references/{pid}/Object", headers=ADMIN)[1]["version"] == ref["version"]
-    assert any("self-intersecting" in e for e in backend.get("/health")[1]["jobs"]["last_errors"])
+    assert any("self-intersecting" in e for e in backend.health()["jobs"]["last_errors"])
 
     # the project evaluation reads polygon ground truth (the unreadable polygon is left out, said on stderr)
     env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONPATH=str(ROOT))
@@ -745,7 +615,7 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
         first_call = time.time() - t0
         assert s == 200 and first_call < 90, (s, first_call)
         done_in_call = sum(len(ls.predictions(t["id"])) for t in tasks)
-        jobs = b.get("/health")[1]["jobs"]["prelabel"]
+        jobs = b.health()["jobs"]["prelabel"]
         # what the budget did not cover went to the background (on these 2 cores: most of it; a
         # faster machine may finish more, or all, within the call)
         assert done_in_call + jobs["queued"] == 40, (done_in_call, jobs)
@@ -754,19 +624,19 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
         time.sleep(3)
         b.kill(9)
         b.start()
-        recovered = b.get("/health")[1]["jobs"]["prelabel"]["recovered"]
+        recovered = b.health()["jobs"]["prelabel"]["recovered"]
         assert 0 < recovered <= jobs["queued"], (recovered, jobs)
         # the user presses the button again while the background runs: nothing is predicted twice
         s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", {"selectedItems": {"all": True, "excluded": []}})
         assert s == 200
-        wait_for(lambda: (lambda j: j["waiting"] == 0 and j["done"] + j["failed"] >= j["queued"])(b.get("/health")[1]["jobs"]["prelabel"]),
+        wait_for(lambda: (lambda j: j["waiting"] == 0 and j["done"] + j["failed"] >= j["queued"])(b.health()["jobs"]["prelabel"]),
                  timeout=600, what="the background queue")
         total = time.time() - t0
         for t in tasks:
             preds = ls.predictions(t["id"])
             assert len(preds) == 1, (t["id"], preds)
             assert preds[0]["result"][0]["value"]["brushlabels"] == ["Object"]
-        jobs = b.get("/health")[1]["jobs"]["prelabel"]
+        jobs = b.health()["jobs"]["prelabel"]
         assert jobs["failed"] == 0 and jobs["written"] + jobs["skipped_existing"] >= recovered, jobs
         line = (f"Retrieve predictions, 40 tasks: first call answered in {first_call:.1f} s with {done_in_call} tasks; "
                 f"all 40 done in {total:.1f} s ({40 / total:.2f} tasks/s)")
@@ -929,8 +799,8 @@ def settled(backend, before):
     """Wait until the backend has handled every webhook sent since ``before`` (its counters)."""
     def done():
         e = events(backend)
-        n = sum(e[k] for k in ("applied", "duplicates", "rejected", "failed"))
-        return e if e["waiting"] == 0 and n > sum(before[k] for k in ("applied", "duplicates", "rejected", "failed")) else None
+        n = sum(e[k] for k in ("applied", "duplicates", "rejected", "given_up"))
+        return e if e["waiting"] == 0 and n > sum(before[k] for k in ("applied", "duplicates", "rejected", "given_up")) else None
     return wait_for(done, what="the webhook to be handled")  # "waiting" counts the event being applied too
 
 
@@ -1266,7 +1136,7 @@ def test_two_replicas_behind_nginx_share_postgresql(label_studio, datasets, pg_s
     replicas = (a, b)
     try:
         # the same model version on both, and the store they name is the one PostgreSQL
-        health = [r.get("/health")[1] for r in replicas]
+        health = [r.health() for r in replicas]
         assert health[0]["model_version"] == health[1]["model_version"], health
         assert all(h["database"]["engine"] == "postgresql" and h["database"]["ok"] for h in health)
         assert all("s3cret" not in json.dumps(h) for h in health)  # the password never shows
@@ -1319,7 +1189,7 @@ def test_two_replicas_behind_nginx_share_postgresql(label_studio, datasets, pg_s
         s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={qid}",
                       {"selectedItems": {"all": True, "excluded": []}})
         assert s == 200, r
-        wait_for(lambda: all(r.get("/health")[1]["jobs"]["prelabel"]["done"] > 0 for r in replicas), timeout=300,
+        wait_for(lambda: all(r.health()["jobs"]["prelabel"]["done"] > 0 for r in replicas), timeout=300,
                  what="both replicas pre-labeling")
         # b dies (kill -9) with tasks claimed; clicks during and after go through a
         clicks, stop = [], threading.Event()
@@ -1341,7 +1211,7 @@ def test_two_replicas_behind_nginx_share_postgresql(label_studio, datasets, pg_s
         # nginx retries a request the dead replica refused or dropped (proxy_next_upstream): none fails
         assert len(clicks) >= 2 and set(clicks) == {"reference-mask"}, clicks
         # a takes over b's claims when their lease runs out and finishes the queue
-        wait_for(lambda: a.get("/health")[1]["jobs"]["prelabel"]["waiting"] == 0, timeout=600, what="the queue")
+        wait_for(lambda: a.health()["jobs"]["prelabel"]["waiting"] == 0, timeout=600, what="the queue")
         for t in qtasks:
             preds = ls.predictions(t["id"])
             assert len(preds) == 1, (t["id"], preds)

@@ -181,6 +181,8 @@ def test_history_withdraw_restore_and_clear(tmp_path, database_url):
     # 12 forces: replaces; deleting 12 falls back to 11's latest version, deleting 11 to none
     f = store.put("1", "L", _ref(4), {}, mask=_mask(4), annotation=12, how="forced", policy="replace")
     assert store.meta("1", "L").id == f
+    # applied again (a crash between the reference and the record of its event): no new version
+    assert store.put("1", "L", _ref(4), {}, mask=_mask(4), annotation=12, how="forced", policy="replace") is None
     assert [m.id for m in store.withdraw_annotation(12, "deleted")] == [f]
     assert store.meta("1", "L").id == e and np.allclose(store.get("1", "L").feature, _ref(3).feature)
     assert {m.id for m in store.withdraw_annotation(11, "deleted")} == {a, e}

@@ -40,13 +40,15 @@ def test_rows_of_a_gone_process_are_freed_and_a_running_ones_are_not(tmp_path, d
         q = WorkQueue(db, database_url)
         assert q.take_over() == {"events": 1, "prelabel": 1}  # the gone process's event and task
         # its notice is this process's now; the running one's stays with it while its lease lasts
-        assert [(a, ann) for _, a, ann, _ in q.claim_events()] == [("ANNOTATION_CREATED", 1)]
+        n = q.claim_event()
+        assert (n.action, n.annotation) == ("ANNOTATION_CREATED", 1) and q.claim_event() is None
         # tasks are anyone's: both are claimable, oldest first, each once
-        assert [q.claim_task()[1]["id"], q.claim_task()[1]["id"], q.claim_task()] == [1, 2, None]
+        assert [q.claim_task().task["id"], q.claim_task().task["id"], q.claim_task()] == [1, 2, None]
         # a task queued twice is queued once
         assert q.add_tasks("7", [{"id": 1}, {"id": 3}], "<View/>") == [{"id": 3}]
         q.task_done("7", 1)
         assert [t["id"] for _, t, _ in q.tasks()] == [2, 3] and q.has_task("7", 3) and not q.has_task("7", 1)
+        q.event_done(n.row)
     finally:
         alive.kill()
         alive.wait(30)
@@ -58,20 +60,29 @@ def test_a_claim_holds_while_renewed_and_lapses_after_its_lease(tmp_path, databa
 
     a = WorkQueue(tmp_path / "jobs.db", database_url, lease_s=1.0)
     b = WorkQueue(tmp_path / "jobs.db", database_url, lease_s=1.0)
-    b.owner = "another-replica:1"
+    b.owner = "another-replica:1:x"
     a.add_tasks("1", [{"id": 5}], "<View/>")
     a.add_event("ANNOTATION_CREATED", 9, "1")
     a.add_tasks("1", [{"id": 6}], "<View/>")
     a.renew()  # renewing what a claimed leaves what it only queued to anyone
-    assert a.claim_task()[1]["id"] == 5 and b.claim_task()[1]["id"] == 6 and b.claim_events() == []
+    held = a.claim_task()
+    assert held.task["id"] == 5 and b.claim_task().task["id"] == 6 and b.claim_event() is None
     b.task_done("1", 6)
     for _ in range(3):  # renewed: never claimable by b
         time.sleep(0.5)
-        a.renew()
-        assert b.claim_task() is None and b.claim_events() == []
+        a.renew([held.seq])
+        assert b.claim_task() is None and b.claim_event() is None
     time.sleep(1.2)  # a stops renewing (it died): b takes both over
-    assert b.claim_task()[1]["id"] == 5 and [r[2] for r in b.claim_events()] == [9]
+    assert b.claim_task().task["id"] == 5 and b.claim_event().annotation == 9
     assert a.claim_task() is None
+    # a task a's worker no longer holds (its end could not be written) lapses though a lives on
+    b.task_done("1", 5)
+    a.add_tasks("1", [{"id": 7}], "<View/>")
+    lost = a.claim_task()
+    for _ in range(3):
+        time.sleep(0.5)
+        a.renew([])  # a's notices renewed, the task not held
+    assert a.claim_task().seq == lost.seq
 
 
 def test_concurrent_workers_claim_each_task_once(tmp_path, database_url):
@@ -83,10 +94,13 @@ def test_concurrent_workers_claim_each_task_once(tmp_path, database_url):
 
     def worker(k):
         q = WorkQueue(tmp_path / "jobs.db", database_url)
-        q.owner = f"replica-{k}:1"
+        q.owner = f"replica-{k}:1:x"
         start.wait()
         while (item := q.claim_task()) is not None:
-            claimed.setdefault(item[1]["id"], []).append(k)
+            claimed.setdefault(item.task["id"], []).append(k)
+            # a worker works between claims; without it, one thread can win every claim (SQLite's
+            # lock has no fairness: the holder takes it again while the others back off)
+            time.sleep(0.02)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:
@@ -102,8 +116,125 @@ def test_an_annotation_version_is_applied_once_across_processes(tmp_path, databa
 
     a = WorkQueue(tmp_path / "jobs.db", database_url)
     b = WorkQueue(tmp_path / "jobs.db", database_url)
-    assert a.first_application(7, "2026-12-05T01:00:00Z", False)
-    assert not b.first_application(7, "2026-12-05T01:00:00Z", False)  # the second delivery, another replica
-    assert b.first_application(7, "2026-12-05T01:00:00Z", True)  # the same version as an update is another
-    a.forget_application(7, "2026-12-05T01:00:00Z", False)  # its application failed: may be tried again
-    assert b.first_application(7, "2026-12-05T01:00:00Z", False)
+    v = (7, "2026-12-05T01:00:00Z", False)
+    assert not a.was_applied(*v)
+    assert a.record_application(*v)  # recorded after the work
+    assert b.was_applied(*v) and not b.record_application(*v)  # the second delivery, another replica
+    assert not b.was_applied(7, "2026-12-05T01:00:00Z", True)  # the same version as an update is another
+
+
+NAMESPACED = """
+import sys, time
+from backend.work_queue import WorkQueue, process_identity
+q = WorkQueue(sys.argv[1], sys.argv[2] or None, lease_s=600)
+print(process_identity(), q.take_over(), flush=True)
+if sys.argv[3] == "add":
+    q.add_tasks("7", [{"id": 1, "data": {"image": "x"}}], "<View/>")
+    q.add_event("ANNOTATION_CREATED", 1, None)
+    print("added", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_restart_in_a_fresh_pid_namespace_takes_its_queue_back(tmp_path, database_url):
+    """A container restarted with the same host name numbers its processes the same way: the
+    process that queued (pid 1 of its namespace) is killed, and the next pid 1 of a fresh
+    namespace must take its rows over at once, not mistake them for its own (as an owner named
+    host:pid did: it then renewed them for ever and never worked them)."""
+    import os
+    import signal
+
+    db = tmp_path / "jobs.db"
+    cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NAMESPACED, str(db), database_url or ""]
+    first = subprocess.Popen(cmd + ["add"], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    who = first.stdout.readline().split(" ", 1)[0]
+    assert first.stdout.readline().strip() == "added"
+    os.killpg(first.pid, signal.SIGKILL)  # the whole namespace dies, as a container does
+    first.wait(30)
+    again = subprocess.run(cmd + ["look"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    who2, took = again.stdout.strip().split(" ", 1)
+    assert who.split(":")[:2] == who2.split(":")[:2] and who != who2  # the same host:pid, another process
+    assert took == "{'events': 1, 'prelabel': 1}", again.stdout + again.stderr
+
+
+def test_failed_rows_wait_their_backoff_and_are_given_up_then_kept(tmp_path, database_url):
+    from backend.work_queue import RetryPolicy, WorkQueue
+
+    q = WorkQueue(tmp_path / "jobs.db", database_url, retry=RetryPolicy(first_delay=0.3, max_delay=0.3, give_up_after=1.5))
+    q.add_tasks("1", [{"id": 1}], "<View/>")
+    q.add_event("ANNOTATION_CREATED", 5, None, "10.0.0.1")
+    item, notice = q.claim_task(), q.claim_event()
+    q.keep_prediction(item.seq, {"task": 1, "result": [], "model_version": "v"})
+    assert q.task_failed(item, "Label Studio answered HTTP 502") and q.event_failed(notice, "timed out")
+    assert q.claim_task() is None and q.claim_event() is None  # not before the delay
+    assert q.counts() == {"events": {"waiting": 1, "retrying": 1, "given_up": 0},
+                          "prelabel": {"waiting": 1, "retrying": 1, "given_up": 0}}
+    time.sleep(0.45)
+    item, notice = q.claim_task(), q.claim_event()
+    assert item.attempts == 1 and item.prediction["model_version"] == "v"  # the prediction is kept for the retry
+    assert notice.attempts == 1 and notice.sender == "10.0.0.1"
+    time.sleep(1.2)  # failing for longer than give_up_after: kept, given up, listed with its reason
+    assert not q.task_failed(item, "HTTP 502 again") and not q.event_failed(notice, "timed out again")
+    time.sleep(0.45)
+    assert q.claim_task() is None and q.claim_event() is None and q.waiting_tasks() == 0
+    listed = q.troubled()
+    assert [(t["task"], t["given_up"], t["last_error"], t["predicted"]) for t in listed["tasks"]] == [
+        (1, True, "HTTP 502 again", True)]
+    assert [(e["annotation"], e["given_up"], e["attempts"]) for e in listed["events"]] == [(5, True, 2)]
+    assert q.retry_given_up() == {"events": 1, "prelabel": 1}  # the admin's retry
+    assert q.claim_task().task["id"] == 1 and q.claim_event().annotation == 5
+    q.task_done("1", 1)
+    # an unexpected error (a bug, not an outage) is tried unexpected_tries times, not for give_up_after
+    q.add_tasks("1", [{"id": 2}], "<View/>")
+    for k in range(3):
+        deadline = time.time() + 5
+        while (it := q.claim_task()) is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert it.task["id"] == 2
+        assert q.task_failed(it, "KeyError: 'x'", unexpected=True) == (k < 2)
+
+
+def test_notices_are_taken_round_robin_per_sender_and_a_sender_is_capped(tmp_path, database_url):
+    """1,000 notices from one sender ahead of one from another: the other's is taken first or
+    second, never after the flood, and the flooding sender's 1,001st is refused while the other
+    can still queue."""
+    from backend.work_queue import SenderFull, WorkQueue
+
+    q = WorkQueue(tmp_path / "jobs.db", database_url, max_per_sender=1000)
+    for i in range(1000):
+        assert q.add_event("ANNOTATION_CREATED", 10_000 + i, None, "203.0.113.9") == "queued"
+    try:
+        q.add_event("ANNOTATION_CREATED", 99_999, None, "203.0.113.9")
+        raise AssertionError("the 1,001st notice of one sender was queued")
+    except SenderFull:
+        pass
+    assert q.add_event("ANNOTATION_UPDATED", 42, "3", "127.0.0.1") == "queued"
+    assert q.add_event("ANNOTATION_UPDATED", 42, "3", "127.0.0.1") == "merged"  # not started: one application covers both
+    first = q.claim_event()
+    second = q.claim_event(first.sender)
+    assert first.sender == "127.0.0.1" and first.annotation == 42  # senders in turn
+    assert second.sender == "203.0.113.9" and second.annotation == 10_000
+    assert q.claim_event(second.sender).sender == "203.0.113.9"  # the only sender left
+    # started: a new notice for the same annotation is queued again (it may carry a newer version)
+    assert q.add_event("ANNOTATION_UPDATED", 42, "3", "127.0.0.1") == "queued"
+
+
+def test_what_comes_while_the_shared_database_is_away_is_spooled_and_moved_back(tmp_path, pg_server):
+    import pytest
+
+    from backend.db import Database, DatabaseUnavailable
+    from backend.work_queue import WorkQueue
+    from backend_helpers import free_port
+
+    q = WorkQueue(tmp_path / "jobs.db", pg_server.new_database())
+    shared = q.db
+    q.db = Database(f"postgresql://u:p@127.0.0.1:{free_port()}/x", "work_queue")  # away: nothing listens there
+    assert q.add_event("ANNOTATION_CREATED", 5, "1", "127.0.0.1") == "spooled"
+    assert q.add_tasks("1", [{"id": 3}], "<View/>") == [{"id": 3}]
+    assert q.spooled() == 2
+    with pytest.raises(DatabaseUnavailable):
+        q.drain_spool()
+    assert q.spooled() == 2
+    q.db = shared  # back
+    assert q.drain_spool() == {"event": 1, "task": 1} and q.spooled() == 0
+    assert q.claim_event().annotation == 5 and q.claim_task().task["id"] == 3

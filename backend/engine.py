@@ -230,7 +230,7 @@ class Engine:
         except DatabaseUnavailable as e:
             self._db_seen = {"ok": False, "at": time.monotonic(), "error": str(e)}
         if self.backbone is not None and self._version_seen is None:
-            self._version_seen = self.model_version()  # the weights' digest: once, off any request
+            self._version_seen = self.base_version()  # the weights' digest: once, off any request
 
     # -- versions --------------------------------------------------------------------------
     def checkpoint_tag(self) -> str:
@@ -238,6 +238,13 @@ class Engine:
         if self._checkpoint_tag is None:
             self._checkpoint_tag = checkpoint_tag(self.settings)
         return self._checkpoint_tag
+
+    def base_version(self) -> str:
+        """The model version before any project's references or settings: the weights and the proposals."""
+        v = f"smartsam-{__version__}-{self.settings.backbone_name}-{self.checkpoint_tag()}"
+        if self.settings.proposals != "similarity":  # other proposals, other pre-labels
+            v += f"-prop{self.settings.proposals}"
+        return v
 
     def model_version(self, project: Optional[str] = None, agent_settings: Optional[AgentSettings] = None,
                       strict: bool = False) -> str:
@@ -247,9 +254,7 @@ class Engine:
         current. Compute it once per request (it reads the reference store). With the database
         away it ends in ``-nodb``, or, ``strict`` (background work, which waits for it), raises
         DatabaseUnavailable."""
-        v = f"smartsam-{__version__}-{self.settings.backbone_name}-{self.checkpoint_tag()}"
-        if self.settings.proposals != "similarity":  # other proposals, other pre-labels
-            v += f"-prop{self.settings.proposals}"
+        v = self.base_version()
         if project is not None:
             try:
                 refs = self.store.list(project)

@@ -46,17 +46,20 @@ c=$(buildah from "$image")
 trap 'kill "$pid" 2>/dev/null || true; buildah rm "$c" >/dev/null 2>&1 || true' EXIT
 buildah run --isolation chroot --network host \
   --env PORT="$port" --env SMARTSAM_BACKBONE=sam2.1_hiera_tiny-random --env SMARTSAM_ALLOW_DATA_URLS=true \
-  --env SMARTSAM_DATA_DIR=/data --env SMARTSAM_HOME=/cache "$c" ./run.sh >"$work/serve.log" 2>&1 &
+  --env SMARTSAM_DATA_DIR=/data --env SMARTSAM_HOME=/cache --env SMARTSAM_ADMIN_TOKEN=check "$c" ./run.sh \
+  >"$work/serve.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 180); do
   curl -fs "http://127.0.0.1:$port/health" >"$work/health.json" 2>/dev/null && \
-    grep -q '"weights_loaded": *true' "$work/health.json" && break
+    grep -q '"ready": *true' "$work/health.json" && break
   sleep 1
 done
-python3 - "$work/health.json" <<'PY'
+curl -fs -H "Authorization: Bearer check" "http://127.0.0.1:$port/admin/health" >"$work/admin-health.json"
+python3 - "$work/health.json" "$work/admin-health.json" <<'PY'
 import json, sys
-h = json.load(open(sys.argv[1]))
-print("GET /health:", {k: h[k] for k in ("status", "model", "device", "weights_loaded", "random_weights", "version")})
+print("GET /health:", json.load(open(sys.argv[1])))
+h = json.load(open(sys.argv[2]))
+print("GET /admin/health:", {k: h[k] for k in ("status", "model", "device", "weights_loaded", "random_weights", "version")})
 PY
 
 step "one click (POST /predict, an image in the task, a keypoint at 47 %, 53 %)"

@@ -191,3 +191,21 @@ def test_admin_paths_of_any_text_never_get_a_500(app, method, route, segs):
     body = json.dumps({"text": "x"}).encode() if method == "PUT" else b""
     status, answer, took = call(app, method, path, body, ADMIN)
     check(status, answer, took, path)
+
+
+def test_a_click_while_the_model_loads_answers_within_its_deadline(tmp_path, datasets):
+    """The model never finishes loading here (it is not started): a click waits for it no longer
+    than its own deadline (SMARTSAM_REQUEST_TIMEOUT, 2 s here) and says why."""
+    from backend.config import Settings
+    from backend.server import App, Services
+
+    server = ImageServer({"penguin.jpg": (datasets / "GrabCut" / "img" / "106024.jpg").read_bytes()})
+    sv = Services(Settings(backbone="disk-test", data_dir=tmp_path, label_studio_url=server.url,
+                           label_studio_api_key=TOKEN, request_timeout=2.0), load=False)
+    try:
+        body = json.dumps(predict_body("/data/upload/1/penguin.jpg", [keypoint(40, 50)], project="3.1")).encode()
+        status, answer, took = call(App(sv), "POST", "/predict", body)
+        assert status == 200 and "still loading" in answer["errors"][0] and took < 4.0, (answer, took)
+    finally:
+        sv.close()
+        server.close()

@@ -209,3 +209,42 @@ def test_model_version_follows_the_weights(tmp_path):
     assert checkpoint_tag(Settings(backbone="sam2.1_hiera_tiny-random")) == "random"
     # a registry checkpoint is named by its published hash
     assert checkpoint_tag(Settings(backbone="sam2.1_hiera_tiny", checkpoint=None)) == "7402e0d8"
+
+
+def test_one_cloud_uri_in_two_projects_is_two_images(tmp_path):
+    """The same ``s3://`` URI in two projects' storages may be two images (two endpoints with a
+    bucket of one name, or one the other project may not read): Label Studio resolves it per
+    task, and the backend's image cache keeps them apart. A real HTTP server stands in for Label
+    Studio's resolver and answers each task with its own image."""
+    import http.server
+    import re
+    import threading
+
+    from backend.config import Settings
+    from backend.images import ImageFetcher
+
+    pngs = {t: png_bytes(np.full((20, 30, 3), 60 * t, np.uint8)) for t in (1, 2)}
+
+    class Resolver(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            m = re.match(r"^/tasks/(\d+)/presign/\?fileuri=", self.path)
+            body = pngs[int(m.group(1))]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Resolver)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        f = ImageFetcher(Settings(label_studio_url=f"http://127.0.0.1:{srv.server_address[1]}",
+                                  label_studio_api_key=TOKEN, data_dir=tmp_path))
+        a = f.fetch("s3://shared-name/cat.png", task_id=1)
+        b = f.fetch("s3://shared-name/cat.png", task_id=2)
+        assert a[0, 0, 0] == 60 and b[0, 0, 0] == 120  # each task's own bytes, not the first one cached
+        assert f.fetch("s3://shared-name/cat.png", task_id=1)[0, 0, 0] == 60
+    finally:
+        srv.shutdown()

@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make run    set up, fetch the default model's weights, serve the Label Studio ML backend
-#   make test   set up, run the test suite
+#   make test   set up, run the test suite (make test-fast: the in-process part, minutes)
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -19,7 +19,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed-backend requirements-dev.txt requirem
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: install run test
+.PHONY: install run test test-fast
 install: $(VENV)/.installed-backend
 
 run: $(VENV)/.installed-backend
@@ -28,3 +28,8 @@ run: $(VENV)/.installed-backend
 test: $(VENV)/.installed-dev
 	./scripts/test-deps.sh
 	$(BIN)/python -m pytest -q -ra tests
+
+# the inner loop: the tests that run in this process (the app called directly, the disk-test
+# backbone, real SQLite, real files), no servers started; make test runs everything
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -ra -m "not processes and not slow" tests

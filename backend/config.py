@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 from urllib.parse import urlparse
 
+from backend.errors import SettingsError
 from smartsam.sources import Sources
-
-from .errors import SettingsError
 
 FAST_PATHS = ("auto", "on", "off")
 REFERENCE_PREPS = ("paper", "none")
@@ -81,6 +80,31 @@ class AgentSettings:
         for k, v in self.overrides(base).items():
             parts.append(f"{short[k]}{({True: 'on', False: 'off'}.get(v, v) if isinstance(v, bool) else v)}")
         return "-".join(parts)
+
+
+def compare_share(spec: Optional[str]) -> float:
+    """``SMARTSAM_COMPARE``: ``plain:0.2`` -> 0.2 (the share of first clicks the plain backbone
+    answers); unset -> 0. ValueError when malformed."""
+    if not spec:
+        return 0.0
+    arm, _, share = spec.partition(":")
+    if arm.strip().lower() != "plain":
+        raise ValueError(f"SMARTSAM_COMPARE must look like plain:0.2, not {spec!r}")
+    try:
+        v = float(share)
+    except ValueError:
+        raise ValueError(f"SMARTSAM_COMPARE must look like plain:0.2, not {spec!r}") from None
+    if not 0 <= v <= 1:
+        raise ValueError("SMARTSAM_COMPARE's share must be between 0 and 1")
+    return v
+
+
+def valid_wait_policy(value: str) -> bool:
+    """``SMARTSAM_WAIT_POLICY``: adaptive, passive, active or spin:<count> (backend/serving/threads.py)."""
+    if value in ("adaptive", "passive", "active"):
+        return True
+    kind, _, n = value.partition(":")
+    return kind == "spin" and n.isascii() and n.isdigit() and len(n) <= 12
 
 
 def _flag(v: str) -> bool:
@@ -151,14 +175,14 @@ class Settings:
     workers: int = 1
     threads: int = 32
     # compute threads (torch, OpenCV) per worker; 0: the cores this process may use (affinity and
-    # cgroup quota) shared out among the workers (backend/threads.py)
+    # cgroup quota) shared out among the workers (backend/serving/threads.py)
     torch_threads: int = 0
     # "adaptive": OpenMP's own spin while the cores are free, fewer compute threads while other
-    # processes use them; or a fixed "passive", "active", "spin:<count>" (backend/threads.py)
+    # processes use them; or a fixed "passive", "active", "spin:<count>" (backend/serving/threads.py)
     wait_policy: str = "adaptive"
-    # tasks ahead whose images are encoded while an annotator works (backend/prefetch.py); 0: off
+    # tasks ahead whose images are encoded while an annotator works (backend/serving/prefetch.py); 0: off
     prefetch: int = 2
-    # decoder rows per step of the model's scheduler; 0: 256 on a CPU, 1024 on CUDA (backend/scheduler.py, scheduler_rows)
+    # decoder rows per step of the model's scheduler; 0: 256 on a CPU, 1024 on CUDA (backend/serving/scheduler.py, scheduler_rows)
     batch_rows: int = 0
     host: str = "0.0.0.0"
     port: int = 9090
@@ -278,8 +302,6 @@ class Settings:
             raise SettingsError("SMARTSAM_WORKERS must be at least 1")
         if self.torch_threads < 0:
             raise SettingsError("SMARTSAM_TORCH_THREADS must be 0 (from the usable cores) or a number of threads")
-        from .threads import valid_wait_policy
-
         if not valid_wait_policy(self.wait_policy):
             raise SettingsError(f"SMARTSAM_WAIT_POLICY must be adaptive, passive, active or spin:<count>, not "
                                 f"{self.wait_policy!r}")
@@ -314,8 +336,6 @@ class Settings:
             self.agent  # the agent knobs' own ranges (the same checks as a project's extra params)
         except SettingsError as e:
             raise SettingsError(f"SMARTSAM_CHAIN_LENGTH / SMARTSAM_EXEMPLARS: {e}") from None
-        from .field_stats import compare_share
-
         try:
             compare_share(self.compare)
         except ValueError as e:
@@ -324,8 +344,6 @@ class Settings:
     # -- derived ---------------------------------------------------------------------------
     @property
     def compare_share(self) -> float:
-        from .field_stats import compare_share
-
         return compare_share(self.compare)
 
     @property

@@ -1,4 +1,6 @@
-"""The backend's error types, at the bottom floor: every module may raise them, none imports upward."""
+"""The backend's domain errors, at the bottom floor: every module may raise them, none imports
+upward, and none of them knows HTTP. The web layer (:func:`backend.web.app.error_answer`) is the
+one place that turns each into a status and an answer Label Studio understands."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class Busy(RequestError):
 
 # Label Studio's answers that refuse for good: the resource is not there, or not ours to see.
 # Anything else (no answer, a timeout, 5xx while it restarts, 401 until the key is fixed, 429) may
-# pass, so work that needs it is tried again later (backend.work_queue).
+# pass, so work that needs it is tried again later (backend.store.work_queue).
 DEFINITIVE_STATUSES = frozenset({400, 403, 404, 410})
 
 
@@ -41,20 +43,11 @@ class Refused(RuntimeError):
     web layer answers 503: the sender may try again."""
 
 
-class HttpError(Exception):
-    """An HTTP error answer. ``reason`` replaces the status line's reason phrase: Label Studio's
-    Connect dialog shows only that line of a failed /health or /setup, never the body."""
-
-    def __init__(self, status: int, message: str, reason: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-class QueueFull(HttpError):
+class QueueFull(RuntimeError):
     """The model's queue holds more work of this priority than the request's deadline allows:
-    503 at once, with the expected wait, instead of a request that waits and times out."""
+    refused at once, with the expected wait, instead of a request that waits and times out (the
+    web layer answers 503 with it)."""
 
     def __init__(self, message: str, expected_wait: float) -> None:
-        super().__init__(503, message)
+        super().__init__(message)
         self.expected_wait = expected_wait

@@ -6,7 +6,7 @@
 Each simulated annotator clicks on its own image (a GrabCut image; its first click encodes it),
 every click a new one (no cached answer), and waits for the answer before the next.
 
-In-process (the default): the backend's scheduler (:class:`backend.scheduler.Scheduler`, its
+In-process (the default): the backend's scheduler (:class:`backend.serving.scheduler.Scheduler`, its
 row budgets for the device) over one backbone, as a worker process runs it. ``--serial`` adds
 the same load answered one click at a time under one lock (how the backend served before the
 scheduler). ``--prelabel`` adds rows with a pre-labeling queue running at the same time (agent
@@ -52,7 +52,7 @@ def clicks_for(a: int, k: int, w: int, h: int):
 
 def run_inprocess(args, n: int, mode: str) -> Dict[str, object]:
     """``mode``: "scheduler", "serial" (one click at a time under a lock) or "scheduler+prelabel"."""
-    from backend.scheduler import INTERACTIVE, PRELABEL, Scheduler, scheduler_rows
+    from backend.serving.scheduler import INTERACTIVE, PRELABEL, Scheduler, scheduler_rows
     from smartsam.agent import SmartSAMAgent
     from smartsam.clickers import NextChainClicker
     from smartsam.io import load_image

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, table  # noqa: E402
 
-from backend.regions import PolygonOptions, mask_to_polygons, rasterize_polygons  # noqa: E402
+from backend.labelstudio.regions import PolygonOptions, mask_to_polygons, rasterize_polygons  # noqa: E402
 from smartsam.eval.datasets import load_dataset, load_gt  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets"

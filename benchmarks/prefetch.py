@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, table  # noqa: E402
 from backend_helpers import Backend  # noqa: E402
-from test_label_studio import TOKEN, LabelStudio, keypoint  # noqa: E402
+from ls_helpers import TOKEN, LabelStudio, keypoint  # noqa: E402
 
 DATASETS = ROOT.parent / "shared" / "datasets"
 # GrabCut images of one size (481 x 321), so one keypoint fits every task

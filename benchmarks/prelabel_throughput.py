@@ -3,7 +3,7 @@
     python benchmarks/prelabel_throughput.py [--images 12] [--workers 1 2 4] [--backbone NAME]
 
 Serves GrabCut images from a local HTTP server standing in for Label Studio's file endpoint, and
-runs the same Ray Data actor pipeline as ``python -m backend.prelabel`` (a text reference, the
+runs the same Ray Data actor pipeline as ``python -m backend.cli.prelabel`` (a text reference, the
 agent, selection), timing each stage inside the workers: image download, encoder, locating the
 object, agent (initial + chains), selection + upsampling. Write-back to Label Studio is not part
 of this benchmark (it is one batched API call per ``--write-batch`` tasks from the driver).
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, table  # noqa: E402
 from backend_helpers import TOKEN, ImageServer  # noqa: E402
 
-from backend.prelabel import PrelabelWorker  # noqa: E402
+from backend.cli.prelabel import PrelabelWorker  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets" / "GrabCut" / "img"
 
@@ -41,7 +41,8 @@ class TimedWorker(PrelabelWorker):
         from smartsam.agent import locate
 
         out = {k: [] for k in ("download", "encoder", "locate", "agent", "select")}
-        agent = self.engine.agent(self.engine.agent_settings(self.project))
+        sv = self.services
+        agent = sv.models.agent(sv.versions.agent_settings(self.project))
         for raw in batch["task"]:
             task = json.loads(raw)
             t0 = time.perf_counter()
@@ -49,8 +50,8 @@ class TimedWorker(PrelabelWorker):
             t1 = time.perf_counter()
             key = agent.set_image(image)
             t2 = time.perf_counter()
-            ref, _ = self.engine.reference(self.project, "Object")
-            click = locate(self.engine.features.get("text"), image, ref, key)
+            ref, _ = sv.versions.reference(self.project, "Object")
+            click = locate(sv.models.features.get("text"), image, ref, key)
             t3 = time.perf_counter()
             r = agent.predict(click, ref)
             out["download"].append(t1 - t0)
@@ -69,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from backend.references import ReferenceStore
+    from backend.store.references import ReferenceStore
     from smartsam.models import load_features
     from smartsam.selector import Reference
 

@@ -13,15 +13,13 @@ advances many clicks (jobs) at once; :meth:`SmartSAMAgent.predict` is a batch of
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .backbones.base import Backbone, Prompt
-from .batch import BatchEngine, InvalidClick, Job, check_click
+from .batch import AnswerCache, BatchEngine, InvalidClick, Job, JobPolicy, check_click
 from .clickers import NextChainClicker
 from .features import ClipFeatures, DinoV2Features, FeatureSet
 from .masks import REFERENCE_PREPS, best_of_three
@@ -84,10 +82,13 @@ def exploration_knobs(sampler: PrioriInitialSampler, clicker: NextChainClicker) 
 class SmartSAMAgent:
     """Explore-then-exploit segmentation from a single click.
 
-    Stages of :meth:`predict` (as segment-anything's ``generate -> _process_crop ->
-    _process_batch``): :meth:`_explore` (initial prompts, multimask), :meth:`_chains` (inner
-    clicks, one decoder batch per step), :meth:`_select` (pure-IS or reference), :meth:`_finish`
-    (upsample the chosen mask, provenance, timings).
+    An agent is its settings, fixed when it is built (:attr:`policy`, a
+    :class:`~smartsam.batch.JobPolicy`): :meth:`job` makes a click a :class:`~smartsam.batch.Job`,
+    and a :class:`~smartsam.batch.BatchEngine` answers jobs (many at once) in stages: explore
+    (initial prompts, multimask), chain steps (inner clicks, one decoder batch per step), select
+    (pure-IS or reference), finish (upsample the chosen mask, provenance, timings).
+    :meth:`predict` is a batch of one on the current image (:meth:`set_image`); :meth:`refine`,
+    :meth:`predict_plain` and :meth:`predict_box` answer the outer interactions the plain SAM way.
 
     Args:
         backbone: a :class:`~smartsam.backbones.base.Backbone` (SAM or SAM 2.1).
@@ -143,9 +144,10 @@ class SmartSAMAgent:
         self.dedupe_iou = dedupe_iou
         self.require_click = bool(require_click)
         self.reference_prep = reference_prep
-        self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()
-        self._results_lock = threading.Lock()  # jobs are built and answers kept on several threads
-        self._result_cache = int(result_cache)
+        # what every job of this agent is answered with (its settings are fixed from here on)
+        self.policy = JobPolicy(backbone=backbone, sampler=self.sampler, clicker=self.clicker, features=self.features,
+                                seed=self.seed, dedupe_iou=self.dedupe_iou, require_click=self.require_click,
+                                chain_clicks=chain_clicks, answers=AnswerCache(result_cache))
         self._image: Optional[np.ndarray] = None
         self._key: Optional[str] = None
 
@@ -213,38 +215,13 @@ class SmartSAMAgent:
         job = self.job(self._image, click_xy, self._key, reference, deadline, return_candidates)
         return answer_jobs([job], BatchEngine(self.backbone).run)[0]
 
-    def _cache_key(self, job: Job) -> tuple:
-        x, y = job.click
-        ref = None if job.reference is None else job.reference.feature.tobytes()
-        return job.key, round(x, 2), round(y, 2), ref, self.seed
-
-    def _cached(self, job: Job) -> Optional[AgentResult]:
-        """An earlier answer to the same click on the same image (outer interactions resend it)."""
-        if job.key is None:
-            return None
-        with self._results_lock:
-            hit = self._results.get(self._cache_key(job))
-            if hit is not None and (hit.candidates is not None or not job.return_candidates):
-                self._results.move_to_end(self._cache_key(job))
-                return hit
-        return None
-
-    def _remember(self, job: Job, result: AgentResult) -> None:
-        """Keep ``job``'s answer for :meth:`_cached` (a cut-short answer is never served again)."""
-        if result.partial or job.key is None:
-            return
-        with self._results_lock:
-            self._results[self._cache_key(job)] = result
-            while len(self._results) > self._result_cache:
-                self._results.popitem(last=False)
-
     def job(self, image: np.ndarray, click_xy: Sequence[float], key: Optional[str] = None,
             reference: Optional[Reference] = None, deadline: Optional[float] = None,
             return_candidates: bool = False) -> Job:
         """One click on ``image`` as a :class:`~smartsam.batch.Job` for a
         :class:`~smartsam.batch.BatchEngine` (this agent's settings answer it); stateless: the
         agent's current image is not involved."""
-        return Job(self, image, click_xy, key, reference, deadline, return_candidates)
+        return Job(self.policy, image, click_xy, key, reference, deadline, return_candidates)
 
     def run_jobs(self, jobs: Sequence[Job]) -> List[AgentResult]:
         """Answer many jobs at once, in lockstep on this agent's backbone."""
@@ -331,13 +308,13 @@ def answer_jobs(jobs: Sequence[Job], run: Callable[[List[Job]], List[AgentResult
     """Answers to ``jobs``: those given before to the same click on the same image (each job's
     agent keeps its recent ones: outer interactions resend the first click) served again, the
     rest from ``run(todo)`` (a batch engine here, the backend's scheduler there) and kept."""
-    out: List[Optional[AgentResult]] = [j.agent._cached(j) for j in jobs]
+    out: List[Optional[AgentResult]] = [j.policy.answers.get(j) for j in jobs]
     todo = [j for j, r in zip(jobs, out) if r is None]
     fresh = iter(run(todo) if todo else [])
     for k, j in enumerate(jobs):
         if out[k] is None:
             out[k] = next(fresh)
-            j.agent._remember(j, out[k])
+            j.policy.answers.put(j, out[k])
     return out  # type: ignore[return-value]
 
 

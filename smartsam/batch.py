@@ -1,8 +1,9 @@
 """Many agent jobs in lockstep: the agent as a batch.
 
-A :class:`Job` is one click on one image with everything its answer depends on (the agent that
-holds the sampler, clicker, fast-path and selection settings; the reference; the seed; a
-deadline). :class:`BatchEngine` advances every live job one stage per :meth:`BatchEngine.step`::
+A :class:`Job` is one click on one image with everything its answer depends on: its
+:class:`JobPolicy` (the backbone, sampler, clicker, fast-path and selection settings, the seed,
+where recent answers are kept), the reference and a deadline. :class:`BatchEngine` advances every
+live job one stage per :meth:`BatchEngine.step`::
 
     admit   encode the job's image unless cached (the embedding is pinned for the job's life)
     explore the Priori Initial Sampler's prompts, multimask        -> 30 initial masks
@@ -19,16 +20,21 @@ same candidates, scores and mask (``tests/test_batch.py``).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .backbones.base import Backbone, Embedding, Prompt
+from .clickers import NextChainClicker
+from .features import FeatureSet
 from .masks import LowResFrame, batch_iou
 from .results import AgentResult, Candidate
+from .sampler import PrioriInitialSampler
 from .selector import Reference, Selection, contains_click, select_by_score, select_by_similarity
 
 
@@ -50,13 +56,90 @@ def check_click(xy: Sequence[float], image_hw: Tuple[int, int]) -> Tuple[float, 
     return x, y
 
 
+class AnswerCache:
+    """An agent's recent answers, by image, click, reference and seed: outer interactions resend
+    the first click, which is answered again from here (a cut-short answer is never kept).
+
+    Args:
+        size: how many answers to keep.
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = int(size)
+        self._results: "OrderedDict[tuple, AgentResult]" = OrderedDict()
+        self._lock = threading.Lock()  # jobs are built and answers kept on several threads
+
+    @staticmethod
+    def _key(job: "Job") -> tuple:
+        x, y = job.click
+        ref = None if job.reference is None else job.reference.feature.tobytes()
+        return job.key, round(x, 2), round(y, 2), ref, job.policy.seed
+
+    def get(self, job: "Job") -> Optional[AgentResult]:
+        if job.key is None:
+            return None
+        with self._lock:
+            hit = self._results.get(self._key(job))
+            if hit is not None and (hit.candidates is not None or not job.return_candidates):
+                self._results.move_to_end(self._key(job))
+                return hit
+        return None
+
+    def put(self, job: "Job", result: AgentResult) -> None:
+        if result.partial or job.key is None:
+            return
+        with self._lock:
+            self._results[self._key(job)] = result
+            while len(self._results) > self.size:
+                self._results.popitem(last=False)
+
+
+@dataclass(frozen=True, eq=False)
+class JobPolicy:
+    """How an agent answers each of its jobs: everything but the click, the image and the
+    reference (:class:`~smartsam.agent.SmartSAMAgent` builds it once from its settings).
+
+    Attributes:
+        backbone: the backbone the job's prompts are decoded on.
+        sampler: the Priori Initial Sampler.
+        clicker: the Next Chain Clicker (``chain_length`` steps).
+        features: the feature extractors of reference mode.
+        seed: every random stream derives from it and the click.
+        dedupe_iou: fast path (chains whose masks overlap a better-scored one by this IoU are
+            refined once); None: the paper's literal path.
+        require_click: in reference mode only candidates that contain the click may win.
+        chain_clicks: "host" or "device": where a step's chain clicks are placed.
+        answers: where the agent keeps its recent answers.
+    """
+
+    backbone: Backbone
+    sampler: PrioriInitialSampler
+    clicker: NextChainClicker
+    features: FeatureSet
+    seed: int = 0
+    dedupe_iou: Optional[float] = None
+    require_click: bool = True
+    chain_clicks: str = "host"
+    answers: AnswerCache = field(default_factory=AnswerCache)
+
+    @property
+    def path(self) -> str:
+        """"fast" or "literal": which agent runs (said in every output)."""
+        return "literal" if self.dedupe_iou is None else "fast"
+
+    def rows(self) -> int:
+        """Decoder rows a job needs in all, at most: its initial prompts, then for each chain step
+        one row per chain (up to 3 per prompt: its multimask outputs)."""
+        return self.sampler.num_prompts * (1 + 3 * self.clicker.chain_length)
+
+
 @dataclass(eq=False)
 class Job:
     """One click for the agent on one image.
 
     Attributes:
-        agent: the :class:`~smartsam.agent.SmartSAMAgent` whose settings answer it (sampler,
-            clicker, fast path, ``require_click``, seed, feature extractors).
+        policy: how it is answered (:class:`JobPolicy`: sampler, clicker, fast path,
+            ``require_click``, seed, feature extractors).
         image: ``(H, W, 3)`` uint8 RGB.
         key: the image's cache key (None: its content hash).
         click: ``(x, y)`` image pixels, checked (:func:`check_click`).
@@ -66,7 +149,7 @@ class Job:
         return_candidates: also return every candidate.
     """
 
-    agent: Any  # a SmartSAMAgent (it builds jobs; the engine only reads its settings)
+    policy: JobPolicy
     image: np.ndarray
     click: Tuple[float, float]
     key: Optional[str] = None
@@ -107,7 +190,7 @@ class _Live:
 
     @property
     def on_device(self) -> bool:
-        return self.job.agent.chain_clicks == "device"
+        return self.job.policy.chain_clicks == "device"
 
 
 @dataclass
@@ -140,7 +223,7 @@ class BatchEngine:
     # -- queue -----------------------------------------------------------------------------
     def add(self, job: Job) -> None:
         """Admit ``job`` at the next step."""
-        if job.agent.backbone is not self.backbone:
+        if job.policy.backbone is not self.backbone:
             raise ValueError("the job's agent runs another backbone")
         self._live.append(_Live(job, t0=time.perf_counter()))
 
@@ -160,8 +243,17 @@ class BatchEngine:
         if lv is None:
             return 0
         if lv.stage < 0:
-            return lv.job.agent.sampler.num_prompts
-        return len(lv.chains) if lv.stage <= lv.job.agent.clicker.chain_length else 0
+            return lv.job.policy.sampler.num_prompts
+        return len(lv.chains) if lv.stage <= lv.job.policy.clicker.chain_length else 0
+
+    def rows_left(self, job: Job) -> int:
+        """Decoder rows ``job`` still needs, at most (the scheduler's expected wait): a job not
+        admitted yet needs all of its policy's; a live one its next step's, for each step left."""
+        lv = self._find(job)
+        if lv is None or lv.stage < 0:
+            return job.policy.rows()
+        steps = max(0, job.policy.clicker.chain_length - lv.stage + 1)
+        return self.rows(job) * max(1, steps)
 
     def _find(self, job: Job) -> Optional[_Live]:
         return next((lv for lv in self._live if lv.job is job), None)
@@ -255,7 +347,7 @@ class BatchEngine:
 
     def _prepare(self, lv: _Live) -> bool:
         """This stage's prompts in ``lv.rows``; False when the job has nothing left to decode."""
-        agent = lv.job.agent
+        agent = lv.job.policy
         if lv.stage == 0:
             x, y = lv.job.click
             # Every random stream derives from the seed and the click: answers do not depend on
@@ -312,7 +404,7 @@ class BatchEngine:
 
     def _advance(self, lv: _Live) -> None:
         """Take this stage's decoder output into the job's state."""
-        agent, g = lv.job.agent, self.backbone.grid
+        agent, g = lv.job.policy, self.backbone.grid
         logits, scores = lv.out
         lv.out = None
         if lv.stage == 0:
@@ -357,7 +449,7 @@ class BatchEngine:
         report.finish_seconds += time.perf_counter() - t
 
     def _continues(self, lv: _Live) -> bool:
-        return lv.stage <= lv.job.agent.clicker.chain_length and bool(lv.chains)
+        return lv.stage <= lv.job.policy.clicker.chain_length and bool(lv.chains)
 
     def _finish(self, lv: _Live) -> AgentResult:
         """Select among the candidates, upsample only the chosen mask."""
@@ -376,7 +468,7 @@ class BatchEngine:
         lv.timings["upsample"] = time.perf_counter() - t
         result = AgentResult(mask=mask, score=float(scores[sel.index]), similarity=sel.similarity, mode=sel.mode,
                              candidate=lv.cands[sel.index], low_res_logits=chosen.copy(), timings=dict(lv.timings),
-                             partial=lv.partial, path=job.agent.path)
+                             partial=lv.partial, path=job.policy.path)
         if job.return_candidates:
             result.candidates = lv.cands
             result.candidate_logits = logits
@@ -408,7 +500,7 @@ def select(job: Job, logits: np.ndarray, scores: np.ndarray, frame: LowResFrame,
     ref = job.reference
     if ref is None:
         return Selection(select_by_score(scores, inside), "pure-is"), 0
-    agent = job.agent
+    agent = job.policy
     try:
         extractor = agent.features.for_reference(ref.kind)
     except RuntimeError:

@@ -45,7 +45,7 @@ def _env(name: str, default: Optional[str] = None) -> Optional[str]:
 
 def cli_sources():
     """Where checkpoints live and come from: ``SMARTSAM_HOME``, ``SMARTSAM_MIRROR``, ``HF_ENDPOINT``, ``HF_TOKEN``."""
-    from .models import Sources
+    from .sources import Sources
 
     return Sources.from_environ(os.environ)
 

@@ -253,3 +253,21 @@ class ImageServer:
 
     def close(self):
         self.httpd.shutdown()
+
+
+def wsgi_call(app, method: str, path: str, body: bytes = b"", headers=None):
+    """One request through the WSGI callable: ``(status, JSON answer or bytes, seconds)``."""
+    path, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "RAW_URI": path, "QUERY_STRING": query,
+               "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
+               "REMOTE_ADDR": "127.0.0.1", **(headers or {})}
+    got = {}
+
+    def start_response(status, hdrs):
+        got["status"] = int(status.split()[0])
+        got["ctype"] = dict(hdrs).get("Content-Type", "")
+
+    t0 = time.monotonic()
+    out = b"".join(app(environ, start_response))
+    took = time.monotonic() - t0
+    return got["status"], (json.loads(out) if "json" in got["ctype"] else out), took

@@ -93,3 +93,27 @@ def label_studio(tmp_path_factory, datasets):
     ls.documents = datasets
     yield ls
     ls.stop()
+
+
+# -- which tests start real processes ---------------------------------------------------------
+# `make test-fast` runs the rest (the app in this process, real SQLite, real files); `make test`
+# and CI run everything. A test is marked by what it does: a fixture that starts a server, or
+# code that starts one (the backend launched as the README does, Label Studio, Chromium,
+# PostgreSQL, nginx, Ray, the CLIs as subprocesses).
+PROCESS_FIXTURES = {"label_studio", "backend", "disk_backend", "pg_server", "drip_server", "proxy"}
+PROCESS_CODE = ("Backend(", "subprocess", "run_cli(", "sync_playwright", "ray.init", "ray.remote", "unshare", "_admin(",
+                "_writer(", "Nginx(", "_weed(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        try:
+            src = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            src = ""
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (set(item.fixturenames) & PROCESS_FIXTURES or any(p in src for p in PROCESS_CODE)
+                or params.get("database_url") == "postgresql"):
+            item.add_marker(pytest.mark.processes)

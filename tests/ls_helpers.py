@@ -124,7 +124,7 @@ def box_brush(w=481, h=321):
     """A submitted brush region for "Object": a rectangle in the middle of a ``w x h`` image."""
     import numpy as np
 
-    from backend.regions import mask_to_rle
+    from backend.labelstudio.regions import mask_to_rle
 
     mask = np.zeros((h, w), bool)
     mask[h // 3:h * 2 // 3, w // 3:w * 2 // 3] = True

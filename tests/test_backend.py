@@ -182,7 +182,7 @@ BAD_INPUTS = [
     ("POST on a reference", lambda b: b.post("/admin/references/1/Object", {}, headers=ADMIN), 405, "GET, PUT, DELETE"),
     ("setup with a config SmartSAM cannot use", lambda b: b.post("/setup", {"project": "1.1", "schema": '<View><Image name="image" value="$image"/></View>'}), 400, "no answer tag on the image"),
     ("admin without token", lambda b: b.get("/admin/references"), 401, "admin token required"),
-    # seen answering 500 before every body was parsed against a schema (backend/schemas.py)
+    # seen answering 500 before every body was parsed against a schema (backend/labelstudio/schemas.py)
     ("keypoint labels that are an object", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [_kp_value(keypointlabels={"a": 1})])), 200, "value.keypointlabels: Input should be a valid list"),
     ("keypoint labels that are a number", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [_kp_value(keypointlabels=7)])), 200, "value.keypointlabels: Input should be a valid list"),
     ("displayed width Infinity", lambda b: b.post("/predict", predict_body(upload("penguin.jpg"), [{**keypoint(50, 50), "original_width": math.inf}])), 200, "original_width: Input should be a finite number"),
@@ -193,6 +193,8 @@ BAD_INPUTS = [
     ("Retrieve predictions of tasks without integer ids", lambda b: b.post("/predict", {"tasks": [{"id": "a", "data": {"image": upload("penguin.jpg")}}, {"id": 2.5, "data": {"image": upload("penguin.jpg")}}], "project": "9.1", "label_config": LABEL_CONFIG}), 200, "no reference for label"),
     ("annotation id past 64 bits", lambda b: b.post("/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"id": 1 << 63}}), 201, "no annotation id"),
     ("reference text that is not text", lambda b: b.request("PUT", "/admin/references/3/Object", json.dumps({"text": ["a"]}).encode(), {**ADMIN, "Content-Type": "application/json"}), 400, "text: Input should be a valid string"),
+    ("image path with a space (never fetchable)", lambda b: b.post("/predict", predict_body("/data/upload/1/a b.jpg", [keypoint(5, 5)])), 200, "image download failed"),
+    ("local-files name too long for the file system", lambda b: b.post("/predict", predict_body("/data/local-files/?d=" + "a" * 5000, [keypoint(5, 5)])), 200, "cannot name a file"),
     ("reference task that is not an id", lambda b: b.request("PUT", "/admin/references/3/Object", json.dumps({"task": True}).encode(), {**ADMIN, "Content-Type": "application/json"}), 400, "task"),
     ("admin with a wrong token", lambda b: b.get("/admin/references", headers={"Authorization": "Bearer nope"}), 401, "admin token required"),
 ]
@@ -300,7 +302,7 @@ def test_damaged_reference_is_reported_not_used(backend):
     body = json.dumps({"text": "a bird"}).encode()
     backend.request("PUT", "/admin/references/21/Object", body, {**ADMIN, "Content-Type": "application/json"})
     assert backend.get("/admin/references/21/Object", headers=ADMIN)[1]["kind"] == "text"
-    from backend.references import ReferenceStore
+    from backend.store.references import ReferenceStore
 
     store = ReferenceStore(backend.data_dir)
     name = store.meta("21", "Object").feature_file
@@ -631,7 +633,7 @@ def test_statistics_queued_at_shutdown_are_written(server, tmp_path):
             assert status == 200 and r["results"][0]["result"]
     finally:
         b.stop()
-    from backend.field_stats import FieldStats
+    from backend.store.field_stats import FieldStats
 
     served = FieldStats(tmp_path / "data").summary("61")["served"]
     assert sum(x["suggestions"] for x in served) == 3, served

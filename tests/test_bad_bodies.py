@@ -12,16 +12,14 @@ was wrong when it refuses (4xx: ``error``; ``/predict``'s 200: ``errors``).
 
 import base64
 import copy
-import io
 import json
 import os
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend_helpers import LABEL_CONFIG, TOKEN, ImageServer, keypoint, png_bytes, predict_body
+from backend_helpers import LABEL_CONFIG, TOKEN, ImageServer, keypoint, png_bytes, predict_body, wsgi_call as call
 
 ADMIN = {"HTTP_AUTHORIZATION": "Bearer adm"}
 # The suite runs the same 250 examples every time (a red CI is a reproducible one);
@@ -45,28 +43,10 @@ def app(tmp_path_factory, datasets):
                  label_studio_api_key=TOKEN, admin_token="adm", request_timeout=20.0, predict_budget=5.0,
                  image_timeout=3.0)
     sv = Services(s, load=False)
-    sv.engine.load()
+    sv.models.load()
     yield App(sv)
     sv.close()
     server.close()
-
-
-def call(app, method: str, path: str, body: bytes = b"", headers=None):
-    """One request through the WSGI callable: ``(status, JSON answer or bytes, seconds)``."""
-    path, _, query = path.partition("?")
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "RAW_URI": path, "QUERY_STRING": query,
-               "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
-               "REMOTE_ADDR": "127.0.0.1", **(headers or {})}
-    got = {}
-
-    def start_response(status, hdrs):
-        got["status"] = int(status.split()[0])
-        got["ctype"] = dict(hdrs).get("Content-Type", "")
-
-    t0 = time.monotonic()
-    out = b"".join(app(environ, start_response))
-    took = time.monotonic() - t0
-    return got["status"], (json.loads(out) if "json" in got["ctype"] else out), took
 
 
 def check(status, answer, took, path):

@@ -139,7 +139,7 @@ def test_a_job_answers_the_same_alone_in_a_mixed_batch_and_one_call_at_a_time(de
     assert all(r.calls["decoder"] <= 8 for r in together)
     # the literal pure-IS jobs equal the plain algorithm, call by call
     for j, r in zip(jobs, together if exact else []):
-        if j.agent is literal:
+        if j.policy is literal.policy:
             clicks, scores, mask = one_call_at_a_time(literal, j.image, j.click)
             assert [c.clicks for c in r.candidates] == clicks
             assert np.array_equal(r.candidate_scores, scores) and np.array_equal(r.mask, mask)

@@ -6,7 +6,7 @@ import pytest
 
 from backend.config import AgentSettings, Settings
 from backend.errors import SettingsError
-from backend.label_config import LabelConfig, check_label_config
+from backend.labelstudio.label_config import LabelConfig, check_label_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from backend.field_stats import FieldStats, compare_share, draw_plain, plot_png, table
+from backend.config import compare_share
+from backend.store.field_stats import FieldStats, draw_plain, plot_png, table
 
 
 @pytest.fixture
@@ -96,9 +97,9 @@ def test_compare_setting_and_seeded_draw():
 def test_a_polygon_served_and_submitted_unchanged_counts_as_accepted(tmp_path, gt, database_url):
     """A polygon rasterises to IoU < 1 with the mask it came from; it is still "accepted
     unchanged" when the submitted region is the one served, and edited when it is not."""
-    from backend.label_config import LabelConfig
-    from backend.regions import answer_results, region_shown_mask
-    from backend.field_stats import raster_fingerprint
+    from backend.labelstudio.label_config import LabelConfig
+    from backend.labelstudio.regions import answer_results, region_shown_mask
+    from backend.store.field_stats import raster_fingerprint
 
     from pathlib import Path
 
@@ -122,7 +123,7 @@ def test_suggestions_waiting_for_a_database_that_does_not_answer_are_bounded(tmp
     instead of filling memory; once the database answers, what was queued is written."""
     import sqlite3
 
-    from backend.field_stats import QUEUE_MAX, FieldStats
+    from backend.store.field_stats import QUEUE_MAX, FieldStats
 
     st = FieldStats(tmp_path)
     mask = np.zeros((321, 481), bool)

@@ -127,14 +127,14 @@ def test_prelabel_through_the_backend_on_sam3_with_concept_proposals(tmp_path, c
     s = Settings(backbone="sam3-tiny-random", data_dir=tmp_path, allow_data_urls=True, proposals="sam3",
                  instance_threshold="-1", max_instances=2, chain_length=0)
     sv = Services(s, load=False)
-    sv.engine.load()
-    assert sv.engine.load_error is None and sv.engine.concepts is not None
-    sv.engine.concepts.score_threshold = 0.0  # random weights: keep every detection
+    sv.models.load()
+    assert sv.models.load_error is None and sv.models.concepts is not None
+    sv.models.concepts.score_threshold = 0.0  # random weights: keep every detection
     img = coco_image
     h, w = img.shape[:2]
     ref_mask = np.zeros((h, w), bool)
     ref_mask[h // 4: h // 2, w // 4: w // 2] = True
-    sv.engine.store.put("1", "Car", sv.engine.make_reference(img, ref_mask), {"admin": "test"}, how="admin")
+    sv.store.put("1", "Car", sv.models.make_reference(img, ref_mask), {"admin": "test"}, how="admin")
     b = io.BytesIO()
     Image.fromarray(img).save(b, format="PNG")
     task = {"id": 1, "data": {"image": "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()}}
@@ -145,7 +145,7 @@ def test_prelabel_through_the_backend_on_sam3_with_concept_proposals(tmp_path, c
     preds = model.predict([task], project="1.1")
     # an image + mask reference from another image: the agent's answer at the best similarity peak is
     # the first instance (threshold -1 keeps it) and the exemplar box the detector is prompted with
-    assert sv.engine.backbone.encoder_calls == 1 and sv.engine.concepts.detector_calls == 1
+    assert sv.models.backbone.encoder_calls == 1 and sv.models.concepts.detector_calls == 1
     [pred] = preds
     assert pred["mode"] == "prelabel" and pred["settings"]["proposals"] == "sam3" and "-propsam3" in pred["model_version"]
     assert 1 <= pred["instances"]["Car"] <= 2

@@ -101,7 +101,7 @@ def test_bad_instance_settings_are_refused(agent):
 
 
 def test_the_threshold_learns_the_known_answer_from_decisions():
-    from backend.field_stats import calibrate_threshold
+    from backend.store.field_stats import calibrate_threshold
 
     decisions = [(0.5, False)] * 10 + [(0.6, True), (0.6, False)] * 5 + [(0.8, True)] * 15
     cal = calibrate_threshold(decisions, precision=0.9)
@@ -128,10 +128,10 @@ def test_prelabel_holds_every_instance_and_learns_from_the_decisions(tmp_path):
     s = Settings(backbone="disk-test", features="colour-test", data_dir=tmp_path, allow_data_urls=True, reference_prep="none",
                  instance_threshold="0.9")
     sv = Services(s, load=False)
-    sv.engine.load()
+    sv.models.load()
     img = scene()
-    ref = sv.engine.make_reference(img, disk(img.shape, RED[0]))
-    sv.engine.store.put("1", "Car", ref, {"admin": "test"}, how="admin")
+    ref = sv.models.make_reference(img, disk(img.shape, RED[0]))
+    sv.store.put("1", "Car", ref, {"admin": "test"}, how="admin")
     model = sv.backend(_config())
     [pred] = model.predict([{"id": 1, "data": {"image": _data_url(img)}}], project="1.1")
     assert pred["mode"] == "prelabel" and pred["instances"] == {"Car": 3}, pred
@@ -143,22 +143,23 @@ def test_prelabel_holds_every_instance_and_learns_from_the_decisions(tmp_path):
     sv.close()
     # with SMARTSAM_INSTANCE_THRESHOLD=auto: the default until 30 decisions, then the learned one
     auto = Services(s.replace(instance_threshold="auto"), load=False)
-    assert auto.engine.instance_threshold("1", "Car") == (0.6, "default")
-    v_default = auto.engine.model_version("1")
+    assert auto.versions.instance_threshold("1", "Car") == (0.6, "default")
+    v_default = auto.versions.model_version("1")
     assert "-adz3-c0.05-k0.5" in v_default  # the adaptive rule, named
     # before any decision, on a background fairly like the reference: exactly the disks
     reddish = painted(BACKGROUNDS["reddish (cos 0.87)"], RED)
-    auto.engine.load()
+    auto.models.load()
     [pred] = auto.backend(_config()).predict([{"id": 3, "data": {"image": _data_url(reddish)}}], project="1.1")
     assert pred["instances"] == {"Car": 3} and pred["rules"] == {"Car": "adaptive-z3-c0.05-k0.5"}, pred
-    with auto.engine.stats._write() as c:  # 40 decided instances: the annotators kept the similar ones
+    with auto.stats._write() as c:  # 40 decided instances: the annotators kept the similar ones
         for k in range(40):
             sim = 0.5 + 0.01 * k
             c.execute("INSERT INTO decisions VALUES (?,?,?,?,?,?)", (1000 + k, 5000 + k, "1", "Car", sim, int(sim >= 0.795)))
-    t, how = auto.engine.instance_threshold("1", "Car")
+    auto.stats.on_decisions("1")  # written by hand here; FieldStats.observe says so itself
+    t, how = auto.versions.instance_threshold("1", "Car")
     assert how == "learned" and t == pytest.approx(0.8, abs=1e-6)
-    assert auto.engine.model_version("1") != v_default and "-thr" in auto.engine.model_version("1")
-    assert "-adz" not in auto.engine.model_version("1")  # the learned threshold replaces the rule
+    assert auto.versions.model_version("1") != v_default and "-thr" in auto.versions.model_version("1")
+    assert "-adz" not in auto.versions.model_version("1")  # the learned threshold replaces the rule
     auto.close()
 
 
@@ -177,7 +178,7 @@ def test_one_click_with_the_all_like_this_tool(tmp_path):
     s = Settings(backbone="disk-test", features="colour-test", data_dir=tmp_path, allow_data_urls=True, reference_prep="none",
                  instance_threshold="0.9")
     sv = Services(s, load=False)
-    sv.engine.load()
+    sv.models.load()
     cfg = _config().replace('<RectangleLabels name="box"', '<KeyPointLabels name="all_like_this" toName="image" smart="true">'
                             '<Label value="Car"/></KeyPointLabels><RectangleLabels name="box"')
     model = sv.backend(cfg)
@@ -204,7 +205,7 @@ def test_one_click_with_the_all_like_this_tool(tmp_path):
 
 
 def test_instance_matching_has_known_answers():
-    from backend.evaluate import match_instances
+    from backend.cli.evaluate import match_instances
 
     a, b, c = (np.zeros((20, 20), bool) for _ in range(3))
     a[:10, :10] = True
@@ -219,18 +220,18 @@ def test_one_model_version_per_request(tmp_path, monkeypatch):
     """A /predict of several tasks computes the model version (a read of the reference store and
     the learned thresholds) once, whatever the number of tasks and labels."""
     from backend.config import Settings
-    from backend.engine import Engine
+    from backend.serving.versions import Versions
     from backend.server import Services
 
     s = Settings(backbone="disk-test", features="colour-test", data_dir=tmp_path, allow_data_urls=True, reference_prep="none",
                  instance_threshold="0.9")
     sv = Services(s, load=False)
-    sv.engine.load()
+    sv.models.load()
     img = scene()
-    sv.engine.store.put("1", "Car", sv.engine.make_reference(img, disk(img.shape, RED[0])), {"admin": "test"}, how="admin")
+    sv.store.put("1", "Car", sv.models.make_reference(img, disk(img.shape, RED[0])), {"admin": "test"}, how="admin")
     calls = []
-    real = Engine.model_version
-    monkeypatch.setattr(Engine, "model_version", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    real = Versions.state  # what names the version: the project read at once
+    monkeypatch.setattr(Versions, "state", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
     tasks = [{"id": k, "data": {"image": _data_url(img)}} for k in range(3)]
     out = sv.backend(_config()).predict(tasks, project="1.1")
     assert len(out) == 3 and all(p and p["instances"] == {"Car": 3} for p in out)
@@ -275,8 +276,8 @@ def test_backend_proposals_setting_reaches_every_answer(tmp_path):
     s = Settings.from_env({"SMARTSAM_PROPOSALS": "sam3"}, backbone="disk-test", features="colour-test", data_dir=tmp_path,
                           allow_data_urls=True, reference_prep="none", instance_threshold="0.9")
     sv = Services(s, load=False)
-    sv.engine.load()
-    assert sv.engine.concepts is not None and sv.engine.health()["proposals"] == "sam3"
+    sv.models.load()
+    assert sv.models.concepts is not None and sv.models.health()["proposals"] == "sam3"
     cfg = _config().replace('<RectangleLabels name="box"', '<KeyPointLabels name="all_like_this" toName="image" smart="true">'
                             '<Label value="Car"/></KeyPointLabels><RectangleLabels name="box"')
     model = sv.backend(cfg)
@@ -288,11 +289,11 @@ def test_backend_proposals_setting_reaches_every_answer(tmp_path):
     [pred] = model.predict([task], context={"result": [kp]}, project="1.1")
     assert pred["mode"] == "all-like-this" and pred["instances"] == 2 and pred["settings"]["proposals"] == "sam3"
     assert "-propsam3" in pred["model_version"]
-    ref = sv.engine.make_reference(img, disk(img.shape, RED[0]))
-    sv.engine.store.put("1", "Car", ref, {"admin": "test"}, how="admin")
+    ref = sv.models.make_reference(img, disk(img.shape, RED[0]))
+    sv.store.put("1", "Car", ref, {"admin": "test"}, how="admin")
     [pred] = sv.backend(_config()).predict([task], project="1.1")
     assert pred["instances"] == {"Car": 3} and pred["settings"]["proposals"] == "sam3", pred
-    assert sv.engine.concepts.detector_calls == 2
+    assert sv.models.concepts.detector_calls == 2
     sv.close()
 
 

@@ -248,7 +248,7 @@ def test_reads_never_make_label_studio_predict_and_extra_params_are_confirmed(la
     assert s == 400 and "not in project" in body["error"], body
     # the project evaluation reads every task and its annotations
     env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONPATH=str(ROOT))
-    q = subprocess.run([sys.executable, "-m", "backend.evaluate", "--project", str(pid), "--mode", "oracle", "--trials", "1",
+    q = subprocess.run([sys.executable, "-m", "backend.cli.evaluate", "--project", str(pid), "--mode", "oracle", "--trials", "1",
                         "--max-clicks", "1", "--no-progress", "--out", str(tmp_path / "eval")], env=env, capture_output=True,
                        text=True, timeout=600, cwd=ROOT)
     assert q.returncode == 0, q.stderr
@@ -332,7 +332,7 @@ def test_answers_in_the_projects_region_types(label_studio, backend, tmp_path):
 
     # the project evaluation reads polygon ground truth (the unreadable polygon is left out, said on stderr)
     env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, PYTHONPATH=str(ROOT))
-    q = subprocess.run([sys.executable, "-m", "backend.evaluate", "--project", str(pid), "--mode", "oracle", "--trials", "1",
+    q = subprocess.run([sys.executable, "-m", "backend.cli.evaluate", "--project", str(pid), "--mode", "oracle", "--trials", "1",
                         "--max-clicks", "1", "--no-progress", "--out", str(tmp_path / "eval")], env=env, capture_output=True,
                        text=True, timeout=600, cwd=ROOT)
     assert q.returncode == 0 and "self-intersecting" in q.stderr, q.stderr
@@ -344,8 +344,8 @@ def test_answers_in_the_projects_region_types(label_studio, backend, tmp_path):
     assert s == 200, r
     preds = ls.predictions(tasks[1]["id"])
     assert len(preds) == 1 and preds[0]["result"] and {x["type"] for x in preds[0]["result"]} == {"polygonlabels"}, preds
-    # its pre-labels measured against its annotations (`backend.evaluate --mode instances`)
-    q = subprocess.run([sys.executable, "-m", "backend.evaluate", "--project", str(pid), "--mode", "instances",
+    # its pre-labels measured against its annotations (`backend.cli.evaluate --mode instances`)
+    q = subprocess.run([sys.executable, "-m", "backend.cli.evaluate", "--project", str(pid), "--mode", "instances",
                         "--out", str(tmp_path / "inst")], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert q.returncode == 0, q.stderr
     inst = json.loads((tmp_path / "inst" / "instances.json").read_text())
@@ -558,7 +558,7 @@ def test_prelabel_a_project_on_ray_with_a_worker_killed(label_studio, tmp_path):
     env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, SMARTSAM_DATA_DIR=str(tmp_path / "data"),
                SMARTSAM_BACKBONE="sam2.1_hiera_tiny-random", SMARTSAM_CHAIN_LENGTH="0", PYTHONPATH=str(ROOT), **RANDOM_INSTANCES,
                SMARTSAM_EMBED_CACHE_DIR=str(tmp_path / "emb"), RAY_DEDUP_LOGS="0")
-    cmd = [sys.executable, "-m", "backend.prelabel", "--project", str(pid), "--workers", "2", "--write-batch", "2",
+    cmd = [sys.executable, "-m", "backend.cli.prelabel", "--project", str(pid), "--workers", "2", "--write-batch", "2",
            "--label", "Object", "--reference-text", "the main object"]
     log = open(tmp_path / "prelabel.log", "w")
     p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -1004,8 +1004,8 @@ def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio,
         def first_click(task, arm):
             """One first click that the backend's seeded draw gives to ``arm`` (found with the same
             draw here, so the task gets exactly one suggestion)."""
-            from backend.field_stats import draw_plain
-            from backend.prompts import pct_to_px
+            from backend.store.field_stats import draw_plain
+            from backend.labelstudio.prompts import pct_to_px
 
             tw, th = sizes[task]
             for k in range(40):
@@ -1056,7 +1056,7 @@ def test_field_statistics_accepted_edited_and_the_comparison_split(label_studio,
         assert sm["clicks_per_object"] == 1.5  # the refined object: one click after the agent's first answer
         # the CLI prints the same table from the same data directory
         env = dict(os.environ, SMARTSAM_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT))
-        p = subprocess.run([sys.executable, "-m", "backend.admin", "stats", "--project", str(pid)], env=env,
+        p = subprocess.run([sys.executable, "-m", "backend.cli.references", "stats", "--project", str(pid)], env=env,
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert p.returncode == 0 and f"| {pid} | Object | plain | 2 | 1 | 0.50 |" in p.stdout, p.stdout
         print(p.stdout)  # quoted in the README (pytest -s)
@@ -1100,7 +1100,7 @@ def test_project_evaluation_gives_smartsam_evals_numbers(label_studio, datasets,
                     str(tmp_path / "files"), env=env, timeout=900)
         assert p.returncode == 0, p.stderr
         q = run_cli("--project", str(pid), *args, "--out", str(tmp_path / "project"), env=env, timeout=900,
-                    module="backend.evaluate")
+                    module="backend.cli.evaluate")
         assert q.returncode == 0, q.stderr
         a = json.loads((tmp_path / "files" / f"{mode}.json").read_text())
         b = json.loads((tmp_path / "project" / f"{mode}.json").read_text())

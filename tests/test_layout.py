@@ -72,6 +72,28 @@ def test_no_import_circles():
     assert not cycles, cycles
 
 
+# The backend's floors, top to bottom: a module imports only from its own floor or those below
+# (README, "Development"). The folders are the floors; the three top-level modules sit where named.
+FLOORS = ["cli", "server", "web", "background", "serving", "store", "labelstudio", "config", "errors"]
+
+
+def _floor(module: str) -> str:
+    part = module.split(".")[1] if "." in module else ""
+    return {"gunicorn_conf": "server", "": "errors"}.get(part, part)
+
+
+def test_the_backend_imports_point_down_its_floors():
+    graph = _imports(_modules())
+    backend = {m: ts for m, ts in graph.items() if m.startswith("backend.")}
+    assert {_floor(m) for m in backend} <= set(FLOORS), sorted({_floor(m) for m in backend} - set(FLOORS))
+    up = sorted((m, t) for m, ts in backend.items() for t in ts
+                if t.startswith("backend.") and FLOORS.index(_floor(t)) < FLOORS.index(_floor(m)))
+    assert not up, f"imports that point up a floor: {up}"
+    # nothing below the web layer knows HTTP: the HTTP error and the routing live in backend.web
+    below = [m for m in backend if FLOORS.index(_floor(m)) > FLOORS.index("web")]
+    assert not [m for m in below if "HttpError" in _modules()[m].read_text()], "HTTP below the web layer"
+
+
 def test_the_algorithm_never_imports_label_studio():
     graph = _imports(_modules())
     assert not [(m, t) for m, ts in graph.items() if m.startswith("smartsam") for t in ts if t.startswith("backend")]

@@ -10,8 +10,8 @@ def test_every_agent_setting_reaches_a_ray_worker(tmp_path):
     import ray
 
     from backend.config import Settings
-    from backend.engine import Engine
-    from backend.prelabel import PrelabelWorker
+    from backend.server import Services
+    from backend.cli.prelabel import PrelabelWorker
     from smartsam.agent import FAST_PATH_IOU
 
     s = Settings(backbone="sam2.1_hiera_tiny-random", data_dir=tmp_path / "data", chain_length=1, fast_path="on",
@@ -33,4 +33,6 @@ def test_every_agent_setting_reaches_a_ray_worker(tmp_path):
     assert eff["seed"] == 7 and eff["reference_prep"] == "none" and eff["agent_settings"].exemplars == 2
     assert eff["cpu_bf16"] is False and eff["shared_decoder"] is False and eff["embed_cache"] == str(tmp_path / "emb")
     # the driver's model version, computed the backend's way, is the worker's
-    assert eff["model_version"] == Engine(s).model_version("1")
+    sv = Services(s, load=False)
+    assert eff["model_version"] == sv.versions.model_version("1")
+    sv.close()

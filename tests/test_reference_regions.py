@@ -25,7 +25,7 @@ def services(tmp_path_factory, datasets):
 
     s = Settings(backbone="disk-test", data_dir=tmp_path_factory.mktemp("refs"), allow_data_urls=True)
     sv = Services(s, load=False)
-    sv.engine.load()
+    sv.models.load()
     yield sv
     sv.close()
 
@@ -37,8 +37,8 @@ def _task(datasets, tid=1):
 
 @pytest.mark.parametrize("kind", ["polygonlabels", "bitmasklabels", "rectanglelabels"])
 def test_each_region_type_becomes_the_reference(services, datasets, kind):
-    from backend.label_config import LabelConfig
-    from backend.regions import answer_results
+    from backend.labelstudio.label_config import LabelConfig
+    from backend.labelstudio.regions import answer_results
 
     cfg = LabelConfig.parse(CONFIG)
     m = np.zeros((321, 481), bool)
@@ -49,24 +49,24 @@ def test_each_region_type_becomes_the_reference(services, datasets, kind):
     ann = {"id": 10 + int(project), "result": [region], "completed_by": 1}
     out = services.rules.apply(ann, _task(datasets), project, "ANNOTATION_CREATED", cfg)
     assert out["reference"] == ["Car"], out
-    meta = services.engine.store.meta(project, "Car")
+    meta = services.store.meta(project, "Car")
     if kind == "rectanglelabels":  # a box says where, not which pixels: an image reference of its crop
         assert meta.kind == "image" and not meta.public()["has_mask"]
     else:
         assert meta.kind == "mask"
-        png = services.engine.store.mask_png(project, "Car")
+        png = services.store.mask_png(project, "Car")
         stored = np.asarray(Image.open(io.BytesIO(png))) > 0
         assert (stored == m).mean() > 0.99
 
 
 def test_an_unreadable_region_changes_no_reference(services, datasets):
     from backend.errors import RequestError
-    from backend.label_config import LabelConfig
+    from backend.labelstudio.label_config import LabelConfig
 
-    from backend.regions import answer_results
+    from backend.labelstudio.regions import answer_results
 
     cfg = LabelConfig.parse(CONFIG)
-    store = services.engine.store
+    store = services.store
     m = np.zeros((321, 481), bool)
     m[50:150, 50:150] = True
     good = next(r for r in answer_results(m, cfg, "Car", 0.9)[0] if r["type"] == "polygonlabels")

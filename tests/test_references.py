@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.references import SCHEMA_VERSION, CorruptReference, ReferenceStore, ReferenceStoreError
+from backend.store.references import SCHEMA_VERSION, CorruptReference, ReferenceStore, ReferenceStoreError
 from smartsam.selector import Reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WRITER = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
-from backend.references import ReferenceStore
+from backend.store.references import ReferenceStore
 from smartsam.selector import Reference
 store = ReferenceStore(sys.argv[1], database_url=sys.argv[4] or None)
 k = int(sys.argv[3])
@@ -129,7 +129,7 @@ def test_admin_cli_sets_lists_shows_and_clears(tmp_path, datasets):
     env = dict(os.environ, SMARTSAM_DATA_DIR=str(tmp_path), SMARTSAM_BACKBONE="sam2.1_hiera_tiny-random", PYTHONPATH=str(ROOT))
 
     def cli(*a):
-        return subprocess.run([sys.executable, "-m", "backend.admin", *a], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        return subprocess.run([sys.executable, "-m", "backend.cli.references", *a], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
     img = datasets / "COCO_MVal-dev/img/airplane00_000000281693.jpg"
     gt = datasets / "COCO_MVal-dev/gt/airplane00_000000281693.png"

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from backend.errors import RequestError
-from backend.label_config import LabelConfig
-from backend.regions import (PolygonOptions, answer_results, mask_to_polygons, primary_regions, rasterize_polygons,
+from backend.labelstudio.label_config import LabelConfig
+from backend.labelstudio.regions import (PolygonOptions, answer_results, mask_to_polygons, primary_regions, rasterize_polygons,
                              region_mask, region_shown_mask)
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -133,7 +133,7 @@ def test_every_polygon_we_make_reads_back(rng):
     is refused (OpenCV contours touch themselves at pixel corners; that is not a crossing)."""
     import cv2
 
-    from backend.regions import polygon_points_pct
+    from backend.labelstudio.regions import polygon_points_pct
 
     n = 0
     for _ in range(10):

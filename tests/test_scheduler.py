@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from backend.errors import Busy, QueueFull
-from backend.scheduler import INTERACTIVE, PRELABEL, Scheduler, scheduler_rows
+from backend.web.app import error_answer
+from backend.serving.scheduler import INTERACTIVE, PRELABEL, Scheduler, scheduler_rows
 from smartsam.agent import SmartSAMAgent
 from smartsam.clickers import NextChainClicker
 
@@ -32,13 +33,13 @@ def test_a_click_waits_for_at_most_one_step_of_prelabeling_and_never_shares_one(
         bb.embed(im)
     sched = Scheduler(bb, **scheduler_rows(0, "cpu"))
     steps = []
-    step = sched.engine.step
+    step = sched.batch.step
 
     def spy(jobs=None):
         steps.append([sched._owner[id(j)].priority for j in jobs])
         return step(jobs)
 
-    sched.engine.step = spy
+    sched.batch.step = spy
     try:
         done = {}
         bg = [agent.job(imgs[k], (150 + 10 * k, 120)) for k in range(6)]
@@ -109,7 +110,9 @@ def test_a_click_the_queue_would_keep_past_its_deadline_is_refused_at_once(agent
         t = time.monotonic()
         with pytest.raises(QueueFull) as e:
             sched.run([agent.job(grabcut_image, (120, 100))], INTERACTIVE, deadline=time.monotonic() + ahead / 2)
-        assert time.monotonic() - t < 0.5 and e.value.status == 503 and e.value.expected_wait == pytest.approx(ahead, rel=0.5)
+        assert time.monotonic() - t < 0.5 and e.value.expected_wait == pytest.approx(ahead, rel=0.5)
+        status, answer, _, headers = error_answer(e.value)  # the web layer's one mapping
+        assert status == 503 and answer["expected_wait_s"] > 0 and dict(headers)["Retry-After"]
         assert sched.health()["refused"] == 1
         with pytest.raises(Busy):  # pre-labeling waits instead, up to its deadline
             sched.call(lambda: 1, PRELABEL, deadline=time.monotonic() + 0.3)
@@ -130,24 +133,24 @@ def test_a_click_the_queue_would_keep_past_its_deadline_is_refused_at_once(agent
 
 
 def test_a_click_that_arrives_during_prefetch_waits_for_no_queued_prefetch(agent, grabcut_image):
-    """Prefetch encodings (the next tasks' images, backend/prefetch.py) are queued at PREFETCH; a
+    """Prefetch encodings (the next tasks' images, backend/serving/prefetch.py) are queued at PREFETCH; a
     click arrives while one runs: every step of the click runs before any prefetch still queued
     starts (it waited at most for the encoding in progress); the prefetch queue then finishes."""
-    from backend.scheduler import PREFETCH
+    from backend.serving.scheduler import PREFETCH
 
     bb = agent.backbone
     imgs = _images(grabcut_image, 5)
     bb.embed(imgs[0])  # the annotator's current image
     sched = Scheduler(bb, **scheduler_rows(0, "cpu"))
     order, lock = [], threading.Lock()  # written on the model's thread, in the order things ran
-    step = sched.engine.step
+    step = sched.batch.step
 
     def spy(jobs=None):
         with lock:
             order.append(("step", None))
         return step(jobs)
 
-    sched.engine.step = spy
+    sched.batch.step = spy
 
     def encode(k):
         def fn():

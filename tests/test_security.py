@@ -26,7 +26,7 @@ def _region(rle, w=64, h=48):
 
 def test_rle_bomb_is_refused_at_once_with_memory_flat():
     from backend.errors import RequestError
-    from backend.regions import brush_mask, mask_to_rle
+    from backend.labelstudio.regions import brush_mask, mask_to_rle
 
     good = mask_to_rle(np.ones((48, 64), bool))
     brush_mask(_region(good), (48, 64))  # imports done before timing
@@ -197,7 +197,7 @@ def test_model_version_follows_the_weights(tmp_path):
     import os
 
     from backend.config import Settings
-    from backend.engine import checkpoint_tag
+    from backend.serving.versions import checkpoint_tag
 
     ck = tmp_path / "mine.pt"
     ck.write_bytes(b"weights one")
@@ -221,7 +221,7 @@ def test_one_cloud_uri_in_two_projects_is_two_images(tmp_path):
     import threading
 
     from backend.config import Settings
-    from backend.images import ImageFetcher
+    from backend.labelstudio.images import ImageFetcher
 
     pngs = {t: png_bytes(np.full((20, 30, 3), 60 * t, np.uint8)) for t in (1, 2)}
 
@@ -248,3 +248,34 @@ def test_one_cloud_uri_in_two_projects_is_two_images(tmp_path):
         assert f.fetch("s3://shared-name/cat.png", task_id=1)[0, 0, 0] == 60
     finally:
         srv.shutdown()
+
+
+def test_a_download_cut_short_is_a_failure_that_may_pass(tmp_path):
+    """A server (Label Studio restarting, a proxy resetting) that announces 5,000 bytes and closes
+    after 10: the image is not "unreadable" (which refuses it for good) but a failure that may
+    pass (the background queue tries again)."""
+    import socket
+    import threading
+
+    from backend.config import Settings
+    from backend.errors import ImageFetchError
+    from backend.labelstudio.images import ImageFetcher
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def serve():
+        c, _ = srv.accept()
+        c.recv(65536)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n" + png_bytes(
+            np.zeros((8, 8, 3), np.uint8))[:10])
+        c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    f = ImageFetcher(Settings(label_studio_url=f"http://127.0.0.1:{srv.getsockname()[1]}", label_studio_api_key=TOKEN,
+                              data_dir=tmp_path))
+    with pytest.raises(ImageFetchError) as e:
+        f.fetch("/data/upload/1/cut.png")
+    assert e.value.transient and "10 of 5000 bytes" in str(e.value)
+    srv.close()

@@ -31,15 +31,15 @@ def _env(data: Path, **extra) -> dict:
 
 
 def _admin(env, *args):
-    return subprocess.run([sys.executable, "-m", "backend.admin", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "backend.cli.references", *args], env=env, capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
 
 
 def test_migrate_copies_everything_into_an_empty_postgresql_and_refuses_a_full_one(tmp_path, pg_server, gt_mask):
-    from backend.field_stats import FieldStats
-    from backend.project_settings import ProjectSettings
-    from backend.references import ReferenceStore
-    from backend.work_queue import WorkQueue
+    from backend.store.field_stats import FieldStats
+    from backend.store.project_settings import ProjectSettings
+    from backend.store.references import ReferenceStore
+    from backend.store.work_queue import WorkQueue
     from smartsam.selector import Reference
 
     data = tmp_path / "data"
@@ -149,6 +149,8 @@ def test_the_compose_replicas_example_is_consistent_and_its_nginx_config_passes_
         url = env["SMARTSAM_DATABASE_URL"]
         assert url.startswith(f"postgresql://{pg_env['POSTGRES_USER']}:") and url.endswith(f"@postgres:5432/{pg_env['POSTGRES_DB']}")
         assert compose[name]["build"] == "." and compose[name]["profiles"] == ["replicas"]
+        # a replica's spool (what comes while PostgreSQL is away) outlives the container
+        assert any(v.endswith(":/data") for v in compose[name]["volumes"]), compose[name]["volumes"]
     balancer_ip = compose["balancer"]["networks"]["default"]["ipv4_address"]
     subnet = doc["networks"]["default"]["ipam"]["config"][0]["subnet"]
     assert ipaddress.ip_address(balancer_ip) in ipaddress.ip_network(subnet)

@@ -1,4 +1,4 @@
-"""Threads that fit the box (backend/threads.py): the cores a process may use, the environment
+"""Threads that fit the box (backend/serving/threads.py): the cores a process may use, the environment
 the launcher sets, and the governor that gives cores back to a busy neighbour (measured on a real
 busy process; its effect on a click is benchmarks/contention.py's table)."""
 
@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from backend.threads import CoreWatch, ThreadGovernor, ThreadPlan, _v2_quota, plan, valid_wait_policy
+from backend.config import valid_wait_policy
+from backend.serving.threads import CoreWatch, ThreadGovernor, ThreadPlan, _v2_quota, plan
 
 
 def test_a_cgroup_quota_caps_the_cores_and_the_tightest_limit_wins(tmp_path):
@@ -17,7 +18,7 @@ def test_a_cgroup_quota_caps_the_cores_and_the_tightest_limit_wins(tmp_path):
     leaf.mkdir(parents=True)
     (tmp_path / "system.slice" / "cpu.max").write_text("150000 100000\n")
     (leaf / "cpu.max").write_text("300000 100000\n")
-    import backend.threads as t
+    import backend.serving.threads as t
 
     old = t.CGROUP
     t.CGROUP = tmp_path
@@ -72,3 +73,23 @@ def test_the_governor_gives_a_thread_back_while_a_neighbour_is_busy_and_takes_it
         assert torch.get_num_threads() == 1 and g.changes == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_container_quota_is_kept_however_busy_the_rest_of_the_host_is():
+    """A container limited to 2 cores, its affinity the host's 16 CPUs, 6 of them busy elsewhere:
+    its 2 cores are still there (the formula, with a stand-in for /proc: this machine has 2 CPUs)."""
+    class Host:
+        cpus = set(range(16))
+
+        def __init__(self, busy):
+            self.busy = busy
+
+        def others(self):
+            return self.busy
+
+    g = ThreadGovernor(max_threads=2, cores=2.0, watch=Host(6.0))
+    g.update()
+    assert g.target == 2
+    g = ThreadGovernor(max_threads=2, cores=2.0, watch=Host(15.0))  # the host is full: step aside
+    g.update()
+    assert g.target == 1

@@ -1,4 +1,4 @@
-"""The durable work queue (backend/work_queue.py) on its own, on both engines: rows outlive their
+"""The durable work queue (backend/store/work_queue.py) on its own, on both engines: rows outlive their
 process, claims hold for a lease, a starting process frees the rows of its host's dead processes,
 concurrent workers claim each task once, and an annotation version is applied once (the
 end-to-end SIGKILL and replica tests are in test_label_studio.py and test_replicas.py)."""
@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ADD = """
 import sys, time
-from backend.work_queue import WorkQueue
+from backend.store.work_queue import WorkQueue
 q = WorkQueue(sys.argv[1], sys.argv[4] or None)
 q.add_tasks("7", [{"id": int(sys.argv[2]), "data": {"image": "x"}}], "<View/>")
 q.add_event("ANNOTATION_CREATED", int(sys.argv[2]), None)
@@ -30,7 +30,7 @@ def _writer(db: Path, task: int, stay: bool, url) -> subprocess.Popen:
 
 
 def test_rows_of_a_gone_process_are_freed_and_a_running_ones_are_not(tmp_path, database_url):
-    from backend.work_queue import WorkQueue
+    from backend.store.work_queue import WorkQueue
 
     db = tmp_path / "jobs.db"
     gone = _writer(db, 1, stay=False, url=database_url)
@@ -56,7 +56,7 @@ def test_rows_of_a_gone_process_are_freed_and_a_running_ones_are_not(tmp_path, d
 
 
 def test_a_claim_holds_while_renewed_and_lapses_after_its_lease(tmp_path, database_url):
-    from backend.work_queue import WorkQueue
+    from backend.store.work_queue import WorkQueue
 
     a = WorkQueue(tmp_path / "jobs.db", database_url, lease_s=1.0)
     b = WorkQueue(tmp_path / "jobs.db", database_url, lease_s=1.0)
@@ -86,7 +86,7 @@ def test_a_claim_holds_while_renewed_and_lapses_after_its_lease(tmp_path, databa
 
 
 def test_concurrent_workers_claim_each_task_once(tmp_path, database_url):
-    from backend.work_queue import WorkQueue
+    from backend.store.work_queue import WorkQueue
 
     WorkQueue(tmp_path / "jobs.db", database_url).add_tasks("1", [{"id": i} for i in range(60)], "<View/>")
     claimed = {}
@@ -112,7 +112,7 @@ def test_concurrent_workers_claim_each_task_once(tmp_path, database_url):
 
 
 def test_an_annotation_version_is_applied_once_across_processes(tmp_path, database_url):
-    from backend.work_queue import WorkQueue
+    from backend.store.work_queue import WorkQueue
 
     a = WorkQueue(tmp_path / "jobs.db", database_url)
     b = WorkQueue(tmp_path / "jobs.db", database_url)
@@ -125,7 +125,7 @@ def test_an_annotation_version_is_applied_once_across_processes(tmp_path, databa
 
 NAMESPACED = """
 import sys, time
-from backend.work_queue import WorkQueue, process_identity
+from backend.store.work_queue import WorkQueue, process_identity
 q = WorkQueue(sys.argv[1], sys.argv[2] or None, lease_s=600)
 print(process_identity(), q.take_over(), flush=True)
 if sys.argv[3] == "add":
@@ -158,7 +158,7 @@ def test_a_restart_in_a_fresh_pid_namespace_takes_its_queue_back(tmp_path, datab
 
 
 def test_failed_rows_wait_their_backoff_and_are_given_up_then_kept(tmp_path, database_url):
-    from backend.work_queue import RetryPolicy, WorkQueue
+    from backend.store.work_queue import RetryPolicy, WorkQueue
 
     q = WorkQueue(tmp_path / "jobs.db", database_url, retry=RetryPolicy(first_delay=0.3, max_delay=0.3, give_up_after=1.5))
     q.add_tasks("1", [{"id": 1}], "<View/>")
@@ -198,7 +198,7 @@ def test_notices_are_taken_round_robin_per_sender_and_a_sender_is_capped(tmp_pat
     """1,000 notices from one sender ahead of one from another: the other's is taken first or
     second, never after the flood, and the flooding sender's 1,001st is refused while the other
     can still queue."""
-    from backend.work_queue import SenderFull, WorkQueue
+    from backend.store.work_queue import SenderFull, WorkQueue
 
     q = WorkQueue(tmp_path / "jobs.db", database_url, max_per_sender=1000)
     for i in range(1000):
@@ -222,8 +222,8 @@ def test_notices_are_taken_round_robin_per_sender_and_a_sender_is_capped(tmp_pat
 def test_what_comes_while_the_shared_database_is_away_is_spooled_and_moved_back(tmp_path, pg_server):
     import pytest
 
-    from backend.db import Database, DatabaseUnavailable
-    from backend.work_queue import WorkQueue
+    from backend.store.db import Database, DatabaseUnavailable
+    from backend.store.work_queue import WorkQueue
     from backend_helpers import free_port
 
     q = WorkQueue(tmp_path / "jobs.db", pg_server.new_database())
@@ -236,5 +236,88 @@ def test_what_comes_while_the_shared_database_is_away_is_spooled_and_moved_back(
         q.drain_spool()
     assert q.spooled() == 2
     q.db = shared  # back
-    assert q.drain_spool() == {"event": 1, "task": 1} and q.spooled() == 0
+    assert q.drain_spool() == {"event": 1, "task": 1, "dropped": 0} and q.spooled() == 0
     assert q.claim_event().annotation == 5 and q.claim_task().task["id"] == 3
+
+
+def test_review_findings_of_the_queue_hold(tmp_path, database_url):
+    """What a reviewer broke on paper, held here: 64-bit ids (PostgreSQL's INTEGER is 32-bit);
+    a notice is merged only with the same sender's, and a /setup's with the same params; a
+    given-up task is queued again by a new press of the button; an unexpected error does not
+    count the outages before it; a process that lost a claim neither counts nor writes it."""
+    from backend.store.work_queue import RetryPolicy, WorkQueue
+
+    q = WorkQueue(tmp_path / "jobs.db", database_url, lease_s=1.0,
+                  retry=RetryPolicy(first_delay=0.05, max_delay=0.05, give_up_after=0.3))
+    big = 2 ** 40
+    assert q.add_event("ANNOTATION_CREATED", big, None, "a") == "queued"
+    assert q.add_tasks("9", [{"id": big}], "<View/>") == [{"id": big}]
+    assert q.claim_event().annotation == big and q.claim_task().task["id"] == big
+    assert q.record_application(big, "t", False) and q.was_applied(big, "t", False)
+    # merged only with the same sender's notice, and a SETUP only with the same params
+    assert q.add_event("ANNOTATION_UPDATED", 5, None, "10.0.0.1") == "queued"
+    assert q.add_event("ANNOTATION_UPDATED", 5, None, "10.0.0.2") == "queued"
+    assert q.add_event("SETUP", 3, '{"chain_length": 1}', "a") == "queued"
+    assert q.add_event("SETUP", 3, '{"chain_length": 2}', "a") == "queued"
+    assert q.add_event("SETUP", 3, '{"chain_length": 2}', "a") == "merged"
+    # a given-up task (failing for longer than give_up_after) is queued afresh
+    q.add_tasks("9", [{"id": 1}], "<View/>")
+
+    def claim_one():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            t = q.claim_task()
+            if t is not None and t.task["id"] == 1:
+                return t
+            time.sleep(0.01)
+        raise AssertionError("task 1 never claimable")
+
+    assert q.task_failed(claim_one(), "502") is True
+    time.sleep(0.35)
+    assert q.task_failed(claim_one(), "502") is False and not q.has_task("9", 1)
+    assert q.add_tasks("9", [{"id": 1}], "<View/>") == [{"id": 1}] and q.has_task("9", 1)
+    # an unexpected error after two outages is the first of its kind, not the third
+    q2 = WorkQueue(tmp_path / "jobs.db", database_url, retry=RetryPolicy(first_delay=0.01, max_delay=0.01, unexpected_tries=2))
+    q2.add_tasks("9", [{"id": 2}], "<View/>")
+
+    def claim(n, task_id):
+        while (it := n.claim_task()) is None or it.task["id"] != task_id:
+            time.sleep(0.02)
+        return it
+
+    assert q2.task_failed(claim(q2, 2), "timeout") and q2.task_failed(claim(q2, 2), "timeout")
+    assert q2.task_failed(claim(q2, 2), "KeyError", unexpected=True)  # 1 of 2
+    assert not q2.task_failed(claim(q2, 2), "KeyError", unexpected=True)  # 2 of 2: given up
+    # a lost claim: a's lease ran out and b took the task over
+    a = WorkQueue(tmp_path / "jobs.db", database_url, lease_s=0.3)
+    b = WorkQueue(tmp_path / "jobs.db", database_url, lease_s=30)
+    b.owner = "another-replica:1:x"
+    a.add_tasks("9", [{"id": 3}], "<View/>")
+    held = claim(a, 3)
+    time.sleep(0.4)
+    taken = claim(b, 3)
+    assert a.renew([held.seq]) == [held.seq]  # a hears it lost the task
+    assert a.writing([held.seq], "v1") == [] and b.writing([taken.seq], "v1") == [taken.seq]
+    assert a.task_failed(held, "late") and b.attempted(taken.seq) == ["v1"]  # a's failure did not touch b's row
+    assert b.claim_task() is None or b.claim_task().task["id"] != 3
+
+
+def test_the_spool_caps_each_sender_and_counts_what_it_cannot_move(tmp_path, pg_server):
+    import pytest
+
+    from backend.store.db import Database
+    from backend.store.work_queue import SenderFull, WorkQueue
+    from backend_helpers import free_port
+
+    q = WorkQueue(tmp_path / "jobs.db", pg_server.new_database(), max_per_sender=2)
+    shared = q.db
+    q.db = Database(f"postgresql://u:p@127.0.0.1:{free_port()}/x", "work_queue")  # away
+    assert q.add_event("ANNOTATION_CREATED", 1, None, "x") == "spooled"
+    assert q.add_event("ANNOTATION_CREATED", 2, None, "x") == "spooled"
+    with pytest.raises(SenderFull):
+        q.add_event("ANNOTATION_CREATED", 3, None, "x")  # the spool caps a sender like the queue does
+    assert q.add_event("ANNOTATION_CREATED", 4, None, "y") == "spooled"
+    q.db = shared
+    q.add_event("ANNOTATION_CREATED", 7, None, "x")
+    q.add_event("ANNOTATION_CREATED", 8, None, "x")  # the sender is full in the shared queue now
+    assert q.drain_spool() == {"event": 1, "task": 0, "dropped": 2} and q.spooled() == 0 and q.spool_dropped == 2

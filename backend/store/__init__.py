@@ -1,0 +1,1 @@
+"""What the backend keeps: one database path (SQLite or PostgreSQL) and a store per concern."""

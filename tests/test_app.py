@@ -91,3 +91,12 @@ def test_each_domain_error_has_one_http_answer():
     assert error_answer(HttpError(413, "big", reason="Too big"))[:3] == (413, {"error": "big"}, "Too big")
     status, body, _, _ = error_answer(KeyError("secret detail"))
     assert status == 500 and "secret detail" not in body["error"] and body["error"].startswith("internal error ")
+
+
+def test_health_names_the_model_version_as_soon_as_the_weights_are_loaded(tmp_path, files):
+    """The first health answer that says the weights are loaded also names the model version
+    (CI once saw a replica answer ``model_version: None`` right after its start: the version was
+    computed by the once-a-second monitor, after loading)."""
+    sv, app = _services(tmp_path / "data", files)
+    h = wsgi_call(app, "GET", "/admin/health", headers=ADMIN)[1]
+    assert h["weights_loaded"] and h["model_version"] == sv.versions.base_version(), h

@@ -5,6 +5,13 @@ Why not ``label_studio_ml.api``: it is Flask 1.1.2 on Werkzeug 2.0.2 (pinned by 
 This serves the same endpoints as a plain WSGI callable under gunicorn: it never parses multipart
 or form bodies, only JSON up to ``SMARTSAM_MAX_REQUEST_BYTES``, and has no debugger.
 
+Why not Werkzeug's routing (``Map``/``Rule``) or another framework for the table below: the
+backend's environment keeps ``label-studio-ml`` for its model class, and its pins hold Werkzeug
+at 2.0.2 and Flask at 1.1.2; a newer framework beside them would be a second stack to keep in
+step, and the old one is what we avoid. What is written here is a routing table, a bounded body
+reader and a path splitter, each held by the generated bodies and paths of
+``tests/test_bad_bodies.py``.
+
 Routes are a table of ``(method, path pattern) -> handler``: a path that matches with another
 method gets 405 (with ``Allow``), one that matches nothing 404. Patterns match the *raw* request
 path split at ``/`` before each segment is percent-decoded, so a label named ``a/b`` is reached as

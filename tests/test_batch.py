@@ -200,6 +200,7 @@ def test_a_bad_job_fails_alone(sam2_backbone, images):
         agent.job(images[0], (-3, 4))
 
 
+@pytest.mark.slow  # model work over many rows: make test, not the inner loop
 def test_new_images_arriving_together_are_encoded_in_one_call(images):
     """With batch_encode (SAM 2.1's default on CUDA) the new images of a step's jobs are encoded
     in one encoder call: the same embeddings as one at a time (fp32), one call, and each job

@@ -92,6 +92,7 @@ def test_next_clicks_draws_the_same_signs_and_places_the_same_clicks():
     assert host[0].label == ADD and host[1].label == CUT  # Bernoulli(0) and Bernoulli(1)
 
 
+@pytest.mark.slow  # model work over many rows: make test, not the inner loop
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dedupe", [None, "auto"])  # the literal path; on a CPU "auto" is the fast one
 def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, dedupe):

@@ -76,6 +76,7 @@ def test_every_agent_path(backbone, coco_image, dino, clip):
     assert backbone.encoder_calls - enc <= 1  # one encoding for every path on this image (0 if cached)
 
 
+@pytest.mark.slow  # model work over many rows: make test, not the inner loop
 def test_sam3_concepts_run_on_the_same_encoding(coco_image):
     from smartsam.agent import SmartSAMAgent
     from smartsam.clickers import NextChainClicker

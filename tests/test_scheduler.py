@@ -23,6 +23,7 @@ def _images(grabcut_image, n):
     return [np.ascontiguousarray(np.roll(grabcut_image, 7 * k, axis=1)) for k in range(n)]
 
 
+@pytest.mark.slow  # model work over many rows: make test, not the inner loop
 def test_a_click_waits_for_at_most_one_step_of_prelabeling_and_never_shares_one(agent, grabcut_image):
     """A queue of pre-labeling jobs runs; a click arrives: it is in the very next step, and no step
     that advances it advances pre-labeling (a CPU's fill_rows is 0); the click is answered before
@@ -65,6 +66,7 @@ def test_a_click_waits_for_at_most_one_step_of_prelabeling_and_never_shares_one(
         sched.close()
 
 
+@pytest.mark.slow  # model work over many rows: make test, not the inner loop
 def test_clicks_sent_together_run_in_lockstep(agent, grabcut_image):
     """8 clicks submitted at once (8 threads) share every step: the decoder calls of one click."""
     bb = agent.backbone

@@ -100,3 +100,60 @@ def test_health_names_the_model_version_as_soon_as_the_weights_are_loaded(tmp_pa
     sv, app = _services(tmp_path / "data", files)
     h = wsgi_call(app, "GET", "/admin/health", headers=ADMIN)[1]
     assert h["weights_loaded"] and h["model_version"] == sv.versions.base_version(), h
+
+
+def _failing_once(fn):
+    from backend.store.db import DatabaseUnavailable
+
+    calls = []
+
+    def wrapped(project):
+        calls.append(project)
+        if len(calls) == 1:
+            raise DatabaseUnavailable("the database went away between the write and its bump")
+        return fn(project)
+    return wrapped
+
+
+def test_a_write_whose_bump_failed_still_moves_the_generation_when_retried(tmp_path, files):
+    """Settings and decisions are written in one transaction and the project's generation bumped
+    in another (on SQLite another file). When the bump fails after the write committed, the work
+    is retried; the retry finds the write already there and must still bump, or every process
+    keeps the old settings (or threshold) cached (found by a reviewer)."""
+    from backend.store.db import DatabaseUnavailable
+
+    sv, _ = _services(tmp_path / "data", files)
+    sv.project_settings.on_change = _failing_once(sv.store.bump)
+    g0 = sv.store.generation("5")
+    with pytest.raises(DatabaseUnavailable):
+        sv.project_settings.set("5", {"chain_length": 1})
+    assert sv.store.generation("5") == g0
+    sv.project_settings.set("5", {"chain_length": 1})  # the confirmation, tried again
+    assert sv.store.generation("5") > g0
+    assert sv.versions.state("5").agent_settings.chain_length == 1
+    # a deletion's retry finds no decision left to delete; the project its notice named moves
+    sv.stats.on_decisions = _failing_once(sv.store.bump)
+    g1 = sv.store.generation("5")
+    with pytest.raises(DatabaseUnavailable):
+        sv.stats.forget(77, "5")
+    sv.stats.forget(77, "5")
+    assert sv.store.generation("5") > g1
+
+
+def test_a_threshold_the_database_did_not_give_is_not_cached(tmp_path, files, monkeypatch):
+    """An "all like this" click while the statistics database fails answers with the default
+    threshold, and the next click asks again instead of keeping that default for the generation."""
+    from backend.store.db import DatabaseUnavailable
+
+    sv, _ = _services(tmp_path / "data", files)
+    state = sv.versions.state("5")
+    real = sv.stats.calibrate
+
+    def away(*a, **k):
+        raise DatabaseUnavailable("statistics database away")
+
+    monkeypatch.setattr(sv.stats, "calibrate", away)
+    assert sv.versions.threshold(state, "Car")[1] == "default"
+    assert ("Car", "mask") not in state.thresholds
+    monkeypatch.setattr(sv.stats, "calibrate", real)
+    assert sv.versions.threshold(state, "Car") == state.thresholds[("Car", "mask")]

@@ -314,7 +314,7 @@ class Workers:
             self._error(f"{action} {aid}: cannot confirm with Label Studio (set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
             return "rejected"
         if action == DELETED:
-            return self._apply_deletion(aid)
+            return self._apply_deletion(aid, claimed)
         if action == SETUP:
             return self._apply_settings(str(aid), json.loads(claimed or "{}"))
         c = self.client
@@ -367,7 +367,7 @@ class Workers:
         self._error(f"annotation {aid}: {why}")
         return "rejected"
 
-    def _apply_deletion(self, aid: int) -> str:
+    def _apply_deletion(self, aid: int, claimed: Optional[str] = None) -> str:
         """A deletion counts only when Label Studio answers 404 for the annotation."""
         try:
             self.client.annotation(aid)
@@ -380,7 +380,7 @@ class Workers:
             return self._reject(DELETED, aid, "deletion not confirmed (Label Studio still has it)")
         # each reference it set falls back to the version before it (or none); done twice, the same
         gone = self.store.withdraw_annotation(aid, "annotation deleted in Label Studio")
-        self.stats.forget(aid)
+        self.stats.forget(aid, claimed)
         log.info("annotation %s deleted in Label Studio: references withdrawn %s", aid,
                  sorted({(m.project, m.label) for m in gone}))
         return "applied"

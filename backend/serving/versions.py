@@ -134,16 +134,16 @@ class Versions:
         are 30 ("learned", at SMARTSAM_INSTANCE_PRECISION), else the default ("default"). Read
         once per generation (a label without a reference is read at its first use)."""
         got = state.thresholds.get((label, kind))
-        if got is None:
-            got = state.thresholds[(label, kind)] = (self._threshold(state.project, label, kind) if state.unavailable is None
-                                                     else instance_threshold(None, self.settings, state.project, label, kind)[:2])
-        return got
-
-    def _threshold(self, project: Optional[str], label: str, kind: str) -> Tuple[float, str]:
-        try:
-            return instance_threshold(self.stats, self.settings, project, label, kind)[:2]
-        except DatabaseUnavailable:
-            return instance_threshold(None, self.settings, project, label, kind)[:2]
+        if got is not None:
+            return got
+        if state.unavailable is None:
+            try:
+                got = state.thresholds[(label, kind)] = instance_threshold(self.stats, self.settings, state.project,
+                                                                           label, kind)[:2]
+                return got
+            except DatabaseUnavailable:
+                pass  # answered with the fallback below, never cached: the next click reads again
+        return instance_threshold(None, self.settings, state.project, label, kind)[:2]
 
     def _reference(self, project: str, label: str) -> Tuple[Optional[Reference], Optional[str]]:
         try:

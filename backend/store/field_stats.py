@@ -296,13 +296,17 @@ class FieldStats:
         "kept", "curve"}``; ``threshold`` is None below ``min_decisions`` (the default applies)."""
         return calibrate_threshold(self.decisions(project, label), precision, min_decisions)
 
-    def forget(self, annotation: int) -> None:
-        """The annotation was deleted in Label Studio."""
+    def forget(self, annotation: int, project: Optional[str] = None) -> None:
+        """The annotation was deleted in Label Studio. ``project``: the one the notice named; its
+        generation moves even when no decision is left to delete (the retry of a deletion whose
+        bump failed after its delete committed would otherwise find nothing and bump nothing)."""
         with self._write() as c:
             c.execute("DELETE FROM outcomes WHERE annotation=?", (int(annotation),))
-            projects = [p for (p,) in c.execute("SELECT DISTINCT project FROM decisions WHERE annotation=?", (int(annotation),))]
+            projects = {p for (p,) in c.execute("SELECT DISTINCT project FROM decisions WHERE annotation=?", (int(annotation),))}
             c.execute("DELETE FROM decisions WHERE annotation=?", (int(annotation),))
-        for p in projects:
+        if project is not None:
+            projects.add(str(project))
+        for p in sorted(projects):
             self.on_decisions(p)
 
     def outcomes(self, project: Optional[str] = None) -> List[Dict]:

@@ -56,6 +56,10 @@ class ProjectSettings:
         """Store the project's extra params; True when they changed."""
         project = str(project)
         if self.get(project) == extra:
+            # already stored: this may be the retry of a confirmation whose write committed and
+            # whose bump failed (the bump is another transaction, on SQLite another file), so
+            # bump again: without it, every process would keep the old settings cached
+            self.on_change(project)
             return False
         with self.db.write() as c:
             c.execute("INSERT INTO project_settings (project, extra, updated_at) VALUES (?, ?, ?) ON CONFLICT (project) "

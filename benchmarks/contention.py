@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, table  # noqa: E402
+from backend_helpers import BUSY  # noqa: E402  (a hog that ends with this process)
 
 DATA = ROOT.parent / "shared" / "datasets"
-BUSY = [sys.executable, "-c", "while True: pass"]
 # named variants; any other name is a SMARTSAM_WAIT_POLICY value (adaptive, passive, spin:<n>, active)
 VARIANTS = {
     # what the backend did before threads were planned: torch's threads = the machine's cores, OpenMP's

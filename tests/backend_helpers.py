@@ -19,6 +19,10 @@ from typing import Dict, Optional
 import numpy as np
 from PIL import Image
 
+# A busy neighbour (a CPU hog) that ends with the process that started it: a test run killed
+# before its ``finally`` (SIGTERM, a timeout) leaves none spinning to slow whatever runs next.
+BUSY = [sys.executable, "-c", "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"]
+
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_CONFIG = (ROOT / "label_config.xml").read_text()
 TOKEN = "legacy-token-for-tests"

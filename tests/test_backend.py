@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend_helpers import (LABEL_CONFIG, TOKEN, Backend, ImageServer, keypoint, png_bytes, predict_body, raw_oversized_post,
+from backend_helpers import (BUSY, LABEL_CONFIG, TOKEN, Backend, ImageServer, keypoint, png_bytes, predict_body, raw_oversized_post,
                              rle_mask)
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -320,7 +320,6 @@ def test_concurrent_clients_get_their_own_answers(backend, server, tmp_path):
     right image and equals what the same request gets alone, from another backend process (so no
     cache can make them equal), and none is cut at its deadline."""
     import subprocess
-    import sys
 
     jobs = {0: ("penguin.jpg", 481, 321), 1: ("coco.jpg", 640, 481), 2: ("gray.png", 70, 50), 3: ("rgba.png", 70, 50)}
 
@@ -347,7 +346,7 @@ def test_concurrent_clients_get_their_own_answers(backend, server, tmp_path):
             errors.append(e)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in jobs]
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a busy neighbour
+    hog = subprocess.Popen(BUSY)  # a busy neighbour
     try:
         t0 = time.time()
         [t.start() for t in threads]

@@ -3,12 +3,12 @@ the launcher sets, and the governor that gives cores back to a busy neighbour (m
 busy process; its effect on a click is benchmarks/contention.py's table)."""
 
 import subprocess
-import sys
 import time
 
 import pytest
 
 from backend.config import valid_wait_policy
+from backend_helpers import BUSY
 from backend.serving.threads import CoreWatch, ThreadGovernor, ThreadPlan, _v2_quota, plan
 
 
@@ -51,7 +51,7 @@ def test_the_governor_gives_a_thread_back_while_a_neighbour_is_busy_and_takes_it
     cores = len(os.sched_getaffinity(0))
     if cores < 2:
         pytest.skip("needs 2 cores")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+    hogs = [subprocess.Popen(BUSY) for _ in range(cores - 1)]
     try:
         g = ThreadGovernor(max_threads=cores, cores=cores, watch=CoreWatch())
         time.sleep(1.0)

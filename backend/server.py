@@ -83,7 +83,6 @@ class Services:
         self.prefetch = Prefetcher(s, self.models, self.client, self.store, self.answers.image, s.prefetch)
         # what the monitor saw last (health answers from these, never asking the database itself)
         self._db_seen: Dict = {"ok": None, "at": None, "error": None}
-        self._version_seen: Optional[str] = None
         self.workers.start()  # its workers call back into what is built above
         threading.Thread(target=self._monitor, name="smartsam-monitor", daemon=True).start()
         threading.Thread(target=self._collect_garbage, name="smartsam-gc", daemon=True).start()
@@ -120,9 +119,10 @@ class Services:
             self._db_seen = {"ok": False, "at": time.monotonic(), "error": str(e)}
 
     def _see_version(self) -> None:
-        # the weights' digest, once, on the loading thread (never a request): health names the
-        # version from the moment it says the weights are loaded
-        self._version_seen = self.versions.base_version()
+        # the weights' digest (Versions caches it), on the loading thread before the backbone is
+        # published: health names the version from the moment it says the weights are loaded,
+        # and no request ever hashes a checkpoint
+        self.versions.checkpoint_tag()
 
     def health(self) -> Dict:
         """The database, the statistics and the model version as last seen (``/admin/health``)."""
@@ -131,7 +131,8 @@ class Services:
                     "age_s": None if seen["at"] is None else round(time.monotonic() - seen["at"], 1)}
         if seen["error"]:
             database["error"] = f"{seen['error']}: clicks answer without references until it is back"
-        return {"model_version": self._version_seen, "database": database,
+        version = self.versions.base_version() if self.models.backbone is not None else None
+        return {"model_version": version, "database": database,
                 "statistics": {"waiting": self.stats.pending, "dropped": self.stats.dropped, "lost": self.stats.lost}}
 
     def backend(self, label_config) -> SmartSAMBackend:

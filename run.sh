@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 backbone="${SMARTSAM_BACKBONE:-$(python -c 'from smartsam.models import default_backbone; print(default_backbone())')}"
 case "$backbone" in
-  *-random) ;;  # test configuration: nothing to download
+  *-random|disk-test) ;;  # test configurations: nothing to download
   *) python -m smartsam models download "$backbone" ;;
 esac
 exec python -m backend.server

@@ -11,6 +11,7 @@ broke and shows every reference and every prediction arriving exactly once.
 
 import http.client
 import json
+import re
 import threading
 import time
 
@@ -157,7 +158,10 @@ def test_failed_refused_and_lost_prediction_writes_end_with_one_prediction_each(
         b.stop()
 
 
-TASK_STEPS = [("fetching its image", r"^/data/local-files/", "GET"),
+# "{image}": the held task's file name. The image step holds the LAST task's image: /predict itself
+# starts the first task before its budget runs out, and a hold there would only stall Label Studio's
+# call until SMARTSAM_IMAGE_TIMEOUT (20 s), never reach the background
+TASK_STEPS = [("fetching its image", r"^/data/local-files/.*{image}", "GET"),
               ("checking its predictions", r"^/api/predictions\?task=", "GET"),
               ("writing its prediction", r"/import/predictions", "POST")]
 
@@ -178,10 +182,12 @@ def test_a_task_ends_with_one_prediction_whatever_step_a_sigkill_hits_in_a_fresh
             pid, _, tasks = ls.project(f"Task SIGKILL while {step}", GRABCUT_REGEX, b.url)
             tasks = tasks[:3]
             set_text_reference(b, pid)
-            hold = proxy.add(pattern, "hold", method=method, times=1)
+            image = re.escape(tasks[-1]["data"]["image"].rsplit("/", 1)[-1])
+            hold = proxy.add(pattern.replace("{image}", image), "hold", method=method, times=1)
             s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
                           {"selectedItems": {"all": False, "included": [t["id"] for t in tasks]}})
             assert s == 200, r
+            assert b.health()["jobs"]["prelabel"]["queued"] >= 2  # what the hold waits for is the background's
             assert hold.hit.wait(120), f"the background never got to {step}"
             b.kill(9)
             proxy.remove(hold)

@@ -83,8 +83,10 @@ def images(datasets):
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_job_answers_the_same_alone_in_a_mixed_batch_and_one_call_at_a_time(device, sam2_backbone, dino, images):
-    """16 jobs on 4 images with 5 settings (literal chains of 3, fast path, one-click chains, chain
-    clicks on the device, a mask reference with and without require_click): each job's
+    """8 jobs on 4 images with 6 settings (literal chains of 3, fast path, one-click chains, chain
+    clicks on the device, a mask reference with and without require_click): every setting in one
+    batch, every image twice, the literal setting on two images (16 jobs took 3 minutes on 2
+    cores and asserted nothing more; issue 37); each job's
     candidates, scores and mask are the same alone and in the batch, and the pure-IS literal
     jobs equal the one-call-at-a-time algorithm. The batch makes at most the decoder calls of
     one job (one per prompt kind and step), not one set per job.
@@ -110,7 +112,7 @@ def test_a_job_answers_the_same_alone_in_a_mixed_batch_and_one_call_at_a_time(de
     ref_mask[100:300, 100:400] = True
     ref = agents[4].reference_from_mask(images[3], ref_mask)
     jobs = []
-    for k in range(16):
+    for k in range(8):
         agent = agents[k % len(agents)]
         image = images[k % len(images)]
         h, w = image.shape[:2]
@@ -135,7 +137,7 @@ def test_a_job_answers_the_same_alone_in_a_mixed_batch_and_one_call_at_a_time(de
         ious = [(a.mask & b.mask).sum() / max((a.mask | b.mask).sum(), 1) for a, b in zip(alone, together)]
         assert np.mean(ious) >= 0.9 and [a.mode for a in alone] == [b.mode for b in together]
     assert {r.mode for r in together} == {"pure-is", "reference-mask"}
-    assert calls_batch <= 8 and calls_alone >= 16 * 4  # 2 prompt kinds x (explore + 3 chain steps)
+    assert calls_batch <= 8 and calls_alone >= len(jobs) * 4  # 2 prompt kinds x (explore + 3 chain steps)
     assert all(r.calls["decoder"] <= 8 for r in together)
     # the literal pure-IS jobs equal the plain algorithm, call by call
     for j, r in zip(jobs, together if exact else []):

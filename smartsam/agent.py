@@ -324,7 +324,7 @@ def locate(extractor, image: np.ndarray, reference: Reference, key: Optional[str
     The patch whose feature is most cosine-similar to the reference's becomes the click (its
     centre, in image pixels ``(x, y)``). Used for pre-labeling queues with a reference.
     """
-    from .features import cosine
+    from .selector import cosine
 
     if reference.extractor != extractor.name:
         raise ValueError(f"reference made with {reference.extractor!r}, extractor is {extractor.name!r}")

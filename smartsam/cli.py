@@ -127,6 +127,7 @@ def _read_image(path: str):
 
 def cmd_segment(args) -> int:
     from .agent import InvalidClick
+    from .batch import check_click
     from .io import ImageError, load_mask, overlay, save_mask
 
     if args.reference_mask and not args.reference_image:
@@ -135,6 +136,11 @@ def cmd_segment(args) -> int:
         raise UsageError("give an image reference or a text reference, not both")
     image = _read_image(args.image)
     ref_image = _read_image(args.reference_image) if args.reference_image else None
+    try:  # a click outside the image is said before any model loads (seconds, not a load)
+        for xy in [args.click, *args.positive, *args.negative]:
+            check_click(xy, image.shape[:2])
+    except InvalidClick as e:
+        raise UsageError(str(e)) from None
     agent = _load_agent(args, need_image=ref_image is not None, need_text=bool(args.reference_text))
     try:
         reference = None

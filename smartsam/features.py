@@ -43,20 +43,6 @@ def pool_masks(tokens: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(total > 0, feats / np.maximum(total, 1e-9), 0.0).astype(np.float32)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of ``(N, D)`` rows with one ``(D,)`` vector -> ``(N,)`` (0 for zero rows).
-
-    ``b`` may also be ``(K, D)`` exemplars: each row's best similarity to any of them."""
-    a = np.asarray(a, np.float32)
-    b = np.asarray(b, np.float32)
-    if b.ndim == 2 and b.shape[0] > 1:
-        return np.max(np.stack([cosine(a, e) for e in b]), axis=0)
-    b = b.reshape(-1)
-    na = np.linalg.norm(a, axis=-1)
-    nb = np.linalg.norm(b)
-    return np.where((na > 0) & (nb > 0), (a @ b) / np.maximum(na * nb, 1e-12), 0.0)
-
-
 class _PatchFeatureExtractor:
     """Shared machinery: resize to a patch multiple, one forward per image, LRU of token grids."""
 

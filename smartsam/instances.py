@@ -51,8 +51,7 @@ import cv2
 import numpy as np
 
 from .backbones.base import image_key
-from .features import cosine
-from .selector import Reference
+from .selector import Reference, cosine
 
 
 # The adaptive rule's defaults (the module docstring; InstanceFinder's knobs).

@@ -15,8 +15,21 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .features import cosine
 from .masks import LowResFrame, sample_logits_at
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of ``(N, D)`` rows with one ``(D,)`` vector -> ``(N,)`` (0 for zero rows).
+
+    ``b`` may also be ``(K, D)`` exemplars: each row's best similarity to any of them."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    if b.ndim == 2 and b.shape[0] > 1:
+        return np.max(np.stack([cosine(a, e) for e in b]), axis=0)
+    b = b.reshape(-1)
+    na = np.linalg.norm(a, axis=-1)
+    nb = np.linalg.norm(b)
+    return np.where((na > 0) & (nb > 0), (a @ b) / np.maximum(na * nb, 1e-12), 0.0)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from smartsam.features import cosine, pool_masks
+from smartsam.features import pool_masks
+from smartsam.selector import cosine
 from smartsam.masks import LowResFrame
 from smartsam.selector import Reference, contains_click, select_by_score, select_by_similarity
 
@@ -52,7 +53,7 @@ def test_empty_mask_pools_to_zero_and_bad_references_are_refused():
 
 
 def test_several_exemplars_score_the_best_similarity_to_any():
-    from smartsam.features import cosine
+    from smartsam.selector import cosine
 
     a, b = np.array([1.0, 0, 0, 0]), np.array([0, 1.0, 0, 0])
     ref = Reference("mask", np.stack([a, b]), "x")

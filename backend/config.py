@@ -145,6 +145,9 @@ class Settings:
     max_request_bytes: int = 8 << 20
     image_max_bytes: int = 50 << 20
     image_timeout: float = 20.0
+    # how long a prediction write may wait for Label Studio's answer (at least image_timeout); a
+    # write with no answer is looked for again only after it plus 5 s, never written twice
+    write_timeout: float = 30.0
     max_pixels: int = 40_000_000
     embedding_cache: int = 8
     image_cache: int = 16
@@ -218,7 +221,7 @@ class Settings:
         "SMARTSAM_WEBHOOK_SECRET": "webhook_secret", "SMARTSAM_ALLOW_DATA_URLS": "allow_data_urls",
         "SMARTSAM_PREDICT_BUDGET": "predict_budget", "SMARTSAM_ALLOWED_HOSTS": "allowed_hosts",
         "LOCAL_FILES_DOCUMENT_ROOT": "local_files_root", "SMARTSAM_MAX_REQUEST_BYTES": "max_request_bytes",
-        "SMARTSAM_IMAGE_MAX_BYTES": "image_max_bytes", "SMARTSAM_IMAGE_TIMEOUT": "image_timeout",
+        "SMARTSAM_IMAGE_MAX_BYTES": "image_max_bytes", "SMARTSAM_IMAGE_TIMEOUT": "image_timeout", "SMARTSAM_WRITE_TIMEOUT": "write_timeout",
         "SMARTSAM_MAX_PIXELS": "max_pixels", "SMARTSAM_EMBEDDING_CACHE": "embedding_cache",
         "SMARTSAM_IMAGE_CACHE": "image_cache", "SMARTSAM_WORKERS": "workers", "SMARTSAM_THREADS": "threads",
         "SMARTSAM_TORCH_THREADS": "torch_threads", "SMARTSAM_WAIT_POLICY": "wait_policy",
@@ -294,6 +297,8 @@ class Settings:
             raise SettingsError(f"SMARTSAM_SHARED_DECODER must be on or off, not {self.shared_decoder!r}")
         if self.chain_length < 0:
             raise SettingsError("SMARTSAM_CHAIN_LENGTH must be 0 or more")
+        if not self.write_timeout > 0:
+            raise SettingsError("SMARTSAM_WRITE_TIMEOUT must be more than 0 seconds")
         if self.request_timeout <= 0 or self.predict_budget <= 0:
             raise SettingsError("SMARTSAM_REQUEST_TIMEOUT and SMARTSAM_PREDICT_BUDGET must be positive seconds")
         if self.threads < 2:

@@ -22,7 +22,8 @@ def test_settings_come_from_the_environment_once_and_bad_values_name_their_varia
     for env, words in [({"SMARTSAM_THREADS": "many"}, "SMARTSAM_THREADS"), ({"SMARTSAM_THREADS": "1"}, "SMARTSAM_THREADS"),
                        ({"SMARTSAM_CHAIN_LENGTH": "99"}, "chain_length"), ({"SMARTSAM_CPU_BF16": "yes"}, "SMARTSAM_CPU_BF16"),
                        ({"SMARTSAM_COMPARE": "plain:2"}, "SMARTSAM_COMPARE"), ({"LOCAL_FILES_DOCUMENT_ROOT": "/"}, "LOCAL_FILES"),
-                       ({"SMARTSAM_REQUEST_TIMEOUT": "0"}, "SMARTSAM_REQUEST_TIMEOUT")]:
+                       ({"SMARTSAM_REQUEST_TIMEOUT": "0"}, "SMARTSAM_REQUEST_TIMEOUT"),
+                       ({"SMARTSAM_WRITE_TIMEOUT": "0"}, "SMARTSAM_WRITE_TIMEOUT")]:
         with pytest.raises(SettingsError, match=words):
             Settings.from_env(env)
 
@@ -66,3 +67,14 @@ def test_one_parser_for_the_labeling_config():
     uncovered = text_first.replace('<Label value="Car"/></KeyPointLabels>', '<Label value="Bus"/></KeyPointLabels>')
     assert "['Bus']" in check_label_config(uncovered)[0]
     assert "not valid XML" in check_label_config("<View")[0]
+
+
+def test_a_write_waits_for_label_studio_as_long_as_the_settings_say():
+    """SMARTSAM_WRITE_TIMEOUT bounds a prediction write (30 s by default, as before it was a
+    setting), never below SMARTSAM_IMAGE_TIMEOUT."""
+    from backend.labelstudio.client import LabelStudioClient
+
+    assert LabelStudioClient(Settings()).post_timeout == 30.0
+    assert LabelStudioClient(Settings.from_env({"SMARTSAM_WRITE_TIMEOUT": "10"})).post_timeout == 20.0
+    assert LabelStudioClient(Settings.from_env({"SMARTSAM_WRITE_TIMEOUT": "10", "SMARTSAM_IMAGE_TIMEOUT": "5"})).post_timeout == 10.0
+    assert LabelStudioClient(Settings.from_env({"SMARTSAM_IMAGE_TIMEOUT": "45"})).post_timeout == 45.0

@@ -132,18 +132,21 @@ def test_label_studio_failing_for_a_while_loses_no_event(label_studio, proxy, tm
 
 def test_failed_refused_and_lost_prediction_writes_end_with_one_prediction_each(label_studio, proxy, tmp_path):
     """"Retrieve predictions" of 6 tasks with everything past the budget in the background, while
-    Label Studio refuses every prediction write for 20 s (502), then loses the answer of the first
+    Label Studio refuses every prediction write for 10 s (502), then loses the answer of the first
     write that succeeds (it stores the predictions, the backend never hears so), and two image
     fetches have their connections reset: every task ends with exactly one prediction, and
     nothing is given up. (Before the fix a failed write still marked its tasks done: those tasks
     never got a prediction.)"""
     ls = label_studio
-    b = backend_behind(proxy, tmp_path, env={"SMARTSAM_PREDICT_BUDGET": "0.01"}).start()
+    # a write without an answer is looked for again after SMARTSAM_WRITE_TIMEOUT + 5 s: 10 s here,
+    # not the default 30 (the rule is the same; each failed write waits it out)
+    b = backend_behind(proxy, tmp_path, env={"SMARTSAM_PREDICT_BUDGET": "0.01", "SMARTSAM_WRITE_TIMEOUT": "10",
+                                              "SMARTSAM_IMAGE_TIMEOUT": "10"}).start()
     try:
         pid, _, tasks = ls.project("Prediction writes failing", GRABCUT_REGEX, b.url)
         assert len(tasks) == 6
         set_text_reference(b, pid)
-        proxy.add(r"/import/predictions", "502", method="POST", for_s=20)
+        proxy.add(r"/import/predictions", "502", method="POST", for_s=10)
         proxy.add(r"/import/predictions", "drop", method="POST", times=1)
         proxy.add(r"^/data/local-files/", "reset", times=2)
         retrieve_predictions(ls, pid)
@@ -184,10 +187,13 @@ def test_a_task_ends_with_one_prediction_whatever_step_a_sigkill_hits_in_a_fresh
             set_text_reference(b, pid)
             image = re.escape(tasks[-1]["data"]["image"].rsplit("/", 1)[-1])
             hold = proxy.add(pattern.replace("{image}", image), "hold", method=method, times=1)
+            t0 = time.monotonic()
             s, r = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
                           {"selectedItems": {"all": False, "included": [t["id"] for t in tasks]}})
             assert s == 200, r
-            assert b.health()["jobs"]["prelabel"]["queued"] >= 2  # what the hold waits for is the background's
+            # the hold waits for the background, not for /predict (which would stall until the 20 s
+            # SMARTSAM_IMAGE_TIMEOUT and then queue the task)
+            assert time.monotonic() - t0 < 15 and b.health()["jobs"]["prelabel"]["queued"] >= 2
             assert hold.hit.wait(120), f"the background never got to {step}"
             b.kill(9)
             proxy.remove(hold)

@@ -110,8 +110,9 @@ class LabelStudioClient:
 
     @property
     def post_timeout(self) -> float:
-        """How long a write may wait for Label Studio's answer (a prediction import of a batch)."""
-        return max(self.s.image_timeout, 30.0)
+        """How long a write may wait for Label Studio's answer (a prediction import of a batch):
+        ``SMARTSAM_WRITE_TIMEOUT``, at least ``SMARTSAM_IMAGE_TIMEOUT``."""
+        return max(self.s.image_timeout, self.s.write_timeout)
 
     @property
     def configured(self) -> bool:

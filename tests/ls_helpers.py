@@ -143,3 +143,14 @@ def wait_for(fn, timeout=90, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+
+
+def slow_image_store(ls, seconds: float):
+    """A proxy in front of Label Studio whose image fetches (local files) each take ``seconds``
+    more, as slow storage would. A backend or CLI whose LABEL_STUDIO_URL points at it holds work
+    back (a queue still half done when something is killed) without a slow model; close it after."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(ls.url)
+    proxy.add(r"^/data/local-files/", "delay", seconds=seconds)
+    return proxy

@@ -28,10 +28,9 @@ import pytest
 
 from backend_helpers import LABEL_CONFIG, Backend, rle_mask
 from cli_helpers import run_cli
-from fault_proxy import FaultProxy
 
 from ls_helpers import (ADMIN, ARTIFACTS, BASIC, PASSWORD, RANDOM_INSTANCES, SECRET, TOKEN, USER,
-                        WEBHOOK_SECRET, box_brush, keypoint, wait_for)
+                        WEBHOOK_SECRET, box_brush, keypoint, slow_image_store, wait_for)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -564,8 +563,7 @@ def test_prelabel_a_project_on_ray_with_a_worker_killed(label_studio, tmp_path):
     # the disk-test backbone answers (Ray's retry and the one-prediction rule are checked, not the
     # model's arithmetic); slow storage keeps the run going long enough to kill a worker midway:
     # every image a worker fetches from Label Studio takes a second more
-    slow = FaultProxy(ls.url)
-    slow.add(r"^/data/local-files/", "delay", seconds=1.0)
+    slow = slow_image_store(ls, 1.0)
     env = dict(os.environ, LABEL_STUDIO_URL=slow.url, LABEL_STUDIO_API_KEY=TOKEN, SMARTSAM_DATA_DIR=str(tmp_path / "data"),
                SMARTSAM_BACKBONE="disk-test", SMARTSAM_CHAIN_LENGTH="0", PYTHONPATH=str(ROOT), **RANDOM_INSTANCES,
                SMARTSAM_EMBED_CACHE_DIR=str(tmp_path / "emb"), RAY_DEDUP_LOGS="0")
@@ -620,8 +618,7 @@ def test_retrieve_predictions_for_a_whole_queue(label_studio, datasets, tmp_path
     # arithmetic); slow storage holds the work back instead of a slow model: every image the
     # backend fetches from Label Studio takes 0.4 s more, so the queue is still half done when
     # the backend is killed
-    slow = FaultProxy(ls.url)
-    slow.add(r"^/data/local-files/", "delay", seconds=0.4)
+    slow = slow_image_store(ls, 0.4)
     b = Backend(tmp_path / "data", env={"LABEL_STUDIO_URL": slow.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm",
                                         "SMARTSAM_PREDICT_BUDGET": "4", "SMARTSAM_CHAIN_LENGTH": "0", **RANDOM_INSTANCES},
                 backbone="disk-test").start()
@@ -1173,8 +1170,7 @@ def test_two_replicas_behind_nginx_share_postgresql(label_studio, datasets, pg_s
     # the disk-test backbone answers (what is shared and taken over is checked, not the model's
     # arithmetic); slow storage holds the queue's work back instead of a slow model: every image a
     # replica fetches from Label Studio takes 0.4 s more, so b still holds claims when it is killed
-    slow = FaultProxy(ls.url)
-    slow.add(r"^/data/local-files/", "delay", seconds=0.4)
+    slow = slow_image_store(ls, 0.4)
     env = {"LABEL_STUDIO_URL": slow.url, "LABEL_STUDIO_API_KEY": TOKEN, "SMARTSAM_ADMIN_TOKEN": "adm",
            "SMARTSAM_DATABASE_URL": url, "SMARTSAM_PREDICT_BUDGET": "5", "SMARTSAM_CHAIN_LENGTH": "0", **RANDOM_INSTANCES,
            "SMARTSAM_QUEUE_LEASE": "10"}  # b's claims lapse 10 s after its death, not the default 30

@@ -163,3 +163,49 @@ def test_the_compose_replicas_example_is_consistent_and_its_nginx_config_passes_
         assert p.returncode == 0 and "syntax is ok" in p.stderr, p.stderr
     finally:
         lb.close()
+
+
+def test_a_postgresql_that_stops_answering_fails_calls_in_bounded_time_then_serves_again(pg_server):
+    """The server frozen (SIGSTOP on every PostgreSQL process: its kernel still accepts and
+    acknowledges, nothing answers) while the store holds open connections: a read fails as
+    unavailable within the reply bound plus a connection attempt, instead of waiting for ever;
+    once the server runs again the next read is answered. (Before the bound the read was still
+    waiting when the server was woken, 20 s later.)"""
+    import signal
+    import threading
+    import time
+
+    from backend.store.db import BREAKER_S, Database, DatabaseUnavailable
+
+    db = Database(pg_server.new_database(), "frozen", reply_timeout=2)
+    assert db.query("SELECT 1")[0][0] == 1  # an open, pooled connection
+    master = int((pg_server.data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    pids = [master, *map(int, children)]
+    outcome = {}
+
+    def read():
+        t0 = time.monotonic()
+        try:
+            db.query("SELECT 1")
+            outcome["answer"] = time.monotonic() - t0
+        except DatabaseUnavailable as e:
+            outcome["error"], outcome["after"] = str(e), time.monotonic() - t0
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(20)
+        waiting = reader.is_alive()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    reader.join(30)
+    assert not waiting, f"the read was still waiting 20 s after the server froze ({outcome})"
+    # the pooled connection's ping: 2 s without an answer; then a new connection: 3 s (connect_timeout)
+    assert "error" in outcome and outcome["after"] < 10, outcome
+    assert "no answer" in outcome["error"] or "timeout" in outcome["error"], outcome
+    time.sleep(BREAKER_S)
+    assert db.query("SELECT 1")[0][0] == 1

@@ -24,7 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 # One engine (one pool) per URL in a process: every store of a replica shares its connections.
-_ENGINES: Dict[str, sa.Engine] = {}
+_ENGINES: Dict[tuple, sa.Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -37,6 +37,15 @@ class DatabaseUnavailable(RuntimeError):
 # server does not answer). The monitor's probe (Database.ping, every second) asks regardless, so
 # the first answer closes the breaker again.
 BREAKER_S = 2.0
+
+# How long a PostgreSQL connection waits for the server's answer to anything it sent (a statement,
+# a commit, the pool's ping). The server cancels its own statements after 30 s (statement_timeout
+# below), so a silence 5 s longer is not a slow statement but a server or network that stopped
+# answering while the connection stayed open (a frozen server, a middlebox that lost the reply):
+# the kernel still acknowledges every packet, so neither TCP keepalives nor tcp_user_timeout end
+# it, and without this bound the caller waits for ever (the webhook thread, a click, a shutdown
+# behind it). The connection is closed and the call fails as unavailable.
+REPLY_TIMEOUT_S = 35.0
 
 _CALLS = threading.local()  # database round trips (reads and write transactions) made by this thread
 
@@ -72,9 +81,28 @@ def _lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"smartsam:{name}".encode()).digest()[:8], "big", signed=True)
 
 
-def _engine(url: str) -> sa.Engine:
+def _answering_connection(reply_timeout: float):
+    """A psycopg ``Connection`` class whose every wait for the server gives up after
+    ``reply_timeout`` seconds: it closes itself (its state is unknown once a reply is missing) and
+    raises ``psycopg.OperationalError``, which SQLAlchemy treats as a lost connection."""
+    import psycopg
+    from psycopg import errors
+
+    class AnsweringConnection(psycopg.Connection):
+        def wait(self, gen, interval: float = 0.1, timeout: Optional[float] = None):
+            try:
+                return super().wait(gen, interval=interval, timeout=reply_timeout if timeout is None else timeout)
+            except errors._WaitTimeout:  # psycopg's own "no answer in time" (an OperationalError)
+                self.pgconn.finish()
+                raise psycopg.OperationalError(f"the database sent no answer within {reply_timeout:g} s; "
+                                               f"connection closed") from None
+
+    return AnsweringConnection
+
+
+def _engine(url: str, reply_timeout: float = REPLY_TIMEOUT_S) -> sa.Engine:
     with _ENGINES_LOCK:
-        e = _ENGINES.get(url)
+        e = _ENGINES.get((url, reply_timeout))
         if e is not None:
             return e
         u = engine_url(url)
@@ -109,9 +137,15 @@ def _engine(url: str) -> sa.Engine:
                                                "tcp_user_timeout": 8000,
                                                "options": "-c statement_timeout=30000 -c lock_timeout=10000 "
                                                           "-c idle_in_transaction_session_timeout=60000"})
+            connection_class = _answering_connection(reply_timeout)
+
+            @event.listens_for(e, "do_connect")
+            def _pg_connect(dialect, _record, cargs, cparams):
+                # SQLAlchemy's hook for making the DBAPI connection: ours bounds every reply
+                return connection_class.connect(*cargs, **cparams)
         else:
             raise DatabaseUnavailable(f"SMARTSAM_DATABASE_URL: {safe_url(url)} is neither sqlite:// nor postgresql://")
-        _ENGINES[url] = e
+        _ENGINES[(url, reply_timeout)] = e
         return e
 
 
@@ -146,12 +180,14 @@ class Database:
     Args:
         url: ``sqlite:////abs/path.db`` or ``postgresql://user:password@host:port/db``.
         name: the store's name (its writers' lock on PostgreSQL, its row in ``smartsam_schema``).
+        reply_timeout: PostgreSQL: seconds a connection waits for any answer of the server before
+            it is closed and the call fails (see ``REPLY_TIMEOUT_S``).
     """
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, reply_timeout: float = REPLY_TIMEOUT_S) -> None:
         self.url = url
         self.name = name
-        self.engine = _engine(url)
+        self.engine = _engine(url, float(reply_timeout))
         self.dialect = self.engine.dialect.name  # "sqlite" or "postgresql"
         self._lock_key = _lock_key(name)
 

@@ -142,3 +142,52 @@ def test_suggestions_waiting_for_a_database_that_does_not_answer_are_bounded(tmp
     m = st.db.query_one("SELECT width, height FROM suggestions ORDER BY id DESC LIMIT 1")
     assert tuple(m) == (481, 321)
     st.close()
+
+
+def test_a_flush_waits_for_what_was_served_before_it_never_for_clicks_that_keep_coming(tmp_path):
+    """An annotation's outcomes first wait for the suggestions served before it. With clicks
+    served faster than the writer stores them (its queue never empties) that wait ends once the
+    earlier ones are written; while the database does not answer at all it ends after its time
+    limit (StatsBehind), so the webhook's reference never waits on statistics. (Before: it waited
+    for an empty queue, for ever while an annotator kept clicking.)"""
+    import sqlite3
+    import threading
+    import time
+
+    from backend.store.field_stats import StatsBehind
+
+    st = FieldStats(tmp_path)
+    mask = np.zeros((321, 481), bool)
+    mask[100:200, 100:300] = True
+    blocker = sqlite3.connect(tmp_path / "stats.db", timeout=0, isolation_level=None)
+    st.record("1", 0, "L", "pure-is", "smartsam", 1, 0.1, mask)
+    st.flush()
+    blocker.execute("BEGIN IMMEDIATE")  # the database does not answer the writer
+    st.record("1", 1, "L", "pure-is", "smartsam", 1, 0.1, mask)
+    t0 = time.monotonic()
+    with pytest.raises(StatsBehind, match="1 suggestions served earlier"):
+        st.flush(timeout=1)
+    assert time.monotonic() - t0 < 5
+    blocker.execute("ROLLBACK")
+
+    earlier = 2 + 50
+    for t in range(2, earlier):
+        st.record("1", t, "L", "pure-is", "smartsam", 1, 0.1, mask)
+    stop = threading.Event()
+
+    def annotator():  # far faster than the writer: the queue stays full (the rest is dropped)
+        while not stop.is_set():
+            st.record("1", 999, "L", "pure-is", "smartsam", 1, 0.1, mask)
+
+    clicks = threading.Thread(target=annotator)
+    clicks.start()
+    try:
+        time.sleep(0.2)
+        assert st.pending > 0
+        st.flush(timeout=60)
+        assert st.pending > 0  # it returned while clicks were still waiting to be written
+    finally:
+        stop.set()
+        clicks.join()
+    assert st.db.query_one("SELECT COUNT(*) FROM suggestions WHERE task < 999")[0] == earlier
+    st.close()

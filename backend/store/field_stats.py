@@ -16,7 +16,8 @@ Stored beside the references (``stats.db`` under the data directory, or the shar
 the table holds every replica's suggestions and outcomes), bounded: the oldest suggestions beyond ``max_suggestions`` are dropped. Suggestions are
 written by a background thread (:meth:`FieldStats.record` only queues: a PNG encode and a
 durable SQLite commit stay off the annotator's request); :meth:`FieldStats.close` writes what is
-queued before the process exits, and :meth:`FieldStats.observe` first waits for what was queued.
+queued before the process exits (for at most ``CLOSE_TIMEOUT_S``), and :meth:`FieldStats.observe`
+first waits for what was served before it (for at most ``FLUSH_TIMEOUT_S``).
 
 A region is matched only to suggestions served *before its annotation was created* (Label
 Studio's ``created_at``): a pre-label made later for the same task (an import, a late "Retrieve
@@ -47,7 +48,21 @@ log = logging.getLogger("smartsam.stats")
 
 ARMS = ("smartsam", "plain", "prelabel")
 QUEUE_MAX = 512  # suggestions waiting to be written (see FieldStats.__init__)
+# How long an annotation's outcomes wait for the suggestions served before it to be written. A full
+# queue (QUEUE_MAX) is written in under 5 s (benchmarks/stats_writer.py on the 2-core dev machine:
+# 512 in 3.4 s on SQLite, beside a running test); three times that means the database is failing,
+# and the webhook's reference must not wait on statistics (StatsBehind instead).
+FLUSH_TIMEOUT_S = 15.0
+# At shutdown, what is queued is written for at most this long: gunicorn kills a worker 30 s
+# (graceful_timeout) after asking it to stop, and then nothing at all would be written.
+CLOSE_TIMEOUT_S = 20.0
+
+
 MATCH_TOLERANCE = 0.05  # IoU: suggestions this close to the best match are one object; the newest counts
+
+
+class StatsBehind(RuntimeError):
+    """The suggestions served before a call were not all written within its time limit."""
 
 
 def draw_plain(seed: int, share: float, project: str, task, label: str, click_xy: Tuple[float, float]) -> bool:
@@ -120,6 +135,10 @@ class FieldStats:
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(QUEUE_MAX)
         self._writer: Optional[threading.Thread] = None
         self._writer_lock = threading.Lock()
+        # suggestions queued and suggestions the writer is done with (written or lost): flush waits
+        # for the ones queued before it, never for an empty queue (clicks keep coming meanwhile)
+        self._queued = self._done = 0
+        self._progress = threading.Condition()
         self.lost = 0  # suggestions a write failed for (logged)
         # the composition root points this at the reference store's generation (learned thresholds)
         self.on_decisions: Callable[[str], None] = lambda project: None
@@ -142,12 +161,14 @@ class FieldStats:
             raise ValueError(f"unknown arm {arm!r}")
         self._start_writer()
         m = np.asarray(mask, bool)
-        try:
-            self._queue.put_nowait((str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks),
-                                    float(seconds), time.time(), (m.shape, np.packbits(m)), model_version,
-                                    list(regions or []), None if similarity is None else float(similarity)))
-        except queue.Full:
-            with self._writer_lock:
+        with self._progress:  # queued and counted together: a flush's target is exactly what it waits for
+            try:
+                self._queue.put_nowait((str(project), task if isinstance(task, int) else None, label, mode, arm,
+                                        int(clicks), float(seconds), time.time(), (m.shape, np.packbits(m)),
+                                        model_version, list(regions or []),
+                                        None if similarity is None else float(similarity)))
+                self._queued += 1
+            except queue.Full:
                 self.dropped += 1
 
     def record_now(self, *args, **kwargs) -> int:
@@ -165,15 +186,17 @@ class FieldStats:
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
+            if item is None:
+                return
             try:
-                if item is None:
-                    return
                 self._insert(item)
             except Exception as e:  # statistics never take the server down
                 self.lost += 1
                 log.warning("field statistics: a suggestion was not recorded (%s)", e)
             finally:
-                self._queue.task_done()
+                with self._progress:
+                    self._done += 1
+                    self._progress.notify_all()
 
     def _insert(self, item: tuple) -> None:
         project, task, label, mode, arm, clicks, seconds, created, (shape, packed), version, regions, similarity = item
@@ -194,19 +217,32 @@ class FieldStats:
             sid = int(cur.scalar_one())
             c.execute("DELETE FROM suggestions WHERE id <= ?", (sid - self.max_suggestions,))
 
-    def flush(self) -> None:
-        """Wait until every queued suggestion is written."""
-        if self._writer is not None:
-            self._queue.join()
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
+        """Wait until every suggestion queued before this call is written (or failed to be:
+        ``lost``); those queued meanwhile are not waited for. StatsBehind after ``timeout`` s."""
+        with self._progress:
+            target = self._queued
+            if not self._progress.wait_for(lambda: self._done >= target, timeout):
+                raise StatsBehind(f"field statistics: {target - self._done} suggestions served earlier are not "
+                                  f"written after {timeout:g} s (the database is slow or away)")
 
-    def close(self) -> None:
-        """Write what is queued and stop the writer (at shutdown: no row is lost)."""
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """At shutdown: write what is queued, for at most ``timeout`` s, and stop the writer;
+        what is left is counted in the log."""
         with self._writer_lock:
             w = self._writer
             self._writer = None
-        if w is not None and w.is_alive():
-            self._queue.put(None)
-            w.join()
+        if w is None or not w.is_alive():
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        w.join(max(0.0, deadline - time.monotonic()))
+        if w.is_alive():
+            log.warning("field statistics: %d suggestions not written at shutdown (the database did not take them "
+                        "within %g s)", self._queue.qsize(), timeout)
 
     @property
     def pending(self) -> int:
@@ -310,7 +346,10 @@ class FieldStats:
             self.on_decisions(p)
 
     def outcomes(self, project: Optional[str] = None) -> List[Dict]:
-        self.flush()  # what was served is counted, even when read right after it was served
+        try:
+            self.flush()  # what was served is counted, even when read right after it was served
+        except StatsBehind as e:  # the page still answers, with what is written
+            log.warning("%s", e)
         q = ("SELECT annotation, region, project, task, label, suggestion, mode, arm, iou, accepted, clicks, extra_clicks, "
              "seconds FROM outcomes")
         rows = self.db.query(q + (" WHERE project=?" if project else "") + " ORDER BY annotation, region",

@@ -173,7 +173,8 @@ class TcpProxy:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.hole = False
-        self._open: list = []
+        self._pairs: list = []  # [client, server, pipes running] of each forwarded connection
+        self._held: list = []  # connections accepted in the hole
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -187,22 +188,28 @@ class TcpProxy:
             except OSError:
                 return
             with self._lock:
-                self._open.append(client)
                 if self.hole:
-                    continue  # accepted, never answered
+                    self._held.append(client)  # accepted, never answered
+                    continue
             try:
                 server = socket.create_connection(self.upstream, timeout=5)
                 server.settimeout(None)
             except OSError:
                 client.close()
                 continue
+            pair = [client, server, 2]  # the two sockets and the pipes still running
             with self._lock:
-                self._open.append(server)
+                if self.hole:  # the hole opened while this one was connecting
+                    server.close()
+                    self._held.append(client)
+                    continue
+                self._pairs.append(pair)
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, pair), daemon=True).start()
 
-    @staticmethod
-    def _pipe(a, b) -> None:
+    def _pipe(self, a, b, pair) -> None:
+        import socket
+
         try:
             while True:
                 data = a.recv(65536)
@@ -211,34 +218,41 @@ class TcpProxy:
                 b.sendall(data)
         except OSError:
             pass
+        # shutdown wakes the other direction without freeing a descriptor it may be using; the
+        # last pipe closes both (closing under another thread's recv let the number be reused
+        # by a new connection, whose bytes the stale thread could then read)
         for s in (a, b):
             try:
-                s.close()
+                s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        with self._lock:
+            pair[2] -= 1
+            last = pair[2] == 0
+            if last and pair in self._pairs:
+                self._pairs.remove(pair)
+        if last:
+            a.close()
+            b.close()
 
     def black_hole(self) -> None:
         import socket
 
         with self._lock:
             self.hole = True
-            for s in self._open:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                    s.close()
-                except OSError:
-                    pass
-            self._open = []
+            for client, server, _ in self._pairs:  # cut: the pipes wake, see the end and close
+                for s in (client, server):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
     def restore(self) -> None:
         with self._lock:
             self.hole = False
-            for s in self._open:  # the connections the hole held: gone, as a network would reset them
-                try:
-                    s.close()
-                except OSError:
-                    pass
-            self._open = []
+            for s in self._held:  # the connections the hole held: gone, as a network would reset them
+                s.close()
+            self._held = []
 
     def close(self) -> None:
         self.restore()

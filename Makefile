@@ -27,7 +27,7 @@ run: $(VENV)/.installed-backend
 
 test: $(VENV)/.installed-dev
 	./scripts/test-deps.sh
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=25 tests
 
 # the inner loop: the tests that run in this process (the app called directly, the disk-test
 # backbone, real SQLite, real files), no servers started; make test runs everything

@@ -23,7 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
-# One engine (one pool) per URL in a process: every store of a replica shares its connections.
+# One engine (one pool) per URL and reply bound in a process: every store of a replica shares its
+# connections.
 _ENGINES: Dict[tuple, sa.Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -38,10 +39,11 @@ class DatabaseUnavailable(RuntimeError):
 # the first answer closes the breaker again.
 BREAKER_S = 2.0
 
-# How long a PostgreSQL connection waits for the server's answer to anything it sent (a statement,
-# a commit, the pool's ping). The server cancels its own statements after 30 s (statement_timeout
-# below), so a silence 5 s longer is not a slow statement but a server or network that stopped
-# answering while the connection stayed open (a frozen server, a middlebox that lost the reply):
+# How long one exchange of a PostgreSQL connection (a statement and its whole result, a commit, the
+# pool's ping) may take, as a deadline. The server cancels its own statements after 30 s
+# (statement_timeout below) and our results are a few rows, so 5 s more is not a slow statement
+# but a server or network that stopped answering while the connection stayed open (a frozen
+# server, a middlebox that lost the reply):
 # the kernel still acknowledges every packet, so neither TCP keepalives nor tcp_user_timeout end
 # it, and without this bound the caller waits for ever (the webhook thread, a click, a shutdown
 # behind it). The connection is closed and the call fails as unavailable.
@@ -82,17 +84,20 @@ def _lock_key(name: str) -> int:
 
 
 def _answering_connection(reply_timeout: float):
-    """A psycopg ``Connection`` class whose every wait for the server gives up after
-    ``reply_timeout`` seconds: it closes itself (its state is unknown once a reply is missing) and
-    raises ``psycopg.OperationalError``, which SQLAlchemy treats as a lost connection."""
+    """A psycopg ``Connection`` class whose waits for the server give up after ``reply_timeout``
+    seconds: it closes itself (its state is unknown once a reply is missing) and raises
+    ``psycopg.OperationalError``, which SQLAlchemy treats as a lost connection. A wait given its
+    own time limit keeps psycopg's behaviour (not for LISTEN: ``notifies()`` would be cut too)."""
     import psycopg
     from psycopg import errors
 
     class AnsweringConnection(psycopg.Connection):
         def wait(self, gen, interval: float = 0.1, timeout: Optional[float] = None):
+            if timeout is not None:  # psycopg's caller set its own limit and handles it
+                return super().wait(gen, interval=interval, timeout=timeout)
             try:
-                return super().wait(gen, interval=interval, timeout=reply_timeout if timeout is None else timeout)
-            except errors._WaitTimeout:  # psycopg's own "no answer in time" (an OperationalError)
+                return super().wait(gen, interval=interval, timeout=reply_timeout)
+            except errors._WaitTimeout:  # psycopg's own "no answer in time" (an OperationalError; 3.3.6+)
                 self.pgconn.finish()
                 raise psycopg.OperationalError(f"the database sent no answer within {reply_timeout:g} s; "
                                                f"connection closed") from None

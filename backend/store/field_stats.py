@@ -139,6 +139,7 @@ class FieldStats:
         # for the ones queued before it, never for an empty queue (clicks keep coming meanwhile)
         self._queued = self._done = 0
         self._progress = threading.Condition()
+        self._closed = False  # after close() nothing is queued (a late pre-label would restart the writer)
         self.lost = 0  # suggestions a write failed for (logged)
         # the composition root points this at the reference store's generation (learned thresholds)
         self.on_decisions: Callable[[str], None] = lambda project: None
@@ -159,14 +160,17 @@ class FieldStats:
         it (see :meth:`flush`, :meth:`close`)."""
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}")
-        self._start_writer()
         m = np.asarray(mask, bool)
+        item = (str(project), task if isinstance(task, int) else None, label, mode, arm, int(clicks), float(seconds),
+                time.time(), (m.shape, np.packbits(m)), model_version, list(regions or []),
+                None if similarity is None else float(similarity))
         with self._progress:  # queued and counted together: a flush's target is exactly what it waits for
+            if self._closed:
+                self.dropped += 1
+                return
+            self._start_writer()
             try:
-                self._queue.put_nowait((str(project), task if isinstance(task, int) else None, label, mode, arm,
-                                        int(clicks), float(seconds), time.time(), (m.shape, np.packbits(m)),
-                                        model_version, list(regions or []),
-                                        None if similarity is None else float(similarity)))
+                self._queue.put_nowait(item)
                 self._queued += 1
             except queue.Full:
                 self.dropped += 1
@@ -229,6 +233,8 @@ class FieldStats:
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """At shutdown: write what is queued, for at most ``timeout`` s, and stop the writer;
         what is left is counted in the log."""
+        with self._progress:
+            self._closed = True
         with self._writer_lock:
             w = self._writer
             self._writer = None
@@ -241,8 +247,10 @@ class FieldStats:
             pass
         w.join(max(0.0, deadline - time.monotonic()))
         if w.is_alive():
+            with self._progress:
+                left = self._queued - self._done
             log.warning("field statistics: %d suggestions not written at shutdown (the database did not take them "
-                        "within %g s)", self._queue.qsize(), timeout)
+                        "within %g s)", left, timeout)
 
     @property
     def pending(self) -> int:

@@ -123,6 +123,7 @@ def main() -> None:
     bb.decode_chunk = default_chunk
     print("\n## One decoder call of 30 chained prompts, by prompts per forward pass\n")
     print(table(["prompts per pass", "seconds"], rows))
+    roofline(bb, image, click, chained, args)
 
     if not args.skip_levers:
         levers(bb, image, click, args)
@@ -153,6 +154,72 @@ def main() -> None:
         r = agent.predict((im.shape[1] * 0.5, im.shape[0] * 0.55))
         rows.append(["image longest side", side, r.timings["total"], f"{r.calls['decoder']} (+ encoder {enc:.2f} s)"])
     print(table(["knob", "value", "agent s per click", "decoder calls"], rows))
+
+
+def peak_gflops(device) -> tuple:
+    """The machine's dense peak in GFLOP/s (fp32, bf16) and how it was estimated: on CUDA from the
+    GPU's name (datasheet dense rates), on a CPU from /proc/cpuinfo (threads torch uses x clock x
+    FLOP per cycle of the widest FMA units the flags name; two FMA ports assumed)."""
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(0)
+        for key, fp32, bf16 in (("H200", 67_000, 989_000), ("H100 PCIe", 51_000, 756_000), ("H100", 67_000, 989_000),
+                                ("A100", 19_500, 312_000), ("L4", 30_300, 121_000)):
+            if key in name:
+                return fp32, bf16, f"{name}: datasheet dense fp32 {fp32 / 1000:g} / bf16 {bf16 / 1000:g} TFLOP/s"
+        return None, None, f"{name}: no datasheet rate known here"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, None, "no /proc/cpuinfo"
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    try:  # the rated maximum; /proc/cpuinfo's "cpu MHz" is the clock of the moment
+        mhz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000
+    except (OSError, ValueError):
+        mhz = max((float(ln.split(":", 1)[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")), default=0.0)
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # fp32 lanes of one FMA
+    fp32_cycle = 2 * 2 * lanes  # two ports, multiply + add
+    bf16_cycle = 2 * fp32_cycle if ("avx512_bf16" in flags or "amx_bf16" in flags) else fp32_cycle
+    n, ghz = torch.get_num_threads(), mhz / 1000
+    how = (f"{n} threads x {ghz:.2f} GHz x {fp32_cycle} fp32 / {bf16_cycle} bf16 FLOP per cycle "
+           f"({'avx512f' if lanes == 16 else 'avx2' if lanes == 8 else 'sse'}"
+           f"{', avx512_bf16' if bf16_cycle > fp32_cycle else ''}; an upper estimate: two FMA ports and one core per "
+           f"thread assumed, AMX not counted)")
+    return n * ghz * fp32_cycle, n * ghz * bf16_cycle, how
+
+
+def roofline(bb, image, click, chained, args) -> None:
+    """Counted work (torch.utils.flop_counter over the real calls) against the time it took: per
+    decoder row (the 30 chained prompts above, one call) and per cached agent click."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(fn) -> float:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops() / 1e9
+
+    agent = SmartSAMAgent(bb)
+    agent.set_image(image)
+    agent.predict(click)
+    moved = iter(range(1, 10**6))
+
+    def later():  # a new point every time: the agent's answer cache never answers it
+        k = next(moved)
+        return agent.predict((click[0] + 1.0 + 0.01 * k, click[1]))
+
+    work = {"decoder row (30 chained prompts with mask input, one call)": (counted(lambda: bb.predict(chained, multimask=False)) / 30,
+                                                                        lambda: bb.predict(chained, multimask=False), 30),
+            "cached agent click": (counted(later), later, 1)}
+    fp32, bf16, how = peak_gflops(args.device)
+    cpu = str(args.device).startswith("cpu")
+    dtype = "bf16" if (bb.cpu_bf16 if cpu else True) else "fp32"
+    peak = bf16 if dtype == "bf16" else fp32
+    rows = []
+    for label, (gflop, fn, n) in work.items():
+        t = median_time(fn, args.repeats, args.device) / n
+        rate = gflop / t
+        rows.append([label, f"{gflop:.2f}", t, f"{rate:.0f}", f"{100 * rate / peak:.1f}%" if peak else "n/a"])
+    print(f"\n## Work done against the machine's peak ({dtype} compute; peak: {how})\n")
+    print(table(["unit", "GFLOP (counted)", "seconds (median)", "GFLOP/s", "share of peak"], rows))
 
 
 def levers(bb, image, click, args) -> None:

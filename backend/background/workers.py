@@ -157,6 +157,8 @@ class Workers:
         """Read the queue's counts now (the composition root's monitor, every second), so that
         :meth:`state` never asks the database."""
         spooled = self.durable.spooled()  # a local file: answers while the shared database is away
+        with self._lock:  # shown at once: the counts below may take up to the database's reply bound
+            self._view = dict(self._view, spooled=spooled)
         try:
             view = {"at": time.monotonic(), "counts": self.durable.counts(), "spooled": spooled, "error": None}
         except Exception as e:

@@ -160,6 +160,8 @@ def peak_gflops(device) -> tuple:
     """The machine's dense peak in GFLOP/s (fp32, bf16) and how it was estimated: on CUDA from the
     GPU's name (datasheet dense rates), on a CPU from /proc/cpuinfo (threads torch uses x clock x
     FLOP per cycle of the widest FMA units the flags name; two FMA ports assumed)."""
+    from smartsam.backbones.base import cpu_has_fast_bf16
+
     if str(device).startswith("cuda"):
         name = torch.cuda.get_device_name(0)
         for key, fp32, bf16 in (("H200", 67_000, 989_000), ("H100 PCIe", 51_000, 756_000), ("H100", 67_000, 989_000),
@@ -178,7 +180,7 @@ def peak_gflops(device) -> tuple:
         mhz = max((float(ln.split(":", 1)[1]) for ln in info.splitlines() if ln.startswith("cpu MHz")), default=0.0)
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # fp32 lanes of one FMA
     fp32_cycle = 2 * 2 * lanes  # two ports, multiply + add
-    bf16_cycle = 2 * fp32_cycle if ("avx512_bf16" in flags or "amx_bf16" in flags) else fp32_cycle
+    bf16_cycle = 2 * fp32_cycle if cpu_has_fast_bf16() else fp32_cycle
     n, ghz = torch.get_num_threads(), mhz / 1000
     how = (f"{n} threads x {ghz:.2f} GHz x {fp32_cycle} fp32 / {bf16_cycle} bf16 FLOP per cycle "
            f"({'avx512f' if lanes == 16 else 'avx2' if lanes == 8 else 'sse'}"

@@ -3,7 +3,7 @@
     python benchmarks/stats_writer.py [--database-url postgresql://...] [-n 500]
 
 Queues ``n`` suggestions as a click does (a 481 x 321 disk mask and the brush region it is
-served as) and waits until the background writer has stored them: one transaction per
+served as in the shipped label_config.xml) and waits until the background writer has stored them: one transaction per
 suggestion, its PNG, its region fingerprint. SQLite under a temporary directory unless a
 database URL is given. Prints a markdown table.
 """
@@ -18,16 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
 
 from backend.labelstudio.label_config import LabelConfig  # noqa: E402
 from backend.labelstudio.regions import PolygonOptions, answer_results  # noqa: E402
 from backend.store.db import safe_url  # noqa: E402
 from backend.store.field_stats import QUEUE_MAX, FieldStats  # noqa: E402
 
-CONFIG = """<View><Image name="image" value="$image"/>
-<BrushLabels name="tag" toName="image"><Label value="Object"/></BrushLabels>
-<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Object"/></KeyPointLabels></View>"""
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
@@ -37,7 +35,8 @@ def main() -> int:
     args = ap.parse_args()
     yy, xx = np.ogrid[:321, :481]
     mask = (yy - 160) ** 2 + (xx - 240) ** 2 < 80**2
-    regions = answer_results(mask, LabelConfig.parse(CONFIG), "Object", 0.9, None, 40_000_000, PolygonOptions(8, 10), 0)[0]
+    cfg = LabelConfig.parse((ROOT / "label_config.xml").read_text())
+    regions = answer_results(mask, cfg, "Object", 0.9, None, 40_000_000, PolygonOptions(8, 10), 0)[0]
     with tempfile.TemporaryDirectory() as d:
         st = FieldStats(Path(d), database_url=args.database_url)
         t0 = time.perf_counter()

@@ -143,8 +143,6 @@ def wait_for(fn, timeout=90, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-
-
 def slow_image_store(ls, seconds: float):
     """A proxy in front of Label Studio whose image fetches (local files) each take ``seconds``
     more, as slow storage would. A backend or CLI whose LABEL_STUDIO_URL points at it holds work

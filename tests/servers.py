@@ -208,8 +208,6 @@ class TcpProxy:
                 threading.Thread(target=self._pipe, args=(a, b, pair), daemon=True).start()
 
     def _pipe(self, a, b, pair) -> None:
-        import socket
-
         try:
             while True:
                 data = a.recv(65536)
@@ -221,11 +219,7 @@ class TcpProxy:
         # shutdown wakes the other direction without freeing a descriptor it may be using; the
         # last pipe closes both (closing under another thread's recv let the number be reused
         # by a new connection, whose bytes the stale thread could then read)
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._shut(a, b)
         with self._lock:
             pair[2] -= 1
             last = pair[2] == 0
@@ -235,17 +229,21 @@ class TcpProxy:
             a.close()
             b.close()
 
-    def black_hole(self) -> None:
+    @staticmethod
+    def _shut(*socks) -> None:
         import socket
 
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def black_hole(self) -> None:
         with self._lock:
             self.hole = True
             for client, server, _ in self._pairs:  # cut: the pipes wake, see the end and close
-                for s in (client, server):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                self._shut(client, server)
 
     def restore(self) -> None:
         with self._lock:

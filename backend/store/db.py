@@ -43,10 +43,10 @@ BREAKER_S = 2.0
 # pool's ping) may take, as a deadline. The server cancels its own statements after 30 s
 # (statement_timeout below) and our results are a few rows, so 5 s more is not a slow statement
 # but a server or network that stopped answering while the connection stayed open (a frozen
-# server, a middlebox that lost the reply):
-# the kernel still acknowledges every packet, so neither TCP keepalives nor tcp_user_timeout end
-# it, and without this bound the caller waits for ever (the webhook thread, a click, a shutdown
-# behind it). The connection is closed and the call fails as unavailable.
+# server, a middlebox that lost the reply): the kernel still acknowledges every packet, so neither
+# TCP keepalives nor tcp_user_timeout end it, and without this bound the caller waits for ever (the
+# webhook thread, a click, a shutdown behind it). The connection is closed and the call fails as
+# unavailable.
 REPLY_TIMEOUT_S = 35.0
 
 _CALLS = threading.local()  # database round trips (reads and write transactions) made by this thread

@@ -134,9 +134,9 @@ class FieldStats:
         # limit); beyond QUEUE_MAX the newest are dropped and counted
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(QUEUE_MAX)
         self._writer: Optional[threading.Thread] = None
-        self._writer_lock = threading.Lock()
         # suggestions queued and suggestions the writer is done with (written or lost): flush waits
-        # for the ones queued before it, never for an empty queue (clicks keep coming meanwhile)
+        # for the ones queued before it, never for an empty queue (clicks keep coming meanwhile).
+        # The one lock of the writer's state: the counters, the writer thread, closed.
         self._queued = self._done = 0
         self._progress = threading.Condition()
         self._closed = False  # after close() nothing is queued (a late pre-label would restart the writer)
@@ -182,10 +182,10 @@ class FieldStats:
         return int(self.db.query_one("SELECT MAX(id) FROM suggestions")[0])
 
     def _start_writer(self) -> None:
-        with self._writer_lock:
-            if self._writer is None or not self._writer.is_alive():
-                self._writer = threading.Thread(target=self._write_loop, name="smartsam-stats", daemon=True)
-                self._writer.start()
+        """(under ``_progress``)"""
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_loop, name="smartsam-stats", daemon=True)
+            self._writer.start()
 
     def _write_loop(self) -> None:
         while True:
@@ -235,9 +235,7 @@ class FieldStats:
         what is left is counted in the log."""
         with self._progress:
             self._closed = True
-        with self._writer_lock:
-            w = self._writer
-            self._writer = None
+            w, self._writer = self._writer, None
         if w is None or not w.is_alive():
             return
         deadline = time.monotonic() + timeout

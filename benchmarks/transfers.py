@@ -1,17 +1,10 @@
-"""Host transfers of one agent click: the baseline for a step that stays on the device (issue 38).
+"""Host transfers of one agent click, on each chain-click path (issue 38's step on the device).
 
     python benchmarks/transfers.py [--backbone NAME] [--device cpu|cuda] [--image PATH] [--chain-length N]
 
 One cached click (its image encoded before counting) on each chain-click path ("host": OpenCV
-places the chain clicks; "device": they are placed with tensor operations, the chains' logits
-kept on the device). Counted while the click runs:
-
-- scalar reads: ``aten._local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``): on CUDA each
-  waits for the device;
-- copies to the CPU: ``aten._to_copy`` / ``aten.copy_`` from another device onto the CPU (none
-  on a CPU);
-- ``.cpu()``, ``.numpy()``, ``.tolist()`` calls, counted in Python: free on a CPU, each one a
-  transfer (and a wait) on CUDA.
+places the chain clicks; "device": the step stays on the device, one copy back per step and
+one per answer). What is counted: :mod:`smartsam.host_transfers`.
 
 Prints a markdown table. Random weights are fine: what moves is the same whatever the weights.
 Nothing is timed here; the numbers are counts.
@@ -20,13 +13,8 @@ Nothing is timed here; the numbers are counts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections import Counter
 from pathlib import Path
-
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,59 +22,19 @@ from _common import machine, table  # noqa: E402
 
 from smartsam.agent import SmartSAMAgent  # noqa: E402
 from smartsam.clickers import NextChainClicker  # noqa: E402
+from smartsam.host_transfers import KINDS, host_transfers  # noqa: E402
 from smartsam.io import load_image  # noqa: E402
 from smartsam.models import load_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = ROOT.parent / "shared" / "datasets" / "GrabCut" / "img" / "106024.jpg"
-aten = torch.ops.aten
 
 
-class HostTransfers(TorchDispatchMode):
-    """Counts the aten calls that bring a tensor's values to the host."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default:
-            self.counts["scalar reads"] += 1
-        elif func is aten._to_copy.default and kwargs.get("device") is not None:
-            if torch.device(kwargs["device"]).type == "cpu" and args[0].device.type != "cpu":
-                self.counts["copies to the CPU"] += 1
-        elif func is aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
-            self.counts["copies to the CPU"] += 1
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def python_reads(counts: Counter):
-    """Count ``Tensor.cpu``, ``Tensor.numpy`` and ``Tensor.tolist`` calls meanwhile."""
-    saved = {name: getattr(torch.Tensor, name) for name in ("cpu", "numpy", "tolist")}
-
-    def counting(name, fn):
-        def wrapper(self, *a, **k):
-            counts[f".{name}()"] += 1
-            return fn(self, *a, **k)
-        return wrapper
-
-    try:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, counting(name, fn))
-        yield counts
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
-def count_click(agent: SmartSAMAgent, image, click) -> Counter:
+def count_click(agent: SmartSAMAgent, image, click) -> dict:
     agent.set_image(image)  # encoded outside the count: a cached click
-    mode = HostTransfers()
-    with python_reads(mode.counts), mode:
+    with host_transfers() as counts:
         agent.predict(click)
-    return mode.counts
+    return counts
 
 
 def main() -> None:
@@ -100,7 +48,7 @@ def main() -> None:
     image = load_image(args.image)
     h, w = image.shape[:2]
     click = (w / 2, h / 2)
-    keys = ["scalar reads", "copies to the CPU", ".cpu()", ".numpy()", ".tolist()"]
+    keys = list(KINDS)
     rows = []
     for where in ("host", "device"):
         agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=args.chain_length), chain_clicks=where)

@@ -29,8 +29,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import device_masks
 from .backbones.base import Backbone, Embedding, Prompt
-from .clickers import NextChainClicker
+from .chain_clicks import place_clicks
+from .clickers import ADD, CUT, ChainClick, NextChainClicker
 from .features import FeatureSet
 from .masks import LowResFrame, batch_iou
 from .results import AgentResult, Candidate
@@ -108,7 +110,7 @@ class JobPolicy:
         dedupe_iou: fast path (chains whose masks overlap a better-scored one by this IoU are
             refined once); None: the paper's literal path.
         require_click: in reference mode only candidates that contain the click may win.
-        chain_clicks: "host" or "device": where a step's chain clicks are placed.
+        chain_clicks: "host" or "device": where a step runs (see :class:`BatchEngine`).
         answers: where the agent keeps its recent answers.
     """
 
@@ -163,7 +165,7 @@ class Job:
 
 @dataclass(eq=False)
 class _Live:
-    """A job's state between steps (host arrays, or device tensors where chains run there)."""
+    """A job's state between steps (host arrays, or device tensors where the step runs there)."""
 
     job: Job
     stage: int = -1  # -1: not admitted; 0: explore; k >= 1: chain step k
@@ -181,6 +183,13 @@ class _Live:
     rows: List[Prompt] = field(default_factory=list)
     owners: List[int] = field(default_factory=list)
     new_clicks: list = field(default_factory=list)
+    # the step on the device: every chain's sign draws (chains, chain_length) float64, the band as a
+    # 0-d tensor, the clicks placed for the next step (chain -> click or None), and per stage which
+    # candidates contain the click
+    draws: Optional[torch.Tensor] = None
+    band_t: Optional[torch.Tensor] = None
+    placed: Dict[int, Optional[ChainClick]] = field(default_factory=dict)
+    inside: List[np.ndarray] = field(default_factory=list)
     out: Optional[tuple] = None  # this stage's (logits, scores), from the decoder to _advance
     error: Optional[BaseException] = None  # why the job could not start
     partial: bool = False
@@ -190,7 +199,10 @@ class _Live:
 
     @property
     def on_device(self) -> bool:
-        return self.job.policy.chain_clicks == "device"
+        """The step stays on the device (chain clicks at the NCC point; "random" placement draws
+        pixels from the chain's stream and runs on the host)."""
+        policy = self.job.policy
+        return policy.chain_clicks == "device" and policy.clicker.placement == "ncc"
 
 
 @dataclass
@@ -211,6 +223,14 @@ class StepReport:
 
 class BatchEngine:
     """Advances many :class:`Job` objects one stage at a time on one backbone.
+
+    A job whose policy has ``chain_clicks="device"`` keeps its step on the backbone's device:
+    the logits never leave it; the band, the Cut/Add signs (each chain's draws taken from its
+    stream up front), the next clicks (:mod:`smartsam.chain_clicks`), the de-duplication's IoU
+    and which masks contain the click are tensor work (:mod:`smartsam.device_masks`), and each
+    stage brings back one small tensor (scores, flags, IoU, the next clicks: what the host needs
+    to build the next rows), the answer one more (the chosen mask). The same candidates, scores
+    and mask as the host path (``tests/test_chain_clicks.py``).
 
     Args:
         backbone: the :class:`~smartsam.backbones.base.Backbone` every job's agent uses.
@@ -362,9 +382,11 @@ class BatchEngine:
         if lv.job.deadline is not None and time.monotonic() >= lv.job.deadline:
             lv.partial = True
             return False
-        placed = agent.clicker.next_clicks([lv.state[c][0] for c in lv.chains], [lv.state[c][1] for c in lv.chains],
-                                           lv.band, lv.frame, [lv.rngs[c] for c in lv.chains],
-                                           device=self.backbone.device if lv.on_device else None)
+        if lv.on_device:  # placed with the last stage's outputs
+            placed = [lv.placed[c] for c in lv.chains]
+        else:
+            placed = agent.clicker.next_clicks([lv.state[c][0] for c in lv.chains], [lv.state[c][1] for c in lv.chains],
+                                               lv.band, lv.frame, [lv.rngs[c] for c in lv.chains])
         lv.rows, lv.owners, lv.new_clicks = [], [], []
         for c, click in zip(lv.chains, placed):
             lg, _, clicks = lv.state[c]
@@ -395,15 +417,14 @@ class BatchEngine:
             n = len(lv.rows)
             lv.calls["decoder"] += len({p.kind for p in lv.rows})
             lg, sc = logits[start:start + n], scores[start:start + n]
-            if lv.on_device:  # the logits stay for the next step; scores come back (the signs need them)
-                lv.out = (lg, sc.cpu().numpy())
-            else:
-                lv.out = (lg.cpu().numpy(), sc.cpu().numpy())
+            lv.out = (lg, sc) if lv.on_device else (lg.cpu().numpy(), sc.cpu().numpy())
             start += n
         return bb.decoder_calls - calls
 
     def _advance(self, lv: _Live) -> None:
         """Take this stage's decoder output into the job's state."""
+        if lv.on_device:
+            return self._advance_on_device(lv)
         agent, g = lv.job.policy, self.backbone.grid
         logits, scores = lv.out
         lv.out = None
@@ -412,17 +433,13 @@ class BatchEngine:
             lv.cands = [Candidate(i, lv.initial[i].kind, j, 0, (), float(scores[i, j]))
                         for i in range(n_prompts) for j in range(n_masks)]
             flat = logits.reshape(-1, g, g)
-            host = flat.cpu().numpy() if lv.on_device else flat
-            lv.logits, lv.scores = [host], [scores.reshape(-1)]
-            now = time.perf_counter()
-            lv.timings["initial"] = now - lv.timings.pop("t_initial")
-            lv.timings["t_chains"] = now
-            lv.band = agent.clicker.band(host, lv.frame)
+            lv.logits, lv.scores = [flat], [scores.reshape(-1)]
+            self._chains_start(lv)
+            lv.band = agent.clicker.band(flat, lv.frame)
             lv.chains = list(range(len(lv.cands)))
             if agent.dedupe_iou is not None and len(lv.chains) > 1:
-                lv.chains = distinct(host, lv.scores[0], lv.frame, agent.dedupe_iou)
-            first = flat if lv.on_device else host
-            lv.state = {c: (first[c], float(lv.scores[0][c]), ()) for c in lv.chains}
+                lv.chains = distinct(flat, lv.scores[0], lv.frame, agent.dedupe_iou)
+            lv.state = {c: (flat[c], float(lv.scores[0][c]), ()) for c in lv.chains}
             # Each chain draws from its own stream (seed, click, chain): a chain's clicks do not
             # depend on which other chains run, so the fast path explores a subset of the literal
             # path's candidates, the same ones, instead of a reshuffled set.
@@ -432,15 +449,81 @@ class BatchEngine:
             lv.logits.append(logits)
             lv.scores.append(scores)
             lv.chains = list(lv.owners)
-            for k, c in enumerate(lv.owners):
-                lv.state[c] = (logits[k], float(scores[k]), lv.new_clicks[k])
-                root = lv.cands[c]
-                lv.cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, lv.stage,
-                                          lv.new_clicks[k], float(scores[k])))
+            self._chains_grow(lv, logits, scores)
             if agent.dedupe_iou is not None and len(lv.chains) > 1:
                 # Chains that converged onto the same mask would keep repeating each other.
-                keep = distinct(logits.cpu().numpy() if lv.on_device else logits, scores, lv.frame, agent.dedupe_iou)
+                keep = distinct(logits, scores, lv.frame, agent.dedupe_iou)
                 lv.chains = [lv.chains[k] for k in keep]
+        lv.stage += 1
+
+    @staticmethod
+    def _chains_start(lv: _Live) -> None:
+        now = time.perf_counter()
+        lv.timings["initial"] = now - lv.timings.pop("t_initial")
+        lv.timings["t_chains"] = now
+
+    @staticmethod
+    def _chains_grow(lv: _Live, logits, scores: np.ndarray) -> None:
+        """A chain step's candidates and chain states (``logits`` host arrays or device tensors)."""
+        lv.chains = list(lv.owners)
+        for k, c in enumerate(lv.owners):
+            lv.state[c] = (logits[k], float(scores[k]), lv.new_clicks[k])
+            root = lv.cands[c]
+            lv.cands.append(Candidate(root.prompt_index, root.prompt_kind, root.mask_index, lv.stage,
+                                      lv.new_clicks[k], float(scores[k])))
+
+    def _advance_on_device(self, lv: _Live) -> None:
+        """:meth:`_advance` with the step's work on the device and one copy back: this stage's
+        scores, which masks contain the click, their IoU (fast path) and the next step's clicks."""
+        agent, g = lv.job.policy, self.backbone.grid
+        clicker = agent.clicker
+        logits, scores = lv.out
+        lv.out = None
+        if lv.stage == 0:
+            flat, sc = logits.reshape(-1, g, g), scores.reshape(-1)
+            owners = list(range(flat.shape[0]))  # chain c starts from initial mask c
+            lv.band_t = device_masks.uncertainty_band(lv.frame.crop(flat), clicker.band_fraction, clicker.band_percentile)
+            # each chain's sign draws, all at once: the same stream and order as the host path's one per step
+            draws = [np.random.default_rng(lv.seed_key + [c + 1]).random(clicker.chain_length) for c in owners]
+            lv.draws = torch.as_tensor(np.stack(draws).reshape(len(owners), -1), device=flat.device)
+        else:
+            flat, sc = logits[:, 0], scores[:, 0]
+            owners = list(lv.owners)
+        n = len(owners)
+        dedupe = agent.dedupe_iou is not None and n > 1
+        more = lv.stage < clicker.chain_length
+        parts = [sc.double(), device_masks.contains_click(flat, lv.frame, lv.job.click).double()]
+        if dedupe:
+            parts.append(device_masks.batch_iou(lv.frame.crop(flat) > 0).double().reshape(-1))
+        if more:  # every chain's next click (those the de-duplication drops are not used)
+            cut = lv.draws[owners, lv.stage] < sc.clamp(0.0, 1.0).double()  # Cut with probability = score
+            xy, ok = place_clicks(flat, cut, lv.band_t, lv.frame.valid_hw)
+            parts += [cut.double(), xy.double().reshape(-1), ok.double()]
+        host = torch.cat(parts).cpu().numpy()  # the stage's one copy back (float64 holds each exactly)
+        sc_h, inside = host[:n].astype(np.float32), host[n:2 * n] > 0
+        at = 2 * n
+        if dedupe:
+            iou, at = host[at:at + n * n].astype(np.float32).reshape(n, n), at + n * n
+        if lv.stage == 0:
+            n_masks = scores.shape[1]
+            lv.cands = [Candidate(k // n_masks, lv.initial[k // n_masks].kind, k % n_masks, 0, (), float(sc_h[k]))
+                        for k in range(n)]
+            lv.logits, lv.scores, lv.inside = [flat], [sc_h], [inside]
+            self._chains_start(lv)
+            lv.chains = distinct_by_iou(iou, sc_h, agent.dedupe_iou) if dedupe else owners
+            lv.state = {c: (flat[c], float(sc_h[c]), ()) for c in lv.chains}
+        else:
+            lv.logits.append(flat)
+            lv.scores.append(sc_h)
+            lv.inside.append(inside)
+            self._chains_grow(lv, flat, sc_h)
+            if dedupe:
+                lv.chains = [lv.chains[k] for k in distinct_by_iou(iou, sc_h, agent.dedupe_iou)]
+        if more:
+            cut, ok = host[at:at + n] > 0, host[at + 3 * n:at + 4 * n] > 0
+            pts = lv.frame.to_image(host[at + n:at + 3 * n].reshape(n, 2))
+            lv.placed = {c: ChainClick((float(pts[k, 0]), float(pts[k, 1])), CUT if cut[k] else ADD) if ok[k] else None
+                         for k, c in enumerate(owners)}
         lv.stage += 1
 
     def _finish_into(self, report: StepReport, lv: _Live) -> None:
@@ -455,16 +538,32 @@ class BatchEngine:
         """Select among the candidates, upsample only the chosen mask."""
         job, bb = lv.job, self.backbone
         lv.timings["chains"] = time.perf_counter() - lv.timings.pop("t_chains", time.perf_counter())
-        if lv.on_device:  # the chains' logits come to the host once, for the choice
-            lv.logits = [lv.logits[0]] + [t.cpu().numpy() for t in lv.logits[1:]]
-        logits, scores = np.concatenate(lv.logits), np.concatenate(lv.scores)
+        scores = np.concatenate(lv.scores)
         t = time.perf_counter()
-        sel, lv.calls["features"] = select(job, logits, scores, lv.frame, lv.emb.key)
+        if lv.on_device:
+            logits_t = torch.cat(lv.logits)
+            # the candidates come to the host only where the choice needs their masks (reference
+            # features) or the caller asked for them
+            logits = logits_t.cpu().numpy() if job.reference is not None or job.return_candidates else None
+            if job.reference is None:
+                sel, lv.calls["features"] = Selection(select_by_score(scores, np.concatenate(lv.inside)), "pure-is"), 0
+            else:
+                sel, lv.calls["features"] = select(job, logits, scores, lv.frame, lv.emb.key)
+        else:
+            logits = np.concatenate(lv.logits)
+            sel, lv.calls["features"] = select(job, logits, scores, lv.frame, lv.emb.key)
         lv.timings["select"] = time.perf_counter() - t
         t = time.perf_counter()
-        chosen = logits[sel.index]
-        with bb.using(lv.emb):
-            mask = bb.upsample(chosen[None])[0] > 0
+        if lv.on_device:  # the chosen logits and their upsampled mask: the answer's one copy back
+            g = bb.grid
+            with bb.using(lv.emb):
+                up = bb.upsample_tensor(logits_t[sel.index][None])[0]
+            both = torch.cat([logits_t[sel.index].reshape(-1), up.reshape(-1)]).cpu().numpy()
+            chosen, mask = both[:g * g].reshape(g, g), both[g * g:].reshape(up.shape) > 0
+        else:
+            chosen = logits[sel.index]
+            with bb.using(lv.emb):
+                mask = bb.upsample(chosen[None])[0] > 0
         lv.timings["upsample"] = time.perf_counter() - t
         result = AgentResult(mask=mask, score=float(scores[sel.index]), similarity=sel.similarity, mode=sel.mode,
                              candidate=lv.cands[sel.index], low_res_logits=chosen.copy(), timings=dict(lv.timings),
@@ -484,8 +583,12 @@ def distinct(logits: np.ndarray, scores: np.ndarray, frame: LowResFrame, dedupe_
     """Indices of masks worth a chain: best-scored first, those overlapping a kept one by at least
     ``dedupe_iou`` (IoU on the low-res grid) dropped; returned in index order."""
     masks = frame.crop(logits) > 0
+    return distinct_by_iou(batch_iou(masks, masks), scores, dedupe_iou)
+
+
+def distinct_by_iou(iou: np.ndarray, scores: np.ndarray, dedupe_iou: float) -> List[int]:
+    """:func:`distinct` from the masks' ``(N, N)`` float32 IoU."""
     order = np.argsort(-scores, kind="stable")
-    iou = batch_iou(masks, masks)
     kept: List[int] = []
     for i in order:
         if all(iou[i, k] < dedupe_iou for k in kept):

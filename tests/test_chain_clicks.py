@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from smartsam import chain_clicks as cc
-from smartsam.agent import SmartSAMAgent
+from smartsam import device_masks
+from smartsam.agent import FAST_PATH_IOU, SmartSAMAgent
 from smartsam.clickers import ADD, CUT, NextChainClicker
-from smartsam.masks import LowResFrame, largest_component, region_center
+from smartsam.host_transfers import host_transfers
+from smartsam.masks import LowResFrame, batch_iou, largest_component, region_center, uncertainty_band
+from smartsam.selector import contains_click
 from smartsam.models import load_backbone
 
 # the device code runs where the logits are: the CPU always, CUDA where there is one
@@ -94,23 +97,64 @@ def test_next_clicks_draws_the_same_signs_and_places_the_same_clicks():
 
 @pytest.mark.slow  # model work over many rows: make test, not the inner loop
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dedupe", [None, "auto"])  # the literal path; on a CPU "auto" is the fast one
-def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, dedupe):
-    """SAM 2.1's real architecture (random weights), chains of 3: with the chains' logits kept on
-    the device and their clicks placed there, the candidates, scores, chosen mask and decoder
-    calls (2 prompt kinds x 4 steps) are the host path's."""
+# the literal path choosing by score; the fast path choosing by similarity to a mask reference
+@pytest.mark.parametrize("dedupe", [None, FAST_PATH_IOU])
+def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, dedupe, dino):
+    """SAM 2.1's real architecture (random weights), chains of 3: with the step on the device
+    (logits kept there, clicks, band, de-duplication and click test as tensor work), the
+    candidates, scores, choice, mask and decoder calls (2 prompt kinds x 4 steps) are the host
+    path's; the device path reads back one tensor per stage, one with the candidates (asked for;
+    a reference's features need them anyway) and one for the answer."""
     bb = load_backbone("sam2.1_hiera_tiny-random", device=device)
-    out, calls = {}, {}
+    out, calls, moved = {}, {}, {}
     for where in ("host", "device"):
-        agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=3), chain_clicks=where, dedupe_iou=dedupe)
+        agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=3), chain_clicks=where, dedupe_iou=dedupe,
+                              image_features=dino if dedupe is not None else None)
+        reference = None
+        if dedupe is not None:
+            ref_mask = np.zeros(grabcut_image.shape[:2], bool)
+            ref_mask[100:250, 150:350] = True
+            reference = agent.reference_from_mask(grabcut_image, ref_mask)
         agent.set_image(grabcut_image)
         before = bb.decoder_calls
-        out[where] = agent.predict((240, 160), return_candidates=True)
+        with host_transfers() as moved[where]:
+            out[where] = agent.predict((240, 160), reference=reference, return_candidates=True)
         calls[where] = bb.decoder_calls - before
     h, d = out["host"], out["device"]
     assert len(h.candidates) > 30 and [c.clicks for c in h.candidates] == [c.clicks for c in d.candidates]
     assert [c.score for c in h.candidates] == [c.score for c in d.candidates]
     assert max(c.chain_step for c in h.candidates) == 3
-    assert (h.mask == d.mask).all() and bb.encoder_calls == 1 and calls["host"] == calls["device"] == 8
+    if dedupe is not None:  # the fast path dropped chains (else this would test the literal path twice)
+        assert len(h.candidates) < 30 * 4
+    assert h.mode == d.mode == ("pure-is" if dedupe is None else "reference-mask") and h.similarity == d.similarity
+    assert h.candidate == d.candidate and (h.mask == d.mask).all() and (h.low_res_logits == d.low_res_logits).all()
+    assert np.array_equal(h.candidate_logits, d.candidate_logits)
+    assert bb.encoder_calls == 1 and calls["host"] == calls["device"] == 8
+    assert moved["device"][".cpu()"] == 4 + 1 + 1 and moved["device"][".tolist()"] == 0
+    assert moved["device"]["copies to the CPU"] == (6 if bb.device.type == "cuda" else 0)
     with pytest.raises(ValueError, match="chain_clicks"):
         SmartSAMAgent(bb, chain_clicks="gpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(3))
+def test_the_device_twins_of_the_mask_maths_give_numpy_s_numbers(seed, device):
+    """The band (NumPy's float32 percentile, step for step), the IoU between masks and the click
+    test on the device equal :mod:`smartsam.masks`' NumPy functions exactly, at sizes from a few
+    pixels to an image's 30 initial masks, with ties."""
+    rng = np.random.default_rng(seed)
+    frame = LowResFrame(image_hw=(300, 500), valid_hw=(154, 256), scale_xy=(500 / 256, 300 / 256))
+    for size in [(1, 1, 3), (2, 7, 5), (3, 40, 61), (30, 154, 256)]:
+        x = (rng.standard_normal(size) * rng.uniform(0.5, 20)).astype(np.float32)
+        if rng.random() < 0.5:
+            x = np.round(x)  # many equal values
+        for fraction, pct in [(0.25, 90.0), (float(rng.uniform(0.01, 1)), float(rng.uniform(1, 100)))]:
+            band = device_masks.uncertainty_band(torch.as_tensor(x, device=device), fraction, pct)
+            assert float(band) == uncertainty_band(x, fraction, pct)
+        m = x > 0.3
+        assert np.array_equal(device_masks.batch_iou(torch.as_tensor(m, device=device)).cpu().numpy(), batch_iou(m, m))
+    logits = (rng.standard_normal((30, 256, 256)) * 8).astype(np.float32)
+    t = torch.as_tensor(logits, device=device)
+    for _ in range(50):
+        click = (float(rng.uniform(0, 499)), float(rng.uniform(0, 299)))
+        assert np.array_equal(device_masks.contains_click(t, frame, click).cpu().numpy(), contains_click(logits, frame, click))

@@ -374,9 +374,14 @@ class Backbone:
 
     def upsample(self, low_res: np.ndarray) -> np.ndarray:
         """Low-res logits ``(N, g, g)`` -> image-size logits ``(N, H, W)`` (float32)."""
-        t = torch.as_tensor(np.asarray(low_res, np.float32), device=self.device)[:, None]
-        with torch.inference_mode():
-            return self._upsample(t, self.image_hw)[:, 0].float().cpu().numpy()
+        t = torch.as_tensor(np.asarray(low_res, np.float32), device=self.device)
+        return self.upsample_tensor(t).cpu().numpy()
+
+    @torch.inference_mode()
+    def upsample_tensor(self, low_res: torch.Tensor) -> torch.Tensor:
+        """:meth:`upsample` on the device: ``(N, g, g)`` float32 logits -> ``(N, H, W)`` float32,
+        left where they are."""
+        return self._upsample(low_res.to(self.device, torch.float32)[:, None], self.image_hw)[:, 0].float()
 
     # -- helpers for adapters --------------------------------------------------------------
     @staticmethod

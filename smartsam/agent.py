@@ -64,7 +64,8 @@ def agent_options(fast_path: str = "auto", require_click: bool = True, reference
 def fast_path_by_default(backbone: Backbone) -> bool:
     """Where ``auto`` takes the fast path: on a CPU, unless it decodes with what was measured to
     keep the paper's literal agent within the 2.5 s target there (bf16 hardware, AMX or AVX512-BF16,
-    and SAM 2.1's shared decoder; README "Results"). On CUDA the literal agent is cheap."""
+    and the shared decoder of SAM 2.1 or SAM; README "Results", docs/results.md). On CUDA the
+    literal agent is cheap."""
     dev = getattr(getattr(backbone, "device", None), "type", "cpu")
     if dev != "cpu":
         return False
@@ -102,7 +103,7 @@ class SmartSAMAgent:
         dedupe_iou: fast path. Chains whose initial mask overlaps an earlier, better-scored one
             by at least this IoU (on the low-res grid) are not refined: they would mostly
             repeat it. None runs every chain (the paper's literal path); "auto" (the default) is
-            the literal path, except on a CPU without bf16 hardware or without SAM 2.1's shared
+            the literal path, except on a CPU without bf16 hardware or without the shared
             decoder (:func:`fast_path_by_default`), where the literal click measured over target.
         require_click: in reference mode, only candidates that contain the click may win.
         result_cache: how many recent answers to keep for outer interactions.

@@ -27,7 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the one seed; same inputs, same mask (default 0)")
     p.add_argument("--fast-path", choices=["auto", "on", "off"], help="skip chains whose initial mask duplicates a "
                    "better one: auto (default, $SMARTSAM_FAST_PATH) = off (the paper's literal path) on CUDA and on a CPU "
-                   "with bf16 hardware and SAM 2.1's shared decoder, on elsewhere")
+                   "with bf16 hardware and the shared decoder (SAM 2.1, SAM), on elsewhere")
     p.add_argument("--literal", action="store_true", help="the same as --fast-path off")
     p.add_argument("--allow-anywhere", action="store_true", help="reference mode: candidates that do not contain the "
                    "click may win too (Eq. 2's plain argmax; default: $SMARTSAM_REQUIRE_CLICK, on)")

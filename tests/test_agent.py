@@ -42,17 +42,20 @@ def test_adapter_decodes_batches_and_caches_embeddings(which, request, grabcut_i
         bb.cpu_bf16 = bf16
 
 
-def test_sam2_shared_decoder_gives_the_library_decoders_outputs(sam2_backbone, grabcut_image, monkeypatch):
-    """The shared decoder (image work done once per image) against sam2's own MaskDecoder: the same
-    numbers in fp32 for every prompt kind, the same masks in bf16; SMARTSAM_SHARED_DECODER picks it."""
-    from smartsam.backbones.sam2 import shared_decoder_setting
+@pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
+def test_the_shared_decoder_gives_the_library_decoders_outputs(which, request, grabcut_image, monkeypatch):
+    """The shared decoder (image work done once per image) against the library's own MaskDecoder
+    (sam2's for SAM 2.1, segment_anything's for SAM): the same numbers in fp32 for every prompt
+    kind, the same masks in bf16; SMARTSAM_SHARED_DECODER picks it."""
+    from smartsam.backbones.shared_decoder import shared_decoder_setting
 
-    bb = sam2_backbone
+    bb = request.getfixturevalue(which)
     bb.set_image(grabcut_image)
     rng = np.random.default_rng(5)
     h, w = grabcut_image.shape[:2]
     calls = []
-    hook = bb.model.sam_mask_decoder.register_forward_hook(lambda *a: calls.append(1))
+    module = bb.model.sam_mask_decoder if which == "sam2_backbone" else bb.model.mask_decoder
+    hook = module.register_forward_hook(lambda *a: calls.append(1))
     shared0, bf0 = bb.shared_decoder, bb.cpu_bf16
     try:
         for box, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
@@ -82,8 +85,9 @@ def test_sam2_shared_decoder_gives_the_library_decoders_outputs(sam2_backbone, g
 
     # a constructor argument, never read from the environment by the library
     monkeypatch.setenv("SMARTSAM_SHARED_DECODER", "off")
-    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu").shared_decoder is True
-    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu", shared_decoder="off").shared_decoder is False
+    name = "sam2.1_hiera_tiny-random" if which == "sam2_backbone" else "sam_vit_tiny-random"
+    assert load_backbone(name, device="cpu").shared_decoder is True
+    assert load_backbone(name, device="cpu", shared_decoder="off").shared_decoder is False
     with pytest.raises(ValueError, match="SMARTSAM_SHARED_DECODER"):
         shared_decoder_setting("auto")
 
@@ -126,10 +130,13 @@ def test_agent_is_reproducible_and_seeded(sam2_backbone, grabcut_image):
     assert [c.clicks for c in r1.candidates] == [c.clicks for c in r2.candidates]
 
 
-def test_default_path_is_literal_where_measured_within_target(sam2_backbone, sam_backbone):
-    """auto: the paper's literal agent on a CPU with bf16 and SAM 2.1's shared decoder (measured
-    1.5 s per click), the fast path on other CPU configurations (measured over 2.5 s literal)."""
-    bb, bf0, sh0 = sam2_backbone, sam2_backbone.cpu_bf16, sam2_backbone.shared_decoder
+@pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
+def test_default_path_is_literal_where_measured_within_target(which, request):
+    """auto: the paper's literal agent on a CPU with bf16 and the shared decoder (measured 1.5 s
+    per click with SAM 2.1, 2.4 s with SAM ViT-B), the fast path on other CPU configurations
+    (measured over 2.5 s literal)."""
+    bb = request.getfixturevalue(which)
+    bf0, sh0 = bb.cpu_bf16, bb.shared_decoder
     try:
         for bf16, shared, path in [(True, True, "literal"), (False, True, "fast"), (True, False, "fast")]:
             bb.cpu_bf16, bb.shared_decoder = bf16, shared
@@ -137,7 +144,6 @@ def test_default_path_is_literal_where_measured_within_target(sam2_backbone, sam
             assert SmartSAMAgent(bb, dedupe_iou=None).path == "literal"
     finally:
         bb.cpu_bf16, bb.shared_decoder = bf0, sh0
-    assert SmartSAMAgent(sam_backbone).path == "fast"  # SAM's library decoder on a CPU
 
 
 def test_fast_path_skips_duplicate_chains(sam2_backbone, grabcut_image):

@@ -29,8 +29,12 @@ def test_segment_with_references(datasets, tmp_path):
                 "--reference-mask", str(ref_mask), "--out", str(tmp_path / "m.png"), "--backbone", "sam_vit_tiny-random", "--json")
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout.strip().splitlines()[-1])
-    # auto on a CPU with SAM's library decoder: the fast path, and the output says so
-    assert info["mode"] == "reference-mask" and info["path"] == "fast" and info["require_click"] is True
+    # auto on a CPU: the literal path with bf16 hardware (and the shared decoder), else the fast
+    # path; the output says which
+    from smartsam.backbones.base import cpu_has_fast_bf16
+
+    path = "literal" if cpu_has_fast_bf16() else "fast"
+    assert info["mode"] == "reference-mask" and info["path"] == path and info["require_click"] is True
     # the same two settings as the backend and eval: flags, else SMARTSAM_FAST_PATH / SMARTSAM_REQUIRE_CLICK
     p = run_cli("segment", str(datasets / IMG), "--click", "240,160", "--out", str(tmp_path / "m.png"), "--backbone", "disk-test",
                 "--json", "--fast-path", "off", "--allow-anywhere")

@@ -159,6 +159,8 @@ def test_runs_resume_where_they_stopped(datasets, tmp_path):
 
 
 def test_backbone_and_agent_modes_run_end_to_end(datasets, tmp_path):
+    from smartsam.backbones.base import cpu_has_fast_bf16
+
     # real architectures with random weights: checks the plumbing, labels the output
     for mode, ds in [("backbone", "GrabCut"), ("pure-is", "GrabCut"), ("reference", "COCO_MVal-dev")]:
         p = run_cli("eval", "--dataset", str(datasets / ds), "--mode", mode, "--limit", "1", "--max-clicks", "2",
@@ -170,8 +172,9 @@ def test_backbone_and_agent_modes_run_end_to_end(datasets, tmp_path):
         rows = [r for r in csv.DictReader((tmp_path / ds / f"{mode}.csv").open())]
         assert len(rows) == s["n"] == 1 and s["seeds"] == [0]
         if mode != "backbone":
-            # auto with SAM's library decoder on a CPU is the fast path; and the click restriction
-            assert s["path"] == "fast" and s["require_click"] is True
+            # auto on a CPU: literal with bf16 hardware (SAM's shared decoder), else the fast
+            # path; and the click restriction
+            assert s["path"] == ("literal" if cpu_has_fast_bf16() else "fast") and s["require_click"] is True
         ious = [[float(v) for v in r["ious"].split()] for r in rows]
         assert s["NoC@90"] == pytest.approx(np.mean([noc(i, 0.9, 2) for i in ious]))
         assert s["mIoU@1"] == pytest.approx(100 * np.mean([i[0] for i in ious]))

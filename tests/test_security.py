@@ -129,7 +129,7 @@ def test_the_mask_lands_where_the_annotator_clicked(disk_backend, name, w, h):
     # a click at 25 % across, 70 % down of the image as Label Studio shows it
     status, r = disk_backend.post("/predict", predict_body(f"/data/upload/1/{name}", [keypoint(25, 70, w=w, h=h)]))
     assert status == 200 and "errors" not in r, r
-    assert r["results"][0]["path"] == "fast"  # auto on a CPU without SAM 2.1's decoder, said in every answer
+    assert r["results"][0]["path"] == "fast"  # auto on a CPU without a shared decoder (disk-test), said in every answer
     res = r["results"][0]["result"][0]
     m = rle_mask(res)
     assert m.shape == (h, w) and (res["original_width"], res["original_height"]) == (w, h)

@@ -9,6 +9,7 @@ import torch
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
+from .shared_decoder import SharedDecoders, shared_decoder_setting
 
 
 def build_sam_model(arch: str, checkpoint: Optional[str] = None):
@@ -46,17 +47,24 @@ class SamBackbone(Backbone):
     Args:
         model: a built ``segment_anything.modeling.Sam``.
         name: registry name shown in results.
-        cache_size, device: see :class:`Backbone`.
+        cache_size, device, cpu_bf16: see :class:`Backbone`.
+        shared_decoder: "on" (default): prompts decode through
+            :class:`~smartsam.backbones.shared_decoder.SharedDecoder` (the work every prompt on
+            an image shares done once per image); "off": ``segment_anything``'s own module.
     """
 
     def __init__(self, model, name: str = "sam", cache_size: int = 8, device: Optional[str] = None,
-                 cpu_bf16: Union[str, bool] = "auto") -> None:
+                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on") -> None:
         super().__init__(name, cache_size, device, cpu_bf16=cpu_bf16)
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._state: Optional[Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]] = None
+        self.shared_decoder = shared_decoder_setting(shared_decoder)
+        self.shared = SharedDecoders(self.model.prompt_encoder, self.model.mask_decoder, self.cache_size)
+        if self.shared_decoder:  # built now, so the first click does not pay for it
+            self.shared.decoder(self.compute_dtype)
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray) -> Any:
@@ -93,6 +101,10 @@ class SamBackbone(Backbone):
         masks = None
         if prompts[0].mask_input is not None:
             masks = self._mask_batch(prompts)
+        if self.shared_decoder:
+            emb = self._current
+            share = self.shared.share(emb.key, self.compute_dtype, lambda: (features, None), self._cache)
+            return self.shared.decoder(self.compute_dtype)(share, *(points or (None, None)), masks, multimask, boxes)
         with self._autocast():
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
             low_res, iou = self.model.mask_decoder(

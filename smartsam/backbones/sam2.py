@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
-from .sam2_decoder import ImageShare, Sam2SharedDecoder
+from .shared_decoder import ImageShare, SharedDecoders, shared_decoder_setting
 
 SAM2_CONFIGS = {
     "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -29,21 +28,6 @@ def build_sam2_model(arch: str, checkpoint: Optional[str] = None, device: str = 
     return build_sam2(SAM2_CONFIGS[arch], checkpoint, device=device, mode="eval")
 
 
-def shared_decoder_setting(value: Union[str, bool, None] = "on") -> bool:
-    """Resolve ``SMARTSAM_SHARED_DECODER`` / ``--shared-decoder``: "on" (default) or "off" (sam2's
-    own MaskDecoder module), or a bool.
-
-    Measured with ``benchmarks/latency.py`` (README "Results"): the literal agent's cached click
-    1.51 s instead of 2.79 s on 2 CPU cores (bf16), 0.161 s instead of 0.185 s on an H100 (SAM 2.1
-    large), same masks."""
-    if isinstance(value, bool):
-        return value
-    v = (value or "on").strip().lower()
-    if v not in ("on", "off"):
-        raise ValueError(f"SMARTSAM_SHARED_DECODER must be on or off, not {v!r}")
-    return v == "on"
-
-
 class Sam2Backbone(Backbone):
     """SAM 2.1 (Hiera encoder with high-resolution features) behind :class:`Backbone`.
 
@@ -51,7 +35,7 @@ class Sam2Backbone(Backbone):
     and mask decoder directly so that only low-resolution logits are produced (the predictor's own
     ``_predict`` upsamples every mask to image size, work SmartSAM throws away for all but one).
     With ``shared_decoder`` (``SMARTSAM_SHARED_DECODER``) the same decoder runs through
-    :class:`~smartsam.backbones.sam2_decoder.Sam2SharedDecoder`, which does the work every prompt
+    :class:`~smartsam.backbones.shared_decoder.SharedDecoder`, which does the work every prompt
     on an image shares once.
     """
 
@@ -67,12 +51,9 @@ class Sam2Backbone(Backbone):
         self.model = model.to(self.device).eval()
         self.predictor = SAM2ImagePredictor(self.model)
         self.shared_decoder = shared_decoder_setting(shared_decoder)
-        self._shared: dict = {}  # compute dtype -> Sam2SharedDecoder, built on first use
-        self._shares: "OrderedDict[Tuple[str, torch.dtype], ImageShare]" = OrderedDict()
-        # shares kept: as many as embeddings, so a batch over many images does not recompute them
-        self.max_shares = max(2, self.cache_size)
+        self.shared = SharedDecoders(self.model.sam_prompt_encoder, self.model.sam_mask_decoder, self.cache_size)
         if self.shared_decoder:  # built now, so the first click does not pay for it
-            self._shared_for(self.compute_dtype)
+            self.shared.decoder(self.compute_dtype)
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray) -> Any:
@@ -131,7 +112,7 @@ class Sam2Backbone(Backbone):
         c, lab, masks = self._prompt_tensors(prompts, [self.image_hw] * len(prompts))
         state = self.predictor._features
         if self.shared_decoder:
-            low_res, iou = self._shared_for(self.compute_dtype)(self._share(self._current), c, lab, masks, multimask)
+            low_res, iou = self.shared.decoder(self.compute_dtype)(self._share(self._current), c, lab, masks, multimask)
         else:
             low_res, iou = self._decode_library(state, c, lab, masks, multimask)
         # As SAM2ImagePredictor does: logits fed back as mask_input stay in a sane range.
@@ -144,7 +125,7 @@ class Sam2Backbone(Backbone):
             if e.key not in shares:
                 shares[e.key] = self._share(e)
         rows = [shares[e.key] for e in embeddings]
-        low_res, iou = self._shared_for(self.compute_dtype)(ImageShare.stack(rows), c, lab, masks, multimask)
+        low_res, iou = self.shared.decoder(self.compute_dtype)(ImageShare.stack(rows), c, lab, masks, multimask)
         return torch.clamp(low_res, -32.0, 32.0), iou
 
     def _decode_library(self, state, c, lab, masks, multimask):
@@ -161,27 +142,11 @@ class Sam2Backbone(Backbone):
             )
         return low_res, iou
 
-    def _shared_for(self, dtype: torch.dtype) -> Sam2SharedDecoder:
-        dec = self._shared.get(dtype)
-        if dec is None:
-            dec = self._shared[dtype] = Sam2SharedDecoder(self.model.sam_prompt_encoder, self.model.sam_mask_decoder, dtype)
-        return dec
-
     def _share(self, emb) -> ImageShare:
-        """The image's share for the shared decoder (computed once per image and dtype)."""
-        dtype = self.compute_dtype  # bf16 exactly where the library path would autocast to it
-        dec = self._shared_for(dtype)
-        # an image's share lives no longer than its embedding; a few are kept (16-32 MB each)
-        for k in [k for k in self._shares if k[0] not in self._cache]:
-            del self._shares[k]
-        key = (emb.key, dtype)
-        share = self._shares.get(key)
-        if share is None:
-            share = self._shares[key] = dec.share(emb.state["image_embed"], emb.state["high_res_feats"])
-            while len(self._shares) > self.max_shares:
-                self._shares.popitem(last=False)
-        self._shares.move_to_end(key)
-        return share
+        """The image's share for the shared decoder (bf16 exactly where the library path would
+        autocast to it)."""
+        return self.shared.share(emb.key, self.compute_dtype,
+                                 lambda: (emb.state["image_embed"], emb.state["high_res_feats"]), self._cache)
 
     def _upsample(self, low_res: torch.Tensor, image_hw: Tuple[int, int]) -> torch.Tensor:
         return self.predictor._transforms.postprocess_masks(low_res, tuple(image_hw))

@@ -30,8 +30,9 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
         device: "cuda" or "cpu" (default: CUDA when present).
         cache_size: image embeddings kept in memory.
         cpu_bf16: bf16 on the CPU: "auto" (where the hardware has it), "on", "off".
-        shared_decoder: SAM 2.1 only: "on" decodes through
-            :class:`~smartsam.backbones.sam2_decoder.Sam2SharedDecoder`, "off" through sam2's module.
+        shared_decoder: SAM 2.1 and SAM: "on" decodes through
+            :class:`~smartsam.backbones.shared_decoder.SharedDecoder`, "off" through the library's
+            own module.
         embed_cache_dir: a folder for the disk cache of embeddings (None: no disk cache).
         embed_cache_bytes: the disk cache's size bound.
         concepts: SAM 3 only: build its concept detector too (sharing the vision backbone), for
@@ -70,7 +71,7 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             from ..backbones.sam import SamBackbone, build_sam_model
 
             bb = SamBackbone(build_sam_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
-                             cpu_bf16=cpu_bf16)
+                             cpu_bf16=cpu_bf16, shared_decoder=shared_decoder)
         elif spec.family == "sam_hq":
             from ..backbones.hf_sam import SamHQBackbone, build_sam_hq_model
 

@@ -1,8 +1,9 @@
-"""SAM 2's mask decoder for many prompts on one image, with the image's share done once.
+"""SAM's and SAM 2's mask decoder for many prompts on one image, with the image's share done once.
 
-``sam2.modeling.sam.mask_decoder.MaskDecoder`` decodes a batch of prompts by copying the image
-embedding and its positional encoding once per prompt and adding them again in every attention
-(``keys + key_pe`` twice per block). Most of that work is the same for every prompt on an image:
+``sam2.modeling.sam.mask_decoder.MaskDecoder`` (and ``segment_anything``'s, of the same design)
+decodes a batch of prompts by copying the image embedding and its positional encoding once per
+prompt and adding them again in every attention (``keys + key_pe`` twice per block). Most of that
+work is the same for every prompt on an image:
 
 * ``(keys + pe) @ W`` is ``keys @ W + pe @ W``; ``pe @ W`` (plus the bias) depends only on the
   weights, so it is computed once per model and the three projections a block makes of the image
@@ -12,18 +13,35 @@ embedding and its positional encoding once per prompt and adding them again in e
 * the image tokens stay in one ``(B, 4096, C)`` channels-last layout from the transformer through
   the upscaling convolutions (no per-prompt copies, one fused layer norm instead of five passes).
 
-The arithmetic is the library module's (``tests/test_agent.py`` checks equal outputs in fp32); only
-the order of additions differs. ``benchmarks/latency.py`` measures it against the module.
+The arithmetic is the library modules' (``tests/test_agent.py`` checks equal outputs in fp32 for
+SAM 2.1 and SAM); only the order of additions differs. ``benchmarks/latency.py`` measures it
+against the module.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, Container, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+
+def shared_decoder_setting(value: Union[str, bool, None] = "on") -> bool:
+    """Resolve ``SMARTSAM_SHARED_DECODER`` / ``--shared-decoder``: "on" (default) or "off" (the
+    library's own mask decoder module), or a bool.
+
+    Measured with ``benchmarks/latency.py`` (README "Results"): the literal agent's cached click
+    1.51 s instead of 2.79 s on 2 CPU cores (bf16), 0.161 s instead of 0.185 s on an H100 (SAM 2.1
+    large), same masks."""
+    if isinstance(value, bool):
+        return value
+    v = (value or "on").strip().lower()
+    if v not in ("on", "off"):
+        raise ValueError(f"SMARTSAM_SHARED_DECODER must be on or off, not {v!r}")
+    return v == "on"
 
 
 @dataclass
@@ -35,41 +53,45 @@ class ImageShare:
         proj_nomask: ``(N, 3I)`` first block's image-side projections of ``keys_nomask``.
         tokens: ``(N, C)`` image embedding tokens (prompts with a mask input add theirs).
         proj_tokens: ``(N, 3I)`` first block's projections of ``tokens`` (+ pe terms and biases).
-        feat_s0, feat_s1: high-resolution features, ``(1, C0, 256, 256)`` and ``(1, C1, 128, 128)``,
-            channels-last.
+        feat_s0, feat_s1: SAM 2's high-resolution features, ``(1, C0, 256, 256)`` and
+            ``(1, C1, 128, 128)``, channels-last; None for SAM.
     """
 
     keys_nomask: torch.Tensor
     proj_nomask: torch.Tensor
     tokens: torch.Tensor
     proj_tokens: torch.Tensor
-    feat_s0: torch.Tensor
-    feat_s1: torch.Tensor
+    feat_s0: Optional[torch.Tensor] = None
+    feat_s1: Optional[torch.Tensor] = None
 
     @staticmethod
     def stack(rows: List["ImageShare"]) -> "ImageShare":
         """One share per row (rows of several images in one pass): token fields become
         ``(B, N, ...)``, features ``(B, C, h, w)``; the decoder broadcasts either form."""
-        return ImageShare(*(torch.stack([getattr(r, f) for r in rows]) for f in
-                            ("keys_nomask", "proj_nomask", "tokens", "proj_tokens")),
-                          *(torch.cat([getattr(r, f) for r in rows]).contiguous(memory_format=torch.channels_last)
-                            for f in ("feat_s0", "feat_s1")))
+        tokens = (torch.stack([getattr(r, f) for r in rows]) for f in ("keys_nomask", "proj_nomask", "tokens", "proj_tokens"))
+        if rows[0].feat_s0 is None:
+            return ImageShare(*tokens)
+        return ImageShare(*tokens, *(torch.cat([getattr(r, f) for r in rows]).contiguous(memory_format=torch.channels_last)
+                                     for f in ("feat_s0", "feat_s1")))
 
 
-class Sam2SharedDecoder:
-    """Decode batches of prompts on one image with SAM 2's prompt encoder and mask decoder.
+class SharedDecoder:
+    """Decode batches of prompts on one image with SAM's or SAM 2's prompt encoder and mask decoder.
 
     Args:
-        prompt_encoder: the model's ``sam_prompt_encoder``.
-        mask_decoder: the model's ``sam_mask_decoder`` (with high-resolution features).
+        prompt_encoder: the model's prompt encoder (``sam_prompt_encoder`` of SAM 2,
+            ``prompt_encoder`` of SAM).
+        mask_decoder: the model's mask decoder (SAM 2's with high-resolution features, or SAM's).
         dtype: compute dtype. ``torch.bfloat16`` runs on bf16 copies of the decoder and the mask
             embedding (no autocast, so no per-call weight casts); point and positional encodings
             stay float32 (bf16 would shift a point's sine features by up to ~0.1 rad).
     """
 
     def __init__(self, prompt_encoder, mask_decoder, dtype: torch.dtype = torch.float32) -> None:
-        if not mask_decoder.use_high_res_features:
-            raise ValueError("Sam2SharedDecoder expects SAM 2's high-resolution features")
+        # SAM 2 built without its high-resolution features is a configuration no checkpoint uses
+        self.high_res = bool(getattr(mask_decoder, "use_high_res_features", False))
+        if hasattr(mask_decoder, "use_high_res_features") and not self.high_res:
+            raise ValueError("SharedDecoder expects SAM 2's high-resolution features")
         self.prompt_encoder, self.dtype = prompt_encoder, dtype
         self.mask_downscaling, self.decoder = prompt_encoder.mask_downscaling, mask_decoder
         if dtype != torch.float32:
@@ -98,13 +120,15 @@ class Sam2SharedDecoder:
             ], dim=1).to(dtype)
 
     @torch.inference_mode()
-    def share(self, image_embed: torch.Tensor, high_res_feats: List[torch.Tensor]) -> ImageShare:
-        """The per-image part: ``image_embed`` ``(1, C, 64, 64)``, ``high_res_feats`` as SAM 2 gives them."""
+    def share(self, image_embed: torch.Tensor, high_res_feats: Optional[List[torch.Tensor]] = None) -> ImageShare:
+        """The per-image part: ``image_embed`` ``(1, C, 64, 64)``, ``high_res_feats`` as SAM 2
+        gives them (None for SAM)."""
         tokens = image_embed.to(self.dtype).flatten(2)[0].t().contiguous()
         keys_nomask = tokens + self.prompt_encoder.no_mask_embed.weight.to(self.dtype).reshape(1, -1)
-        s0, s1 = (x.to(self.dtype).contiguous(memory_format=torch.channels_last) for x in high_res_feats)
+        feats = [] if not self.high_res else [x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+                                              for x in high_res_feats]
         return ImageShare(keys_nomask, keys_nomask @ self.weights[0] + self.pe_terms[0],
-                          tokens, tokens @ self.weights[0] + self.pe_terms[0], s0, s1)
+                          tokens, tokens @ self.weights[0] + self.pe_terms[0], *feats)
 
     @staticmethod
     def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -113,27 +137,32 @@ class Sam2SharedDecoder:
         return attn.out_proj(attn._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
 
     @torch.inference_mode()
-    def __call__(self, share: ImageShare, coords: torch.Tensor, labels: torch.Tensor,
-                 masks: Optional[torch.Tensor], multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, share: ImageShare, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                 masks: Optional[torch.Tensor], multimask: bool,
+                 boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompts.
 
         Args:
             share: :meth:`share` of the image, or :meth:`ImageShare.stack` of one share per row.
-            coords: ``(B, P, 2)`` points normalised to [0, 1] of the model input, ``(x, y)``;
-                boxes are two points with labels 2 and 3, as sam2 encodes them.
-            labels: ``(B, P)`` int32 labels (1, 0, -1 padding, 2/3 box corners).
+            coords: ``(B, P, 2)`` points in the model input's frame, ``(x, y)``, as the prompt
+                encoder takes them (SAM 2: boxes too, as two points with labels 2 and 3); None:
+                no points.
+            labels: ``(B, P)`` labels (1, 0, -1 padding; SAM 2: 2/3 box corners).
             masks: optional ``(B, 1, 256, 256)`` low-res logits fed back as mask input.
             multimask: SAM's 3 masks (True) or one, with SAM 2's fallback on unstable masks.
+            boxes: ``(B, 4)`` boxes ``(x0, y0, x1, y1)`` in the model input's frame (SAM's
+                prompt encoder); None: no box.
 
         Returns:
             ``(B, M, 256, 256)`` low-res logits and ``(B, M)`` IoU predictions, float32.
         """
         dec, t = self.decoder, self.decoder.transformer
-        sparse, _ = self.prompt_encoder(points=(coords.float(), labels), boxes=None, masks=None)
+        points = None if coords is None else (coords.float(), labels)
+        sparse, _ = self.prompt_encoder(points=points, boxes=None if boxes is None else boxes.float(), masks=None)
         sparse = sparse.to(self.dtype)
-        b, n = coords.shape[0], share.tokens.shape[-2]
+        b, n = sparse.shape[0], share.tokens.shape[-2]
         # as MaskDecoder.predict_masks: output tokens, then the prompt's
-        s = 1 if dec.pred_obj_scores else 0
+        s = 1 if getattr(dec, "pred_obj_scores", False) else 0
         heads = [dec.obj_score_token.weight] if s else []
         out_tokens = torch.cat(heads + [dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         point_embedding = torch.cat((out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
@@ -172,13 +201,16 @@ class Sam2SharedDecoder:
         queries = queries + self._attend(f, f.q_proj(queries + point_embedding), proj[..., :fi], proj[..., fi:])
         hs = t.norm_final_attn(queries)
 
-        # upscaling, channels-last all the way (the tokens already are)
+        # upscaling, channels-last all the way (the tokens already are); SAM 2 adds its
+        # high-resolution features on the way
         gh, gw = self.grid
         src = keys.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
         dc1, ln1, act1, dc2, act2 = dec.output_upscaling
-        x = (dc1(src) + share.feat_s1).permute(0, 2, 3, 1)
+        x = dc1(src)
+        x = (x + share.feat_s1 if self.high_res else x).permute(0, 2, 3, 1)
         x = act1(F.layer_norm(x, x.shape[-1:], ln1.weight, ln1.bias, ln1.eps)).permute(0, 3, 1, 2)
-        up = act2(dc2(x) + share.feat_s0)  # (B, C0, 256, 256)
+        up = dc2(x)
+        up = act2(up + share.feat_s0 if self.high_res else up)  # (B, C0, 256, 256)
         mask_tokens = hs[:, s + 1: s + 1 + dec.num_mask_tokens]
         hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
         uh, uw = up.shape[-2:]
@@ -188,6 +220,41 @@ class Sam2SharedDecoder:
         # MaskDecoder.forward's choice of outputs
         if multimask:
             return all_masks[:, 1:], iou[:, 1:]
-        if dec.dynamic_multimask_via_stability:
+        if getattr(dec, "dynamic_multimask_via_stability", False):
             return dec._dynamic_multimask_via_stability(all_masks, iou)
         return all_masks[:, :1], iou[:, :1]
+
+
+class SharedDecoders:
+    """A backbone's :class:`SharedDecoder` per compute dtype (built on first use) and the image
+    shares it made, at most ``max_shares`` (16-32 MB each), none outliving its embedding.
+
+    Args:
+        prompt_encoder, mask_decoder: as for :class:`SharedDecoder`.
+        max_shares: shares kept (as many as embeddings, so a batch over many images does not
+            recompute them).
+    """
+
+    def __init__(self, prompt_encoder, mask_decoder, max_shares: int) -> None:
+        self.prompt_encoder, self.mask_decoder, self.max_shares = prompt_encoder, mask_decoder, max(2, int(max_shares))
+        self._decoders: Dict[torch.dtype, SharedDecoder] = {}
+        self._shares: "OrderedDict[Tuple[str, torch.dtype], ImageShare]" = OrderedDict()
+
+    def decoder(self, dtype: torch.dtype) -> SharedDecoder:
+        dec = self._decoders.get(dtype)
+        if dec is None:
+            dec = self._decoders[dtype] = SharedDecoder(self.prompt_encoder, self.mask_decoder, dtype)
+        return dec
+
+    def share(self, key: str, dtype: torch.dtype, features: Callable[[], tuple], live: Container[str]) -> ImageShare:
+        """The share of image ``key`` (computed once per image and dtype from ``features()``:
+        ``(image_embed, high_res_feats or None)``); shares of images not in ``live`` are dropped."""
+        for k in [k for k in self._shares if k[0] not in live]:
+            del self._shares[k]
+        share = self._shares.get((key, dtype))
+        if share is None:
+            share = self._shares[key, dtype] = self.decoder(dtype).share(*features())
+            while len(self._shares) > self.max_shares:
+                self._shares.popitem(last=False)
+        self._shares.move_to_end((key, dtype))
+        return share

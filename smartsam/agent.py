@@ -109,9 +109,11 @@ class SmartSAMAgent:
         result_cache: how many recent answers to keep for outer interactions.
         reference_prep: how :meth:`reference_from_mask` prepares image + mask references
             ("paper" or "none", see :class:`~smartsam.reference.ReferenceBuilder`).
-        chain_clicks: where a step's chain clicks are placed: "host" (OpenCV, one chain at a
-            time: the faster on a CPU) or "device" (one batch of tensor work on the backbone's
-            device, :mod:`smartsam.chain_clicks`); the same clicks either way.
+        chain_clicks: where a step runs: "host" (OpenCV places the chain clicks one chain at a
+            time, the logits come to the host: the faster on a CPU) or "device" (the step stays
+            on the backbone's device: clicks, band, signs, de-duplication and the click test as
+            tensor work, :mod:`smartsam.chain_clicks` and :mod:`smartsam.device_masks`; one read
+            back per stage and one per answer); the same answers either way.
     """
 
     def __init__(

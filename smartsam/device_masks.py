@@ -25,11 +25,15 @@ def uncertainty_band(logits: torch.Tensor, band_fraction: float = 0.25, percenti
     """:func:`smartsam.masks.uncertainty_band` of ``(..., h, w)`` float32 logits as a 0-d
     float32 tensor: ``band_fraction`` times NumPy's linear ``percentile`` of ``|logit|``.
 
-    NumPy's arithmetic for a float32 array, step for step: the quantile ``percentile / 100`` and
-    the virtual index ``(n - 1) * q`` in float32 (so the interpolation weight is as coarse as
-    NumPy's), the two neighbouring order statistics, and the float32 ``_lerp``. Only the index
-    and the weight are computed on the host: they depend on the size alone.
+    NumPy's arithmetic for a float32 array and Python-float arguments, step for step: the
+    quantile ``percentile / 100`` and the virtual index ``(n - 1) * q`` in float32 (so the
+    interpolation weight is as coarse as NumPy's), the two neighbouring order statistics, and the
+    float32 ``_lerp``; NaN where a logit is NaN. Only the index and the weight are computed on the
+    host: they depend on the size alone.
     """
+    band_fraction, percentile = float(band_fraction), float(percentile)
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError("Percentiles must be in the range [0, 100]")
     mags = logits.detach().float().abs().reshape(-1)
     n = mags.numel()
     if n == 0:
@@ -51,6 +55,7 @@ def uncertainty_band(logits: torch.Tensor, band_fraction: float = 0.25, percenti
         value = b - diff * float(1 - gamma)
     else:
         value = a + diff * float(gamma)
+    value = torch.where(torch.isnan(mags).any(), torch.nan, value)  # kthvalue skips NaN, NumPy does not
     return value * band_fraction  # float32, as NumPy multiplies a float32 scalar by a Python float
 
 

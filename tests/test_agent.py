@@ -93,6 +93,31 @@ def test_the_shared_decoder_gives_the_library_decoders_outputs(which, request, g
 
 
 @pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
+def test_an_image_encoded_again_under_its_key_gets_a_new_share(which, request, grabcut_image):
+    """The shared decoder's per-image share belongs to the embedding it came from: an image
+    evicted and encoded again under the same key with other pixels is decoded from its own
+    share (the library module's numbers), not the first image's."""
+    bb = request.getfixturevalue(which)
+    size0, shared0, bf0 = bb.cache_size, bb.shared_decoder, bb.cpu_bf16
+    other = np.ascontiguousarray(grabcut_image[::-1])
+    prompts = [Prompt(np.array([[200.0, 150.0]]), [1])]
+    try:
+        bb.cache_size, bb.cpu_bf16 = 1, False
+        bb._cache.clear()
+        bb.set_image(grabcut_image, key="photo")
+        bb.predict(prompts, True)
+        bb.set_image(other, key="elsewhere")  # evicts "photo"
+        bb.set_image(other, key="photo")  # the same key, other pixels
+        got = bb.predict(prompts, True)
+        bb.shared_decoder = False
+        want = bb.predict(prompts, True)
+        assert np.allclose(got.low_res_logits, want.low_res_logits, atol=1e-3)
+    finally:
+        bb.cache_size, bb.shared_decoder, bb.cpu_bf16 = size0, shared0, bf0
+        bb._cache.clear()
+
+
+@pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])
 def test_agent_one_click_end_to_end(which, request, grabcut_image):
     bb = request.getfixturevalue(which)
     agent = SmartSAMAgent(bb, dedupe_iou=None)

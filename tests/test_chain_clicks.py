@@ -132,6 +132,10 @@ def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, ded
     assert bb.encoder_calls == 1 and calls["host"] == calls["device"] == 8
     assert moved["device"][".cpu()"] == 4 + 1 + 1 and moved["device"][".tolist()"] == 0
     assert moved["device"]["copies to the CPU"] == (6 if bb.device.type == "cuda" else 0)
+    if dedupe is None:  # a plain pure-IS click: one read per stage and the answer's
+        with host_transfers() as plain:
+            agent.predict((260, 170))
+        assert plain[".cpu()"] == 4 + 1 and plain["copies to the CPU"] == (5 if bb.device.type == "cuda" else 0)
     with pytest.raises(ValueError, match="chain_clicks"):
         SmartSAMAgent(bb, chain_clicks="gpu")
 
@@ -144,15 +148,20 @@ def test_the_device_twins_of_the_mask_maths_give_numpy_s_numbers(seed, device):
     pixels to an image's 30 initial masks, with ties."""
     rng = np.random.default_rng(seed)
     frame = LowResFrame(image_hw=(300, 500), valid_hw=(154, 256), scale_xy=(500 / 256, 300 / 256))
-    for size in [(1, 1, 3), (2, 7, 5), (3, 40, 61), (30, 154, 256)]:
+    # 75 % of 3 values and 99 % of 7320 interpolate from the upper neighbour (weight >= 0.5)
+    for size, fixed in [((1, 1, 3), 75.0), ((2, 7, 5), 50.0), ((3, 40, 61), 99.0), ((30, 154, 256), 90.0)]:
         x = (rng.standard_normal(size) * rng.uniform(0.5, 20)).astype(np.float32)
         if rng.random() < 0.5:
             x = np.round(x)  # many equal values
-        for fraction, pct in [(0.25, 90.0), (float(rng.uniform(0.01, 1)), float(rng.uniform(1, 100)))]:
+        for fraction, pct in [(0.25, fixed), (float(rng.uniform(0.01, 1)), float(rng.uniform(1, 100)))]:
             band = device_masks.uncertainty_band(torch.as_tensor(x, device=device), fraction, pct)
             assert float(band) == uncertainty_band(x, fraction, pct)
         m = x > 0.3
         assert np.array_equal(device_masks.batch_iou(torch.as_tensor(m, device=device)).cpu().numpy(), batch_iou(m, m))
+    x[0, 0, 0] = np.nan  # NumPy's percentile is NaN then (no pixel is uncertain: the chains end)
+    assert np.isnan(float(device_masks.uncertainty_band(torch.as_tensor(x, device=device)))) and np.isnan(uncertainty_band(x))
+    with pytest.raises(ValueError, match="Percentiles"):
+        device_masks.uncertainty_band(torch.as_tensor(x, device=device), 0.25, 101.0)
     logits = (rng.standard_normal((30, 256, 256)) * 8).astype(np.float32)
     t = torch.as_tensor(logits, device=device)
     for _ in range(50):

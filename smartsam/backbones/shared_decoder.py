@@ -227,7 +227,9 @@ class SharedDecoder:
 
 class SharedDecoders:
     """A backbone's :class:`SharedDecoder` per compute dtype (built on first use) and the image
-    shares it made, at most ``max_shares`` (16-32 MB each), none outliving its embedding.
+    shares it made, at most ``max_shares`` (16-32 MB each), none outliving its embedding (a share
+    is kept with the embedding state it came from: an image encoded again under the same key gets
+    a new one).
 
     Args:
         prompt_encoder, mask_decoder: as for :class:`SharedDecoder`.
@@ -238,7 +240,7 @@ class SharedDecoders:
     def __init__(self, prompt_encoder, mask_decoder, max_shares: int) -> None:
         self.prompt_encoder, self.mask_decoder, self.max_shares = prompt_encoder, mask_decoder, max(2, int(max_shares))
         self._decoders: Dict[torch.dtype, SharedDecoder] = {}
-        self._shares: "OrderedDict[Tuple[str, torch.dtype], ImageShare]" = OrderedDict()
+        self._shares: "OrderedDict[Tuple[str, torch.dtype], Tuple[object, ImageShare]]" = OrderedDict()
 
     def decoder(self, dtype: torch.dtype) -> SharedDecoder:
         dec = self._decoders.get(dtype)
@@ -246,15 +248,17 @@ class SharedDecoders:
             dec = self._decoders[dtype] = SharedDecoder(self.prompt_encoder, self.mask_decoder, dtype)
         return dec
 
-    def share(self, key: str, dtype: torch.dtype, features: Callable[[], tuple], live: Container[str]) -> ImageShare:
-        """The share of image ``key`` (computed once per image and dtype from ``features()``:
-        ``(image_embed, high_res_feats or None)``); shares of images not in ``live`` are dropped."""
+    def share(self, key: str, state: object, dtype: torch.dtype, features: Callable[[], tuple],
+              live: Container[str]) -> ImageShare:
+        """The share of image ``key`` whose embedding state is ``state`` (computed once per
+        embedding and dtype from ``features()``: ``(image_embed, high_res_feats or None)``);
+        shares of images not in ``live`` are dropped."""
         for k in [k for k in self._shares if k[0] not in live]:
             del self._shares[k]
-        share = self._shares.get((key, dtype))
-        if share is None:
-            share = self._shares[key, dtype] = self.decoder(dtype).share(*features())
+        entry = self._shares.get((key, dtype))
+        if entry is None or entry[0] is not state:
+            entry = self._shares[key, dtype] = (state, self.decoder(dtype).share(*features()))
             while len(self._shares) > self.max_shares:
                 self._shares.popitem(last=False)
         self._shares.move_to_end((key, dtype))
-        return share
+        return entry[1]

@@ -541,10 +541,9 @@ class BatchEngine:
         scores = np.concatenate(lv.scores)
         t = time.perf_counter()
         if lv.on_device:
-            logits_t = torch.cat(lv.logits)
             # the candidates come to the host only where the choice needs their masks (reference
             # features) or the caller asked for them
-            logits = logits_t.cpu().numpy() if job.reference is not None or job.return_candidates else None
+            logits = torch.cat(lv.logits).cpu().numpy() if job.reference is not None or job.return_candidates else None
             if job.reference is None:
                 sel, lv.calls["features"] = Selection(select_by_score(scores, np.concatenate(lv.inside)), "pure-is"), 0
             else:
@@ -555,10 +554,10 @@ class BatchEngine:
         lv.timings["select"] = time.perf_counter() - t
         t = time.perf_counter()
         if lv.on_device:  # the chosen logits and their upsampled mask: the answer's one copy back
-            g = bb.grid
+            g, chosen_t = bb.grid, _candidate(lv.logits, sel.index)
             with bb.using(lv.emb):
-                up = bb.upsample_tensor(logits_t[sel.index][None])[0]
-            both = torch.cat([logits_t[sel.index].reshape(-1), up.reshape(-1)]).cpu().numpy()
+                up = bb.upsample_tensor(chosen_t[None])[0]
+            both = torch.cat([chosen_t.reshape(-1), up.reshape(-1)]).cpu().numpy()
             chosen, mask = both[:g * g].reshape(g, g), both[g * g:].reshape(up.shape) > 0
         else:
             chosen = logits[sel.index]
@@ -577,6 +576,15 @@ class BatchEngine:
         result.timings["total"] = time.perf_counter() - lv.t0
         result.calls = dict(lv.calls)
         return result
+
+
+def _candidate(stages: List[torch.Tensor], index: int) -> torch.Tensor:
+    """Candidate ``index`` of stages' ``(K_s, g, g)`` logits, counted across them in order."""
+    for t in stages:
+        if index < t.shape[0]:
+            return t[index]
+        index -= t.shape[0]
+    raise IndexError("no such candidate")
 
 
 def distinct(logits: np.ndarray, scores: np.ndarray, frame: LowResFrame, dedupe_iou: float) -> List[int]:

@@ -448,7 +448,6 @@ class BatchEngine:
             logits, scores = logits[:, 0], scores[:, 0]
             lv.logits.append(logits)
             lv.scores.append(scores)
-            lv.chains = list(lv.owners)
             self._chains_grow(lv, logits, scores)
             if agent.dedupe_iou is not None and len(lv.chains) > 1:
                 # Chains that converged onto the same mask would keep repeating each other.
@@ -485,7 +484,7 @@ class BatchEngine:
             lv.band_t = device_masks.uncertainty_band(lv.frame.crop(flat), clicker.band_fraction, clicker.band_percentile)
             # each chain's sign draws, all at once: the same stream and order as the host path's one per step
             draws = [np.random.default_rng(lv.seed_key + [c + 1]).random(clicker.chain_length) for c in owners]
-            lv.draws = torch.as_tensor(np.stack(draws).reshape(len(owners), -1), device=flat.device)
+            lv.draws = torch.as_tensor(np.stack(draws), device=flat.device)
         else:
             flat, sc = logits[:, 0], scores[:, 0]
             owners = list(lv.owners)
@@ -542,15 +541,12 @@ class BatchEngine:
         t = time.perf_counter()
         if lv.on_device:
             # the candidates come to the host only where the choice needs their masks (reference
-            # features) or the caller asked for them
+            # features) or the caller asked for them; which hold the click came with each stage
             logits = torch.cat(lv.logits).cpu().numpy() if job.reference is not None or job.return_candidates else None
-            if job.reference is None:
-                sel, lv.calls["features"] = Selection(select_by_score(scores, np.concatenate(lv.inside)), "pure-is"), 0
-            else:
-                sel, lv.calls["features"] = select(job, logits, scores, lv.frame, lv.emb.key)
+            inside = np.concatenate(lv.inside)
         else:
-            logits = np.concatenate(lv.logits)
-            sel, lv.calls["features"] = select(job, logits, scores, lv.frame, lv.emb.key)
+            logits, inside = np.concatenate(lv.logits), None
+        sel, lv.calls["features"] = select(job, logits, scores, lv.frame, lv.emb.key, inside)
         lv.timings["select"] = time.perf_counter() - t
         t = time.perf_counter()
         if lv.on_device:  # the chosen logits and their upsampled mask: the answer's one copy back
@@ -604,10 +600,14 @@ def distinct_by_iou(iou: np.ndarray, scores: np.ndarray, dedupe_iou: float) -> L
     return sorted(kept)
 
 
-def select(job: Job, logits: np.ndarray, scores: np.ndarray, frame: LowResFrame, key: str) -> Tuple[Selection, int]:
+def select(job: Job, logits: Optional[np.ndarray], scores: np.ndarray, frame: LowResFrame, key: str,
+           inside: Optional[np.ndarray] = None) -> Tuple[Selection, int]:
     """Exploit: the best-scored candidate containing the click (pure-IS), or the one most similar
-    to the reference. Returns the selection and the feature calls it made."""
-    inside = contains_click(logits, frame, job.click)
+    to the reference. Returns the selection and the feature calls it made. ``inside``: which
+    candidates contain the click, where already known (else from ``logits``, which a reference
+    always needs)."""
+    if inside is None:
+        inside = contains_click(logits, frame, job.click)
     ref = job.reference
     if ref is None:
         return Selection(select_by_score(scores, inside), "pure-is"), 0

@@ -102,8 +102,7 @@ class SamBackbone(Backbone):
         if prompts[0].mask_input is not None:
             masks = self._mask_batch(prompts)
         if self.shared_decoder:
-            emb = self._current
-            share = self.shared.share(emb.key, emb.state, self.compute_dtype, lambda: (features, None), self._cache)
+            share = self.shared.share(self._current, self.compute_dtype, lambda: (features, None), self._cache)
             return self.shared.decoder(self.compute_dtype)(share, *(points or (None, None)), masks, multimask, boxes)
         with self._autocast():
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)

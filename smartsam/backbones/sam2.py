@@ -145,7 +145,7 @@ class Sam2Backbone(Backbone):
     def _share(self, emb) -> ImageShare:
         """The image's share for the shared decoder (bf16 exactly where the library path would
         autocast to it)."""
-        return self.shared.share(emb.key, emb.state, self.compute_dtype,
+        return self.shared.share(emb, self.compute_dtype,
                                  lambda: (emb.state["image_embed"], emb.state["high_res_feats"]), self._cache)
 
     def _upsample(self, low_res: torch.Tensor, image_hw: Tuple[int, int]) -> torch.Tensor:

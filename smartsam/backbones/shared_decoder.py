@@ -248,16 +248,16 @@ class SharedDecoders:
             dec = self._decoders[dtype] = SharedDecoder(self.prompt_encoder, self.mask_decoder, dtype)
         return dec
 
-    def share(self, key: str, state: object, dtype: torch.dtype, features: Callable[[], tuple],
-              live: Container[str]) -> ImageShare:
-        """The share of image ``key`` whose embedding state is ``state`` (computed once per
+    def share(self, emb, dtype: torch.dtype, features: Callable[[], tuple], live: Container[str]) -> ImageShare:
+        """The share of the :class:`~smartsam.backbones.base.Embedding` ``emb`` (computed once per
         embedding and dtype from ``features()``: ``(image_embed, high_res_feats or None)``);
-        shares of images not in ``live`` are dropped."""
+        shares of images whose keys are not in ``live`` are dropped."""
         for k in [k for k in self._shares if k[0] not in live]:
             del self._shares[k]
+        key = emb.key
         entry = self._shares.get((key, dtype))
-        if entry is None or entry[0] is not state:
-            entry = self._shares[key, dtype] = (state, self.decoder(dtype).share(*features()))
+        if entry is None or entry[0] is not emb.state:
+            entry = self._shares[key, dtype] = (emb.state, self.decoder(dtype).share(*features()))
             while len(self._shares) > self.max_shares:
                 self._shares.popitem(last=False)
         self._shares.move_to_end((key, dtype))

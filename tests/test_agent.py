@@ -201,6 +201,7 @@ def test_reference_modes(sam2_backbone, dino, clip, grabcut_image, coco_image):
         "reference-text": agent.reference_from_text("penguin"),
     }
     agent.set_image(grabcut_image)
+    dino._cache.clear()  # the session's extractor may hold this image's tokens from another test
     calls = dino.forward_calls
     for mode, ref in refs.items():
         res = agent.predict((240, 160), reference=ref, return_candidates=True)

@@ -162,6 +162,8 @@ class Settings:
     reference_prep: str = "paper"
     cpu_bf16: str = "auto"
     shared_decoder: str = "on"
+    # the shared decoder's step through torch.compile, warmed up before the model serves
+    compile: str = "auto"
     embed_cache_dir: Optional[str] = None
     embed_cache_bytes: int = 10 << 30
     # A task's image as a data: URL is anything the sender wants; off unless a deployment needs it.
@@ -228,7 +230,7 @@ class Settings:
         "SMARTSAM_BATCH_ROWS": "batch_rows", "SMARTSAM_PREFETCH": "prefetch", "SMARTSAM_REQUEST_TIMEOUT": "request_timeout", "SMARTSAM_SEED": "seed", "SMARTSAM_CHAIN_LENGTH": "chain_length",
         "SMARTSAM_FAST_PATH": "fast_path", "SMARTSAM_REQUIRE_CLICK": "require_click", "SMARTSAM_COMPARE": "compare",
         "SMARTSAM_STATS_MAX": "stats_max", "SMARTSAM_EXEMPLARS": "exemplars", "SMARTSAM_REFERENCE_PREP": "reference_prep",
-        "SMARTSAM_CPU_BF16": "cpu_bf16", "SMARTSAM_SHARED_DECODER": "shared_decoder",
+        "SMARTSAM_CPU_BF16": "cpu_bf16", "SMARTSAM_SHARED_DECODER": "shared_decoder", "SMARTSAM_COMPILE": "compile",
         "SMARTSAM_EMBED_CACHE_DIR": "embed_cache_dir", "SMARTSAM_EMBED_CACHE_BYTES": "embed_cache_bytes",
         "SMARTSAM_POLYGON_PARTS": "polygon_parts", "SMARTSAM_POLYGON_MIN_AREA": "polygon_min_area",
         "SMARTSAM_MAX_INSTANCES": "max_instances", "SMARTSAM_INSTANCE_THRESHOLD": "instance_threshold",
@@ -260,7 +262,7 @@ class Settings:
                     v = float(raw)
                 elif kind in ("bool", bool):
                     v = _flag(raw)
-                elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder", "polygon_parts", "instance_threshold",
+                elif name in ("fast_path", "reference_prep", "cpu_bf16", "shared_decoder", "compile", "polygon_parts", "instance_threshold",
                               "proposals", "wait_policy"):
                     v = raw.strip().lower()
                 else:
@@ -293,6 +295,8 @@ class Settings:
             raise SettingsError(f"SMARTSAM_FAST_PATH must be auto, on or off, not {self.fast_path!r}")
         if self.cpu_bf16 not in ON_OFF_AUTO:
             raise SettingsError(f"SMARTSAM_CPU_BF16 must be auto, on or off, not {self.cpu_bf16!r}")
+        if self.compile not in ON_OFF_AUTO:
+            raise SettingsError(f"SMARTSAM_COMPILE must be auto, on or off, not {self.compile!r}")
         if self.shared_decoder not in ("on", "off"):
             raise SettingsError(f"SMARTSAM_SHARED_DECODER must be on or off, not {self.shared_decoder!r}")
         if self.chain_length < 0:
@@ -372,7 +376,8 @@ class Settings:
     def backbone_kwargs(self) -> Dict[str, object]:
         """Keyword arguments of :func:`smartsam.models.load_backbone`."""
         return dict(name=self.backbone_name, checkpoint=self.checkpoint, device=self.device, cache_size=self.embedding_cache,
-                    cpu_bf16=self.cpu_bf16, shared_decoder=self.shared_decoder, embed_cache_dir=self.embed_cache_dir,
+                    cpu_bf16=self.cpu_bf16, shared_decoder=self.shared_decoder, compile=self.compile,
+                    embed_cache_dir=self.embed_cache_dir,
                     embed_cache_bytes=self.embed_cache_bytes, concepts=self.proposals == "sam3",
                     sources=self.sources)
 

@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--skip-levers", action="store_true", help="only the per-click table (large models on a CPU)")
+    ap.add_argument("--skip-compile", action="store_true", help="no eager-against-compiled table (its warm-up "
+                    "compiles for 1-2 minutes on 2 CPU cores)")
+    ap.add_argument("--only-compile", action="store_true", help="the eager-against-compiled table alone")
     args = ap.parse_args()
 
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
@@ -67,6 +70,9 @@ def main() -> None:
     warm.set_image(np.ascontiguousarray(image[::-1]))
     warm.predict((w * 0.5, h * 0.5))
     bb._cache.clear()
+
+    if args.only_compile:
+        return compiled_ab(bb, image, click, args)
 
     rows = []
 
@@ -127,6 +133,8 @@ def main() -> None:
 
     if not args.skip_levers:
         levers(bb, image, click, args)
+    if not args.skip_compile:
+        compiled_ab(bb, image, click, args)
 
     if args.skip_scaling:
         return
@@ -222,6 +230,83 @@ def roofline(bb, image, click, chained, args) -> None:
         rows.append([label, f"{gflop:.2f}", t, f"{rate:.0f}", f"{100 * rate / peak:.1f}%" if peak else "n/a"])
     print(f"\n## Work done against the machine's peak ({dtype} compute; peak: {how})\n")
     print(table(["unit", "GFLOP (counted)", "seconds (median)", "GFLOP/s", "share of peak"], rows))
+
+
+def compiled_ab(bb, image, click, args) -> None:
+    """Eager against compiled (SMARTSAM_COMPILE) and, on CUDA, compiled + the step on the device,
+    in one run, A B (C) A B (C): the literal agent's cached click (median of 3 clicks per round) and a decoder
+    row (the 30 chained prompts of one call); the warm-up's cost; and whether the answers are
+    the eager path's (same chosen candidate, mask IoU, logit signs of the 30 rows)."""
+    from smartsam.backbones.compiled import CompiledDecoder, row_buckets
+    from smartsam.masks import mask_iou
+
+    if not getattr(bb, "shared_decoder", False):
+        print(f"\n(no compiled step: {bb.name} does not decode through the shared decoder)")
+        return
+    dtype, cpu = bb.compute_dtype, str(args.device).startswith("cpu")
+    buckets = row_buckets(bb.device.type, bb.decode_chunk)
+    bb.set_image(image)
+    w, h = image.shape[1], image.shape[0]
+    init = bb.predict([Prompt([click], [1]) for _ in range(10)], multimask=True)
+    chained = [Prompt([click, (w * 0.2, h * 0.2)], [1, 0], mask_input=init.low_res_logits[i // 3, i % 3]) for i in range(30)]
+    agents = {"eager": SmartSAMAgent(bb, dedupe_iou=None), "compiled": SmartSAMAgent(bb, dedupe_iou=None)}
+    if not cpu:  # on a CPU the step on the device is the slower (its component labelling; 15.4 s per click)
+        agents["compiled + step on the device"] = SmartSAMAgent(bb, dedupe_iou=None, chain_clicks="device")
+    if bb.shared.step is None:  # built eager (SMARTSAM_COMPILE off): the step it would have
+        bb.shared.step = lambda dec: CompiledDecoder(dec, buckets)
+    bb.shared.compiled = True
+    step = bb.shared.decoder(dtype)
+    t = time.perf_counter()
+    for label, agent in agents.items():
+        if label != "eager":
+            agent.warm_up()
+    with step.recording():  # the 30-row call's kind too (a click's rows come in chunks)
+        bb.predict(chained, multimask=False)
+    warm = time.perf_counter() - t
+    clicks = [(click[0] + dx, click[1] + dy) for dx, dy in ((0, 0), (-40, 20), (35, -25))]
+    moved = iter(range(1, 10**6))
+    times = {k: [] for k in agents}
+    row_times = {"eager": [], "compiled": []}
+    answers, logits = {}, {}
+    for _ in range(2):  # A B C A B C
+        for label, agent in agents.items():
+            bb.shared.compiled = label != "eager"
+            agent.set_image(image)
+            ts = []
+            for c in clicks:
+                k = next(moved) * 1e-3  # a new point each time: never the answer cache
+                sync(args.device)
+                t = time.perf_counter()
+                r = agent.predict((c[0] + k, c[1]))
+                sync(args.device)
+                ts.append(time.perf_counter() - t)
+                answers.setdefault(label, []).append(r)
+            times[label].append(float(np.median(ts)))
+            if label in row_times:
+                row_times[label].append(median_time(lambda: bb.predict(chained, multimask=False), args.repeats, args.device) / 30)
+                logits[label] = bb.predict(chained, multimask=False).low_res_logits
+    bb.shared.compiled = False
+    eager = answers["eager"]
+    rows = []
+    for label in agents:
+        same = [a.candidate.prompt_index == b.candidate.prompt_index and a.candidate.chain_step == b.candidate.chain_step
+                and a.candidate.mask_index == b.candidate.mask_index for a, b in zip(answers[label], eager)]
+        iou = float(np.mean([mask_iou(a.mask, b.mask) for a, b in zip(answers[label], eager)]))
+        row = row_times.get(label)
+        rows.append([label, " / ".join(f"{x:.3f}" for x in times[label]),
+                     f"{np.median(times['eager']) / np.median(times[label]):.2f}x",
+                     " / ".join(f"{x * 1e3:.1f}" for x in row) if row else "(as compiled)",
+                     f"{sum(same)}/{len(same)}", f"{iou:.4f}"])
+    signs = float(np.mean((logits["compiled"] > 0) == (logits["eager"] > 0)))
+    h = step.health()
+    print(f"\n## Eager against compiled (torch.compile, inductor{', CUDA graphs' if h['cuda_graphs'] else ''}; "
+          f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}; literal path, cached embedding; two rounds, "
+          f"{' '.join('ABC'[:len(agents)]) * 1} {' '.join('ABC'[:len(agents)])})\n")
+    print(table(["decoder step", "s per click (round 1 / 2)", "speed-up (median)", "ms per decoder row (round 1 / 2)",
+                 "same candidate as eager", "mask IoU with eager"], rows))
+    print(f"\nwarm-up: {warm:.1f} s ({h['compiled_steps']} (rows, kind) steps compiled for buckets {buckets}); "
+          f"calls served compiled {h['compiled_calls']}, eager (a kind not compiled) {h['eager_calls']}; "
+          f"logit signs of the 30 chained rows as eager: {100 * signs:.2f} %")
 
 
 def levers(bb, image, click, args) -> None:

@@ -275,6 +275,34 @@ class SmartSAMAgent:
             path=self.path,
         )
 
+    def warm_up(self) -> Dict[str, object]:
+        """Compile the backbone's decoder step (``SMARTSAM_COMPILE``) for every kind of call this
+        agent makes, before anyone clicks: two clicks on two synthetic images in one batch (rows
+        of one image and, where a pass mixes images, of several), a plain click and a box record
+        the kinds; then every row bucket of each is compiled. Afterwards no click compiles (a
+        kind never seen runs eager, counted). Nothing to do when the step is not compiled.
+
+        Returns:
+            the compiled step's counters (:meth:`CompiledDecoder.health`), {} when not compiled.
+        """
+        step = self.backbone.compiled_step()
+        if step is None:
+            return {}
+        images = []
+        for k in range(2):  # an object on a background: chains that run their full length
+            yy, xx = np.mgrid[0:384, 0:512]
+            inside = (xx - 240 - 30 * k) ** 2 / 150 ** 2 + (yy - 190) ** 2 / (90 + 20 * k) ** 2 < 1
+            img = np.stack([xx * 0.3, yy * 0.4, np.full_like(xx, 60)], -1).astype(np.uint8)
+            img[inside] = (200, 60 + 40 * k, 40)
+            images.append(img)
+        with step.recording():
+            self.run_jobs([self.job(im, (240.0, 190.0)) for im in images])
+            self.set_image(images[0])
+            self.predict_plain((240.0, 190.0))
+            self.predict_box((120.0, 110.0, 380.0, 270.0))
+        step.warm_buckets()
+        return step.health()
+
     def predict_plain(self, click_xy: Sequence[float]) -> AgentResult:
         """Plain SAM at one click, no agent: the best-scored of the backbone's 3 masks (``mode``
         "plain"). The comparison arm of field statistics, and what SmartSAM is measured against."""

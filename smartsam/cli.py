@@ -113,7 +113,9 @@ def _load_agent(args, need_image: bool = False, need_text: bool = False):
     bb = cli_load_backbone(args)
     img_f = cli_load_features(args, "image", bb.random_weights) if need_image else None
     txt_f = cli_load_features(args, "text", bb.random_weights) if need_text else None
-    return SmartSAMAgent(bb, image_features=img_f, text_features=txt_f, seed=args.seed, **cli_agent_options(args))
+    agent = SmartSAMAgent(bb, image_features=img_f, text_features=txt_f, seed=args.seed, **cli_agent_options(args))
+    agent.warm_up()  # SMARTSAM_COMPILE: compiled before the clicks (nothing to do when eager)
+    return agent
 
 
 def _read_image(path: str):

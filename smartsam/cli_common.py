@@ -60,6 +60,7 @@ def cli_load_backbone(args, **kwargs):
         raise UsageError("SMARTSAM_EMBED_CACHE_BYTES must be a whole number of bytes") from None
     return load_backbone(getattr(args, "backbone", None) or _env("SMARTSAM_BACKBONE"), args.checkpoint, args.device,
                          cpu_bf16=_env("SMARTSAM_CPU_BF16", "auto"), shared_decoder=_env("SMARTSAM_SHARED_DECODER", "on"),
+                         compile=_env("SMARTSAM_COMPILE", "auto"),
                          embed_cache_dir=getattr(args, "cache_dir", None) or _env("SMARTSAM_EMBED_CACHE_DIR"),
                          embed_cache_bytes=cache_bytes, sources=cli_sources(), **kwargs)
 

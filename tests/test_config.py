@@ -21,6 +21,7 @@ def test_settings_come_from_the_environment_once_and_bad_values_name_their_varia
     assert Settings.from_env({}) == Settings()  # the documented defaults
     for env, words in [({"SMARTSAM_THREADS": "many"}, "SMARTSAM_THREADS"), ({"SMARTSAM_THREADS": "1"}, "SMARTSAM_THREADS"),
                        ({"SMARTSAM_CHAIN_LENGTH": "99"}, "chain_length"), ({"SMARTSAM_CPU_BF16": "yes"}, "SMARTSAM_CPU_BF16"),
+                       ({"SMARTSAM_COMPILE": "max"}, "SMARTSAM_COMPILE"),
                        ({"SMARTSAM_COMPARE": "plain:2"}, "SMARTSAM_COMPARE"), ({"LOCAL_FILES_DOCUMENT_ROOT": "/"}, "LOCAL_FILES"),
                        ({"SMARTSAM_REQUEST_TIMEOUT": "0"}, "SMARTSAM_REQUEST_TIMEOUT"),
                        ({"SMARTSAM_WRITE_TIMEOUT": "0"}, "SMARTSAM_WRITE_TIMEOUT")]:

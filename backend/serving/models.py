@@ -57,6 +57,7 @@ class Models:
         self.backbone = None
         self.concepts = None  # SAM 3's concept detector (SMARTSAM_PROPOSALS=sam3)
         self.load_error: Optional[str] = None
+        self.warming = False  # compiling the decoder step before the model serves (SMARTSAM_COMPILE)
         self._loaded = threading.Event()
         self._agents: Dict[AgentSettings, SmartSAMAgent] = {}
 
@@ -76,6 +77,8 @@ class Models:
                 self.concepts = load_concept_proposer(bb, self.settings.checkpoint, sources=self.settings.sources)
             self.scheduler = Scheduler(bb, **scheduler_rows(self.settings.batch_rows, bb.device.type),
                                        before_work=self.governor.apply if self.governor is not None else None)
+            if bb.compiled_step() is not None:
+                self._warm_up(bb)
             if self.on_loaded is not None:
                 self.on_loaded()
             self.backbone = bb
@@ -87,7 +90,24 @@ class Models:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("model not loaded")
         finally:
+            self.warming = False
             self._loaded.set()
+
+    def _warm_up(self, bb) -> None:
+        """Every kind of decoder call compiled now, before the backbone is published: no
+        annotator's click pays a compilation (health says "warming" meanwhile). A compiler that
+        fails (no C++ compiler, an unsupported operator) leaves the model eager, said in health."""
+        step = bb.compiled_step()
+        self.warming = True
+        t = time.monotonic()
+        try:
+            self._make_agent(bb, self.settings.agent).warm_up()
+            log.info("decoder step compiled in %.0f s: %s", time.monotonic() - t, step.health())
+        except Exception as e:
+            step.fall_back(f"{type(e).__name__}: {e}")
+            log.exception("the decoder step did not compile; it runs eager")
+        finally:
+            self.warming = False
 
     def _load_features(self, kind: str):
         # features load on first need: pure-IS users never pay for DINOv2 / CLIP
@@ -118,13 +138,14 @@ class Models:
         with self._agents_lock:
             agent = self._agents.get(a)
             if agent is None:
-                s = self.settings
-                # SMARTSAM_FAST_PATH and SMARTSAM_REQUIRE_CLICK: the same settings as the CLI and eval
-                agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=a.chain_length), seed=s.seed,
-                                      features=self.features,
-                                      **agent_options(a.fast_path, a.require_click, s.reference_prep))
-                self._agents[a] = agent
+                agent = self._agents[a] = self._make_agent(bb, a)
         return agent
+
+    def _make_agent(self, bb, a: AgentSettings) -> SmartSAMAgent:
+        s = self.settings
+        # SMARTSAM_FAST_PATH and SMARTSAM_REQUIRE_CLICK: the same settings as the CLI and eval
+        return SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=a.chain_length), seed=s.seed, features=self.features,
+                             **agent_options(a.fast_path, a.require_click, s.reference_prep))
 
     def _scheduler(self, deadline: Optional[float]) -> Scheduler:
         self.ready(max(0.0, (deadline or time.monotonic() + 300) - time.monotonic()))
@@ -151,6 +172,8 @@ class Models:
             "device": str(bb.device) if bb else None,
             "weights_loaded": bb is not None,
             "loading": not self._loaded.is_set(),
+            "warming": self.warming,
+            "compiled_step": bb.compiled_step().health() if bb and bb.compiled_step() is not None else None,
             "random_weights": bool(bb and bb.random_weights),
             "load_error": self.load_error,
             "encoder_calls": bb.encoder_calls if bb else 0,

@@ -383,6 +383,15 @@ class Backbone:
         left where they are."""
         return self._upsample(low_res.to(self.device, torch.float32)[:, None], self.image_hw)[:, 0].float()
 
+    def compiled_step(self):
+        """The compiled decoder step (:class:`~smartsam.backbones.compiled.CompiledDecoder`) this
+        backbone decodes through, or None (eager): adapters with a shared decoder built with
+        ``compile`` on."""
+        shared = getattr(self, "shared", None)
+        if shared is None or not getattr(self, "shared_decoder", False) or not shared.compiled:
+            return None
+        return shared.decoder(self.compute_dtype)
+
     # -- helpers for adapters --------------------------------------------------------------
     @staticmethod
     def _padded_points(prompts: Sequence[Prompt]) -> Tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,8 @@ import torch
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
-from .shared_decoder import SharedDecoders, shared_decoder_setting
+from .compiled import shared_decoders
+from .shared_decoder import shared_decoder_setting
 
 
 def build_sam_model(arch: str, checkpoint: Optional[str] = None):
@@ -51,10 +52,12 @@ class SamBackbone(Backbone):
         shared_decoder: "on" (default): prompts decode through
             :class:`~smartsam.backbones.shared_decoder.SharedDecoder` (the work every prompt on
             an image shares done once per image); "off": ``segment_anything``'s own module.
+        compile: ``SMARTSAM_COMPILE``: the shared decoder's step through ``torch.compile``
+            (:mod:`smartsam.backbones.compiled`): "auto" (where measured faster), "on", "off".
     """
 
     def __init__(self, model, name: str = "sam", cache_size: int = 8, device: Optional[str] = None,
-                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on") -> None:
+                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on", compile: Union[str, bool] = "auto") -> None:
         super().__init__(name, cache_size, device, cpu_bf16=cpu_bf16)
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -62,7 +65,7 @@ class SamBackbone(Backbone):
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._state: Optional[Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]] = None
         self.shared_decoder = shared_decoder_setting(shared_decoder)
-        self.shared = SharedDecoders(self.model.prompt_encoder, self.model.mask_decoder, self.cache_size)
+        self.shared = shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, compile)
         if self.shared_decoder:  # built now, so the first click does not pay for it
             self.shared.decoder(self.compute_dtype)
 

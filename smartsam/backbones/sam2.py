@@ -9,7 +9,8 @@ import torch
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
-from .shared_decoder import ImageShare, SharedDecoders, shared_decoder_setting
+from .compiled import shared_decoders
+from .shared_decoder import ImageShare, shared_decoder_setting
 
 SAM2_CONFIGS = {
     "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -36,11 +37,12 @@ class Sam2Backbone(Backbone):
     ``_predict`` upsamples every mask to image size, work SmartSAM throws away for all but one).
     With ``shared_decoder`` (``SMARTSAM_SHARED_DECODER``) the same decoder runs through
     :class:`~smartsam.backbones.shared_decoder.SharedDecoder`, which does the work every prompt
-    on an image shares once.
+    on an image shares once; with ``compile`` (``SMARTSAM_COMPILE``, see
+    :mod:`smartsam.backbones.compiled`) its step runs compiled.
     """
 
     def __init__(self, model, name: str = "sam2", cache_size: int = 8, device: Optional[str] = None,
-                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on",
+                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on", compile: Union[str, bool] = "auto",
                  batch_encode: Optional[bool] = None) -> None:
         super().__init__(name, cache_size, device, cpu_bf16=cpu_bf16)
         # new images arriving together in one encoder call: on CUDA (not yet measured there; a CPU
@@ -51,7 +53,7 @@ class Sam2Backbone(Backbone):
         self.model = model.to(self.device).eval()
         self.predictor = SAM2ImagePredictor(self.model)
         self.shared_decoder = shared_decoder_setting(shared_decoder)
-        self.shared = SharedDecoders(self.model.sam_prompt_encoder, self.model.sam_mask_decoder, self.cache_size)
+        self.shared = shared_decoders(self, self.model.sam_prompt_encoder, self.model.sam_mask_decoder, compile)
         if self.shared_decoder:  # built now, so the first click does not pay for it
             self.shared.decoder(self.compute_dtype)
 

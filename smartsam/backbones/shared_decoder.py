@@ -140,7 +140,13 @@ class SharedDecoder:
     def __call__(self, share: ImageShare, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                  masks: Optional[torch.Tensor], multimask: bool,
                  boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Decode B prompts.
+        """Decode B prompts (:meth:`forward` without autograd)."""
+        return self.forward(share, coords, labels, masks, multimask, boxes)
+
+    def forward(self, share: ImageShare, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                masks: Optional[torch.Tensor], multimask: bool,
+                boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode B prompts (what :mod:`smartsam.backbones.compiled` compiles).
 
         Args:
             share: :meth:`share` of the image, or :meth:`ImageShare.stack` of one share per row.
@@ -235,18 +241,39 @@ class SharedDecoders:
         prompt_encoder, mask_decoder: as for :class:`SharedDecoder`.
         max_shares: shares kept (as many as embeddings, so a batch over many images does not
             recompute them).
+        step: wraps a dtype's decoder in the step that is called instead, with the same
+            arguments (:class:`~smartsam.backbones.compiled.CompiledDecoder`); None: the decoder
+            itself. :attr:`compiled` switches between the two (each is kept: switching back and
+            forth, as a benchmark's A B A B does, builds nothing again).
     """
 
-    def __init__(self, prompt_encoder, mask_decoder, max_shares: int) -> None:
+    def __init__(self, prompt_encoder, mask_decoder, max_shares: int,
+                 step: Optional[Callable[[SharedDecoder], Callable]] = None) -> None:
         self.prompt_encoder, self.mask_decoder, self.max_shares = prompt_encoder, mask_decoder, max(2, int(max_shares))
+        self.step = step
+        self.compiled = step is not None
         self._decoders: Dict[torch.dtype, SharedDecoder] = {}
+        self._steps: Dict[torch.dtype, Callable] = {}
         self._shares: "OrderedDict[Tuple[str, torch.dtype], Tuple[object, ImageShare]]" = OrderedDict()
 
-    def decoder(self, dtype: torch.dtype) -> SharedDecoder:
+    def eager(self, dtype: torch.dtype) -> SharedDecoder:
+        """The decoder for ``dtype`` itself."""
         dec = self._decoders.get(dtype)
         if dec is None:
             dec = self._decoders[dtype] = SharedDecoder(self.prompt_encoder, self.mask_decoder, dtype)
         return dec
+
+    def decoder(self, dtype: torch.dtype) -> Callable:
+        """What decodes ``dtype``: the step over the decoder while :attr:`compiled`, else the decoder."""
+        dec = self.eager(dtype)
+        if not self.compiled:
+            return dec
+        if self.step is None:
+            raise ValueError("compiled without a step")
+        st = self._steps.get(dtype)
+        if st is None:
+            st = self._steps[dtype] = self.step(dec)
+        return st
 
     def share(self, emb, dtype: torch.dtype, features: Callable[[], tuple], live: Container[str]) -> ImageShare:
         """The share of the :class:`~smartsam.backbones.base.Embedding` ``emb`` (computed once per
@@ -257,7 +284,7 @@ class SharedDecoders:
         key = emb.key
         entry = self._shares.get((key, dtype))
         if entry is None or entry[0] is not emb.state:
-            entry = self._shares[key, dtype] = (emb.state, self.decoder(dtype).share(*features()))
+            entry = self._shares[key, dtype] = (emb.state, self.eager(dtype).share(*features()))
             while len(self._shares) > self.max_shares:
                 self._shares.popitem(last=False)
         self._shares.move_to_end((key, dtype))

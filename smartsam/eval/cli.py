@@ -235,6 +235,8 @@ def run_eval(args, all_samples, dataset: str, loader, backbone=None, features: O
                 sampler, clicker = agent_parts(args)
                 agent = SmartSAMAgent(bb, sampler=sampler, clicker=clicker, image_features=feats, seed=args.seed + trial,
                                       **cli_agent_options(args))
+                if trial == 0:
+                    agent.warm_up()  # SMARTSAM_COMPILE: compiled before the first sample (nothing to do when eager)
                 return AgentSegmenter(agent, ref_fn)
 
     if getattr(args, "first_click", "center") == "inside-worst" and bb is None:

@@ -18,7 +18,7 @@ from .registry import ModelError, ModelSpec, _manual_hint, default_backbone, get
 # -- builders -----------------------------------------------------------------------------
 def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
                   cache_size: int = 8, allow_download: bool = True, cpu_bf16: "str | bool" = "auto",
-                  shared_decoder: "str | bool" = "on", embed_cache_dir: "Optional[str | Path]" = None,
+                  shared_decoder: "str | bool" = "on", compile: "str | bool" = "auto", embed_cache_dir: "Optional[str | Path]" = None,
                   embed_cache_bytes: int = 10 << 30, concepts: bool = False, batch_encode: Optional[bool] = None,
                   sources: Optional[Sources] = None):
     """Build a :class:`~smartsam.backbones.base.Backbone` by registry name.
@@ -33,6 +33,9 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
         shared_decoder: SAM 2.1 and SAM: "on" decodes through
             :class:`~smartsam.backbones.shared_decoder.SharedDecoder`, "off" through the library's
             own module.
+        compile: SAM 2.1 and SAM with the shared decoder: its step through ``torch.compile``
+            (:mod:`smartsam.backbones.compiled`): "auto" (where measured faster), "on", "off";
+            warm it up before the first click (:meth:`smartsam.agent.SmartSAMAgent.warm_up`).
         embed_cache_dir: a folder for the disk cache of embeddings (None: no disk cache).
         embed_cache_bytes: the disk cache's size bound.
         concepts: SAM 3 only: build its concept detector too (sharing the vision backbone), for
@@ -71,7 +74,7 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             from ..backbones.sam import SamBackbone, build_sam_model
 
             bb = SamBackbone(build_sam_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
-                             cpu_bf16=cpu_bf16, shared_decoder=shared_decoder)
+                             cpu_bf16=cpu_bf16, shared_decoder=shared_decoder, compile=compile)
         elif spec.family == "sam_hq":
             from ..backbones.hf_sam import SamHQBackbone, build_sam_hq_model
 
@@ -86,7 +89,8 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             from ..backbones.sam2 import Sam2Backbone, build_sam2_model
 
             bb = Sam2Backbone(build_sam2_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
-                              cpu_bf16=cpu_bf16, shared_decoder=shared_decoder, batch_encode=batch_encode)
+                              cpu_bf16=cpu_bf16, shared_decoder=shared_decoder, compile=compile,
+                              batch_encode=batch_encode)
     except ModelError:
         raise
     except Exception as e:  # a checkpoint fails to load in many ways (pickle, zip, shapes): say which file

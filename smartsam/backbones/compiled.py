@@ -1,0 +1,208 @@
+"""The shared decoder's step through ``torch.compile``, with stable shapes and no compilation
+inside a click.
+
+A compiled graph is reused only for the shapes it was made for, so rows are padded up to a few
+bucket sizes (a row repeated; its answer dropped) and each kind of call (points per row, a mask
+input or not, SAM's three masks or one, a box or not, rows of one image or several) is compiled
+ahead, at start-up (:meth:`CompiledDecoder.recording` around a warm-up click, then
+:meth:`CompiledDecoder.warm_buckets`). Afterwards a call whose kind was never compiled runs the
+eager decoder (counted in :attr:`CompiledDecoder.eager_calls`, shown in the backend's health)
+and the compiler's stance is ``eager_on_recompile``: it never compiles inside an annotator's
+click, whatever the guards say.
+
+Whether it pays is measured, never assumed (``benchmarks/latency.py`` prints eager against
+compiled in one run, A B A B): :data:`COMPILE_MEASURED_FASTER` says where ``auto`` turns it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import fields
+from typing import Dict, Optional, Sequence, Set, Tuple, Union
+
+import torch
+
+from .shared_decoder import ImageShare, SharedDecoder, SharedDecoders
+
+log = logging.getLogger("smartsam")
+
+# Where ``SMARTSAM_COMPILE=auto`` compiles: device types on which benchmarks/latency.py measured
+# the compiled cached click faster than the eager one, with the eager path's answers. Measured so
+# far (docs/results.md): 2 CPU cores (AMD EPYC, AVX512-BF16, SAM 2.1 tiny random, inductor, bf16):
+# 1.03-1.12x in three runs, 20-101 s of compiling at each start, another candidate chosen on 1 of
+# 6 clicks - not on. CUDA: not measured yet (no GPU lent; scripts/gpu-check.sh prints it) - not
+# on until it is.
+COMPILE_MEASURED_FASTER: Set[str] = set()
+
+
+def compile_setting(value: Union[str, bool, None], device_type: str) -> bool:
+    """Resolve ``SMARTSAM_COMPILE``: "auto" (on where measured faster,
+    :data:`COMPILE_MEASURED_FASTER`), "on", "off" or a bool."""
+    if isinstance(value, bool):
+        return value
+    v = (value or "auto").strip().lower()
+    if v not in ("auto", "on", "off"):
+        raise ValueError(f"SMARTSAM_COMPILE must be auto, on or off, not {v!r}")
+    return device_type in COMPILE_MEASURED_FASTER if v == "auto" else v == "on"
+
+
+def row_buckets(device_type: str, decode_chunk: int) -> Tuple[int, ...]:
+    """Row counts a compiled step is made for. A CPU decodes in chunks of ``decode_chunk`` rows
+    (1 to ``decode_chunk``: no padding, a padded row costs as much as a real one there); CUDA in
+    one pass, padded up to a power of two (at most 2x the rows, where a row is cheap and a graph
+    per row count would be hundreds), 512 at most (a larger call runs in pieces of 512)."""
+    if device_type == "cpu":
+        return tuple(range(1, max(1, decode_chunk) + 1))
+    return tuple(1 << k for k in range(10))
+
+
+def shared_decoders(backbone, prompt_encoder, mask_decoder, compile: Union[str, bool]) -> SharedDecoders:
+    """A backbone's :class:`SharedDecoders`, their step compiled where ``compile``
+    (``SMARTSAM_COMPILE``) says so and the backbone decodes through them (warm them up before
+    serving: :meth:`smartsam.agent.SmartSAMAgent.warm_up`)."""
+    on = backbone.shared_decoder and compile_setting(compile, backbone.device.type)
+    buckets = row_buckets(backbone.device.type, backbone.decode_chunk)
+    return SharedDecoders(prompt_encoder, mask_decoder, backbone.cache_size,
+                          (lambda dec: CompiledDecoder(dec, buckets)) if on else None)
+
+
+# (rows, points per row or None, mask input, multimask, box, rows of several images)
+Kind = Tuple[Optional[int], bool, bool, bool, bool]
+
+
+class CompiledDecoder:
+    """A :class:`SharedDecoder` called through ``torch.compile``; same arguments and outputs.
+
+    Args:
+        decoder: the eager decoder (its weights and arithmetic).
+        buckets: row counts compiled (see :func:`row_buckets`); a call's rows are padded up to
+            the next one.
+        backend: ``torch.compile``'s backend ("inductor"; "aot_eager" traces without generating
+            code, for tests of this class's bookkeeping on a small budget).
+        mode: ``torch.compile``'s mode; default "reduce-overhead" (CUDA graphs) on CUDA, the
+            default mode elsewhere.
+    """
+
+    def __init__(self, decoder: SharedDecoder, buckets: Sequence[int], backend: str = "inductor",
+                 mode: Optional[str] = None) -> None:
+        self.decoder = decoder
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.device_type = decoder.pe_terms[0].device.type
+        if mode is None and self.device_type == "cuda":
+            mode = "reduce-overhead"
+        self.cuda_graphs = mode == "reduce-overhead"
+        self.fn = torch.compile(decoder.forward, backend=backend, mode=mode)
+        self.ready: Set[Tuple[int, Kind]] = set()  # (bucket, kind) compiled
+        self._examples: Dict[Kind, tuple] = {}  # one call of each kind seen while recording
+        self._recording = False
+        self.error: Optional[str] = None  # why it runs eager after all (fall_back)
+        self.missed: Optional[str] = None  # the last guard failure of a kind thought compiled
+        self.compiled_calls = 0
+        self.eager_calls = 0  # calls of a kind never compiled (eager, counted)
+
+    # -- start-up ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def recording(self):
+        """Inside the block every call compiles what it needs and its kind is kept (wrap a
+        warm-up click); :meth:`warm_buckets` then compiles the other row counts of each kind."""
+        self._recording = True
+        try:
+            with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+                yield self
+        finally:
+            self._recording = False
+
+    @torch.inference_mode()  # as the calls it serves run (the guards check it)
+    def warm_buckets(self) -> int:
+        """Compile every bucket of every kind seen while recording (rows of a recorded call
+        repeated); returns how many (bucket, kind) pairs are ready."""
+        with self.recording():
+            for kind, args in list(self._examples.items()):
+                for b in self.buckets:
+                    if (b, kind) not in self.ready:
+                        self._run(b, kind, _take(args, torch.zeros(b, dtype=torch.long, device=_device(args))))
+        return len(self.ready)
+
+    def fall_back(self, reason: str) -> None:
+        """Run eager from now on (the compiler failed: ``reason`` is shown in :meth:`health`)."""
+        self.error = reason
+        self.ready.clear()
+
+    def health(self) -> Dict[str, object]:
+        return {"compiled_steps": len(self.ready), "compiled_calls": self.compiled_calls, "eager_calls": self.eager_calls,
+                "cuda_graphs": self.cuda_graphs, "error": self.error}
+
+    # -- calls -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, share: ImageShare, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                 masks: Optional[torch.Tensor], multimask: bool,
+                 boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`SharedDecoder.__call__`."""
+        args = (share, coords, labels, masks, multimask, boxes)
+        b = (coords if coords is not None else boxes).shape[0]
+        top = self.buckets[-1]
+        if b > top:  # in pieces of the largest bucket
+            parts = [self(*_take(args, torch.arange(i, min(b, i + top), device=_device(args)))) for i in range(0, b, top)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        bucket = next(k for k in self.buckets if k >= b)
+        kind = _kind(args)
+        if self._recording:
+            self._examples.setdefault(kind, _take(args, torch.zeros(1, dtype=torch.long, device=_device(args))))
+        elif (bucket, kind) not in self.ready:
+            self.eager_calls += 1
+            return self.decoder(*args)
+        if bucket > b:
+            pad = torch.cat([torch.arange(b), torch.zeros(bucket - b, dtype=torch.long)]).to(_device(args))
+            args = _take(args, pad)
+        low_res, iou = self._run(bucket, kind, args)
+        return low_res[:b], iou[:b]
+
+    def _run(self, bucket: int, kind: Kind, args: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self._recording:
+            out = self.fn(*args)
+            self.ready.add((bucket, kind))
+        else:
+            # a guard that fails after all (a stride, a dtype, autograd's mode) must not compile
+            # here: the call runs eager, counted and said, never silently
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    out = self.fn(*args)
+            except RuntimeError as e:
+                if "fail_on_recompile" not in str(e):
+                    raise
+                if self.missed is None:
+                    log.warning("a compiled decoder step did not fit a call (it ran eager): %s", str(e).splitlines()[-1])
+                self.missed = str(e)
+                self.eager_calls += 1
+                return self.decoder.forward(*args)
+            self.compiled_calls += 1
+        # a CUDA graph's outputs are overwritten by its next replay: the caller gets its own
+        return tuple(o.clone() for o in out) if self.cuda_graphs else out
+
+
+def _kind(args: tuple) -> Kind:
+    share, coords, _, masks, multimask, boxes = args
+    return (None if coords is None else int(coords.shape[1]), masks is not None, bool(multimask), boxes is not None,
+            share.tokens.dim() == 3)
+
+
+def _device(args: tuple) -> torch.device:
+    return args[0].tokens.device
+
+
+def _take(args: tuple, idx: torch.Tensor) -> tuple:
+    """The call's rows ``idx`` (a stacked share's rows too)."""
+    share, coords, labels, masks, multimask, boxes = args
+    if share.tokens.dim() == 3:  # laid out as ImageShare.stack lays them out (the guards check strides)
+        def rows(name):
+            x = getattr(share, name)
+            if x is None:
+                return None
+            x = x.index_select(0, idx)
+            return x.contiguous(memory_format=torch.channels_last) if name.startswith("feat") else x
+        share = ImageShare(*(rows(f.name) for f in fields(ImageShare)))
+    sel = [None if x is None else x.index_select(0, idx) for x in (coords, labels, masks)]
+    return (share, *sel, multimask, None if boxes is None else boxes.index_select(0, idx))

@@ -1,0 +1,133 @@
+"""The compiled decoder step (SMARTSAM_COMPILE): warmed up before the model serves, never
+compiling inside a click, answering as the eager step, and eager again when the compiler fails.
+
+The compiler here is dynamo's ``eager`` backend (its tracing, guards, recompilation and stance,
+the captured graphs run by PyTorch): inductor's code generation costs minutes on 2 cores. ``SMARTSAM_TEST_COMPILE_BACKEND=inductor``
+runs the same tests with it (scripts/gpu-check.sh does, on CUDA); benchmarks/latency.py times it.
+"""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from backend.config import Settings
+from backend.serving.models import Models
+from smartsam.agent import SmartSAMAgent
+from smartsam.backbones.compiled import CompiledDecoder, compile_setting, row_buckets
+from smartsam.clickers import NextChainClicker
+from smartsam.models import load_backbone
+from smartsam.sampler import PrioriInitialSampler
+
+BACKEND = os.environ.get("SMARTSAM_TEST_COMPILE_BACKEND", "eager")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    yield
+    torch._dynamo.reset()  # compiled graphs of one test never serve another
+
+
+def _compiled(settings, backend=BACKEND):
+    """The settings' backbone with its step compiled by ``backend`` (nothing compiled yet:
+    torch.compile is lazy, so the compiler can be chosen before the first call)."""
+    bb = load_backbone(**settings.backbone_kwargs())
+    step = bb.compiled_step()
+    assert step is not None
+    step.fn = torch.compile(step.decoder.forward, backend=backend,
+                            mode="reduce-overhead" if step.cuda_graphs and backend == "inductor" else None)
+    return bb, step
+
+
+def test_compile_setting():
+    assert compile_setting("on", "cpu") and not compile_setting("off", "cuda") and compile_setting(True, "cpu")
+    from smartsam.backbones.compiled import COMPILE_MEASURED_FASTER
+
+    for device in ("cpu", "cuda"):  # auto: exactly where the benchmark measured it faster
+        assert compile_setting("auto", device) == (device in COMPILE_MEASURED_FASTER)
+    with pytest.raises(ValueError, match="SMARTSAM_COMPILE"):
+        compile_setting("max", "cpu")
+    assert row_buckets("cpu", 2) == (1, 2) and row_buckets("cuda", 1 << 30)[-1] == 512
+    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu", compile="off").compiled_step() is None
+    # the step compiles what the model decodes through: not the library's own module
+    assert load_backbone("sam2.1_hiera_tiny-random", device="cpu", compile="on", shared_decoder="off").compiled_step() is None
+
+
+def test_warm_up_compiles_every_kind_then_clicks_never_compile_and_answer_as_eager(grabcut_image):
+    settings = Settings.from_env({}, backbone="sam2.1_hiera_tiny-random", device="cpu", compile="on", cpu_bf16="off")
+    bb, step = _compiled(settings)
+    # a small agent (3 prompts, chains of 1): every kind of call the full one makes but the point counts
+    agent = SmartSAMAgent(bb, sampler=PrioriInitialSampler(num_points=1, box_aspects=(1.0,)),
+                          clicker=NextChainClicker(chain_length=1))
+    ready = agent.warm_up()
+    assert ready["compiled_steps"] >= 4 and ready["error"] is None, ready
+    kinds = {kind for _, kind in step.ready}
+    assert {(k[1], k[2]) for k in kinds} >= {(False, True), (True, False)}  # SAM's 3 masks; chains' mask inputs
+
+    agent.set_image(grabcut_image)
+    clicks = [(200.0, 150.0), (330.0, 260.0)]
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = [agent.predict(c) for c in clicks]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled inside a click
+    h = step.health()
+    assert h["compiled_calls"] > 0 and h["eager_calls"] == 0, h
+    # a kind of call the warm-up never saw (eight points) runs eager, counted, still compiling nothing
+    agent.refine([(200.0 + 9 * k, 150.0) for k in range(8)], [1] * 8)
+    assert step.health()["eager_calls"] == 1 and counters["stats"]["unique_graphs"] == graphs
+
+    step.fall_back("the eager reference")  # the same decoder, eager from here on
+    eager_agent = SmartSAMAgent(bb, sampler=agent.sampler, clicker=agent.clicker)  # its own answer cache
+    eager_agent.set_image(grabcut_image)
+    for a, c in zip(compiled, clicks):
+        b = eager_agent.predict(c)
+        assert a.candidate.prompt_index == b.candidate.prompt_index and a.candidate.chain_step == b.candidate.chain_step
+        assert np.isclose(a.score, b.score, atol=1e-4) and (a.mask == b.mask).mean() > 0.999
+
+
+def test_the_backend_warms_up_before_it_serves_and_stays_eager_when_the_compiler_fails(grabcut_image):
+    compiling, give_up = threading.Event(), threading.Event()
+
+    def broken(gm, inputs):  # a compiler that takes its time, then fails (no C++ compiler, say)
+        compiling.set()
+        give_up.wait(30)
+        raise RuntimeError("no C++ compiler on this machine")
+
+    settings = Settings.from_env({}, backbone="sam2.1_hiera_tiny-random", device="cpu", compile="on", chain_length=1)
+    bb, step = _compiled(settings, backend=broken)
+    models = Models(settings)
+    t = threading.Thread(target=models._warm_up, args=(bb,))
+    t.start()
+    assert compiling.wait(60)
+    assert models.health()["warming"] is True  # health says so while it compiles
+    give_up.set()
+    t.join(60)
+    assert models.health()["warming"] is False and "no C++ compiler" in step.health()["error"]
+    agent = models._make_agent(bb, settings.agent)  # the model serves, eager
+    agent.set_image(grabcut_image)
+    assert agent.predict((200.0, 150.0)).mask.shape == grabcut_image.shape[:2]
+    assert step.health()["eager_calls"] > 0 and step.health()["compiled_calls"] == 0
+
+
+def test_padded_rows_and_pieces_answer_as_the_rows_alone(grabcut_image):
+    """Rows padded up to a bucket (a row repeated) and calls larger than the largest bucket (in
+    pieces) give each row the eager answer."""
+    bb = load_backbone("sam2.1_hiera_tiny-random", device="cpu", cpu_bf16="off")
+    emb = bb.embed(grabcut_image)
+    dec = bb.shared.decoder(torch.float32)
+    share = bb._share(emb)
+    step = CompiledDecoder(dec, buckets=(4,), backend=BACKEND)
+    g = torch.Generator().manual_seed(0)
+    for rows in (3, 9):
+        coords = torch.rand(rows, 2, 2, generator=g) * 1024
+        labels = torch.tensor([[1, 0]], dtype=torch.int32).repeat(rows, 1)
+        masks = torch.randn(rows, 1, 256, 256, generator=g)
+        with step.recording():  # compiles what it needs
+            low, iou = step(share, coords, labels, masks, False)
+        ref_low, ref_iou = dec(share, coords, labels, masks, False)
+        assert low.shape == ref_low.shape == (rows, 1, 256, 256)
+        torch.testing.assert_close(low, ref_low, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(iou, ref_iou, atol=1e-4, rtol=1e-4)
+    assert step.ready == {(4, (2, True, False, False, False))}

@@ -16,16 +16,16 @@ export PYTHONPATH="$PWD/.gpu-site/py:$PWD" PYTHONUNBUFFERED=1 SMARTSAM_DATASETS=
 img="$PWD/.gpu-site/datasets/GrabCut/img/106024.jpg"
 big=sam2.1_hiera_large-random
 { nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'; } 2>&1 | tee "$OUT/machine.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_chain_clicks.py tests/test_batch.py tests/test_compiled.py \
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_chain_clicks.py tests/test_batch.py tests/test_compiled.py \
   2>&1 | tee "$OUT/checks.txt"
-timeout 40 python3 benchmarks/transfers.py --backbone $big --device cuda --image "$img" 2>&1 | tee "$OUT/transfers.md"
-timeout 120 python3 benchmarks/latency.py --backbone $big --device cuda --image "$img" \
+timeout 35 python3 benchmarks/transfers.py --backbone $big --device cuda --image "$img" 2>&1 | tee "$OUT/transfers.md"
+timeout 100 python3 benchmarks/latency.py --backbone $big --device cuda --image "$img" \
   --skip-scaling --skip-compile --repeats 5 2>&1 | tee "$OUT/latency.md"
 # eager against compiled (inductor + CUDA graphs) and compiled + the step on the device, A B C A B C:
 # where it is faster, smartsam/backbones/compiled.py's COMPILE_MEASURED_FASTER gets "cuda"
-timeout 150 python3 benchmarks/latency.py --backbone $big --device cuda --image "$img" \
+timeout 140 python3 benchmarks/latency.py --backbone $big --device cuda --image "$img" \
   --only-compile --repeats 5 2>&1 | tee "$OUT/compiled.md"
-timeout 120 python3 benchmarks/load.py --backbone $big --device cuda --annotators 1,4,16 --clicks 8 \
+timeout 110 python3 benchmarks/load.py --backbone $big --device cuda --annotators 1,4,16 --clicks 8 \
   --serial --prelabel 2>&1 | tee "$OUT/load.md"
-timeout 45 python3 benchmarks/instances.py --backbone $big --device cuda --instances 1 20 --round-size 1 16 \
+timeout 40 python3 benchmarks/instances.py --backbone $big --device cuda --instances 1 20 --round-size 1 16 \
   --repeats 1 2>&1 | tee "$OUT/instances.md"

@@ -13,6 +13,7 @@ advances many clicks (jobs) at once; :meth:`SmartSAMAgent.predict` is a batch of
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,6 +28,8 @@ from .reference import ReferenceBuilder
 from .results import AgentResult, Candidate
 from .sampler import PrioriInitialSampler
 from .selector import Reference
+
+log = logging.getLogger("smartsam")
 
 __all__ = ["AgentResult", "Candidate", "InvalidClick", "Job", "SmartSAMAgent", "agent_options"]
 
@@ -276,11 +279,14 @@ class SmartSAMAgent:
         )
 
     def warm_up(self) -> Dict[str, object]:
-        """Compile the backbone's decoder step (``SMARTSAM_COMPILE``) for every kind of call this
-        agent makes, before anyone clicks: two clicks on two synthetic images in one batch (rows
-        of one image and, where a pass mixes images, of several), a plain click and a box record
-        the kinds; then every row bucket of each is compiled. Afterwards no click compiles (a
-        kind never seen runs eager, counted). Nothing to do when the step is not compiled.
+        """Compile the backbone's decoder step (``SMARTSAM_COMPILE``) for the kinds of call this
+        agent's clicks make, before anyone clicks: two clicks on two synthetic images in one
+        batch (rows of one image and, where a pass mixes images, of several), a plain click and
+        a box record them; then every row bucket of each is compiled. Afterwards no click
+        compiles: a kind never seen (a longer chain, a refinement with many clicks) runs eager,
+        counted. A compiler that fails leaves the step eager (logged, its reason in the
+        counters). Nothing to do when the step is not compiled. Run it on the thread that will
+        decode (CUDA graphs belong to the thread that records them).
 
         Returns:
             the compiled step's counters (:meth:`CompiledDecoder.health`), {} when not compiled.
@@ -295,12 +301,16 @@ class SmartSAMAgent:
             img = np.stack([xx * 0.3, yy * 0.4, np.full_like(xx, 60)], -1).astype(np.uint8)
             img[inside] = (200, 60 + 40 * k, 40)
             images.append(img)
-        with step.recording():
-            self.run_jobs([self.job(im, (240.0, 190.0)) for im in images])
-            self.set_image(images[0])
-            self.predict_plain((240.0, 190.0))
-            self.predict_box((120.0, 110.0, 380.0, 270.0))
-        step.warm_buckets()
+        try:
+            with step.recording():
+                self.run_jobs([self.job(im, (240.0, 190.0)) for im in images])
+                self.set_image(images[0])
+                self.predict_plain((240.0, 190.0))
+                self.predict_box((120.0, 110.0, 380.0, 270.0))
+            step.warm_buckets()
+        except Exception as e:  # no C++ compiler, an operator the compiler does not take, ...
+            step.fall_back(f"{type(e).__name__}: {e}")
+            log.exception("the decoder step did not compile; it runs eager")
         return step.health()
 
     def predict_plain(self, click_xy: Sequence[float]) -> AgentResult:

@@ -2,8 +2,10 @@
 compiling inside a click, answering as the eager step, and eager again when the compiler fails.
 
 The compiler here is dynamo's ``eager`` backend (its tracing, guards, recompilation and stance,
-the captured graphs run by PyTorch): inductor's code generation costs minutes on 2 cores. ``SMARTSAM_TEST_COMPILE_BACKEND=inductor``
-runs the same tests with it (scripts/gpu-check.sh does, on CUDA); benchmarks/latency.py times it.
+the captured graphs run by PyTorch): inductor's code generation costs minutes on 2 cores.
+``SMARTSAM_TEST_COMPILE_BACKEND=inductor`` runs the same tests with it; ``benchmarks/latency.py
+--only-compile`` times inductor and compares its answers with eager's (scripts/gpu-check.sh runs
+both the tests and that table on CUDA).
 """
 
 import os
@@ -16,6 +18,7 @@ from torch._dynamo.utils import counters
 
 from backend.config import Settings
 from backend.serving.models import Models
+from backend.serving.scheduler import Scheduler
 from smartsam.agent import SmartSAMAgent
 from smartsam.backbones.compiled import CompiledDecoder, compile_setting, row_buckets
 from smartsam.clickers import NextChainClicker
@@ -23,6 +26,7 @@ from smartsam.models import load_backbone
 from smartsam.sampler import PrioriInitialSampler
 
 BACKEND = os.environ.get("SMARTSAM_TEST_COMPILE_BACKEND", "eager")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +60,7 @@ def test_compile_setting():
     assert load_backbone("sam2.1_hiera_tiny-random", device="cpu", compile="on", shared_decoder="off").compiled_step() is None
 
 
-def test_warm_up_compiles_every_kind_then_clicks_never_compile_and_answer_as_eager(grabcut_image):
+def test_warm_up_compiles_its_kinds_then_clicks_never_compile_and_answer_as_eager(grabcut_image):
     settings = Settings.from_env({}, backbone="sam2.1_hiera_tiny-random", device="cpu", compile="on", cpu_bf16="off")
     bb, step = _compiled(settings)
     # a small agent (3 prompts, chains of 1): every kind of call the full one makes but the point counts
@@ -88,9 +92,10 @@ def test_warm_up_compiles_every_kind_then_clicks_never_compile_and_answer_as_eag
 
 
 def test_the_backend_warms_up_before_it_serves_and_stays_eager_when_the_compiler_fails(grabcut_image):
-    compiling, give_up = threading.Event(), threading.Event()
+    compiling, give_up, threads = threading.Event(), threading.Event(), []
 
     def broken(gm, inputs):  # a compiler that takes its time, then fails (no C++ compiler, say)
+        threads.append(threading.current_thread())
         compiling.set()
         give_up.wait(30)
         raise RuntimeError("no C++ compiler on this machine")
@@ -98,10 +103,13 @@ def test_the_backend_warms_up_before_it_serves_and_stays_eager_when_the_compiler
     settings = Settings.from_env({}, backbone="sam2.1_hiera_tiny-random", device="cpu", compile="on", chain_length=1)
     bb, step = _compiled(settings, backend=broken)
     models = Models(settings)
-    t = threading.Thread(target=models._warm_up, args=(bb,))
+    scheduler = Scheduler(bb)  # the model's thread: the warm-up runs there
+    t = threading.Thread(target=models._warm_up, args=(bb, scheduler))
     t.start()
     assert compiling.wait(60)
     assert models.health()["warming"] is True  # health says so while it compiles
+    # on the model's thread, where the clicks will decode (CUDA graphs belong to one thread)
+    assert threads == [scheduler._thread]
     give_up.set()
     t.join(60)
     assert models.health()["warming"] is False and "no C++ compiler" in step.health()["error"]
@@ -109,25 +117,45 @@ def test_the_backend_warms_up_before_it_serves_and_stays_eager_when_the_compiler
     agent.set_image(grabcut_image)
     assert agent.predict((200.0, 150.0)).mask.shape == grabcut_image.shape[:2]
     assert step.health()["eager_calls"] > 0 and step.health()["compiled_calls"] == 0
+    scheduler.close()
 
 
-def test_padded_rows_and_pieces_answer_as_the_rows_alone(grabcut_image):
-    """Rows padded up to a bucket (a row repeated) and calls larger than the largest bucket (in
-    pieces) give each row the eager answer."""
-    bb = load_backbone("sam2.1_hiera_tiny-random", device="cpu", cpu_bf16="off")
+@pytest.mark.parametrize("device", DEVICES)
+def test_buckets_padding_pieces_and_a_failed_guard_answer_as_the_rows_alone(device, grabcut_image):
+    """Rows padded up to a bucket (a row repeated), a call larger than the largest bucket (in
+    pieces), buckets compiled by warm_buckets from one recorded call, and a call whose guards
+    fail (float64 points where float32 were compiled): every row gets the eager answer, and the
+    failed guard runs eager, counted, without compiling."""
+    bb = load_backbone("sam2.1_hiera_tiny-random", device=device, cpu_bf16="off")
     emb = bb.embed(grabcut_image)
     dec = bb.shared.decoder(torch.float32)
     share = bb._share(emb)
-    step = CompiledDecoder(dec, buckets=(4,), backend=BACKEND)
+    step = CompiledDecoder(dec, buckets=(2, 4), backend=BACKEND,
+                           mode="reduce-overhead" if device == "cuda" and BACKEND == "inductor" else None)
     g = torch.Generator().manual_seed(0)
-    for rows in (3, 9):
-        coords = torch.rand(rows, 2, 2, generator=g) * 1024
-        labels = torch.tensor([[1, 0]], dtype=torch.int32).repeat(rows, 1)
-        masks = torch.randn(rows, 1, 256, 256, generator=g)
-        with step.recording():  # compiles what it needs
-            low, iou = step(share, coords, labels, masks, False)
-        ref_low, ref_iou = dec(share, coords, labels, masks, False)
-        assert low.shape == ref_low.shape == (rows, 1, 256, 256)
+
+    @torch.inference_mode()  # made as Backbone.decode_rows makes them (the guards tell the two kinds apart)
+    def call(rows, dtype=torch.float32):
+        coords = (torch.rand(rows, 2, 2, generator=g) * 1024).to(device, dtype)
+        labels = torch.tensor([[1, 0]], dtype=torch.int32).repeat(rows, 1).to(device)
+        masks = torch.randn(rows, 1, 256, 256, generator=g).to(device)
+        return (share, coords, labels, masks, False)
+
+    with step.recording():  # one call of 3 rows: bucket 4 compiled, its kind kept
+        first = call(3)
+        step(*first)
+    kind = (2, True, False, False, False)
+    assert step.ready == {(4, kind)}
+    assert step.warm_buckets() == 2 and step.ready == {(b, kind) for b in (2, 4)}
+    graphs = counters["stats"]["unique_graphs"]
+    for args in [first, call(1), call(2), call(9)]:  # 1 row padded to 2; 9 rows: pieces of 4, 4 and 1 (padded)
+        low, iou = step(*args)
+        ref_low, ref_iou = dec(*args)
+        assert low.shape == ref_low.shape == (args[1].shape[0], 1, 256, 256)
         torch.testing.assert_close(low, ref_low, atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(iou, ref_iou, atol=1e-4, rtol=1e-4)
-    assert step.ready == {(4, (2, True, False, False, False))}
+    assert step.eager_calls == 0 and step.compiled_calls == 6 and counters["stats"]["unique_graphs"] == graphs
+    odd = call(2, torch.float64)
+    low, _ = step(*odd)
+    torch.testing.assert_close(low, dec(*odd)[0], atol=1e-3, rtol=1e-3)
+    assert step.eager_calls == 1 and step.missed and counters["stats"]["unique_graphs"] == graphs

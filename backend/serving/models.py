@@ -78,7 +78,7 @@ class Models:
             self.scheduler = Scheduler(bb, **scheduler_rows(self.settings.batch_rows, bb.device.type),
                                        before_work=self.governor.apply if self.governor is not None else None)
             if bb.compiled_step() is not None:
-                self._warm_up(bb)
+                self._warm_up(bb, self.scheduler)
             if self.on_loaded is not None:
                 self.on_loaded()
             self.backbone = bb
@@ -93,19 +93,17 @@ class Models:
             self.warming = False
             self._loaded.set()
 
-    def _warm_up(self, bb) -> None:
-        """Every kind of decoder call compiled now, before the backbone is published: no
-        annotator's click pays a compilation (health says "warming" meanwhile). A compiler that
-        fails (no C++ compiler, an unsupported operator) leaves the model eager, said in health."""
-        step = bb.compiled_step()
+    def _warm_up(self, bb, scheduler: Scheduler) -> None:
+        """The decoder step compiled for the default agent's kinds of call now, on the model's
+        thread (CUDA graphs belong to the thread that records them), before the backbone is
+        published: no annotator's click pays a compilation (health says "warming" meanwhile). A
+        compiler that fails (no C++ compiler, an unsupported operator) leaves the model eager,
+        said in health (``compiled_step.error``)."""
         self.warming = True
         t = time.monotonic()
         try:
-            self._make_agent(bb, self.settings.agent).warm_up()
-            log.info("decoder step compiled in %.0f s: %s", time.monotonic() - t, step.health())
-        except Exception as e:
-            step.fall_back(f"{type(e).__name__}: {e}")
-            log.exception("the decoder step did not compile; it runs eager")
+            agent = self._make_agent(bb, self.settings.agent)
+            log.info("decoder step compiled in %.0f s: %s", time.monotonic() - t, scheduler.call(agent.warm_up))
         finally:
             self.warming = False
 
@@ -166,6 +164,7 @@ class Models:
         """Never waits for the model or the database: it answers at once even while clicks are
         running and while the database does not answer (its state as last seen, with its age)."""
         bb = self.backbone
+        step = bb.compiled_step() if bb is not None else None
         return {
             "status": "ERROR" if self.load_error else "UP",
             "model": bb.name if bb else self.settings.backbone_name,
@@ -173,7 +172,7 @@ class Models:
             "weights_loaded": bb is not None,
             "loading": not self._loaded.is_set(),
             "warming": self.warming,
-            "compiled_step": bb.compiled_step().health() if bb and bb.compiled_step() is not None else None,
+            "compiled_step": step.health() if step is not None else None,
             "random_weights": bool(bb and bb.random_weights),
             "load_error": self.load_error,
             "encoder_calls": bb.encoder_calls if bb else 0,

@@ -204,6 +204,7 @@ def run_eval(args, all_samples, dataset: str, loader, backbone=None, features: O
 
         bb = backbone or cli_load_backbone(args)
         if args.mode == "backbone":
+            SmartSAMAgent(bb).warm_up()  # SMARTSAM_COMPILE: its kinds of call (nothing to do when eager)
             make = lambda t: BackboneSegmenter(bb)  # noqa: E731
         else:
             feats = ref_fn = None
@@ -231,12 +232,14 @@ def run_eval(args, all_samples, dataset: str, loader, backbone=None, features: O
 
                 ref_fn = reference
 
+            warmed = []
+
             def make(trial):
                 sampler, clicker = agent_parts(args)
                 agent = SmartSAMAgent(bb, sampler=sampler, clicker=clicker, image_features=feats, seed=args.seed + trial,
                                       **cli_agent_options(args))
-                if trial == 0:
-                    agent.warm_up()  # SMARTSAM_COMPILE: compiled before the first sample (nothing to do when eager)
+                if not warmed:  # SMARTSAM_COMPILE: compiled once, before the first sample (nothing to do when eager)
+                    warmed.append(agent.warm_up())
                 return AgentSegmenter(agent, ref_fn)
 
     if getattr(args, "first_click", "center") == "inside-worst" and bb is None:

@@ -34,7 +34,7 @@ log = logging.getLogger("smartsam")
 # Where ``SMARTSAM_COMPILE=auto`` compiles: device types on which benchmarks/latency.py measured
 # the compiled cached click faster than the eager one, with the eager path's answers. Measured so
 # far (docs/results.md): 2 CPU cores (AMD EPYC, AVX512-BF16, SAM 2.1 tiny random, inductor, bf16):
-# 1.03-1.12x in three runs, 20-101 s of compiling at each start, another candidate chosen on 1 of
+# 1.03-1.12x in four runs, 20-101 s of compiling at each start, another candidate chosen on 1 of
 # 6 clicks - not on. CUDA: not measured yet (no GPU lent; scripts/gpu-check.sh prints it) - not
 # on until it is.
 COMPILE_MEASURED_FASTER: Set[str] = set()

@@ -72,7 +72,8 @@ def fast_path_by_default(backbone: Backbone) -> bool:
     dev = getattr(getattr(backbone, "device", None), "type", "cpu")
     if dev != "cpu":
         return False
-    return not (getattr(backbone, "cpu_bf16", False) and getattr(backbone, "shared_decoder", False))
+    return not (getattr(backbone, "cpu_bf16", False) and getattr(backbone, "shared_decoder", False)
+                and getattr(backbone, "literal_within_target_on_cpu", False))
 
 
 def exploration_knobs(sampler: PrioriInitialSampler, clicker: NextChainClicker) -> Dict[str, object]:

@@ -20,6 +20,7 @@ from backend.config import Settings
 from backend.serving.models import Models
 from backend.serving.scheduler import Scheduler
 from smartsam.agent import SmartSAMAgent
+from smartsam.backbones.base import Prompt
 from smartsam.backbones.compiled import CompiledDecoder, compile_setting, row_buckets
 from smartsam.clickers import NextChainClicker
 from smartsam.models import load_backbone
@@ -89,6 +90,37 @@ def test_warm_up_compiles_its_kinds_then_clicks_never_compile_and_answer_as_eage
         b = eager_agent.predict(c)
         assert a.candidate.prompt_index == b.candidate.prompt_index and a.candidate.chain_step == b.candidate.chain_step
         assert np.isclose(a.score, b.score, atol=1e-4) and (a.mask == b.mask).mean() > 0.999
+
+
+def test_hq_sam_decodes_through_the_same_compiled_step(grabcut_image):
+    """HQ-SAM's shared decoder (its HQ features in the share, SAM's masks sorted by score inside
+    the step) behind the same compiled step, through the backbone's own calls: recorded, its
+    buckets compiled, then calls of every kind (a point, a box, chained rows with NumPy mask
+    inputs, one row and two) compile nothing, run compiled, and answer as the eager step. Seen
+    failing before the fix: a single row's NumPy mask input carried NumPy's stride 0 on its new
+    axis, failed the step's stride guard and ran eager."""
+    settings = Settings.from_env({}, backbone="sam_hq_vit_tiny-random", device="cpu", compile="on", cpu_bf16="off")
+    bb, step = _compiled(settings)
+    bb.set_image(grabcut_image)
+    rng = np.random.default_rng(0)
+    calls = [([Prompt([[200.0, 150.0]], [1]), Prompt([[90.0, 60.0]], [1])], True),
+             ([Prompt(box=[40.0, 30.0, 300.0, 260.0])], True),
+             ([Prompt([[200.0, 150.0], [120.0, 90.0]], [1, 0], mask_input=rng.normal(0, 4, (256, 256)).astype(np.float32))
+               for _ in range(2)], False)]
+    with step.recording():
+        for prompts, multimask in calls:
+            bb.predict(prompts, multimask)
+    assert step.warm_buckets() >= 1 and len(step.ready) == 6  # buckets 1 and 2 of each kind
+    graphs = counters["stats"]["unique_graphs"]
+    calls.append((calls[-1][0][:1], False))  # one chained row alone
+    got = [bb.predict(prompts, multimask) for prompts, multimask in calls]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert step.compiled_calls == 4 and step.eager_calls == 0, step.missed
+    step.fall_back("the eager reference")
+    for (prompts, multimask), a in zip(calls, got):
+        b = bb.predict(prompts, multimask)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, atol=1e-3)
 
 
 def test_the_backend_warms_up_before_it_serves_and_stays_eager_when_the_compiler_fails(grabcut_image):

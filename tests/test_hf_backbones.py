@@ -151,3 +151,106 @@ def test_prelabel_through_the_backend_on_sam3_with_concept_proposals(tmp_path, c
     assert pred["mode"] == "prelabel" and pred["settings"]["proposals"] == "sam3" and "-propsam3" in pred["model_version"]
     assert 1 <= pred["instances"]["Car"] <= 2
     sv.close()
+
+
+def _official_hq_decoder(hf_decoder, vit_dim: int):
+    """SysCV's own ``MaskDecoderHQ`` (``segment-anything-hq``) holding transformers' weights: the
+    HQ-SAM decoder as its authors wrote it, to hold ours against."""
+    import re
+
+    from segment_anything_hq.modeling.mask_decoder_hq import MaskDecoderHQ
+    from segment_anything_hq.modeling.transformer import TwoWayTransformer
+
+    cfg = hf_decoder.transformer.config
+    dec = MaskDecoderHQ(transformer_dim=cfg.hidden_size, vit_dim=vit_dim, iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+                        transformer=TwoWayTransformer(depth=cfg.num_hidden_layers, embedding_dim=cfg.hidden_size,
+                                                      mlp_dim=cfg.mlp_dim, num_heads=cfg.num_attention_heads)).eval()
+    renames = [  # transformers' names -> the official ones (the inverse of transformers' conversion)
+        (r"layer_norm(\d)", r"norm\1"), (r"layer_norm_final_attn", "norm_final_attn"), (r"^hq_token", "hf_token"),
+        (r"^hq_mask_mlp", "hf_mlp"), (r"\.proj_in\.", ".layers.0."), (r"\.layers\.0\.(weight|bias)$", ".layers.1.\\1"),
+        (r"\.proj_out\.", ".layers.2."), (r"^upscale_conv1", "output_upscaling.0"), (r"^upscale_layer_norm", "output_upscaling.1"),
+        (r"^upscale_conv2", "output_upscaling.3"), (r"^compress_vit_conv1", "compress_vit_feat.0"),
+        (r"^compress_vit_norm", "compress_vit_feat.1"), (r"^compress_vit_conv2", "compress_vit_feat.3"),
+        (r"^encoder_conv1", "embedding_encoder.0"), (r"^encoder_norm", "embedding_encoder.1"),
+        (r"^encoder_conv2", "embedding_encoder.3"), (r"^mask_conv1", "embedding_maskfeature.0"),
+        (r"^mask_norm", "embedding_maskfeature.1"), (r"^mask_conv2", "embedding_maskfeature.3"),
+    ]
+    state = {}
+    for k, v in hf_decoder.state_dict().items():
+        if re.search(r"(mlps\.\d+|mlp|head)\.layers\.0\.", k):  # a 3-layer head's middle layer, before proj_out moves
+            k = k.replace(".layers.0.", ".layers.1.")
+        for a, b in renames:
+            if a != r"\.layers\.0\.(weight|bias)$":
+                k = re.sub(a, b, k)
+        state[k] = v
+    dec.load_state_dict(state)
+    for layer in dec.transformer.layers:  # transformers' blocks normalise with their config's eps (1e-6), SAM's with 1e-5
+        for i in range(1, 5):
+            getattr(layer, f"norm{i}").eps = cfg.layer_norm_eps
+    return dec
+
+
+def test_hq_sam_shared_decoder_is_the_official_hq_decoder(coco_image):
+    """HQ-SAM's shared decoder (the image's share, HQ features included, once per image) against
+    SysCV's MaskDecoderHQ with the same weights: the same masks and IoU in fp32 for every prompt
+    kind (its multimask answer is the best-scored mask: ours are sorted, so our first). transformers'
+    own SamHQMaskDecoder (5.25) gives the same IoU but other masks: it upscales the image embedding
+    from before its transformer, transposed, where HQ-SAM upscales the transformer's output - why
+    the shared decoder is the default for HQ-SAM too."""
+    import torch
+
+    from smartsam.models import load_backbone
+
+    bb = load_backbone("sam_hq_vit_tiny-random", device="cpu", cpu_bf16="off")
+    assert bb.shared_decoder is True
+    with torch.no_grad():  # transformers leaves the random encoder's weights near 0 (an embedding of ~1e-20)
+        torch.manual_seed(0)
+        for p in bb.model.vision_encoder.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.05)
+    img = coco_image
+    h, w = img.shape[:2]
+    bb.set_image(img)
+    emb, inter, _, _ = bb._state
+    assert emb.std() > 0.5
+    official = _official_hq_decoder(bb.model.mask_decoder, vit_dim=inter[0].shape[-1])
+    calls = []
+    hook = bb.model.mask_decoder.register_forward_hook(lambda *a: calls.append(1))
+    rng = np.random.default_rng(3)
+    try:
+        for box, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
+            # as many points in every row: a CPU decodes rows in chunks, each padded to its own longest
+            prompts = [Prompt(rng.uniform([0, 0], [w - 1, h - 1], size=(2, 2)), [1, 0],
+                              box=[w / 5 + i, h / 6, w / 2, h / 2] if box else None,
+                              mask_input=rng.normal(0, 8, (256, 256)).astype(np.float32) if with_mask else None)
+                       for i in range(3)]
+            for multimask in (True, False):
+                ours = bb.predict(prompts, multimask)
+                assert not calls  # transformers' module never ran
+                assert ours.low_res_logits.shape == (3, 3 if multimask else 1, 256, 256)
+                points, labels, boxes, masks = bb._inputs(prompts)
+                with torch.inference_mode():
+                    sparse, dense = bb.model.prompt_encoder(points, labels, boxes, masks)
+                    want, want_iou = official(emb, bb.model.get_image_wide_positional_embeddings(), sparse[:, 0],
+                                              dense.expand(len(prompts), -1, -1, -1), multimask, False, inter)
+                # fp32; the official transformer's explicit softmax against SDPA
+                assert np.allclose(ours.low_res_logits[:, :1], want.numpy(), atol=1e-5)
+                assert np.allclose(ours.scores[:, :1], want_iou.numpy(), atol=1e-5)
+                assert (np.diff(ours.scores, axis=1) <= 0).all()  # SAM's three masks, best first
+                if box and with_mask:  # transformers' module, once: its scores, not its masks
+                    bb.shared_decoder = False
+                    lib = bb.predict(prompts, multimask)
+                    bb.shared_decoder = True
+                    assert calls and np.allclose(lib.scores, ours.scores, atol=1e-5)
+                    assert not np.allclose(lib.low_res_logits, ours.low_res_logits, atol=1e-3), \
+                        "transformers' SamHQMaskDecoder now gives HQ-SAM's masks: make it the reference here"
+                    calls.clear()
+    finally:
+        hook.remove()
+        bb.shared_decoder = True
+    # its literal click was never measured within the CPU target (8.4-13 s on 2 cores): the fast
+    # path stays auto's choice on a CPU, bf16 hardware or not
+    from smartsam.agent import SmartSAMAgent
+
+    bb.cpu_bf16 = True
+    assert SmartSAMAgent(bb).path == "fast"

@@ -149,6 +149,10 @@ class Backbone:
     """
 
     grid: int = 256  # side of the low-resolution logit grid
+    # Whether the paper's literal agent was measured within the 2.5 s click target on a CPU with
+    # bf16 arithmetic and the shared decoder (smartsam.agent.fast_path_by_default): set by the
+    # adapters where benchmarks/latency.py measured it (SAM 2.1, SAM).
+    literal_within_target_on_cpu: bool = False
 
     def __init__(self, name: str, cache_size: int = 8, device: Optional[str] = None, decode_chunk: Optional[int] = None,
                  cpu_bf16: Union[str, bool] = "auto") -> None:
@@ -412,7 +416,9 @@ class Backbone:
         if all(isinstance(m, torch.Tensor) for m in ms):
             return torch.stack(ms).to(self.device, torch.float32)[:, None]
         host = [m.cpu().numpy() if isinstance(m, torch.Tensor) else m for m in ms]
-        return torch.as_tensor(np.stack(host)[:, None], dtype=torch.float32, device=self.device)
+        # the new axis added by torch, not NumPy (whose stride 0 there would fail a compiled
+        # step's stride guards: smartsam.backbones.compiled)
+        return torch.as_tensor(np.stack(host), dtype=torch.float32, device=self.device)[:, None]
 
     @property
     def compute_dtype(self) -> torch.dtype:

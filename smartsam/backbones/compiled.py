@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import fields
-from typing import Dict, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 
@@ -62,14 +62,15 @@ def row_buckets(device_type: str, decode_chunk: int) -> Tuple[int, ...]:
     return tuple(1 << k for k in range(10))
 
 
-def shared_decoders(backbone, prompt_encoder, mask_decoder, compile: Union[str, bool]) -> SharedDecoders:
-    """A backbone's :class:`SharedDecoders`, their step compiled where ``compile``
-    (``SMARTSAM_COMPILE``) says so and the backbone decodes through them (warm them up before
-    serving: :meth:`smartsam.agent.SmartSAMAgent.warm_up`)."""
+def shared_decoders(backbone, prompt_encoder, mask_decoder, compile: Union[str, bool],
+                    decoder_cls: Type[SharedDecoder] = SharedDecoder) -> SharedDecoders:
+    """A backbone's :class:`SharedDecoders` (of ``decoder_cls``), their step compiled where
+    ``compile`` (``SMARTSAM_COMPILE``) says so and the backbone decodes through them (warm them up
+    before serving: :meth:`smartsam.agent.SmartSAMAgent.warm_up`)."""
     on = backbone.shared_decoder and compile_setting(compile, backbone.device.type)
     buckets = row_buckets(backbone.device.type, backbone.decode_chunk)
     return SharedDecoders(prompt_encoder, mask_decoder, backbone.cache_size,
-                          (lambda dec: CompiledDecoder(dec, buckets)) if on else None)
+                          (lambda dec: CompiledDecoder(dec, buckets)) if on else None, decoder_cls)
 
 
 # (points per row or None, a mask input, multimask, a box, rows of several images)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
+from .compiled import shared_decoders
+from .shared_decoder import HQSharedDecoder, shared_decoder_setting
 
 # Small configurations of the real designs (tests only): width 64, 2 layers; everything after
 # the image encoder (prompt encoder, mask decoder, detector heads) keeps its real size.
@@ -136,14 +138,23 @@ class SamHQBackbone(_TransformersSam):
     Args:
         model: a built ``transformers.SamHQModel``.
         name, cache_size, device, cpu_bf16: see :class:`Backbone`.
+        shared_decoder: "on" (default): prompts decode through
+            :class:`~smartsam.backbones.shared_decoder.HQSharedDecoder` (the image's share,
+            HQ features included, once per image); "off": transformers' own module.
+        compile: ``SMARTSAM_COMPILE`` for the shared decoder's step (as for SAM).
     """
 
     def __init__(self, model, name: str = "sam_hq", cache_size: int = 8, device: Optional[str] = None,
-                 cpu_bf16: Union[str, bool] = "auto") -> None:
+                 cpu_bf16: Union[str, bool] = "auto", shared_decoder: Union[str, bool] = "on",
+                 compile: Union[str, bool] = "auto") -> None:
         from transformers import SamImageProcessor
 
         super().__init__(model, name, cache_size, device, cpu_bf16, SamImageProcessor())
         self.side = int(model.config.vision_config.image_size)
+        self.shared_decoder = shared_decoder_setting(shared_decoder)
+        self.shared = shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, compile, HQSharedDecoder)
+        if self.shared_decoder:  # built now, so the first click does not pay for it
+            self.shared.decoder(self.compute_dtype)
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray) -> Any:
@@ -168,6 +179,11 @@ class SamHQBackbone(_TransformersSam):
         emb, inter, _, _ = self._state
         points, lab, boxes, masks = self._inputs(prompts)
         b = len(prompts)
+        if self.shared_decoder:
+            share = self.shared.share(self._current, self.compute_dtype, lambda: (emb, inter), self._cache)
+            step = self.shared.decoder(self.compute_dtype)
+            return step(share, None if points is None else points[:, 0], None if lab is None else lab[:, 0], masks,
+                        multimask, None if boxes is None else boxes[:, 0])
         with self._autocast():
             out = self.model(image_embeddings=self._expand(emb, b), intermediate_embeddings=[self._expand(t, b) for t in inter],
                              input_points=points, input_labels=lab, input_boxes=boxes, input_masks=masks,

@@ -1,4 +1,5 @@
-"""SAM's and SAM 2's mask decoder for many prompts on one image, with the image's share done once.
+"""SAM's, SAM 2's and HQ-SAM's mask decoders for many prompts on one image, with the image's share
+done once.
 
 ``sam2.modeling.sam.mask_decoder.MaskDecoder`` (and ``segment_anything``'s, of the same design)
 decodes a batch of prompts by copying the image embedding and its positional encoding once per
@@ -13,8 +14,12 @@ work is the same for every prompt on an image:
 * the image tokens stay in one ``(B, 4096, C)`` channels-last layout from the transformer through
   the upscaling convolutions (no per-prompt copies, one fused layer norm instead of five passes).
 
+* HQ-SAM (``transformers``' ``SamHQMaskDecoder``, :class:`HQSharedDecoder`) also makes its HQ
+  features (the image embedding and the first ViT block's output, upscaled to 256 x 256) from the
+  image alone: the module makes them again for every prompt of a batch; here once per image.
+
 The arithmetic is the library modules' (``tests/test_agent.py`` checks equal outputs in fp32 for
-SAM 2.1 and SAM); only the order of additions differs. ``benchmarks/latency.py`` measures it
+SAM 2.1, SAM and HQ-SAM); only the order of additions differs. ``benchmarks/latency.py`` measures it
 against the module.
 """
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Container, Dict, List, Optional, Tuple, Union
+from typing import Callable, Container, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +59,8 @@ class ImageShare:
         tokens: ``(N, C)`` image embedding tokens (prompts with a mask input add theirs).
         proj_tokens: ``(N, 3I)`` first block's projections of ``tokens`` (+ pe terms and biases).
         feat_s0, feat_s1: SAM 2's high-resolution features, ``(1, C0, 256, 256)`` and
-            ``(1, C1, 128, 128)``, channels-last; None for SAM.
+            ``(1, C1, 128, 128)``, channels-last; None for SAM and HQ-SAM.
+        hq: HQ-SAM's HQ features ``(1, C/8, 256, 256)``, channels-last; None for the others.
     """
 
     keys_nomask: torch.Tensor
@@ -63,20 +69,34 @@ class ImageShare:
     proj_tokens: torch.Tensor
     feat_s0: Optional[torch.Tensor] = None
     feat_s1: Optional[torch.Tensor] = None
+    hq: Optional[torch.Tensor] = None
 
     @staticmethod
     def stack(rows: List["ImageShare"]) -> "ImageShare":
         """One share per row (rows of several images in one pass): token fields become
         ``(B, N, ...)``, features ``(B, C, h, w)``; the decoder broadcasts either form."""
         tokens = (torch.stack([getattr(r, f) for r in rows]) for f in ("keys_nomask", "proj_nomask", "tokens", "proj_tokens"))
-        if rows[0].feat_s0 is None:
-            return ImageShare(*tokens)
-        return ImageShare(*tokens, *(torch.cat([getattr(r, f) for r in rows]).contiguous(memory_format=torch.channels_last)
-                                     for f in ("feat_s0", "feat_s1")))
+        feats = {f: torch.cat([getattr(r, f) for r in rows]).contiguous(memory_format=torch.channels_last)
+                 for f in ("feat_s0", "feat_s1", "hq") if getattr(rows[0], f) is not None}
+        return ImageShare(*tokens, **feats)
+
+
+def _norm(layer, i: int):
+    """A two-way block's i-th layer norm: ``norm{i}`` in SAM and SAM 2, ``layer_norm{i}`` in
+    ``transformers``."""
+    return getattr(layer, f"norm{i}", None) or getattr(layer, f"layer_norm{i}")
+
+
+def _channels_ln(x: torch.Tensor, ln) -> torch.Tensor:
+    """A channels-first layer norm (``LayerNorm2d``, ``SamHQLayerNorm``) over a channels-last
+    tensor: one pass, no copy."""
+    y = x.permute(0, 2, 3, 1)
+    return F.layer_norm(y, y.shape[-1:], ln.weight, ln.bias, ln.eps).permute(0, 3, 1, 2)
 
 
 class SharedDecoder:
-    """Decode batches of prompts on one image with SAM's or SAM 2's prompt encoder and mask decoder.
+    """Decode batches of prompts on one image with SAM's or SAM 2's prompt encoder and mask decoder
+    (:class:`HQSharedDecoder`: HQ-SAM's).
 
     Args:
         prompt_encoder: the model's prompt encoder (``sam_prompt_encoder`` of SAM 2,
@@ -93,13 +113,13 @@ class SharedDecoder:
         if hasattr(mask_decoder, "use_high_res_features") and not self.high_res:
             raise ValueError("SharedDecoder expects SAM 2's high-resolution features")
         self.prompt_encoder, self.dtype = prompt_encoder, dtype
-        self.mask_downscaling, self.decoder = prompt_encoder.mask_downscaling, mask_decoder
+        self.mask_downscaling, self.decoder = self._mask_embedding(prompt_encoder), mask_decoder
         if dtype != torch.float32:
             self.mask_downscaling = copy.deepcopy(self.mask_downscaling).to(dtype)
             self.decoder = copy.deepcopy(mask_decoder).to(dtype)
         t = mask_decoder.transformer
         with torch.inference_mode():
-            pe = prompt_encoder.get_dense_pe()  # (1, C, 64, 64)
+            pe = self._dense_pe()  # (1, C, 64, 64)
             self.grid = tuple(pe.shape[-2:])
             pe_tok = pe.flatten(2)[0].t().float()  # (N, C)
             self.weights: List[torch.Tensor] = []  # per block: (C, 3I) transposed, fused
@@ -119,6 +139,40 @@ class SharedDecoder:
                 f.v_proj.bias.float().expand(pe_tok.shape[0], -1),
             ], dim=1).to(dtype)
 
+    # What differs between the libraries' modules (HQSharedDecoder overrides these)
+
+    @staticmethod
+    def _mask_embedding(prompt_encoder):
+        """The prompt encoder's mask-input embedding module."""
+        return prompt_encoder.mask_downscaling
+
+    def _dense_pe(self) -> torch.Tensor:
+        """``(1, C, h, w)`` positional encoding of the image tokens."""
+        return self.prompt_encoder.get_dense_pe()
+
+    def _sparse(self, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                boxes: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(B, T, C)`` point and box embeddings (float32)."""
+        points = None if coords is None else (coords.float(), labels)
+        sparse, _ = self.prompt_encoder(points=points, boxes=None if boxes is None else boxes.float(), masks=None)
+        return sparse
+
+    def _output_tokens(self) -> torch.Tensor:
+        """``(K, C)`` the decoder's learned output tokens, in its order."""
+        dec = self.decoder
+        heads = [dec.obj_score_token.weight] if getattr(dec, "pred_obj_scores", False) else []
+        return torch.cat(heads + [dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+
+    @staticmethod
+    def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """sam2's ``Attention.forward`` after its input projections."""
+        q, k, v = (attn._separate_heads(x, attn.num_heads) for x in (q, k, v))
+        return attn.out_proj(attn._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+    def _self_attend(self, attn, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A block's self-attention of the prompt tokens (queries = keys = ``q``)."""
+        return attn(q=q, k=q, v=v)
+
     @torch.inference_mode()
     def share(self, image_embed: torch.Tensor, high_res_feats: Optional[List[torch.Tensor]] = None) -> ImageShare:
         """The per-image part: ``image_embed`` ``(1, C, 64, 64)``, ``high_res_feats`` as SAM 2
@@ -129,12 +183,6 @@ class SharedDecoder:
                                               for x in high_res_feats]
         return ImageShare(keys_nomask, keys_nomask @ self.weights[0] + self.pe_terms[0],
                           tokens, tokens @ self.weights[0] + self.pe_terms[0], *feats)
-
-    @staticmethod
-    def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """sam2's ``Attention.forward`` after its input projections."""
-        q, k, v = (attn._separate_heads(x, attn.num_heads) for x in (q, k, v))
-        return attn.out_proj(attn._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
 
     @torch.inference_mode()
     def __call__(self, share: ImageShare, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
@@ -156,21 +204,16 @@ class SharedDecoder:
             labels: ``(B, P)`` labels (1, 0, -1 padding; SAM 2: 2/3 box corners).
             masks: optional ``(B, 1, 256, 256)`` low-res logits fed back as mask input.
             multimask: SAM's 3 masks (True) or one, with SAM 2's fallback on unstable masks.
-            boxes: ``(B, 4)`` boxes ``(x0, y0, x1, y1)`` in the model input's frame (SAM's
-                prompt encoder); None: no box.
+            boxes: ``(B, 4)`` boxes ``(x0, y0, x1, y1)`` in the model input's frame (SAM's and
+                HQ-SAM's prompt encoders); None: no box.
 
         Returns:
             ``(B, M, 256, 256)`` low-res logits and ``(B, M)`` IoU predictions, float32.
         """
-        dec, t = self.decoder, self.decoder.transformer
-        points = None if coords is None else (coords.float(), labels)
-        sparse, _ = self.prompt_encoder(points=points, boxes=None if boxes is None else boxes.float(), masks=None)
-        sparse = sparse.to(self.dtype)
+        sparse = self._sparse(coords, labels, boxes).to(self.dtype)
         b, n = sparse.shape[0], share.tokens.shape[-2]
         # as MaskDecoder.predict_masks: output tokens, then the prompt's
-        s = 1 if getattr(dec, "pred_obj_scores", False) else 0
-        heads = [dec.obj_score_token.weight] if s else []
-        out_tokens = torch.cat(heads + [dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        out_tokens = self._output_tokens()
         point_embedding = torch.cat((out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
 
         if masks is None:
@@ -183,45 +226,51 @@ class SharedDecoder:
             proj = torch.matmul(dense, self.weights[0]).add_(share.proj_tokens)
 
         # TwoWayTransformer.forward with the image side projected once per block
+        t = self.decoder.transformer
         queries = point_embedding
         inner = t.layers[0].cross_attn_token_to_image.internal_dim
         for i, layer in enumerate(t.layers):
             if i > 0:
                 proj = torch.matmul(keys, self.weights[i]).add_(self.pe_terms[i])
             if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
+                queries = self._self_attend(layer.self_attn, queries, queries)
             else:
                 q = queries + point_embedding
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
+                queries = queries + self._self_attend(layer.self_attn, q, queries)
+            queries = _norm(layer, 1)(queries)
             a = layer.cross_attn_token_to_image
-            queries = layer.norm2(queries + self._attend(a, a.q_proj(queries + point_embedding),
-                                                         proj[..., :inner], proj[..., inner:2 * inner]))
-            queries = layer.norm3(queries + layer.mlp(queries))
+            queries = _norm(layer, 2)(queries + self._attend(a, a.q_proj(queries + point_embedding),
+                                                             proj[..., :inner], proj[..., inner:2 * inner]))
+            queries = _norm(layer, 3)(queries + layer.mlp(queries))
             c = layer.cross_attn_image_to_token
             q = queries + point_embedding
-            keys = layer.norm4(keys + self._attend(c, proj[..., 2 * inner:], c.k_proj(q), c.v_proj(queries)))
+            keys = _norm(layer, 4)(keys + self._attend(c, proj[..., 2 * inner:], c.k_proj(q), c.v_proj(queries)))
         f = t.final_attn_token_to_image
         proj = torch.matmul(keys, self.final_weight).add_(self.final_pe_term)
         fi = f.internal_dim
         queries = queries + self._attend(f, f.q_proj(queries + point_embedding), proj[..., :fi], proj[..., fi:])
-        hs = t.norm_final_attn(queries)
+        final_norm = getattr(t, "norm_final_attn", None) or t.layer_norm_final_attn
+        return self._masks(share, final_norm(queries), keys, multimask)
 
+    def _masks(self, share: ImageShare, hs: torch.Tensor, keys: torch.Tensor,
+               multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """MaskDecoder's upscaling, hypernetworks and choice of outputs from the transformer's
+        tokens ``hs`` ``(B, K + T, C)`` and image tokens ``keys`` ``(B, N, C)``."""
+        dec = self.decoder
+        b = hs.shape[0]
+        s = 1 if getattr(dec, "pred_obj_scores", False) else 0
         # upscaling, channels-last all the way (the tokens already are); SAM 2 adds its
         # high-resolution features on the way
         gh, gw = self.grid
         src = keys.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
         dc1, ln1, act1, dc2, act2 = dec.output_upscaling
         x = dc1(src)
-        x = (x + share.feat_s1 if self.high_res else x).permute(0, 2, 3, 1)
-        x = act1(F.layer_norm(x, x.shape[-1:], ln1.weight, ln1.bias, ln1.eps)).permute(0, 3, 1, 2)
+        x = act1(_channels_ln(x + share.feat_s1 if self.high_res else x, ln1))
         up = dc2(x)
         up = act2(up + share.feat_s0 if self.high_res else up)  # (B, C0, 256, 256)
         mask_tokens = hs[:, s + 1: s + 1 + dec.num_mask_tokens]
         hyper_in = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
-        uh, uw = up.shape[-2:]
-        flat = up.permute(0, 2, 3, 1).reshape(b, uh * uw, -1)  # a view when up is channels-last
-        all_masks = torch.matmul(flat, hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, uh, uw).float()
+        all_masks = _hyper_masks(up, hyper_in)
         iou = dec.iou_prediction_head(hs[:, s]).float()
         # MaskDecoder.forward's choice of outputs
         if multimask:
@@ -229,6 +278,101 @@ class SharedDecoder:
         if getattr(dec, "dynamic_multimask_via_stability", False):
             return dec._dynamic_multimask_via_stability(all_masks, iou)
         return all_masks[:, :1], iou[:, :1]
+
+
+def _hyper_masks(up: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+    """``(B, M, H, W)`` float32 masks: the hypernetworks' ``(B, M, c)`` weights over the upscaled
+    ``(B, c, H, W)`` embedding."""
+    b, _, uh, uw = up.shape
+    flat = up.permute(0, 2, 3, 1).reshape(b, uh * uw, -1)  # a view when up is channels-last
+    return torch.matmul(flat, hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, uh, uw).float()
+
+
+class HQSharedDecoder(SharedDecoder):
+    """HQ-SAM's decoder (``transformers``' ``SamHQPromptEncoder`` and ``SamHQMaskDecoder``) as a
+    :class:`SharedDecoder`: the SAM decoder's transformer, plus an HQ token whose mask is made
+    from the upscaled embedding and the image's HQ features (in the share); the output is SAM's
+    mask plus the HQ mask (``hq_token_only=False``, HQ-SAM's default) and with SAM's three masks
+    sorted by predicted IoU, as the module does.
+
+    Args:
+        prompt_encoder: ``SamHQModel.prompt_encoder``.
+        mask_decoder: ``SamHQModel.mask_decoder``.
+        dtype: as for :class:`SharedDecoder`.
+    """
+
+    @staticmethod
+    def _mask_embedding(prompt_encoder):
+        return prompt_encoder.mask_embed
+
+    def _dense_pe(self) -> torch.Tensor:
+        # SamHQModel.get_image_wide_positional_embeddings, with the prompt encoder's copy of the
+        # (tied) positional embedding
+        pe_layer = self.prompt_encoder.shared_embedding
+        size = self.prompt_encoder.image_embedding_size[0]
+        grid = torch.ones((size, size), device=pe_layer.positional_embedding.device, dtype=pe_layer.positional_embedding.dtype)
+        y, x = (grid.cumsum(dim=0) - 0.5) / size, (grid.cumsum(dim=1) - 0.5) / size
+        return pe_layer(torch.stack([x, y], dim=-1)).permute(2, 0, 1).unsqueeze(0)
+
+    def _sparse(self, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                boxes: Optional[torch.Tensor]) -> torch.Tensor:
+        sparse, _ = self.prompt_encoder(input_points=None if coords is None else coords.float()[:, None],
+                                        input_labels=None if labels is None else labels[:, None],
+                                        input_boxes=None if boxes is None else boxes.float()[:, None], input_masks=None)
+        return sparse[:, 0]
+
+    def _output_tokens(self) -> torch.Tensor:
+        dec = self.decoder
+        return torch.cat([dec.iou_token.weight, dec.mask_tokens.weight, dec.hq_token.weight], dim=0)
+
+    @staticmethod
+    def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # SamHQAttention.forward after its input projections, on (B, T, C) rather than
+        # (B, point batch, T, C); its scaling is SDPA's default
+        h = attn.num_attention_heads
+        q, k, v = (x.unflatten(-1, (h, -1)).transpose(1, 2) for x in (q, k, v))
+        return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    def _self_attend(self, attn, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._attend(attn, attn.q_proj(q), attn.k_proj(q), attn.v_proj(v))
+
+    @torch.inference_mode()
+    def share(self, image_embed: torch.Tensor, intermediate: Optional[List[torch.Tensor]] = None) -> ImageShare:
+        """The per-image part: ``image_embed`` ``(1, C, 64, 64)`` and the ViT's intermediate
+        embeddings ``[(1, 64, 64, D), ...]`` (``SamHQModel.get_image_embeddings``); the HQ
+        features come from the first."""
+        base = super().share(image_embed)
+        dec = self.decoder
+        emb = image_embed.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        hq = dec.encoder_conv2(dec.activation(_channels_ln(dec.encoder_conv1(emb), dec.encoder_norm)))
+        if intermediate:
+            vit = intermediate[0].to(self.dtype).permute(0, 3, 1, 2)  # channels-last already
+            c = dec.compress_vit_conv1(vit)
+            hq = hq + dec.compress_vit_conv2(dec.activation(_channels_ln(c, dec.compress_vit_norm)))
+        base.hq = hq.contiguous(memory_format=torch.channels_last)
+        return base
+
+    def _masks(self, share: ImageShare, hs: torch.Tensor, keys: torch.Tensor,
+               multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        # SamHQMaskDecoder.forward after its transformer
+        dec = self.decoder
+        b = hs.shape[0]
+        gh, gw = self.grid
+        src = keys.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
+        act = dec.activation
+        up = act(dec.upscale_conv2(act(_channels_ln(dec.upscale_conv1(src), dec.upscale_layer_norm))))
+        hq = dec.mask_conv2(act(_channels_ln(dec.mask_conv1(up), dec.mask_norm))) + share.hq
+        k = dec.num_mask_tokens - 1  # SAM's mask tokens; the HQ token follows them
+        tokens = hs[:, 1: 2 + k]
+        hyper = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        masks_sam = _hyper_masks(up, hyper)
+        mask_hq = _hyper_masks(hq, dec.hq_mask_mlp(tokens[:, k])[:, None])
+        iou = dec.iou_prediction_head(hs[:, 0]).float()
+        if not multimask:
+            return masks_sam[:, :1] + mask_hq, iou[:, :1]
+        iou, order = torch.sort(iou[:, 1:k], dim=1, descending=True)
+        masks = torch.gather(masks_sam[:, 1:k], 1, order[..., None, None].expand(-1, -1, *masks_sam.shape[-2:]))
+        return masks + mask_hq, iou
 
 
 class SharedDecoders:
@@ -239,6 +383,7 @@ class SharedDecoders:
 
     Args:
         prompt_encoder, mask_decoder: as for :class:`SharedDecoder`.
+        decoder_cls: :class:`SharedDecoder`, or :class:`HQSharedDecoder` for HQ-SAM's modules.
         max_shares: shares kept (as many as embeddings, so a batch over many images does not
             recompute them).
         step: wraps a dtype's decoder in the step that is called instead, with the same
@@ -248,8 +393,10 @@ class SharedDecoders:
     """
 
     def __init__(self, prompt_encoder, mask_decoder, max_shares: int,
-                 step: Optional[Callable[[SharedDecoder], Callable]] = None) -> None:
+                 step: Optional[Callable[[SharedDecoder], Callable]] = None,
+                 decoder_cls: Type[SharedDecoder] = SharedDecoder) -> None:
         self.prompt_encoder, self.mask_decoder, self.max_shares = prompt_encoder, mask_decoder, max(2, int(max_shares))
+        self.decoder_cls = decoder_cls
         self.step = step
         self.compiled = step is not None
         self._decoders: Dict[torch.dtype, SharedDecoder] = {}
@@ -260,7 +407,7 @@ class SharedDecoders:
         """The decoder for ``dtype`` itself."""
         dec = self._decoders.get(dtype)
         if dec is None:
-            dec = self._decoders[dtype] = SharedDecoder(self.prompt_encoder, self.mask_decoder, dtype)
+            dec = self._decoders[dtype] = self.decoder_cls(self.prompt_encoder, self.mask_decoder, dtype)
         return dec
 
     def decoder(self, dtype: torch.dtype) -> Callable:
@@ -277,7 +424,8 @@ class SharedDecoders:
 
     def share(self, emb, dtype: torch.dtype, features: Callable[[], tuple], live: Container[str]) -> ImageShare:
         """The share of the :class:`~smartsam.backbones.base.Embedding` ``emb`` (computed once per
-        embedding and dtype from ``features()``: ``(image_embed, high_res_feats or None)``);
+        embedding and dtype from ``features()``: ``(image_embed, high_res_feats or None)``, HQ-SAM:
+        ``(image_embed, intermediate_embeddings)``);
         shares of images whose keys are not in ``live`` are dropped."""
         for k in [k for k in self._shares if k[0] not in live]:
             del self._shares[k]

@@ -79,7 +79,7 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             from ..backbones.hf_sam import SamHQBackbone, build_sam_hq_model
 
             bb = SamHQBackbone(build_sam_hq_model(spec.arch, str(path) if path else None), spec.name, cache_size, device,
-                               cpu_bf16=cpu_bf16)
+                               cpu_bf16=cpu_bf16, shared_decoder=shared_decoder, compile=compile)
         elif spec.family == "sam3":
             from ..backbones.hf_sam import Sam3Backbone, build_sam3_models
 

@@ -1,7 +1,7 @@
 """Latency per click, broken down, and how the agent's cost grows with its work.
 
     python benchmarks/latency.py [--backbone NAME] [--checkpoint PATH] [--device cpu|cuda] [--image PATH]
-                                 [--repeats N] [--skip-levers] [--skip-scaling]
+                                 [--repeats N] [--skip-levers] [--skip-scaling] [--only-compile | --only-shared]
 
 Prints markdown tables. Random-weight configurations are fine for timing (the cost does not
 depend on the weights) and are labelled as such. Speed is measured here, never in the tests.
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--skip-compile", action="store_true", help="no eager-against-compiled table (its warm-up "
                     "compiles for 1-2 minutes on 2 CPU cores)")
     ap.add_argument("--only-compile", action="store_true", help="the eager-against-compiled table alone")
+    ap.add_argument("--only-shared", action="store_true", help="the library decoder against the shared decoder "
+                    "alone (A B A B, the machine's default dtype)")
     args = ap.parse_args()
 
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
@@ -73,6 +75,8 @@ def main() -> None:
 
     if args.only_compile:
         return compiled_ab(bb, image, click, args)
+    if args.only_shared:
+        return shared_ab(bb, image, click, args)
 
     rows = []
 
@@ -265,6 +269,63 @@ def between_decoder_calls(bb, click_fn, args) -> None:
           f"them (Python, NumPy, OpenCV, copies): {total - dec:.3f} s = {100 * (total - dec) / total:.1f} %")
 
 
+def timed_clicks(agent, image, clicks, moved, device):
+    """The agent's cached clicks near ``clicks``, each moved to a new point (``moved`` counts
+    them: the answer cache, which keys clicks to 0.01 px, never answers one): the median seconds
+    and the answers."""
+    agent.set_image(image)
+    ts, answers = [], []
+    for c in clicks:
+        k = next(moved) * 0.05
+        sync(device)
+        t = time.perf_counter()
+        answers.append(agent.predict((c[0] + k, c[1])))
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), answers
+
+
+def shared_ab(bb, image, click, args) -> None:
+    """The library's mask decoder module against the shared decoder (SMARTSAM_SHARED_DECODER) in one
+    run, A B A B, in the backbone's default dtype: the literal agent's cached click (median of 3
+    clicks per round), a decoder row (the 30 chained prompts of one call) and the answers' mask
+    IoU with the library's (HQ-SAM: transformers' module gives other masks by design, see
+    docs/cli-and-models.md)."""
+    from smartsam.masks import mask_iou
+
+    if not hasattr(bb, "shared_decoder"):
+        print(f"\n(no shared decoder for {bb.name})")
+        return
+    shared0 = bb.shared_decoder
+    bb.set_image(image)
+    w, h = image.shape[1], image.shape[0]
+    init = bb.predict([Prompt([click], [1]) for _ in range(10)], multimask=True)
+    chained = [Prompt([click, (w * 0.2, h * 0.2)], [1, 0], mask_input=init.low_res_logits[i // 3, i % 3]) for i in range(30)]
+    agent = SmartSAMAgent(bb, dedupe_iou=None)
+    clicks = [(click[0] + dx, click[1] + dy) for dx, dy in ((0, 0), (-40, 20), (35, -25))]
+    moved = iter(range(1, 10**6))
+    labels = {False: "library module", True: "shared decoder"}
+    times, rows_t, answers = {k: [] for k in labels}, {k: [] for k in labels}, {k: [] for k in labels}
+    for _ in range(2):  # A B A B
+        for shared in labels:
+            bb.shared_decoder = shared
+            t, got = timed_clicks(agent, image, clicks, moved, args.device)
+            times[shared].append(t)
+            answers[shared] += got
+            rows_t[shared].append(median_time(lambda: bb.predict(chained, multimask=False), args.repeats, args.device) / 30)
+    bb.shared_decoder = shared0
+    rows = []
+    for shared, label in labels.items():
+        iou = float(np.mean([mask_iou(a.mask, b.mask) for a, b in zip(answers[shared], answers[False])]))
+        rows.append([label, " / ".join(f"{x:.3f}" for x in times[shared]),
+                     f"{np.median(times[False]) / np.median(times[shared]):.2f}x",
+                     " / ".join(f"{x * 1e3:.1f}" for x in rows_t[shared]), f"{iou:.4f}" if shared else "(the reference)"])
+    dt = "bf16" if bb.compute_dtype == torch.bfloat16 else "fp32"
+    print(f"\n## Library decoder against the shared decoder ({dt}; literal path, cached embedding; two rounds, A B A B)\n")
+    print(table(["decoder", "s per click (round 1 / 2)", "speed-up (median)", "ms per decoder row (round 1 / 2)",
+                 "mask IoU with the library's"], rows))
+
+
 def compiled_ab(bb, image, click, args) -> None:
     """Eager against compiled (SMARTSAM_COMPILE) and, on CUDA, compiled + the step on the device,
     in one run, A B (C) A B (C): the literal agent's cached click (median of 3 clicks per round) and a decoder
@@ -304,17 +365,9 @@ def compiled_ab(bb, image, click, args) -> None:
     for _ in range(2):  # A B C A B C
         for label, agent in agents.items():
             bb.shared.compiled = label != "eager"
-            agent.set_image(image)
-            ts = []
-            for c in clicks:
-                k = next(moved) * 1e-3  # a new point each time: never the answer cache
-                sync(args.device)
-                t = time.perf_counter()
-                r = agent.predict((c[0] + k, c[1]))
-                sync(args.device)
-                ts.append(time.perf_counter() - t)
-                answers.setdefault(label, []).append(r)
-            times[label].append(float(np.median(ts)))
+            t, got = timed_clicks(agent, image, clicks, moved, args.device)
+            times[label].append(t)
+            answers.setdefault(label, []).extend(got)
             if label in row_times:
                 row_times[label].append(median_time(lambda: bb.predict(chained, multimask=False), args.repeats, args.device) / 30)
                 logits[label] = bb.predict(chained, multimask=False).low_res_logits

@@ -269,17 +269,18 @@ def between_decoder_calls(bb, click_fn, args) -> None:
           f"them (Python, NumPy, OpenCV, copies): {total - dec:.3f} s = {100 * (total - dec) / total:.1f} %")
 
 
-def timed_clicks(agent, image, clicks, moved, device):
-    """The agent's cached clicks near ``clicks``, each moved to a new point (``moved`` counts
-    them: the answer cache, which keys clicks to 0.01 px, never answers one): the median seconds
-    and the answers."""
+def timed_clicks(agent, image, clicks, shift, device):
+    """The agent's cached clicks at ``clicks`` moved by ``shift`` px, its answer cache emptied
+    first: the median seconds and the answers. A round passes the same ``shift`` to every variant
+    it compares: a click's random streams are seeded by its 1/16-px cell, so variants timed on
+    the same points make the same draws and their answers can be compared."""
     agent.set_image(image)
+    agent.policy.answers.clear()
     ts, answers = [], []
     for c in clicks:
-        k = next(moved) * 0.05
         sync(device)
         t = time.perf_counter()
-        answers.append(agent.predict((c[0] + k, c[1])))
+        answers.append(agent.predict((c[0] + shift, c[1])))
         sync(device)
         ts.append(time.perf_counter() - t)
     return float(np.median(ts)), answers
@@ -303,13 +304,12 @@ def shared_ab(bb, image, click, args) -> None:
     chained = [Prompt([click, (w * 0.2, h * 0.2)], [1, 0], mask_input=init.low_res_logits[i // 3, i % 3]) for i in range(30)]
     agent = SmartSAMAgent(bb, dedupe_iou=None)
     clicks = [(click[0] + dx, click[1] + dy) for dx, dy in ((0, 0), (-40, 20), (35, -25))]
-    moved = iter(range(1, 10**6))
     labels = {False: "library module", True: "shared decoder"}
     times, rows_t, answers = {k: [] for k in labels}, {k: [] for k in labels}, {k: [] for k in labels}
-    for _ in range(2):  # A B A B
+    for r in range(2):  # A B A B
         for shared in labels:
             bb.shared_decoder = shared
-            t, got = timed_clicks(agent, image, clicks, moved, args.device)
+            t, got = timed_clicks(agent, image, clicks, (r + 1) * 1e-3, args.device)
             times[shared].append(t)
             answers[shared] += got
             rows_t[shared].append(median_time(lambda: bb.predict(chained, multimask=False), args.repeats, args.device) / 30)
@@ -358,14 +358,13 @@ def compiled_ab(bb, image, click, args) -> None:
         bb.predict(chained, multimask=False)
     warm = time.perf_counter() - t
     clicks = [(click[0] + dx, click[1] + dy) for dx, dy in ((0, 0), (-40, 20), (35, -25))]
-    moved = iter(range(1, 10**6))
     times = {k: [] for k in agents}
     row_times = {"eager": [], "compiled": []}
     answers, logits = {}, {}
-    for _ in range(2):  # A B C A B C
+    for r in range(2):  # A B C A B C
         for label, agent in agents.items():
             bb.shared.compiled = label != "eager"
-            t, got = timed_clicks(agent, image, clicks, moved, args.device)
+            t, got = timed_clicks(agent, image, clicks, (r + 1) * 1e-3, args.device)
             times[label].append(t)
             answers.setdefault(label, []).extend(got)
             if label in row_times:

@@ -87,6 +87,11 @@ class AnswerCache:
                 return hit
         return None
 
+    def clear(self) -> None:
+        """Forget every answer (a benchmark timing the same clicks again)."""
+        with self._lock:
+            self._results.clear()
+
     def put(self, job: "Job", result: AgentResult) -> None:
         if result.partial or job.key is None:
             return

@@ -167,8 +167,8 @@ def _official_hq_decoder(hf_decoder, vit_dim: int):
                                                       mlp_dim=cfg.mlp_dim, num_heads=cfg.num_attention_heads)).eval()
     renames = [  # transformers' names -> the official ones (the inverse of transformers' conversion)
         (r"layer_norm(\d)", r"norm\1"), (r"layer_norm_final_attn", "norm_final_attn"), (r"^hq_token", "hf_token"),
-        (r"^hq_mask_mlp", "hf_mlp"), (r"\.proj_in\.", ".layers.0."), (r"\.layers\.0\.(weight|bias)$", ".layers.1.\\1"),
-        (r"\.proj_out\.", ".layers.2."), (r"^upscale_conv1", "output_upscaling.0"), (r"^upscale_layer_norm", "output_upscaling.1"),
+        (r"^hq_mask_mlp", "hf_mlp"), (r"\.proj_in\.", ".layers.0."), (r"\.proj_out\.", ".layers.2."),
+        (r"^upscale_conv1", "output_upscaling.0"), (r"^upscale_layer_norm", "output_upscaling.1"),
         (r"^upscale_conv2", "output_upscaling.3"), (r"^compress_vit_conv1", "compress_vit_feat.0"),
         (r"^compress_vit_norm", "compress_vit_feat.1"), (r"^compress_vit_conv2", "compress_vit_feat.3"),
         (r"^encoder_conv1", "embedding_encoder.0"), (r"^encoder_norm", "embedding_encoder.1"),
@@ -180,8 +180,7 @@ def _official_hq_decoder(hf_decoder, vit_dim: int):
         if re.search(r"(mlps\.\d+|mlp|head)\.layers\.0\.", k):  # a 3-layer head's middle layer, before proj_out moves
             k = k.replace(".layers.0.", ".layers.1.")
         for a, b in renames:
-            if a != r"\.layers\.0\.(weight|bias)$":
-                k = re.sub(a, b, k)
+            k = re.sub(a, b, k)
         state[k] = v
     dec.load_state_dict(state)
     for layer in dec.transformer.layers:  # transformers' blocks normalise with their config's eps (1e-6), SAM's with 1e-5
@@ -231,12 +230,21 @@ def test_hq_sam_shared_decoder_is_the_official_hq_decoder(coco_image):
                 points, labels, boxes, masks = bb._inputs(prompts)
                 with torch.inference_mode():
                     sparse, dense = bb.model.prompt_encoder(points, labels, boxes, masks)
-                    want, want_iou = official(emb, bb.model.get_image_wide_positional_embeddings(), sparse[:, 0],
-                                              dense.expand(len(prompts), -1, -1, -1), multimask, False, inter)
+                    args = (emb, bb.model.get_image_wide_positional_embeddings(), sparse[:, 0],
+                            dense.expand(len(prompts), -1, -1, -1))
+                    best, best_iou = official(*args, multimask, False, inter)  # its answer: the best mask + HQ
+                    hq = official.embedding_encoder(emb) + official.compress_vit_feat(inter[0].permute(0, 3, 1, 2))
+                    every, every_iou = official.predict_masks(*args, hq_features=hq)  # SAM's 4 masks, HQ's
+                if multimask:  # SAM's three, sorted by score as transformers sorts them, each plus HQ's
+                    want_iou, order = torch.sort(every_iou[:, 1:4], dim=1, descending=True)
+                    want = torch.gather(every[:, 1:4], 1, order[..., None, None].expand(-1, -1, 256, 256)) + every[:, 4:]
+                else:
+                    want, want_iou = every[:, :1] + every[:, 4:], every_iou[:, :1]
                 # fp32; the official transformer's explicit softmax against SDPA
-                assert np.allclose(ours.low_res_logits[:, :1], want.numpy(), atol=1e-5)
-                assert np.allclose(ours.scores[:, :1], want_iou.numpy(), atol=1e-5)
-                assert (np.diff(ours.scores, axis=1) <= 0).all()  # SAM's three masks, best first
+                assert np.allclose(ours.low_res_logits, want.numpy(), atol=1e-5)
+                assert np.allclose(ours.scores, want_iou.numpy(), atol=1e-5)
+                assert np.allclose(ours.low_res_logits[:, :1], best.numpy(), atol=1e-5)
+                assert np.allclose(ours.scores[:, :1], best_iou.numpy(), atol=1e-5)
                 if box and with_mask:  # transformers' module, once: its scores, not its masks
                     bb.shared_decoder = False
                     lib = bb.predict(prompts, multimask)

@@ -225,7 +225,7 @@ def _take(args: tuple, idx: torch.Tensor) -> tuple:
             if x is None:
                 return None
             x = x.index_select(0, idx)
-            return x.contiguous(memory_format=torch.channels_last) if name.startswith("feat") else x
+            return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x  # feature maps
         share = ImageShare(*(rows(f.name) for f in fields(ImageShare)))
     sel = [None if x is None else x.index_select(0, idx) for x in (coords, labels, masks)]
     return (share, *sel, multimask, None if boxes is None else boxes.index_select(0, idx))

@@ -15,11 +15,13 @@ work is the same for every prompt on an image:
   the upscaling convolutions (no per-prompt copies, one fused layer norm instead of five passes).
 
 * HQ-SAM (``transformers``' ``SamHQMaskDecoder``, :class:`HQSharedDecoder`) also makes its HQ
-  features (the image embedding and the first ViT block's output, upscaled to 256 x 256) from the
-  image alone: the module makes them again for every prompt of a batch; here once per image.
+  features (the image embedding and the first global-attention ViT block's output, upscaled to
+  256 x 256) from the image alone: the module makes them again for every prompt of a batch; here
+  once per image.
 
 The arithmetic is the library modules' (``tests/test_agent.py`` checks equal outputs in fp32 for
-SAM 2.1, SAM and HQ-SAM); only the order of additions differs. ``benchmarks/latency.py`` measures it
+SAM 2.1 and SAM; only the order of additions differs), and for HQ-SAM that of SysCV's own
+``MaskDecoderHQ`` (``tests/test_hf_backbones.py``), which transformers' module departs from. ``benchmarks/latency.py`` measures it
 against the module.
 """
 
@@ -339,8 +341,8 @@ class HQSharedDecoder(SharedDecoder):
     @torch.inference_mode()
     def share(self, image_embed: torch.Tensor, intermediate: Optional[List[torch.Tensor]] = None) -> ImageShare:
         """The per-image part: ``image_embed`` ``(1, C, 64, 64)`` and the ViT's intermediate
-        embeddings ``[(1, 64, 64, D), ...]`` (``SamHQModel.get_image_embeddings``); the HQ
-        features come from the first."""
+        embeddings ``[(1, 64, 64, D), ...]`` (``SamHQModel.get_image_embeddings``: the outputs of
+        its global-attention blocks); the HQ features come from the first."""
         base = super().share(image_embed)
         dec = self.decoder
         emb = image_embed.to(self.dtype).contiguous(memory_format=torch.channels_last)

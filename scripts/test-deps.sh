@@ -6,9 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LS_VENV=.cache/ls-venv
-if [ ! -x "$LS_VENV/bin/label-studio" ]; then
-  python3 -m venv "$LS_VENV"
-  "$LS_VENV/bin/pip" install -q label-studio==1.23.2
+# sentry-sdk: Label Studio 1.23.2 leaves it unpinned and a fresh install now resolves 3.0.0, which
+# refuses the options LS's settings pass (TypeError: Unknown option 'send_default_pii'): LS would not
+# start. The marker names these pins, so a venv made before them is brought to them.
+LS_PINS=(label-studio==1.23.2 "sentry-sdk>=2,<3")
+if [ ! -f "$LS_VENV/.pins-sentry2" ]; then
+  [ -x "$LS_VENV/bin/python" ] || python3 -m venv "$LS_VENV"
+  "$LS_VENV/bin/pip" install -q "${LS_PINS[@]}"
+  touch "$LS_VENV/.pins-sentry2"
 fi
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)

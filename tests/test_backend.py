@@ -318,7 +318,8 @@ def test_concurrent_clients_get_their_own_answers(backend, server, tmp_path):
     """4 clients x 10 clicks, different projects and images, at once, with a busy process beside
     the backend (a neighbour on the box: Label Studio, another replica): every answer is for the
     right image and equals what the same request gets alone, from another backend process (so no
-    cache can make them equal), and none is cut at its deadline."""
+    cache can make them equal; up to the last bits of another thread count), and none is cut at
+    its deadline."""
     import subprocess
 
     jobs = {0: ("penguin.jpg", 481, 321), 1: ("coco.jpg", 640, 481), 2: ("gray.png", 70, 50), 3: ("rgba.png", 70, 50)}
@@ -363,8 +364,16 @@ def test_concurrent_clients_get_their_own_answers(backend, server, tmp_path):
             assert (res["original_width"], res["original_height"]) == (w, h)
             assert rle_mask(res).shape == (h, w)
             other = alone[c][k]["results"][0]
-            if res["value"]["rle"] != other["result"][0]["value"]["rle"]:  # say how they differ (seen once in ~10 runs)
-                a, b = rle_mask(res), rle_mask(other["result"][0])
+            # Beside the busy process the thread governor runs steps with 1 thread, alone it runs 2;
+            # fp32 sums split over another thread count differ in their last bits, and a pixel whose
+            # logit is that close to 0 can flip (seen: 1 of 307840 on coco.jpg's first click, the
+            # same in-process at torch.set_num_threads 1 against 2). A job's answer is bit-identical
+            # to its answer alone at one thread count (test_batch.py's mixed batch); here the same
+            # candidate (mode, score) and the same mask up to such pixels, while another image's
+            # answer differs by far more.
+            a, b = rle_mask(res), rle_mask(other["result"][0])
+            same = {x: r["results"][0].get(x) for x in ("mode", "score")} == {x: other.get(x) for x in ("mode", "score")}
+            if not same or int((a != b).sum()) > max(2, a.size // 10000):
                 pytest.fail(f"client {c} request {k}: {int((a != b).sum())} of {a.size} pixels differ; shared backend "
                             f"{ {x: r['results'][0].get(x) for x in ('mode', 'score')} }, alone "
                             f"{ {x: other.get(x) for x in ('mode', 'score')} }")

@@ -83,7 +83,13 @@ def test_kill_the_real_backend_while_it_writes_references(tmp_path):
 
         th = threading.Thread(target=writer)
         th.start()
-        time.sleep(2.5)
+        # killed only once writes are being acknowledged (the first one loads the text model: on a
+        # busy 2-core machine that took more than the 2.5 s this test once waited), then while
+        # they keep coming, so the kill lands inside one
+        deadline = time.time() + 120
+        while len(written) < 2 and th.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         b.kill(signal.SIGKILL)
         stop.set()
         th.join(30)

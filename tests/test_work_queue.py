@@ -160,7 +160,9 @@ def test_a_restart_in_a_fresh_pid_namespace_takes_its_queue_back(tmp_path, datab
 def test_failed_rows_wait_their_backoff_and_are_given_up_then_kept(tmp_path, database_url):
     from backend.store.work_queue import RetryPolicy, WorkQueue
 
-    q = WorkQueue(tmp_path / "jobs.db", database_url, retry=RetryPolicy(first_delay=0.3, max_delay=0.3, give_up_after=1.5))
+    # delays of 1 s (0.8-1.2 s jittered): the checks "not before the delay" run well inside it on
+    # a busy machine (with 0.3 s, i.e. 0.24 s jittered, a loaded PostgreSQL once took longer)
+    q = WorkQueue(tmp_path / "jobs.db", database_url, retry=RetryPolicy(first_delay=1.0, max_delay=1.0, give_up_after=2.5))
     q.add_tasks("1", [{"id": 1}], "<View/>")
     q.add_event("ANNOTATION_CREATED", 5, None, "10.0.0.1")
     item, notice = q.claim_task(), q.claim_event()
@@ -169,13 +171,13 @@ def test_failed_rows_wait_their_backoff_and_are_given_up_then_kept(tmp_path, dat
     assert q.claim_task() is None and q.claim_event() is None  # not before the delay
     assert q.counts() == {"events": {"waiting": 1, "retrying": 1, "given_up": 0},
                           "prelabel": {"waiting": 1, "retrying": 1, "given_up": 0}}
-    time.sleep(0.45)
+    time.sleep(1.3)
     item, notice = q.claim_task(), q.claim_event()
     assert item.attempts == 1 and item.prediction["model_version"] == "v"  # the prediction is kept for the retry
     assert notice.attempts == 1 and notice.sender == "10.0.0.1"
-    time.sleep(1.2)  # failing for longer than give_up_after: kept, given up, listed with its reason
+    time.sleep(1.4)  # failing for longer than give_up_after: kept, given up, listed with its reason
     assert not q.task_failed(item, "HTTP 502 again") and not q.event_failed(notice, "timed out again")
-    time.sleep(0.45)
+    time.sleep(1.3)  # longer than any retry delay: a given-up row is not tried again by itself
     assert q.claim_task() is None and q.claim_event() is None and q.waiting_tasks() == 0
     listed = q.troubled()
     assert [(t["task"], t["given_up"], t["last_error"], t["predicted"]) for t in listed["tasks"]] == [

@@ -151,8 +151,9 @@ class Job:
         key: the image's cache key (None: its content hash).
         click: ``(x, y)`` image pixels, checked (:func:`check_click`).
         reference: None for pure-IS, else what the user meant.
-        deadline: ``time.monotonic()`` after which no further chain step starts (the answer is
-            then chosen among what was explored and marked ``partial``).
+        deadline: ``time.monotonic()`` by which the answer is due: no chain step starts that
+            would end past it at the pace of the job's previous stage (the answer is then chosen
+            among what was explored and marked ``partial``).
         return_candidates: also return every candidate.
     """
 
@@ -198,6 +199,8 @@ class _Live:
     out: Optional[tuple] = None  # this stage's (logits, scores), from the decoder to _advance
     error: Optional[BaseException] = None  # why the job could not start
     partial: bool = False
+    stage_seconds: float = 0.0  # how long the job's last stage took (its step, less any encoding)
+    stage_rows: int = 0  # the job's decoder rows in that stage
     t0: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=lambda: {"encoder": 0, "decoder": 0, "features": 0})
@@ -317,6 +320,7 @@ class BatchEngine:
             t = time.perf_counter()
             report.encoded += self._admit(new)
             report.encode_seconds += time.perf_counter() - t
+        t_stage = time.monotonic()
         for lv in chosen:
             try:
                 if lv.stage < 0:
@@ -336,7 +340,9 @@ class BatchEngine:
         report.decode_seconds = time.perf_counter() - t
         for lv in decoding:
             try:
+                lv.stage_rows = len(lv.rows)
                 self._advance(lv)
+                lv.stage_seconds = time.monotonic() - t_stage
                 if not self._continues(lv):
                     self._finish_into(report, lv)
             except Exception as e:
@@ -384,7 +390,12 @@ class BatchEngine:
             return True
         if lv.stage > agent.clicker.chain_length or not lv.chains:
             return False
-        if lv.job.deadline is not None and time.monotonic() >= lv.job.deadline:
+        # A step that starts before the deadline but ends after it comes too late: the caller stops
+        # waiting at the deadline (the backend's SMARTSAM_REQUEST_TIMEOUT) and answers "try again"
+        # instead of the partial answer. The next stage is expected to take the last one's time per
+        # row (the first chain step decodes a row per chain: 30 for the 10 prompts before it).
+        expected = lv.stage_seconds * len(lv.chains) / max(1, lv.stage_rows)
+        if lv.job.deadline is not None and time.monotonic() + expected >= lv.job.deadline:
             lv.partial = True
             return False
         if lv.on_device:  # placed with the last stage's outputs

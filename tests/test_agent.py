@@ -272,6 +272,32 @@ def test_a_deadline_cuts_the_chains_and_says_so(sam2_backbone, grabcut_image):
     assert full.calls["decoder"] > cut.calls["decoder"]
 
 
+def test_a_chain_step_that_would_end_past_the_deadline_does_not_start(sam2_backbone, grabcut_image):
+    """The caller stops waiting at the deadline, so a chain step started before it but ending after
+    it would turn the partial answer into none: with less time left than the explore stage took
+    per row times the chains, the job ends at once, partial, with the explored candidates."""
+    import time
+
+    from smartsam.agent import SmartSAMAgent
+    from smartsam.batch import BatchEngine
+
+    agent = SmartSAMAgent(sam2_backbone, seed=0)
+    agent.set_image(grabcut_image)
+    job = agent.job(grabcut_image, (240, 176), return_candidates=True)
+    engine = BatchEngine(sam2_backbone)
+    engine.add(job)
+    t0 = time.monotonic()
+    assert engine.step().finished == []  # the explore stage: 10 prompts, 3 masks each
+    explore = time.monotonic() - t0
+    job.deadline = time.monotonic() + explore / 2  # time left, but less than a chain step needs
+    calls = sam2_backbone.decoder_calls
+    finished = engine.step().finished
+    assert [j for j, _ in finished] == [job], "a chain step started that would end past the deadline"
+    res = finished[0][1]
+    assert res.partial and max(c.chain_step for c in res.candidates) == 0 and len(res.candidates) == 30
+    assert sam2_backbone.decoder_calls == calls
+
+
 def test_reference_preparation_crops_the_object_to_70_percent_without_background(dino, coco_image, datasets):
     from smartsam.eval.datasets import load_gt, load_dataset
     from smartsam.masks import BACKGROUND_FILL, mask_box, prepare_reference

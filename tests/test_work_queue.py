@@ -301,6 +301,7 @@ def test_review_findings_of_the_queue_hold(tmp_path, database_url):
     assert a.renew([held.seq]) == [held.seq]  # a hears it lost the task
     assert a.writing([held.seq], "v1") == [] and b.writing([taken.seq], "v1") == [taken.seq]
     assert a.task_failed(held, "late") and b.attempted(taken.seq) == ["v1"]  # a's failure did not touch b's row
+    assert b.renew([taken.seq]) == []  # nor b's claim on it
     # b holds task 3 on its own lease: whatever else it can claim now (the tasks of q, whose
     # lease ran out, or none), task 3 is not among them
     others = []

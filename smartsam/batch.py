@@ -199,8 +199,7 @@ class _Live:
     out: Optional[tuple] = None  # this stage's (logits, scores), from the decoder to _advance
     error: Optional[BaseException] = None  # why the job could not start
     partial: bool = False
-    stage_seconds: float = 0.0  # how long the job's last stage took (its step, less any encoding)
-    stage_rows: int = 0  # the job's decoder rows in that stage
+    row_seconds: float = 0.0  # the job's last stage: its step's time (less any encoding) per row of the job
     t0: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=lambda: {"encoder": 0, "decoder": 0, "features": 0})
@@ -340,9 +339,9 @@ class BatchEngine:
         report.decode_seconds = time.perf_counter() - t
         for lv in decoding:
             try:
-                lv.stage_rows = len(lv.rows)
+                rows = len(lv.rows)
                 self._advance(lv)
-                lv.stage_seconds = time.monotonic() - t_stage
+                lv.row_seconds = (time.monotonic() - t_stage) / max(1, rows)
                 if not self._continues(lv):
                     self._finish_into(report, lv)
             except Exception as e:
@@ -394,8 +393,7 @@ class BatchEngine:
         # waiting at the deadline (the backend's SMARTSAM_REQUEST_TIMEOUT) and answers "try again"
         # instead of the partial answer. The next stage is expected to take the last one's time per
         # row (the first chain step decodes a row per chain: 30 for the 10 prompts before it).
-        expected = lv.stage_seconds * len(lv.chains) / max(1, lv.stage_rows)
-        if lv.job.deadline is not None and time.monotonic() + expected >= lv.job.deadline:
+        if lv.job.deadline is not None and time.monotonic() + lv.row_seconds * len(lv.chains) >= lv.job.deadline:
             lv.partial = True
             return False
         if lv.on_device:  # placed with the last stage's outputs

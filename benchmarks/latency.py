@@ -344,7 +344,7 @@ def compiled_ab(bb, image, click, args) -> None:
     init = bb.predict([Prompt([click], [1]) for _ in range(10)], multimask=True)
     chained = [Prompt([click, (w * 0.2, h * 0.2)], [1, 0], mask_input=init.low_res_logits[i // 3, i % 3]) for i in range(30)]
     agents = {"eager": SmartSAMAgent(bb, dedupe_iou=None), "compiled": SmartSAMAgent(bb, dedupe_iou=None)}
-    if not cpu:  # on a CPU the step on the device is the slower (its component labelling; 15.4 s per click)
+    if not cpu:  # on a CPU the step on the device is the slower (benchmarks/transfers.py: 2.2 s against 1.6 s)
         agents["compiled + step on the device"] = SmartSAMAgent(bb, dedupe_iou=None, chain_clicks="device")
     if bb.shared.step is None:  # built eager (SMARTSAM_COMPILE off): the step it would have
         bb.shared.step = lambda dec: CompiledDecoder(dec, buckets)

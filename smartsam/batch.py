@@ -236,8 +236,9 @@ class BatchEngine:
     stream up front), the next clicks (:mod:`smartsam.chain_clicks`), the de-duplication's IoU
     and which masks contain the click are tensor work (:mod:`smartsam.device_masks`), and each
     stage brings back one small tensor (scores, flags, IoU, the next clicks: what the host needs
-    to build the next rows), the answer one more (the chosen mask). The same candidates, scores
-    and mask as the host path (``tests/test_chain_clicks.py``).
+    to build the next rows; one more where the clicks' bounded placement says it was not exact),
+    the answer one more (the chosen mask). The same candidates, scores and mask as the host path
+    (``tests/test_chain_clicks.py``).
 
     Args:
         backbone: the :class:`~smartsam.backbones.base.Backbone` every job's agent uses.
@@ -510,9 +511,12 @@ class BatchEngine:
             parts.append(device_masks.batch_iou(lv.frame.crop(flat) > 0).double().reshape(-1))
         if more:  # every chain's next click (those the de-duplication drops are not used)
             cut = lv.draws[owners, lv.stage] < sc.clamp(0.0, 1.0).double()  # Cut with probability = score
-            xy, ok = place_clicks(flat, cut, lv.band_t, lv.frame.valid_hw)
-            parts += [cut.double(), xy.double().reshape(-1), ok.double()]
+            xy, ok, exact = place_clicks(flat, cut, lv.band_t, lv.frame.valid_hw)
+            parts += [cut.double(), xy.double().reshape(-1), ok.double(), exact.double().reshape(1)]
         host = torch.cat(parts).cpu().numpy()  # the stage's one copy back (float64 holds each exactly)
+        if more and not host[-1]:  # the bounded placement was not exact (rare): place again, unbounded
+            xy, ok, _ = place_clicks(flat, cut, lv.band_t, lv.frame.valid_hw, bounded=False)
+            host[-1 - 3 * n:-1] = torch.cat([xy.double().reshape(-1), ok.double()]).cpu().numpy()
         sc_h, inside = host[:n].astype(np.float32), host[n:2 * n] > 0
         at = 2 * n
         if dedupe:

@@ -131,8 +131,15 @@ class NextChainClicker:
             lg = torch.stack(list(logits)).to(device)
         else:
             lg = torch.as_tensor(np.stack(logits), device=device)
-        xy, ok = place_clicks(lg, torch.as_tensor([lab == CUT for lab in labels], device=device), band, frame.valid_hw)
-        xy, ok = xy.cpu().numpy(), ok.cpu().numpy()  # N points and flags: the step's one copy back
+        cut = torch.as_tensor([lab == CUT for lab in labels], device=device)
+        xy, ok, exact = place_clicks(lg, cut, band, frame.valid_hw)
+        # N points, flags and whether the bounded placement was exact: the step's one copy back
+        host = torch.cat([xy.reshape(-1), ok.long(), exact.long().reshape(1)]).cpu().numpy()
+        if not host[-1]:  # rare (see chain_clicks): place again without the bounds
+            xy, ok, _ = place_clicks(lg, cut, band, frame.valid_hw, bounded=False)
+            host = torch.cat([xy.reshape(-1), ok.long()]).cpu().numpy()
+        n = len(labels)
+        xy, ok = host[:2 * n].reshape(n, 2), host[2 * n:3 * n] > 0
         pts = frame.to_image(xy.astype(np.float64))
         return [ChainClick((float(pts[k, 0]), float(pts[k, 1])), label) if ok[k] else None
                 for k, label in enumerate(labels)]

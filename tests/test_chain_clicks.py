@@ -42,22 +42,63 @@ def regions(seed: int, n: int = 60):
     return out + [tie, square, edge, np.zeros((6, 7), bool), np.ones((6, 7), bool)]
 
 
+def serpentine(h: int = 64, w: int = 64) -> np.ndarray:
+    """One path through every other column, down one and up the next: a component as long as
+    a map allows, the labelling's slowest case."""
+    m = np.zeros((h, w), bool)
+    m[:, ::2] = True
+    m[-1, 1::4] = True
+    m[0, 3::4] = True
+    return m
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_components_and_peaks_equal_opencv(seed, device):
-    for reg in regions(seed):
+    """Unbounded, and within the bounds place_clicks uses: the component and the peak are
+    OpenCV's wherever the flag says exact (always, unbounded; the labelling's rounds suffice for
+    every map here, the distance window for the thin ones)."""
+    windowed = 0
+    for reg in regions(seed) + [serpentine()]:
         want = largest_component(reg)
-        got = cc.largest_components(torch.from_numpy(reg).to(device)[None])[0].cpu().numpy()
-        assert (got == want).all(), reg.astype(int)
-        xy, ok = cc.region_peaks(torch.from_numpy(want).to(device)[None])
-        assert (tuple(int(v) for v in xy[0]) if ok[0] else None) == region_center(want), want.astype(int)
+        for rounds in (None, cc.LABEL_ROUNDS):
+            got, final = cc.largest_components(torch.from_numpy(reg).to(device)[None], rounds)
+            assert bool(final) and (got[0].cpu().numpy() == want).all(), reg.astype(int)
+        for window in (None, cc.DISTANCE_WINDOW):
+            xy, ok, exact = cc.region_peaks(torch.from_numpy(want).to(device)[None], window)
+            assert bool(exact) or window is not None
+            if bool(exact):
+                assert (tuple(int(v) for v in xy[0]) if ok[0] else None) == region_center(want), want.astype(int)
+                windowed += window is not None
+    assert windowed > 30  # most maps here are within the window (the blobs of sigma 3 are not)
 
 
-def test_squared_distances_are_exact():
+@pytest.mark.parametrize("device", DEVICES)
+def test_too_few_rounds_or_too_narrow_a_window_say_so(device):
+    """The flags are honest: a serpentine after one round of labelling, and a wide region seen
+    through a one-column window, are not final; the unbounded answers are."""
+    path = torch.from_numpy(serpentine())[None].to(device)
+    labels, final = cc.component_labels(path, rounds=1)
+    assert not bool(final) and len(torch.unique(labels[path])) > 1  # not yet one component
+    labels, final = cc.component_labels(path)
+    assert bool(final) and len(torch.unique(labels[path])) == 1
+    blob = np.zeros((40, 40), bool)
+    blob[5:35, 3:37] = True
+    d2, exact = cc.squared_distances(torch.from_numpy(blob)[None].to(device), window=1)
+    full, exact_full = cc.squared_distances(torch.from_numpy(blob)[None].to(device))
+    assert not bool(exact) and bool(exact_full) and not torch.equal(d2, full)
+
+
+@pytest.mark.parametrize("window", [None, 1, 16, 70])
+def test_squared_distances_are_exact(window):
+    """Exact against OpenCV wherever the flag says so: unbounded, and with a window as wide as
+    the map, always; a 1-pixel window is not enough for this blob, and says so."""
     reg = regions(2)[1]
-    d = cc.squared_distances(torch.from_numpy(reg)[None])[0].numpy()
+    d, exact = cc.squared_distances(torch.from_numpy(reg)[None], window)
     want = cv2.distanceTransform(np.pad(reg.astype(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    assert np.allclose(np.sqrt(d), want, atol=1e-4)
+    assert bool(exact) == (window != 1) or window == 16
+    if bool(exact):
+        assert np.allclose(np.sqrt(d[0].numpy()), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -73,12 +114,15 @@ def test_a_steps_clicks_equal_the_one_chain_path(valid_hw, device):
     frame = LowResFrame((int(valid_hw[0] * 2.5), 640), valid_hw, (640 / valid_hw[1], valid_hw[0] * 2.5 / valid_hw[0]))
     clicker = NextChainClicker()
     band = clicker.band(logits[:28], frame)
-    xy, ok = cc.place_clicks(torch.from_numpy(logits).to(device), torch.from_numpy(labels == CUT).to(device), band, valid_hw)
-    xy, ok = xy.cpu(), ok.cpu()
-    for k in range(len(logits)):
-        want = clicker.place(logits[k], int(labels[k]), band, frame)
-        got = tuple(float(v) for v in frame.to_image(xy[k: k + 1].numpy())[0]) if ok[k] else None
-        assert got == want, k
+    for bounded in (True, False):
+        xy, ok, exact = cc.place_clicks(torch.from_numpy(logits).to(device), torch.from_numpy(labels == CUT).to(device),
+                                        band, valid_hw, bounded=bounded)
+        xy, ok = xy.cpu(), ok.cpu()
+        assert bool(exact)
+        for k in range(len(logits)):
+            want = clicker.place(logits[k], int(labels[k]), band, frame)
+            got = tuple(float(v) for v in frame.to_image(xy[k: k + 1].numpy())[0]) if ok[k] else None
+            assert got == want, k
     assert not ok[28] and int(ok[:28].sum()) >= 20  # the all-inside Add ends; most chains go on
 
 
@@ -131,6 +175,7 @@ def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, ded
     assert np.array_equal(h.candidate_logits, d.candidate_logits)
     assert bb.encoder_calls == 1 and calls["host"] == calls["device"] == 8
     assert moved["device"][".cpu()"] == 4 + 1 + 1 and moved["device"][".tolist()"] == 0
+    assert moved["device"]["scalar reads"] == 0  # no "done yet?" inside a step: bounded, flagged
     assert moved["device"]["copies to the CPU"] == (6 if bb.device.type == "cuda" else 0)
     if dedupe is None:  # a plain pure-IS click (chains of 1, cheaper): one read per stage and the answer's
         agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=1), chain_clicks="device", dedupe_iou=None)
@@ -140,6 +185,26 @@ def test_the_agent_gives_the_same_candidates_and_mask(grabcut_image, device, ded
         assert plain[".cpu()"] == 2 + 1 and plain["copies to the CPU"] == (3 if bb.device.type == "cuda" else 0)
     with pytest.raises(ValueError, match="chain_clicks"):
         SmartSAMAgent(bb, chain_clicks="gpu")
+
+
+@pytest.mark.slow  # model work over many rows: make test, not the inner loop
+def test_bounds_too_tight_place_again_unbounded_with_the_same_answer(grabcut_image, monkeypatch):
+    """With one round of labelling and a one-column distance window, the flags send every
+    step's placement again, unbounded (it reads the device as it goes): the candidates and the
+    mask are still the host path's."""
+    bb = load_backbone("sam2.1_hiera_tiny-random", device="cpu")
+    out, moved = {}, {}
+    for where in ("host", "device"):
+        agent = SmartSAMAgent(bb, clicker=NextChainClicker(chain_length=2), chain_clicks=where, dedupe_iou=None)
+        agent.set_image(grabcut_image)
+        with monkeypatch.context() as m, host_transfers() as moved[where]:
+            m.setattr(cc, "LABEL_ROUNDS", 1)
+            m.setattr(cc, "DISTANCE_WINDOW", 1)
+            out[where] = agent.predict((240, 160), return_candidates=True)
+    h, d = out["host"], out["device"]
+    assert [(c.clicks, c.score) for c in h.candidates] == [(c.clicks, c.score) for c in d.candidates]
+    assert max(c.chain_step for c in d.candidates) == 2 and (h.mask == d.mask).all()
+    assert moved["device"]["scalar reads"] > 0 and moved["device"][".cpu()"] == 3 + 2 + 1 + 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--only-compile", action="store_true", help="the eager-against-compiled table alone")
     ap.add_argument("--only-shared", action="store_true", help="the library decoder against the shared decoder "
                     "alone (A B A B, the machine's default dtype)")
+    ap.add_argument("--only-attention", action="store_true", help="the image-to-token attention by SDPA against "
+                    "few_key_attention alone (A B A B in bf16, each against fp32's answers on several images)")
     args = ap.parse_args()
 
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
@@ -77,6 +79,8 @@ def main() -> None:
         return compiled_ab(bb, image, click, args)
     if args.only_shared:
         return shared_ab(bb, image, click, args)
+    if args.only_attention:
+        return attention_ab(bb, args)
 
     rows = []
 
@@ -324,6 +328,61 @@ def shared_ab(bb, image, click, args) -> None:
     print(f"\n## Library decoder against the shared decoder ({dt}; literal path, cached embedding; two rounds, A B A B)\n")
     print(table(["decoder", "s per click (round 1 / 2)", "speed-up (median)", "ms per decoder row (round 1 / 2)",
                  "mask IoU with the library's"], rows))
+
+
+def attention_ab(bb, args, images: int = 6) -> None:
+    """The shared decoder's image-to-token attention by SDPA against
+    :func:`~smartsam.backbones.shared_decoder.few_key_attention`, both in bf16, in one run (A B A B):
+    the literal agent's cached click (median over 3 clicks on each of ``images`` GrabCut images)
+    and, since bf16 rounds either way, how often each chooses the candidate fp32 chooses (same
+    initial prompt, mask and chain step), their masks' IoU with fp32's and the logit signs of 30
+    chained rows as fp32's."""
+    from smartsam.masks import mask_iou
+
+    if not getattr(bb, "shared_decoder", False):
+        print(f"\n(no shared decoder for {bb.name})")
+        return
+    dec, bf0 = bb.shared.eager(torch.bfloat16), bb.cpu_bf16
+    paths = sorted((ROOT.parent / "shared" / "datasets" / "GrabCut" / "img").glob("*.jpg"))[:images]
+    arms = {"fp32 (SDPA)": (False, False), "bf16, SDPA": (True, False), "bf16, few_key_attention": (True, True)}
+    times = {a: [[], []] for a in arms}
+    answers, signs = {a: [] for a in arms}, {a: [] for a in arms}
+    key = lambda c: (c.prompt_index, c.mask_index, c.chain_step)  # noqa: E731 (scores differ in their last bits)
+    try:
+        for path in paths:
+            image = load_image(str(path))
+            h, w = image.shape[:2]
+            clicks = [(w * 0.5, h * 0.55), (w * 0.35, h * 0.4), (w * 0.65, h * 0.5)]
+            for r in range(2):
+                for arm, (bf16, few) in arms.items():
+                    if r and not bf16:
+                        continue  # fp32 is the reference for the answers, not timed against
+                    bb.cpu_bf16, dec.few_keys = bf16, few
+                    agent = SmartSAMAgent(bb, dedupe_iou=None)
+                    t, got = timed_clicks(agent, image, clicks, (r + 1) * 1e-3, args.device)
+                    times[arm][r].append(t)
+                    if r == 0:
+                        answers[arm] += got
+                        init = bb.predict([Prompt([clicks[0]], [1]) for _ in range(10)], multimask=True)
+                        chained = [Prompt([clicks[0], (w * 0.2, h * 0.2)], [1, 0],
+                                          mask_input=init.low_res_logits[i // 3, i % 3]) for i in range(30)]
+                        signs[arm].append(bb.predict(chained, multimask=False).low_res_logits > 0)
+    finally:
+        bb.cpu_bf16, dec.few_keys = bf0, True
+    ref = "fp32 (SDPA)"
+    rows = []
+    for arm in arms:
+        if arm == ref:
+            continue
+        same = sum(key(a.candidate) == key(b.candidate) for a, b in zip(answers[arm], answers[ref]))
+        iou = float(np.mean([mask_iou(a.mask, b.mask) for a, b in zip(answers[arm], answers[ref])]))
+        sg = float(np.mean([(a == b).mean() for a, b in zip(signs[arm], signs[ref])]))
+        rows.append([arm, " / ".join(f"{np.median(x):.3f}" for x in times[arm]), f"{same}/{len(answers[arm])}",
+                     f"{iou:.4f}", f"{100 * sg:.2f} %"])
+    print(f"\n## Image-to-token attention: SDPA against few_key_attention (bf16; literal path, cached embedding; "
+          f"{len(paths)} GrabCut images x 3 clicks; two rounds, A B A B)\n")
+    print(table(["attention", "s per click (median, round 1 / 2)", "same candidate as fp32", "mask IoU with fp32's",
+                 "logit signs of 30 chained rows as fp32's"], rows))
 
 
 def compiled_ab(bb, image, click, args) -> None:

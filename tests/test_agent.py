@@ -4,6 +4,7 @@ Random weights show sizes, modes, call counts and reproducibility, never quality
 
 import numpy as np
 import pytest
+import torch
 
 from smartsam.agent import InvalidClick, SmartSAMAgent
 from smartsam.backbones.base import Prompt
@@ -75,7 +76,18 @@ def test_the_shared_decoder_gives_the_library_decoders_outputs(which, request, g
                 assert out[True, False].low_res_logits.shape == ref.low_res_logits.shape
                 assert np.allclose(out[True, False].low_res_logits, ref.low_res_logits, atol=1e-3)
                 assert np.allclose(out[True, False].scores, ref.scores, atol=1e-4)
+                # bf16 on a CPU: the image-to-token attention by few_key_attention
+                assert bb.shared.eager(torch.bfloat16).few_keys is True
                 assert ((out[True, True].low_res_logits > 0) == (ref.low_res_logits > 0)).mean() > 0.98
+                fp32 = bb.shared.eager(torch.float32)
+                assert fp32.few_keys is False
+                bb.shared_decoder, bb.cpu_bf16, fp32.few_keys = True, False, True  # the same in fp32
+                try:
+                    few = bb.predict(prompts, multimask)
+                finally:
+                    fp32.few_keys = False
+                assert np.allclose(few.low_res_logits, ref.low_res_logits, atol=1e-3)
+                assert np.allclose(few.scores, ref.scores, atol=1e-4)
     finally:
         hook.remove()
         bb.shared_decoder, bb.cpu_bf16 = shared0, bf0
@@ -90,6 +102,32 @@ def test_the_shared_decoder_gives_the_library_decoders_outputs(which, request, g
     assert load_backbone(name, device="cpu", shared_decoder="off").shared_decoder is False
     with pytest.raises(ValueError, match="SMARTSAM_SHARED_DECODER"):
         shared_decoder_setting("auto")
+
+
+@pytest.mark.parametrize("keys", [1, 7, 11])
+def test_few_key_attention_is_sdpa(keys):
+    """few_key_attention against PyTorch's SDPA on the same projections, heads split as SAM
+    splits them: fp32 to float rounding; bf16 within twice SDPA's own bf16 error (its scores are
+    rounded to bf16 once more, before the softmax)."""
+    import torch.nn.functional as F
+
+    from smartsam.backbones.shared_decoder import few_key_attention
+
+    torch.manual_seed(keys)
+    b, n, heads, d = 2, 300, 8, 16
+    q, k, v = torch.randn(b, n, heads * d) * 2, torch.randn(b, keys, heads * d) * 2, torch.randn(b, keys, heads * d)
+
+    def sdpa(q, k, v):
+        split = [x.unflatten(-1, (heads, d)).transpose(1, 2) for x in (q, k, v)]
+        return F.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2)
+
+    want = sdpa(q, k, v)
+    got = few_key_attention(q, k, v, heads)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    half = [x.bfloat16() for x in (q, k, v)]
+    got16, sdpa16 = few_key_attention(*half, heads), sdpa(*half)
+    assert got16.dtype == torch.bfloat16
+    assert (got16.float() - want).abs().mean() < 2 * (sdpa16.float() - want).abs().mean()
 
 
 @pytest.mark.parametrize("which", ["sam2_backbone", "sam_backbone"])

@@ -245,6 +245,14 @@ def test_hq_sam_shared_decoder_is_the_official_hq_decoder(coco_image):
                 assert np.allclose(ours.scores, want_iou.numpy(), atol=1e-5)
                 assert np.allclose(ours.low_res_logits[:, :1], best.numpy(), atol=1e-5)
                 assert np.allclose(ours.scores[:, :1], best_iou.numpy(), atol=1e-5)
+                if box and with_mask:  # the image-to-token attention by few_key_attention (bf16's, on a CPU)
+                    dec = bb.shared.eager(torch.float32)
+                    dec.few_keys = True
+                    try:
+                        few = bb.predict(prompts, multimask)
+                    finally:
+                        dec.few_keys = False
+                    assert np.allclose(few.low_res_logits, want.numpy(), atol=1e-4)
                 if box and with_mask:  # transformers' module, once: its scores, not its masks
                     bb.shared_decoder = False
                     lib = bb.predict(prompts, multimask)

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .masks import LowResFrame, largest_component, region_center, uncertainty_band
+from .masks import LowResFrame, largest_component_center, uncertainty_band
 
 CUT = 0  # negative click inside the mask
 ADD = 1  # positive click outside the mask
@@ -95,8 +95,7 @@ class NextChainClicker:
             k = int((rng or np.random.default_rng(0)).integers(len(ys)))
             x, y = frame.to_image(np.asarray([[xs[k], ys[k]]], np.float64))[0]
             return float(x), float(y)
-        region = largest_component(side & (np.abs(lr) < band))
-        center = region_center(region)
+        center = largest_component_center(side & (np.abs(lr) < band))
         if center is None:
             return None
         x, y = frame.to_image(np.asarray([center], np.float64))[0]

@@ -80,6 +80,23 @@ def largest_component(region: np.ndarray) -> np.ndarray:
     return labels == best
 
 
+def largest_component_center(region: np.ndarray) -> Optional[Tuple[int, int]]:
+    """``region_center(largest_component(region))``, the distance transform taken over the
+    component's bounding box only (padded with background, as the image border is): the same
+    point, since every pixel beyond the box is background and no farther than the pad next to it,
+    and row-major order within the box is the image's. A chain click places on a band that
+    covers a part of the map; the transform of the whole map was a third of the host's work in a
+    click."""
+    region = region.astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
+    if n <= 1:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x0, y0, w, h = (int(v) for v in stats[best, :4])
+    x, y = region_center(labels[y0:y0 + h, x0:x0 + w] == best)
+    return x0 + x, y0 + y
+
+
 def region_center(region: np.ndarray, border_is_boundary: bool = True) -> Optional[Tuple[int, int]]:
     """The point of ``region`` farthest from its boundary, as ``(x, y)`` integer pixels.
 

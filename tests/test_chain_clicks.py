@@ -12,7 +12,8 @@ from smartsam import device_masks
 from smartsam.agent import FAST_PATH_IOU, SmartSAMAgent
 from smartsam.clickers import ADD, CUT, NextChainClicker
 from smartsam.host_transfers import host_transfers
-from smartsam.masks import LowResFrame, batch_iou, largest_component, region_center, uncertainty_band
+from smartsam.masks import (LowResFrame, batch_iou, largest_component, largest_component_center, region_center,
+                            uncertainty_band)
 from smartsam.selector import contains_click
 from smartsam.models import load_backbone
 
@@ -71,6 +72,14 @@ def test_components_and_peaks_equal_opencv(seed, device):
                 assert (tuple(int(v) for v in xy[0]) if ok[0] else None) == region_center(want), want.astype(int)
                 windowed += window is not None
     assert windowed > 30  # most maps here are within the window (the blobs of sigma 3 are not)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_host_s_cropped_transform_finds_the_same_center(seed):
+    """The host path's distance transform over the largest component's box gives the point the
+    whole map's transform gives (ties included: the plateau, the border, equal areas)."""
+    for reg in regions(seed) + [serpentine()]:
+        assert largest_component_center(reg) == region_center(largest_component(reg)), reg.astype(int)
 
 
 @pytest.mark.parametrize("device", DEVICES)

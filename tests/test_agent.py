@@ -5,6 +5,7 @@ Random weights show sizes, modes, call counts and reproducibility, never quality
 import numpy as np
 import pytest
 import torch
+from decoder_helpers import decode_every_way
 
 from smartsam.agent import InvalidClick, SmartSAMAgent
 from smartsam.backbones.base import Prompt
@@ -66,12 +67,7 @@ def test_the_shared_decoder_gives_the_library_decoders_outputs(which, request, g
                 prompts.append(Prompt(pts, [1] + [0] * i, box=[40 + i, 30, 300, 260] if box else None,
                                       mask_input=rng.normal(0, 8, (256, 256)).astype(np.float32) if with_mask else None))
             for multimask in (True, False):
-                out = {}
-                for shared, bf16 in [(False, False), (True, False), (True, True)]:
-                    bb.shared_decoder, bb.cpu_bf16 = shared, bf16
-                    n = len(calls)
-                    out[shared, bf16] = bb.predict(prompts, multimask)
-                    assert (len(calls) > n) == (not shared)  # the library module runs only when off
+                out = decode_every_way(bb, prompts, multimask, calls)
                 ref = out[False, False]
                 assert out[True, False].low_res_logits.shape == ref.low_res_logits.shape
                 assert np.allclose(out[True, False].low_res_logits, ref.low_res_logits, atol=1e-3)

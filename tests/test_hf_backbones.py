@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import run_cli
+from decoder_helpers import decode_every_way
 from smartsam.backbones.base import Prompt
 
 NAMES = ["sam3-tiny-random", "sam_hq_vit_tiny-random"]
@@ -268,5 +269,59 @@ def test_hq_sam_shared_decoder_is_the_official_hq_decoder(coco_image):
     # path stays auto's choice on a CPU, bf16 hardware or not
     from smartsam.agent import SmartSAMAgent
 
+    bb.cpu_bf16 = True
+    assert SmartSAMAgent(bb).path == "fast"
+
+
+def test_sam3_shared_decoder_is_transformers_decoder(coco_image):
+    """SAM 3 tracker's shared decoder (the image's share once per image) against transformers'
+    own Sam3TrackerMaskDecoder with the same weights: the same masks and scores in fp32 for
+    every prompt kind, single and multimask (SAM 2's stability fallback included); the same masks
+    in bf16; "off" runs transformers' module."""
+    import torch
+
+    from smartsam.agent import SmartSAMAgent
+    from smartsam.models import load_backbone
+
+    bb = load_backbone("sam3-tiny-random", device="cpu", cpu_bf16="off")
+    assert bb.shared_decoder is True
+    assert load_backbone("sam3-tiny-random", device="cpu", shared_decoder="off").shared_decoder is False
+    model = bb.model
+    # the image's positional encoding is the model's own, not the prompt encoder's copy (random
+    # weights tell them apart)
+    assert not torch.equal(model.shared_image_embedding.positional_embedding,
+                           model.prompt_encoder.shared_embedding.positional_embedding)
+    with torch.no_grad():  # random weights at transformers' init give logits of ~0.02: make them speak
+        torch.manual_seed(0)
+        for p in list(model.vision_encoder.parameters()) + list(model.mask_decoder.parameters()):
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.05)
+    bb.shared = type(bb.shared)(bb.shared.prompt_encoder, bb.shared.mask_decoder, bb.cache_size,
+                                None, bb.shared.decoder_cls)  # rebuilt on the new weights
+    img = coco_image
+    h, w = img.shape[:2]
+    bb.set_image(img)
+    g = bb.grid
+    calls = []
+    hook = model.mask_decoder.register_forward_hook(lambda *a: calls.append(1))
+    rng = np.random.default_rng(4)
+    try:
+        for box, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
+            prompts = [Prompt(rng.uniform([0, 0], [w - 1, h - 1], size=(1 + i, 2)), [1] + [0] * i,
+                              box=[w / 5 + i, h / 6, w / 2, h / 2] if box else None,
+                              mask_input=rng.normal(0, 8, (g, g)).astype(np.float32) if with_mask else None)
+                       for i in range(3)]
+            for multimask in (True, False):
+                out = decode_every_way(bb, prompts, multimask, calls)  # transformers' module, then ours
+                ref = out[False, False]
+                assert np.abs(ref.low_res_logits).max() > 0.5  # logits that can tell a wrong sum (1e-4 is far below)
+                assert out[True, False].low_res_logits.shape == ref.low_res_logits.shape == (3, 3 if multimask else 1, g, g)
+                assert np.allclose(out[True, False].low_res_logits, ref.low_res_logits, atol=1e-4)
+                assert np.allclose(out[True, False].scores, ref.scores, atol=1e-5)
+                assert ((out[True, True].low_res_logits > 0) == (ref.low_res_logits > 0)).mean() > 0.98
+    finally:
+        hook.remove()
+        bb.shared_decoder, bb.cpu_bf16 = True, False
+    # its literal click was never measured on a CPU: the fast path stays auto's choice there
     bb.cpu_bf16 = True
     assert SmartSAMAgent(bb).path == "fast"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import fields
-from typing import Dict, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -63,7 +63,7 @@ def row_buckets(device_type: str, decode_chunk: int) -> Tuple[int, ...]:
 
 
 def shared_decoders(backbone, prompt_encoder, mask_decoder, compile: Union[str, bool],
-                    decoder_cls: Type[SharedDecoder] = SharedDecoder) -> SharedDecoders:
+                    decoder_cls: Callable[..., SharedDecoder] = SharedDecoder) -> SharedDecoders:
     """A backbone's :class:`SharedDecoders` (of ``decoder_cls``), their step compiled where
     ``compile`` (``SMARTSAM_COMPILE``) says so and the backbone decodes through them (warm them up
     before serving: :meth:`smartsam.agent.SmartSAMAgent.warm_up`)."""

@@ -10,6 +10,7 @@ way.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
 from .compiled import shared_decoders
-from .shared_decoder import HQSharedDecoder, shared_decoder_setting
+from .shared_decoder import HQSharedDecoder, Sam3SharedDecoder, shared_decoder_setting
 
 # Small configurations of the real designs (tests only): width 64, 2 layers; everything after
 # the image encoder (prompt encoder, mask decoder, detector heads) keeps its real size.
@@ -210,15 +211,25 @@ class Sam3Backbone(_TransformersSam):
         model: a built ``transformers.Sam3TrackerModel``.
         detector: optional ``transformers.Sam3Model`` whose vision backbone is ``model``'s.
         name, cache_size, device, cpu_bf16: see :class:`Backbone`.
+        shared_decoder: "on" (default): prompts decode through
+            :class:`~smartsam.backbones.shared_decoder.Sam3SharedDecoder` (the image's share once
+            per image); "off": transformers' own module.
+        compile: ``SMARTSAM_COMPILE`` for the shared decoder's step (as for SAM 2.1).
     """
 
     def __init__(self, model, name: str = "sam3", cache_size: int = 8, device: Optional[str] = None,
-                 cpu_bf16: Union[str, bool] = "auto", detector=None) -> None:
+                 cpu_bf16: Union[str, bool] = "auto", detector=None, shared_decoder: Union[str, bool] = "on",
+                 compile: Union[str, bool] = "auto") -> None:
         from transformers import Sam3ImageProcessor
 
         super().__init__(model, name, cache_size, device, cpu_bf16, Sam3ImageProcessor())
         self.side = int(model.config.prompt_encoder_config.image_size)
         self.grid = int(model.prompt_encoder.mask_input_size[0])
+        self.shared_decoder = shared_decoder_setting(shared_decoder)
+        self.shared = shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, compile,
+                                      partial(Sam3SharedDecoder, image_pe=self.model.shared_image_embedding))
+        if self.shared_decoder:  # built now, so the first click does not pay for it
+            self.shared.decoder(self.compute_dtype)
         self.detector = detector.to(self.device).eval() if detector is not None else None
         if self.detector is not None and self.detector.vision_encoder.backbone is not self.model.vision_encoder.backbone:
             raise ValueError("the concept detector must share the tracker's vision backbone")
@@ -257,11 +268,18 @@ class Sam3Backbone(_TransformersSam):
         emb = self._state["embeddings"]
         points, lab, boxes, masks = self._inputs(prompts)
         b = len(prompts)
-        with self._autocast():
-            out = self.model(image_embeddings=[self._expand(e, b) for e in emb], input_points=points, input_labels=lab,
-                             input_boxes=boxes, input_masks=masks, multimask_output=multimask)
+        if self.shared_decoder:
+            share = self.shared.share(self._current, self.compute_dtype, lambda: (emb[-1], emb[:-1]), self._cache)
+            low_res, iou = self.shared.decoder(self.compute_dtype)(
+                share, None if points is None else points[:, 0], None if lab is None else lab[:, 0], masks, multimask,
+                None if boxes is None else boxes[:, 0])
+        else:
+            with self._autocast():
+                out = self.model(image_embeddings=[self._expand(e, b) for e in emb], input_points=points,
+                                 input_labels=lab, input_boxes=boxes, input_masks=masks, multimask_output=multimask)
+            low_res, iou = out.pred_masks[:, 0], out.iou_scores[:, 0]
         # As SAM 2's predictor does: logits fed back as mask_input stay in a sane range.
-        return torch.clamp(out.pred_masks[:, 0], -32.0, 32.0), out.iou_scores[:, 0]
+        return torch.clamp(low_res, -32.0, 32.0), iou
 
     def _upsample(self, low_res: torch.Tensor, image_hw: Tuple[int, int]) -> torch.Tensor:
         return F.interpolate(low_res.float(), tuple(image_hw), mode="bilinear", align_corners=False)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Container, Dict, List, Optional, Tuple, Type, Union
+from typing import Callable, Container, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,21 @@ def _norm(layer, i: int):
     """A two-way block's i-th layer norm: ``norm{i}`` in SAM and SAM 2, ``layer_norm{i}`` in
     ``transformers``."""
     return getattr(layer, f"norm{i}", None) or getattr(layer, f"layer_norm{i}")
+
+
+def _out_proj(attn):
+    """An attention's output projection: ``out_proj`` in SAM, SAM 2 and HQ-SAM, ``o_proj`` in
+    ``transformers``' SAM 3 tracker."""
+    return getattr(attn, "out_proj", None) or attn.o_proj
+
+
+def _wide_pe(pe_layer, size: Tuple[int, int]) -> torch.Tensor:
+    """``(1, C, h, w)`` positional encoding of an ``(h, w)`` grid of image tokens by a
+    ``transformers`` SAM positional embedding (``get_image_wide_positional_embeddings``)."""
+    p = pe_layer.positional_embedding
+    grid = torch.ones(size, device=p.device, dtype=p.dtype)
+    y, x = (grid.cumsum(dim=0) - 0.5) / size[0], (grid.cumsum(dim=1) - 0.5) / size[1]
+    return pe_layer(torch.stack([x, y], dim=-1)).permute(2, 0, 1).unsqueeze(0)
 
 
 def _channels_ln(x: torch.Tensor, ln) -> torch.Tensor:
@@ -190,7 +205,7 @@ class SharedDecoder:
         """The image-to-token attention after its input projections: ``(B, N, I)`` image queries
         over ``(B, T, I)`` prompt tokens."""
         if self.few_keys:
-            return attn.out_proj(few_key_attention(q, k, v, self._heads(attn)))
+            return _out_proj(attn)(few_key_attention(q, k, v, self._heads(attn)))
         return self._attend(attn, q, k, v)
 
     @torch.inference_mode()
@@ -272,17 +287,21 @@ class SharedDecoder:
         final_norm = getattr(t, "norm_final_attn", None) or t.layer_norm_final_attn
         return self._masks(share, final_norm(queries), keys, multimask)
 
+    def _image_map(self, keys: torch.Tensor) -> torch.Tensor:
+        """The transformer's image tokens ``(B, N, C)`` as a ``(B, C, h, w)`` map (a channels-last
+        view, no copy)."""
+        gh, gw = self.grid
+        return keys.reshape(keys.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+
     def _masks(self, share: ImageShare, hs: torch.Tensor, keys: torch.Tensor,
                multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """MaskDecoder's upscaling, hypernetworks and choice of outputs from the transformer's
         tokens ``hs`` ``(B, K + T, C)`` and image tokens ``keys`` ``(B, N, C)``."""
         dec = self.decoder
-        b = hs.shape[0]
         s = 1 if getattr(dec, "pred_obj_scores", False) else 0
         # upscaling, channels-last all the way (the tokens already are); SAM 2 adds its
         # high-resolution features on the way
-        gh, gw = self.grid
-        src = keys.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
+        src = self._image_map(keys)
         dc1, ln1, act1, dc2, act2 = dec.output_upscaling
         x = dc1(src)
         x = act1(_channels_ln(x + share.feat_s1 if self.high_res else x, ln1))
@@ -333,7 +352,36 @@ def _hyper_masks(up: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
     return torch.matmul(flat, hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, uh, uw).float()
 
 
-class HQSharedDecoder(SharedDecoder):
+class _TransformersModules:
+    """What ``transformers``' SAM modules (HQ-SAM's, SAM 3 tracker's) share, for a
+    :class:`SharedDecoder` subclass: the prompt encoder's signature and the attention's names."""
+
+    prompt_encoder: object
+
+    def _sparse(self, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                boxes: Optional[torch.Tensor]) -> torch.Tensor:
+        sparse, _ = self.prompt_encoder(input_points=None if coords is None else coords.float()[:, None],
+                                        input_labels=None if labels is None else labels[:, None],
+                                        input_boxes=None if boxes is None else boxes.float()[:, None], input_masks=None)
+        return sparse[:, 0]
+
+    @staticmethod
+    def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # the attention's forward after its input projections, on (B, T, C) rather than
+        # (B, point batch, T, C); its scaling is SDPA's default
+        h = attn.num_attention_heads
+        q, k, v = (x.unflatten(-1, (h, -1)).transpose(1, 2) for x in (q, k, v))
+        return _out_proj(attn)(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    def _self_attend(self, attn, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._attend(attn, attn.q_proj(q), attn.k_proj(q), attn.v_proj(v))
+
+    @staticmethod
+    def _heads(attn) -> int:
+        return attn.num_attention_heads
+
+
+class HQSharedDecoder(_TransformersModules, SharedDecoder):
     """HQ-SAM's decoder (``transformers``' ``SamHQPromptEncoder`` and ``SamHQMaskDecoder``) as a
     :class:`SharedDecoder`: the SAM decoder's transformer, plus an HQ token whose mask is made
     from the upscaled embedding and the image's HQ features (in the share); the output is SAM's
@@ -353,37 +401,12 @@ class HQSharedDecoder(SharedDecoder):
     def _dense_pe(self) -> torch.Tensor:
         # SamHQModel.get_image_wide_positional_embeddings, with the prompt encoder's copy of the
         # (tied) positional embedding
-        pe_layer = self.prompt_encoder.shared_embedding
         size = self.prompt_encoder.image_embedding_size[0]
-        grid = torch.ones((size, size), device=pe_layer.positional_embedding.device, dtype=pe_layer.positional_embedding.dtype)
-        y, x = (grid.cumsum(dim=0) - 0.5) / size, (grid.cumsum(dim=1) - 0.5) / size
-        return pe_layer(torch.stack([x, y], dim=-1)).permute(2, 0, 1).unsqueeze(0)
-
-    def _sparse(self, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                boxes: Optional[torch.Tensor]) -> torch.Tensor:
-        sparse, _ = self.prompt_encoder(input_points=None if coords is None else coords.float()[:, None],
-                                        input_labels=None if labels is None else labels[:, None],
-                                        input_boxes=None if boxes is None else boxes.float()[:, None], input_masks=None)
-        return sparse[:, 0]
+        return _wide_pe(self.prompt_encoder.shared_embedding, (size, size))
 
     def _output_tokens(self) -> torch.Tensor:
         dec = self.decoder
         return torch.cat([dec.iou_token.weight, dec.mask_tokens.weight, dec.hq_token.weight], dim=0)
-
-    @staticmethod
-    def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # SamHQAttention.forward after its input projections, on (B, T, C) rather than
-        # (B, point batch, T, C); its scaling is SDPA's default
-        h = attn.num_attention_heads
-        q, k, v = (x.unflatten(-1, (h, -1)).transpose(1, 2) for x in (q, k, v))
-        return attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
-
-    def _self_attend(self, attn, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._attend(attn, attn.q_proj(q), attn.k_proj(q), attn.v_proj(v))
-
-    @staticmethod
-    def _heads(attn) -> int:
-        return attn.num_attention_heads
 
     @torch.inference_mode()
     def share(self, image_embed: torch.Tensor, intermediate: Optional[List[torch.Tensor]] = None) -> ImageShare:
@@ -405,9 +428,7 @@ class HQSharedDecoder(SharedDecoder):
                multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         # SamHQMaskDecoder.forward after its transformer
         dec = self.decoder
-        b = hs.shape[0]
-        gh, gw = self.grid
-        src = keys.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
+        src = self._image_map(keys)
         act = dec.activation
         up = act(dec.upscale_conv2(act(_channels_ln(dec.upscale_conv1(src), dec.upscale_layer_norm))))
         hq = dec.mask_conv2(act(_channels_ln(dec.mask_conv1(up), dec.mask_norm))) + share.hq
@@ -422,6 +443,57 @@ class HQSharedDecoder(SharedDecoder):
         iou, order = torch.sort(iou[:, 1:k], dim=1, descending=True)
         masks = torch.gather(masks_sam[:, 1:k], 1, order[..., None, None].expand(-1, -1, *masks_sam.shape[-2:]))
         return masks + mask_hq, iou
+
+
+class Sam3SharedDecoder(_TransformersModules, SharedDecoder):
+    """SAM 3's tracker decoder (``transformers``' ``Sam3TrackerPromptEncoder`` and
+    ``Sam3TrackerMaskDecoder``: SAM 2's design under transformers' names, on a 72 x 72 grid of
+    image tokens) as a :class:`SharedDecoder`: an object-score token first, the high-resolution
+    features (already projected by the model's encoding) added in the upscaling, SAM 2's
+    fallback on unstable single masks.
+
+    Args:
+        prompt_encoder: ``Sam3TrackerModel.prompt_encoder``.
+        mask_decoder: ``Sam3TrackerModel.mask_decoder``.
+        dtype, few_keys: as for :class:`SharedDecoder`.
+        image_pe: ``Sam3TrackerModel.shared_image_embedding``, the image's positional encoding
+            (the model does not tie it to the prompt encoder's copy).
+    """
+
+    def __init__(self, prompt_encoder, mask_decoder, dtype: torch.dtype = torch.float32,
+                 few_keys: Optional[bool] = None, *, image_pe) -> None:
+        self.image_pe = image_pe
+        super().__init__(prompt_encoder, mask_decoder, dtype, few_keys)
+        self.high_res = True  # the model's encoding gives feat_s0 and feat_s1
+
+    @staticmethod
+    def _mask_embedding(prompt_encoder):
+        return prompt_encoder.mask_embed
+
+    def _dense_pe(self) -> torch.Tensor:
+        return _wide_pe(self.image_pe, tuple(self.prompt_encoder.image_embedding_size))
+
+    def _output_tokens(self) -> torch.Tensor:
+        dec = self.decoder
+        return torch.cat([dec.obj_score_token.weight, dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+
+    def _masks(self, share: ImageShare, hs: torch.Tensor, keys: torch.Tensor,
+               multimask: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        # Sam3TrackerMaskDecoder.forward after its transformer
+        dec = self.decoder
+        src = self._image_map(keys)
+        x = dec.activation(_channels_ln(dec.upscale_conv1(src) + share.feat_s1, dec.upscale_layer_norm))
+        up = dec.activation(dec.upscale_conv2(x) + share.feat_s0)
+        tokens = hs[:, 2: 2 + dec.num_mask_tokens]
+        hyper_in = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+        all_masks = _hyper_masks(up, hyper_in)
+        iou = dec.iou_prediction_head(hs[:, 1]).float()
+        if multimask:
+            return all_masks[:, 1:], iou[:, 1:]
+        if dec.dynamic_multimask_via_stability:  # the module's (B, point batch, ...) layout
+            masks, scores = dec._dynamic_multimask_via_stability(all_masks[:, None], iou[:, None])
+            return masks[:, 0], scores[:, 0]
+        return all_masks[:, :1], iou[:, :1]
 
 
 class SharedDecoders:
@@ -443,7 +515,7 @@ class SharedDecoders:
 
     def __init__(self, prompt_encoder, mask_decoder, max_shares: int,
                  step: Optional[Callable[[SharedDecoder], Callable]] = None,
-                 decoder_cls: Type[SharedDecoder] = SharedDecoder) -> None:
+                 decoder_cls: Callable[..., SharedDecoder] = SharedDecoder) -> None:
         self.prompt_encoder, self.mask_decoder, self.max_shares = prompt_encoder, mask_decoder, max(2, int(max_shares))
         self.decoder_cls = decoder_cls
         self.step = step

@@ -84,7 +84,8 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
             from ..backbones.hf_sam import Sam3Backbone, build_sam3_models
 
             tracker, detector = build_sam3_models(spec.arch, str(path) if path else None, concepts)
-            bb = Sam3Backbone(tracker, spec.name, cache_size, device, cpu_bf16=cpu_bf16, detector=detector)
+            bb = Sam3Backbone(tracker, spec.name, cache_size, device, cpu_bf16=cpu_bf16, detector=detector,
+                              shared_decoder=shared_decoder, compile=compile)
         else:
             from ..backbones.sam2 import Sam2Backbone, build_sam2_model
 

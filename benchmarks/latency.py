@@ -343,6 +343,7 @@ def attention_ab(bb, args, images: int = 6) -> None:
         print(f"\n(no shared decoder for {bb.name})")
         return
     dec, bf0 = bb.shared.eager(torch.bfloat16), bb.cpu_bf16
+    few0 = dec.few_keys
     paths = sorted((ROOT.parent / "shared" / "datasets" / "GrabCut" / "img").glob("*.jpg"))[:images]
     arms = {"fp32 (SDPA)": (False, False), "bf16, SDPA": (True, False), "bf16, few_key_attention": (True, True)}
     times = {a: [[], []] for a in arms}
@@ -368,7 +369,7 @@ def attention_ab(bb, args, images: int = 6) -> None:
                                           mask_input=init.low_res_logits[i // 3, i % 3]) for i in range(30)]
                         signs[arm].append(bb.predict(chained, multimask=False).low_res_logits > 0)
     finally:
-        bb.cpu_bf16, dec.few_keys = bf0, True
+        bb.cpu_bf16, dec.few_keys = bf0, few0
     ref = "fp32 (SDPA)"
     rows = []
     for arm in arms:

@@ -29,10 +29,10 @@ _EDT_CHUNK_BYTES = 64 << 20  # the unbounded distance pass works in pieces of ab
 # The bounds place_clicks runs with before its flag says whether they sufficed. Measured on 24
 # steps of agent clicks (SAM 2.1 tiny, random weights, 4 GrabCut images, 30 maps each): the
 # labelling reached its fixed point after 4 to 6 rounds (a 256 x 256 serpentine, one path through
-# every other column, takes 7); no region pixel was more than 6 pixels from its boundary along
-# its row or column (median 1). A round costs about a tenth of the labelling on a CPU; the window,
-# 2 elementwise passes per pixel of width.
-LABEL_ROUNDS = 8
+# every other column, and 255 x 255 mazes take 7 to 8: 12 leaves a margin); no region pixel was
+# more than 6 pixels from its boundary along its row or column (median 1). A round costs about a
+# tenth of the labelling on a CPU; the window, 2 elementwise passes per pixel of width.
+LABEL_ROUNDS = 12
 DISTANCE_WINDOW = 16
 
 
@@ -99,14 +99,14 @@ def largest_components(regions: torch.Tensor, rounds: Optional[int] = None) -> T
     return (lab == best[:, None]).view(n, h, w) & regions, final
 
 
-def _to_boundary(regions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Each pixel's distance along ``dim`` (1: its column, 2: its row) to the nearest pixel
-    outside its region, the border counting as outside (0 outside), ``(N, H, W)`` int64."""
-    size = regions.shape[dim]
-    at = torch.arange(size, device=regions.device).view([1, size, 1] if dim == 1 else [1, 1, size])
-    before = torch.cummax(torch.where(regions, -1, at), dim=dim).values  # -1: the border before
-    after = torch.flip(torch.cummin(torch.flip(torch.where(regions, size, at), [dim]), dim=dim).values, [dim])
-    return torch.minimum(at - before, after - at)
+def _column_distances(regions: torch.Tensor) -> torch.Tensor:
+    """Each pixel's distance along its column to the nearest pixel outside its region, the
+    border counting as outside (0 outside), ``(N, H, W)`` int64."""
+    h = regions.shape[1]
+    y = torch.arange(h, device=regions.device).view(1, h, 1)
+    above = torch.cummax(torch.where(regions, -1, y), dim=1).values  # -1: the border above
+    below = torch.flip(torch.cummin(torch.flip(torch.where(regions, h, y), [1]), dim=1).values, [1])  # h: below
+    return torch.minimum(y - above, below - y)
 
 
 def squared_distances(regions: torch.Tensor, window: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -121,12 +121,12 @@ def squared_distances(regions: torch.Tensor, window: Optional[int] = None) -> Tu
         regions: ``(N, H, W)`` bool maps.
         window: None: the second pass looks at every column (exact). A number: only at the
             columns within that many of the pixel's; exact (and the flag True) where every
-            region pixel is at most that far from its boundary along its row or its column,
-            since a farther column then cannot be nearer than those (no read of the device).
+            distance found is at most ``window + 1``, since a farther column adds at least
+            that (no read of the device).
     """
     n, h, w = regions.shape
     dev = regions.device
-    g2 = _to_boundary(regions, 1).square()
+    g2 = _column_distances(regions).square()
     x = torch.arange(w, device=dev)
     border = torch.minimum((x + 1).square(), (w - x).square())
     if window is None:
@@ -138,14 +138,15 @@ def squared_distances(regions: torch.Tensor, window: Optional[int] = None) -> Tu
             out[k: k + rows] = (flat[k: k + rows, None, :] + dx2[None]).amin(-1)
         exact = torch.ones((), dtype=torch.bool, device=dev)
         out = out.view(n, h, w)
-    else:
+    else:  # exact below: a column beyond the window adds at least (window + 1)^2
         out = g2.clone()
         for d in range(1, min(window, w - 1) + 1):
             torch.minimum(out[..., d:], g2[..., :-d] + d * d, out=out[..., d:])
             torch.minimum(out[..., :-d], g2[..., d:] + d * d, out=out[..., :-d])
-        reach = torch.minimum(g2, _to_boundary(regions, 2).square())  # the nearest of column and row
-        exact = (reach <= window * window).all()
-    return torch.minimum(out, border) * regions, exact
+    out = torch.minimum(out, border) * regions
+    if window is not None:
+        exact = (out <= (window + 1) ** 2).all()
+    return out, exact
 
 
 def region_peaks(regions: torch.Tensor, window: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -113,7 +113,12 @@ def region_center(region: np.ndarray, border_is_boundary: bool = True) -> Option
         dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     else:
         dist = cv2.distanceTransform(region, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    # The precise transform's values are square roots of integers, but OpenCV's (IPP in the
+    # opencv-python wheels) are sometimes one float32 step off, which pixels depending on the
+    # transforms before it: equal distances would then break their tie by that noise. Squared and
+    # rounded they are the exact integers again (one step at sqrt(131072) moves the square by 0.02).
+    exact = np.rint(dist.astype(np.float64) ** 2)
+    y, x = np.unravel_index(int(np.argmax(exact)), exact.shape)
     return int(x), int(y)
 
 

@@ -253,7 +253,9 @@ def test_hq_sam_shared_decoder_is_the_official_hq_decoder(coco_image):
                         few = bb.predict(prompts, multimask)
                     finally:
                         dec.few_keys = False
-                    assert np.allclose(few.low_res_logits, want.numpy(), atol=1e-4)
+                    # this decoder's random logits are small: against SDPA's own, to its rounding
+                    assert np.allclose(few.low_res_logits, ours.low_res_logits, atol=1e-6)
+                    assert dec._heads(dec.decoder.transformer.layers[0].cross_attn_image_to_token) == 8
                 if box and with_mask:  # transformers' module, once: its scores, not its masks
                     bb.shared_decoder = False
                     lib = bb.predict(prompts, multimask)

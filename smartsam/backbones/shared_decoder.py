@@ -334,7 +334,7 @@ def few_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     (a cached agent click 12 % faster: ``benchmarks/latency.py --only-attention``). The same
     numbers as SDPA to float rounding (``tests/test_agent.py``).
     """
-    b, t, c = k.shape
+    b, (t, c) = q.shape[0], k.shape[1:]
     d = c // heads
     blocks = torch.block_diag(*[torch.ones(d, t, dtype=k.dtype, device=k.device)] * heads)  # (C, heads*T)
     kbd = (k.transpose(1, 2) * d ** -0.5).repeat(1, 1, heads) * blocks

@@ -175,9 +175,12 @@ def test_a_flush_waits_for_what_was_served_before_it_never_for_clicks_that_keep_
         st.record("1", t, "L", "pure-is", "smartsam", 1, 0.1, mask)
     stop = threading.Event()
 
-    def annotator():  # faster than the writer (~150/s here): the queue stays full, the rest is dropped
+    def annotator():  # far faster than the writer (~150/s here): the queue stays full, the rest is dropped
         while not stop.is_set():
-            st.record("1", 999, "L", "pure-is", "smartsam", 1, 0.1, mask)
+            # in bursts: a full queue (512) takes the writer seconds to drain, so it is never empty
+            # when the flush returns, even where a loaded machine leaves this thread waiting a while
+            for _ in range(50):
+                st.record("1", 999, "L", "pure-is", "smartsam", 1, 0.1, mask)
             time.sleep(0.001)  # not a busy loop: the writer gets its share of the GIL
 
     clicks = threading.Thread(target=annotator)

@@ -43,6 +43,11 @@ def test_backbone_interface(backbone, coco_image):
     one = backbone.predict([Prompt([[w / 3, h / 3]], [0], mask_input=res.low_res_logits[1, 2])], multimask=False)
     assert np.allclose(one.low_res_logits[0], fed.low_res_logits[1], atol=1e-3)  # batched = one by one
     assert backbone.upsample(fed.low_res_logits[:, 0]).shape == (2, h, w)
+    for shared in (True, False):  # no point and no box: a clear error either way
+        backbone.shared_decoder = shared
+        with pytest.raises(ValueError, match="a point labelled 0 or 1, or a box"):
+            backbone.predict([Prompt([[10, 10]], [-1])], multimask=True)
+    backbone.shared_decoder = True
     with pytest.raises(ValueError, match=f"takes \\({g}, {g}\\)"):
         backbone.predict([Prompt([[5, 5]], [1], mask_input=np.zeros((g + 1, g + 1), np.float32))], multimask=False)
 
@@ -321,6 +326,19 @@ def test_sam3_shared_decoder_is_transformers_decoder(coco_image):
                 assert np.allclose(out[True, False].low_res_logits, ref.low_res_logits, atol=1e-4)
                 assert np.allclose(out[True, False].scores, ref.scores, atol=1e-5)
                 assert ((out[True, True].low_res_logits > 0) == (ref.low_res_logits > 0)).mean() > 0.98
+                if not multimask:  # every single mask here is unstable (0.6-0.8 < 0.98): now all stable
+                    bb.cpu_bf16, thresh = False, model.mask_decoder.dynamic_multimask_stability_thresh
+                    model.mask_decoder.dynamic_multimask_stability_thresh = 0.0  # the fp32 decoders' own module
+                    kept = {}
+                    try:
+                        for shared in (False, True):
+                            bb.shared_decoder = shared
+                            kept[shared] = bb.predict(prompts, False)
+                    finally:
+                        model.mask_decoder.dynamic_multimask_stability_thresh = thresh
+                    assert not np.allclose(kept[False].low_res_logits, ref.low_res_logits, atol=1e-2)
+                    assert np.allclose(kept[True].low_res_logits, kept[False].low_res_logits, atol=1e-4)
+                    assert np.allclose(kept[True].scores, kept[False].scores, atol=1e-5)
     finally:
         hook.remove()
         bb.shared_decoder, bb.cpu_bf16 = True, False

@@ -121,6 +121,10 @@ class _TransformersSam(Backbone):
         if prompts[0].box is not None:
             b = self._to_model(np.stack([p.box for p in prompts]).reshape(-1, 2)).reshape(-1, 1, 4)
             boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
+        if points is None and boxes is None:
+            # transformers' modules then decode no prompt at all, each its own way (HQ-SAM: no
+            # prompt token; SAM 3: one "not a point"), and the shared decoder has no row count
+            raise ValueError("prompts: each needs a point labelled 0 or 1, or a box")
         if prompts[0].mask_input is not None:
             masks = self._mask_batch(prompts)
         return points, lab, boxes, masks

@@ -1,5 +1,5 @@
-"""SAM's, SAM 2's and HQ-SAM's mask decoders for many prompts on one image, with the image's share
-done once.
+"""SAM's, SAM 2's, HQ-SAM's and SAM 3's mask decoders for many prompts on one image, with the
+image's share done once.
 
 ``sam2.modeling.sam.mask_decoder.MaskDecoder`` (and ``segment_anything``'s, of the same design)
 decodes a batch of prompts by copying the image embedding and its positional encoding once per
@@ -56,12 +56,13 @@ class ImageShare:
     """What every prompt on one image shares.
 
     Attributes:
-        keys_nomask: ``(N, C)`` image tokens of a prompt without mask input (N = 64 * 64).
+        keys_nomask: ``(N, C)`` image tokens of a prompt without mask input (N = 64 * 64; SAM 3:
+            72 * 72).
         proj_nomask: ``(N, 3I)`` first block's image-side projections of ``keys_nomask``.
         tokens: ``(N, C)`` image embedding tokens (prompts with a mask input add theirs).
         proj_tokens: ``(N, 3I)`` first block's projections of ``tokens`` (+ pe terms and biases).
         feat_s0, feat_s1: SAM 2's high-resolution features, ``(1, C0, 256, 256)`` and
-            ``(1, C1, 128, 128)``, channels-last; None for SAM and HQ-SAM.
+            ``(1, C1, 128, 128)`` (SAM 3: 288 and 144), channels-last; None for SAM and HQ-SAM.
         hq: HQ-SAM's HQ features ``(1, C/8, 256, 256)``, channels-last; None for the others.
     """
 
@@ -504,7 +505,8 @@ class SharedDecoders:
 
     Args:
         prompt_encoder, mask_decoder: as for :class:`SharedDecoder`.
-        decoder_cls: :class:`SharedDecoder`, or :class:`HQSharedDecoder` for HQ-SAM's modules.
+        decoder_cls: what builds a dtype's decoder: :class:`SharedDecoder`, :class:`HQSharedDecoder`
+            for HQ-SAM's modules, :class:`Sam3SharedDecoder` (with its ``image_pe`` bound) for SAM 3's.
         max_shares: shares kept (as many as embeddings, so a batch over many images does not
             recompute them).
         step: wraps a dtype's decoder in the step that is called instead, with the same

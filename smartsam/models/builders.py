@@ -30,10 +30,10 @@ def load_backbone(name: "Optional[str | ModelSpec]" = None, checkpoint: Optional
         device: "cuda" or "cpu" (default: CUDA when present).
         cache_size: image embeddings kept in memory.
         cpu_bf16: bf16 on the CPU: "auto" (where the hardware has it), "on", "off".
-        shared_decoder: SAM 2.1, SAM and HQ-SAM: "on" decodes through
+        shared_decoder: SAM 2.1, SAM, HQ-SAM and SAM 3: "on" decodes through
             :class:`~smartsam.backbones.shared_decoder.SharedDecoder` (HQ-SAM:
-            ``HQSharedDecoder``), "off" through the library's own module.
-        compile: SAM 2.1, SAM and HQ-SAM with the shared decoder: its step through ``torch.compile``
+            ``HQSharedDecoder``; SAM 3: ``Sam3SharedDecoder``), "off" through the library's own module.
+        compile: every backbone with the shared decoder: its step through ``torch.compile``
             (:mod:`smartsam.backbones.compiled`): "auto" (where measured faster), "on", "off";
             warm it up before the first click (:meth:`smartsam.agent.SmartSAMAgent.warm_up`).
         embed_cache_dir: a folder for the disk cache of embeddings (None: no disk cache).

@@ -11,7 +11,7 @@ Two steps are iterative or sized by the data: the component labelling (rounds un
 changes) and the distance pass (how far along a row to look). Asking the device "done yet?" is a
 read, a wait for it on a GPU. So :func:`place_clicks` runs a fixed number of rounds and a fixed
 window, and returns with the clicks a flag, computed on the device, that says whether they were
-enough (a fixed point reached, every pixel within the window of its row's or column's boundary);
+enough (a fixed point reached, no distance found beyond the window's reach);
 the caller reads the flag with the step's other results and, in the rare case it is False, places
 again without the bounds. ``None`` for a bound runs that step to the end, reading as it goes.
 

@@ -16,8 +16,9 @@ export PYTHONPATH="$PWD/.gpu-site/py:$PWD" PYTHONUNBUFFERED=1 SMARTSAM_DATASETS=
 img="$PWD/.gpu-site/datasets/GrabCut/img/106024.jpg"
 big=sam2.1_hiera_large-random
 { nvidia-smi -L; python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'; } 2>&1 | tee "$OUT/machine.txt"
+# their [cpu] twins ran in CI: on 2 cores the three files took 105 s with them (2026-12-07)
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_chain_clicks.py tests/test_batch.py tests/test_compiled.py \
-  2>&1 | tee "$OUT/checks.txt"
+  -k "not cpu" 2>&1 | tee "$OUT/checks.txt"
 timeout 35 python3 benchmarks/transfers.py --backbone $big --device cuda --image "$img" 2>&1 | tee "$OUT/transfers.md"
 timeout 100 python3 benchmarks/latency.py --backbone $big --device cuda --image "$img" \
   --skip-scaling --skip-compile --repeats 5 2>&1 | tee "$OUT/latency.md"

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
-from .shared_decoder import ImageShare, SharedDecoder, SharedDecoders
+from .shared_decoder import ImageShare, SharedDecoder, SharedDecoders, shared_decoder_setting
 
 log = logging.getLogger("smartsam")
 
@@ -62,15 +62,20 @@ def row_buckets(device_type: str, decode_chunk: int) -> Tuple[int, ...]:
     return tuple(1 << k for k in range(10))
 
 
-def shared_decoders(backbone, prompt_encoder, mask_decoder, compile: Union[str, bool],
-                    decoder_cls: Callable[..., SharedDecoder] = SharedDecoder) -> SharedDecoders:
-    """A backbone's :class:`SharedDecoders` (of ``decoder_cls``), their step compiled where
+def attach_shared_decoders(backbone, prompt_encoder, mask_decoder, shared_decoder: Union[str, bool],
+                           compile: Union[str, bool], decoder_cls: Callable[..., SharedDecoder] = SharedDecoder) -> None:
+    """Give a backbone its ``shared_decoder`` flag (``SMARTSAM_SHARED_DECODER``) and its
+    :class:`SharedDecoders` (of ``decoder_cls``) as ``shared``, their step compiled where
     ``compile`` (``SMARTSAM_COMPILE``) says so and the backbone decodes through them (warm them up
-    before serving: :meth:`smartsam.agent.SmartSAMAgent.warm_up`)."""
+    before serving: :meth:`smartsam.agent.SmartSAMAgent.warm_up`). The decoder of the backbone's
+    compute dtype is built now, so the first click does not pay for it."""
+    backbone.shared_decoder = shared_decoder_setting(shared_decoder)
     on = backbone.shared_decoder and compile_setting(compile, backbone.device.type)
     buckets = row_buckets(backbone.device.type, backbone.decode_chunk)
-    return SharedDecoders(prompt_encoder, mask_decoder, backbone.cache_size,
-                          (lambda dec: CompiledDecoder(dec, buckets)) if on else None, decoder_cls)
+    backbone.shared = SharedDecoders(prompt_encoder, mask_decoder, backbone.cache_size,
+                                     (lambda dec: CompiledDecoder(dec, buckets)) if on else None, decoder_cls)
+    if backbone.shared_decoder:
+        backbone.shared.decoder(backbone.compute_dtype)
 
 
 # (points per row or None, a mask input, multimask, a box, rows of several images)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
-from .compiled import shared_decoders
-from .shared_decoder import HQSharedDecoder, Sam3SharedDecoder, shared_decoder_setting
+from .compiled import attach_shared_decoders
+from .shared_decoder import HQSharedDecoder, Sam3SharedDecoder
 
 # Small configurations of the real designs (tests only): width 64, 2 layers; everything after
 # the image encoder (prompt encoder, mask decoder, detector heads) keeps its real size.
@@ -133,6 +133,14 @@ class _TransformersSam(Backbone):
     def _expand(t: torch.Tensor, b: int) -> torch.Tensor:
         return t.expand(b, *t.shape[1:])
 
+    def _decode_shared(self, features, points, lab, boxes, masks, multimask: bool):
+        """:meth:`_inputs`' prompts through the shared decoder; ``features()`` gives the image's
+        share its inputs (see :meth:`SharedDecoders.share`)."""
+        share = self.shared.share(self._current, self.compute_dtype, features, self._cache)
+        return self.shared.decoder(self.compute_dtype)(
+            share, None if points is None else points[:, 0], None if lab is None else lab[:, 0], masks, multimask,
+            None if boxes is None else boxes[:, 0])
+
 
 class SamHQBackbone(_TransformersSam):
     """HQ-SAM (SAM's ViT with an HQ output token fed by early ViT features) behind :class:`Backbone`.
@@ -156,10 +164,8 @@ class SamHQBackbone(_TransformersSam):
 
         super().__init__(model, name, cache_size, device, cpu_bf16, SamImageProcessor())
         self.side = int(model.config.vision_config.image_size)
-        self.shared_decoder = shared_decoder_setting(shared_decoder)
-        self.shared = shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, compile, HQSharedDecoder)
-        if self.shared_decoder:  # built now, so the first click does not pay for it
-            self.shared.decoder(self.compute_dtype)
+        attach_shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, shared_decoder, compile,
+                               HQSharedDecoder)
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray) -> Any:
@@ -185,10 +191,7 @@ class SamHQBackbone(_TransformersSam):
         points, lab, boxes, masks = self._inputs(prompts)
         b = len(prompts)
         if self.shared_decoder:
-            share = self.shared.share(self._current, self.compute_dtype, lambda: (emb, inter), self._cache)
-            step = self.shared.decoder(self.compute_dtype)
-            return step(share, None if points is None else points[:, 0], None if lab is None else lab[:, 0], masks,
-                        multimask, None if boxes is None else boxes[:, 0])
+            return self._decode_shared(lambda: (emb, inter), points, lab, boxes, masks, multimask)
         with self._autocast():
             out = self.model(image_embeddings=self._expand(emb, b), intermediate_embeddings=[self._expand(t, b) for t in inter],
                              input_points=points, input_labels=lab, input_boxes=boxes, input_masks=masks,
@@ -229,11 +232,8 @@ class Sam3Backbone(_TransformersSam):
         super().__init__(model, name, cache_size, device, cpu_bf16, Sam3ImageProcessor())
         self.side = int(model.config.prompt_encoder_config.image_size)
         self.grid = int(model.prompt_encoder.mask_input_size[0])
-        self.shared_decoder = shared_decoder_setting(shared_decoder)
-        self.shared = shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, compile,
-                                      partial(Sam3SharedDecoder, image_pe=self.model.shared_image_embedding))
-        if self.shared_decoder:  # built now, so the first click does not pay for it
-            self.shared.decoder(self.compute_dtype)
+        attach_shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, shared_decoder, compile,
+                               partial(Sam3SharedDecoder, image_pe=self.model.shared_image_embedding))
         self.detector = detector.to(self.device).eval() if detector is not None else None
         if self.detector is not None and self.detector.vision_encoder.backbone is not self.model.vision_encoder.backbone:
             raise ValueError("the concept detector must share the tracker's vision backbone")
@@ -273,10 +273,7 @@ class Sam3Backbone(_TransformersSam):
         points, lab, boxes, masks = self._inputs(prompts)
         b = len(prompts)
         if self.shared_decoder:
-            share = self.shared.share(self._current, self.compute_dtype, lambda: (emb[-1], emb[:-1]), self._cache)
-            low_res, iou = self.shared.decoder(self.compute_dtype)(
-                share, None if points is None else points[:, 0], None if lab is None else lab[:, 0], masks, multimask,
-                None if boxes is None else boxes[:, 0])
+            low_res, iou = self._decode_shared(lambda: (emb[-1], emb[:-1]), points, lab, boxes, masks, multimask)
         else:
             with self._autocast():
                 out = self.model(image_embeddings=[self._expand(e, b) for e in emb], input_points=points,

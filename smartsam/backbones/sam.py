@@ -9,8 +9,7 @@ import torch
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
-from .compiled import shared_decoders
-from .shared_decoder import shared_decoder_setting
+from .compiled import attach_shared_decoders
 
 
 def build_sam_model(arch: str, checkpoint: Optional[str] = None):
@@ -66,10 +65,7 @@ class SamBackbone(Backbone):
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._state: Optional[Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]] = None
-        self.shared_decoder = shared_decoder_setting(shared_decoder)
-        self.shared = shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, compile)
-        if self.shared_decoder:  # built now, so the first click does not pay for it
-            self.shared.decoder(self.compute_dtype)
+        attach_shared_decoders(self, self.model.prompt_encoder, self.model.mask_decoder, shared_decoder, compile)
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray) -> Any:

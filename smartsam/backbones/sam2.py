@@ -9,8 +9,8 @@ import torch
 
 from ..masks import LowResFrame
 from .base import Backbone, Prompt
-from .compiled import shared_decoders
-from .shared_decoder import ImageShare, shared_decoder_setting
+from .compiled import attach_shared_decoders
+from .shared_decoder import ImageShare
 
 SAM2_CONFIGS = {
     "hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -54,10 +54,7 @@ class Sam2Backbone(Backbone):
 
         self.model = model.to(self.device).eval()
         self.predictor = SAM2ImagePredictor(self.model)
-        self.shared_decoder = shared_decoder_setting(shared_decoder)
-        self.shared = shared_decoders(self, self.model.sam_prompt_encoder, self.model.sam_mask_decoder, compile)
-        if self.shared_decoder:  # built now, so the first click does not pay for it
-            self.shared.decoder(self.compute_dtype)
+        attach_shared_decoders(self, self.model.sam_prompt_encoder, self.model.sam_mask_decoder, shared_decoder, compile)
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray) -> Any:

@@ -136,17 +136,16 @@ def squared_distances(regions: torch.Tensor, window: Optional[int] = None) -> Tu
         rows = max(1, _EDT_CHUNK_BYTES // (8 * w * w))
         for k in range(0, n * h, rows):
             out[k: k + rows] = (flat[k: k + rows, None, :] + dx2[None]).amin(-1)
-        exact = torch.ones((), dtype=torch.bool, device=dev)
         out = out.view(n, h, w)
-    else:  # exact below: a column beyond the window adds at least (window + 1)^2
+    else:
         out = g2.clone()
         for d in range(1, min(window, w - 1) + 1):
             torch.minimum(out[..., d:], g2[..., :-d] + d * d, out=out[..., d:])
             torch.minimum(out[..., :-d], g2[..., d:] + d * d, out=out[..., :-d])
     out = torch.minimum(out, border) * regions
-    if window is not None:
-        exact = (out <= (window + 1) ** 2).all()
-    return out, exact
+    if window is None:
+        return out, torch.ones((), dtype=torch.bool, device=dev)
+    return out, (out <= (window + 1) ** 2).all()  # a column beyond the window adds at least (window + 1)^2
 
 
 def region_peaks(regions: torch.Tensor, window: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

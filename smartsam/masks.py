@@ -70,13 +70,21 @@ def batch_iou(masks: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 1.0)
 
 
+def _largest_label(region: np.ndarray):
+    """OpenCV's 8-connected labels and stats of ``region`` and the label of its largest component
+    (equal areas: the one OpenCV numbers first), or None for an empty region."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return None
+    return labels, stats, 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
 def largest_component(region: np.ndarray) -> np.ndarray:
     """The largest 8-connected component of a boolean ``(H, W)`` region (empty stays empty)."""
-    region = region.astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
-    if n <= 1:
+    found = _largest_label(region)
+    if found is None:
         return np.zeros(region.shape, dtype=bool)
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    labels, _, best = found
     return labels == best
 
 
@@ -87,11 +95,10 @@ def largest_component_center(region: np.ndarray) -> Optional[Tuple[int, int]]:
     and row-major order within the box is the image's. A chain click places on a band that
     covers a part of the map; the transform of the whole map was a third of the host's work in a
     click."""
-    region = region.astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
-    if n <= 1:
+    found = _largest_label(region)
+    if found is None:
         return None
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    labels, stats, best = found
     x0, y0, w, h = (int(v) for v in stats[best, :4])
     x, y = region_center(labels[y0:y0 + h, x0:x0 + w] == best)
     return x0 + x, y0 + y
